@@ -1,0 +1,373 @@
+#!/usr/bin/env python
+"""Benchmark `tools/mergekit.py` against the machine's I/O floor on a toy Llama family.
+
+For each n_process it measures (a) the I/O floor: reading every input byte a merge is
+given and writing one model's worth of output, split over n_process processes, and
+(b) every merge method run as a subprocess: wall seconds, input GB/s, ratio to the
+floor, and peak RSS of the process tree. All files are page-cache warm (a warm-up read
+precedes the measurements and nothing is dropped from the cache). See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import llm_merge  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(REPO))
+from llm_merge.toy import family_size_for_params, make_family  # noqa: E402
+
+ALL_METHODS = ["linear", "slerp", "ties", "della", "della_linear", "dare_linear", "dare_ties"]
+TWO_MODEL_METHODS = {"slerp"}
+N_FINE_TUNES = 3
+DTYPE = "bfloat16"
+MARKER = ".bench_family.json"
+CHUNK = 16 << 20
+GB = 1e9
+POLL_S = 0.02
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    kind: str  # "io_floor" or "merge"
+    method: str
+    n_process: int
+    seconds: float
+    input_bytes: int
+    floor_seconds: float
+    peak_rss_bytes: int | None
+
+    @property
+    def input_gbps(self) -> float:
+        return self.input_bytes / GB / self.seconds
+
+    @property
+    def x_floor(self) -> float:
+        return self.seconds / self.floor_seconds
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"input_gbps": self.input_gbps, "x_io_floor": self.x_floor}
+
+
+# ----------------------------------------------------------------------------- setup
+
+def machine_info() -> dict:
+    """CPU, RAM and library versions of this machine."""
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import safetensors
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "ram_gb": round(psutil.virtual_memory().total / GB, 2),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def ensure_family(family_dir: Path, params: float, shard_size_mb: float, seed: int) -> dict:
+    """Generate the benchmark family unless ``family_dir`` already holds a matching one."""
+    spec = {"params": params, "shard_size_mb": shard_size_mb, "seed": seed,
+            "dtype": DTYPE, "n_models": N_FINE_TUNES,
+            "sizes": family_size_for_params(int(params))}
+    marker = family_dir / MARKER
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        print(f"using cached family in {family_dir}")
+        return spec
+    print(f"generating family in {family_dir} ({params:.3g} params/model, {DTYPE}) ...",
+          flush=True)
+    marker.unlink(missing_ok=True)
+    start = time.perf_counter()
+    make_family(family_dir, n_models=N_FINE_TUNES, dtype=DTYPE, seed=seed,
+                max_shard_bytes=int(shard_size_mb * 1e6),
+                progress=lambda msg: print(f"  {msg}", flush=True), **spec["sizes"])
+    print(f"  done in {time.perf_counter() - start:.1f}s")
+    marker.write_text(json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of one checkpoint directory."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    return files
+
+
+def total_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+# ----------------------------------------------------------------------------- I/O floor
+
+def _io_worker(reads: list[str], writes: list[tuple[str, int]]) -> None:
+    """Read ``reads`` completely, then write each ``(path, size)`` in ``writes``."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for path in reads:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    for path, size in writes:
+        with open(path, "wb", buffering=0) as f:
+            while size > 0:
+                size -= f.write(view[: min(size, CHUNK)])
+
+
+def _balance(items: list[tuple[object, int]], n: int) -> list[list[object]]:
+    """Split ``(item, size)`` pairs into ``n`` lists of about equal total size."""
+    bins: list[list[object]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for item, size in sorted(items, key=lambda x: -x[1]):
+        i = loads.index(min(loads))
+        bins[i].append(item)
+        loads[i] += size
+    return bins
+
+
+def warm_up(files: list[Path]) -> None:
+    """Read every file once so that all later measurements are page-cache warm."""
+    _io_worker([str(f) for f in files], [])
+
+
+def io_floor_seconds(inputs: list[Path], output_sizes: list[int], out_dir: Path,
+                     pool: multiprocessing.pool.Pool, n_process: int, repeat: int) -> float:
+    """Best-of-``repeat`` wall time to read ``inputs`` and write ``output_sizes`` bytes."""
+    reads = _balance([(str(f), f.stat().st_size) for f in inputs], n_process)
+    writes = _balance([((str(out_dir / f"out{i}.bin"), s), s)
+                       for i, s in enumerate(output_sizes)], n_process)
+    best = float("inf")
+    for _ in range(repeat):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        pool.starmap(_io_worker, zip(reads, writes))
+        best = min(best, time.perf_counter() - start)
+        shutil.rmtree(out_dir)
+    return best
+
+
+# ----------------------------------------------------------------------------- merges
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Sum of RSS (anonymous + file-backed) of ``proc`` and all its descendants."""
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return total
+
+
+def run_and_measure(cmd: list[str], log_dir: Path) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak process-tree RSS). Exit loudly on failure."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_log, err_log = log_dir / "stdout.log", log_dir / "stderr.log"
+    peak = 0
+    done = threading.Event()
+    with open(out_log, "wb") as out, open(err_log, "wb") as err:
+        start = time.perf_counter()
+        popen = subprocess.Popen(cmd, stdout=out, stderr=err)
+        proc = psutil.Process(popen.pid)
+
+        def poll() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, tree_rss(proc))
+                done.wait(POLL_S)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        rc = popen.wait()
+        seconds = time.perf_counter() - start
+        done.set()
+        poller.join()
+    if rc != 0:
+        print(f"\nFAILED (exit code {rc}): {shlex.join(cmd)}", file=sys.stderr)
+        for label, log in (("stdout", out_log), ("stderr", err_log)):
+            text = log.read_text(errors="replace").strip()
+            if text:
+                print(f"----- {label} -----\n{text}", file=sys.stderr)
+        sys.exit(1)
+    return seconds, peak
+
+
+def merge_command(prefix: list[str], method: str, family_dir: Path, out_dir: Path,
+                  n_process: int, extra: list[str]) -> list[str]:
+    """The mergekit command line for one benchmark run."""
+    n = 2 if method in TWO_MODEL_METHODS else N_FINE_TUNES
+    fine_tunes = [str(family_dir / f"ft{k}") for k in range(1, n + 1)]
+    return [*prefix, "--merge_method", method, "--model_path_list", *fine_tunes,
+            "--base_model_path", str(family_dir / "base"), "--output_path", str(out_dir),
+            "--n_process", str(n_process), "--quiet", *extra]
+
+
+def input_models(method: str) -> list[str]:
+    """Model directories a method is given: the base plus its fine-tunes."""
+    n = 2 if method in TWO_MODEL_METHODS else N_FINE_TUNES
+    return ["base"] + [f"ft{k}" for k in range(1, n + 1)]
+
+
+# ----------------------------------------------------------------------------- report
+
+def format_table(rows: list[Row]) -> str:
+    header = ["method", "n_process", "seconds", "input GB/s", "x I/O floor", "peak RSS (MB)"]
+    lines = [[r.method, str(r.n_process), f"{r.seconds:.2f}", f"{r.input_gbps:.2f}",
+              f"{r.x_floor:.2f}",
+              "-" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}"]
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_dir = Path(tempfile.gettempdir()) / "llm_merge_bench"
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family_dir", type=Path, default=None,
+                   help=f"toy family cache; generated once if missing or made with other "
+                        f"parameters (default: {default_dir}/family_<params>)")
+    p.add_argument("--params", type=float, default=5e8,
+                   help="parameters per model, Llama proportions, bf16 (default: 5e8)")
+    p.add_argument("--shard_size_mb", type=float, default=200,
+                   help="max shard size of the generated family in MB (default: 200)")
+    p.add_argument("--seed", type=int, default=0, help="family seed (default: 0)")
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS,
+                   metavar="METHOD", help=f"merge methods (default: all: {' '.join(ALL_METHODS)})")
+    p.add_argument("--n_process", nargs="+", type=int, default=[1, 2],
+                   help="process counts to measure (default: 1 2)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per measurement; the fastest is reported, peak RSS is the "
+                        "max over runs (default: 1; the I/O floor always uses at least 3)")
+    p.add_argument("--work_dir", type=Path, default=None,
+                   help="where merge outputs go (each is deleted after its run; default: "
+                        "a fresh temporary directory, removed at the end)")
+    p.add_argument("--mergekit_cmd", default=None,
+                   help=f"command prefix to run the merge, shell-quoted "
+                        f"(default: '{sys.executable} {REPO / 'tools' / 'mergekit.py'}')")
+    p.add_argument("--extra_args", default="",
+                   help="extra mergekit arguments appended to every run, shell-quoted "
+                        "(default: none)")
+    p.add_argument("--json", type=Path, default=None, help="also write results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    family_dir = args.family_dir or (Path(tempfile.gettempdir()) / "llm_merge_bench"
+                                     / f"family_{int(args.params)}")
+    prefix = (shlex.split(args.mergekit_cmd) if args.mergekit_cmd
+              else [sys.executable, str(REPO / "tools" / "mergekit.py")])
+    extra = shlex.split(args.extra_args)
+
+    machine = machine_info()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    family = ensure_family(family_dir, args.params, args.shard_size_mb, args.seed)
+
+    files = {m: weight_files(family_dir / m) for m in input_models(ALL_METHODS[0])}
+    input_sets = {tuple(input_models(m)) for m in args.methods}
+    input_bytes = {s: sum(total_bytes(files[m]) for m in s) for s in input_sets}
+    output_sizes = [f.stat().st_size for f in files["ft1"]]
+    for s, nbytes in sorted(input_bytes.items()):
+        users = [m for m in args.methods if tuple(input_models(m)) == s]
+        print(f"inputs of {', '.join(users)}: {'+'.join(s)} = {nbytes / GB:.3f} GB; "
+              f"output ~ {sum(output_sizes) / GB:.3f} GB")
+
+    own_work_dir = args.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="llm_merge_bench_")) if own_work_dir else args.work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print("warming the page cache (all measurements below are page-cache warm) ...", flush=True)
+    warm_up([f for fs in files.values() for f in fs])
+
+    rows: list[Row] = []
+    try:
+        for n_process in args.n_process:
+            floors: dict[tuple[str, ...], float] = {}
+            with multiprocessing.get_context("fork").Pool(n_process) as pool:
+                for s in sorted(input_sets, key=len, reverse=True):
+                    inputs = [f for m in s for f in files[m]]
+                    floors[s] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor",
+                                                 pool, n_process, max(3, args.repeat))
+                    rows.append(Row("io_floor", f"io_floor[{len(s)} models]", n_process,
+                                    floors[s], input_bytes[s], floors[s], None))
+                    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            for method in args.methods:
+                s = tuple(input_models(method))
+                out_dir = work_dir / f"out_{method}_{n_process}"
+                cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
+                best, peak = float("inf"), 0
+                for _ in range(args.repeat):
+                    seconds, rss = run_and_measure(cmd, work_dir / "logs")
+                    best, peak = min(best, seconds), max(peak, rss)
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                rows.append(Row("merge", method, n_process, best, input_bytes[s],
+                                floors[s], peak))
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    finally:
+        if own_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    notes = [
+        "all input files are page-cache warm (warm-up read first; nothing dropped)",
+        "io_floor: read every input byte + write one model's bytes, files split over "
+        "n_process processes, no fsync",
+        "input GB/s = input bytes / wall seconds; x I/O floor = seconds / io_floor seconds "
+        "for the same inputs and n_process",
+        "peak RSS = max over ~20 ms polls of the summed RSS (incl. file-backed pages) of the "
+        "merge process tree; shared pages are counted once per process",
+    ]
+    print(f"\nfamily: {family_dir} ({args.params:.3g} params/model, {DTYPE}, "
+          f"{len(files['ft1'])} shards/model)")
+    print(format_table(rows))
+    print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes))
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"machine": machine, "family": family | {"dir": str(family_dir)},
+             "command": prefix, "extra_args": extra, "notes": notes,
+             "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

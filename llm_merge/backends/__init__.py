@@ -1,0 +1,22 @@
+"""Array backends: the small set of operations the methods use, per library."""
+
+from __future__ import annotations
+
+from llm_merge.errors import MergeError
+
+
+def get_ops(tensor_type: str, device: str = "cpu"):
+    """The ops object for ``--tensor_type`` (``np`` or ``pd``) and ``--device``."""
+    if tensor_type == "np":
+        from llm_merge.backends.numpy_backend import NumpyOps
+
+        return NumpyOps()
+    if tensor_type == "pd":
+        try:
+            from llm_merge.backends.paddle_backend import PaddleOps
+        except ImportError as exc:
+            raise MergeError(
+                f"--tensor_type pd needs PaddlePaddle ({exc}); install it with: pip install 'llm_merge[paddle]'"
+            ) from None
+        return PaddleOps(device)
+    raise MergeError(f"--tensor_type: unknown backend {tensor_type!r}; valid: np, pd")

@@ -1,0 +1,72 @@
+"""NumPy implementation of the ops the methods use (CPU; no Paddle import)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llm_merge.methods.random import CounterRNG
+
+#: Largest tensor whose ranks are computed with one packed 64-bit sort key.
+_PACKED_RANK_LIMIT = 1 << 32
+
+
+class NumpyOps:
+    """Array operations on float32 NumPy arrays."""
+
+    name = "np"
+    abs = staticmethod(np.abs)
+    sign = staticmethod(np.sign)
+    where = staticmethod(np.where)
+    zeros_like = staticmethod(np.zeros_like)
+    float32 = staticmethod(np.float32)
+
+    @staticmethod
+    def float64(x) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def from_numpy(x: np.ndarray) -> np.ndarray:
+        return x
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        return np.asarray(x)
+
+    @staticmethod
+    def sum64(x: np.ndarray) -> float:
+        """Sum accumulated in float64."""
+        return float(np.sum(x, dtype=np.float64))
+
+    @staticmethod
+    def dot64(x: np.ndarray, y: np.ndarray) -> float:
+        """Dot product accumulated in float64."""
+        return float(np.dot(x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)))
+
+    @staticmethod
+    def kth_largest(x: np.ndarray, k: int) -> float:
+        """The k-th largest value of a vector (k >= 1)."""
+        return float(np.partition(x.ravel(), x.size - k)[x.size - k])
+
+    @staticmethod
+    def descending_ranks(x: np.ndarray) -> np.ndarray:
+        """Rank of each value of a non-negative float32 vector, 0 the largest, ties by lower index."""
+        flat = x.ravel()
+        n = flat.size
+        if n >= _PACKED_RANK_LIMIT:
+            order = np.argsort(-flat, kind="stable")
+        else:
+            # Non-negative float32 bit patterns sort like the values; invert them for descending
+            # order and pack the index in the low 32 bits, so one plain sort breaks ties by index.
+            keys = (~flat.view(np.uint32)).astype(np.uint64)
+            keys <<= np.uint64(32)
+            keys |= np.arange(n, dtype=np.uint64)
+            keys.sort()
+            order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            del keys
+        ranks = np.empty(n, dtype=np.uint32 if n < _PACKED_RANK_LIMIT else np.int64)
+        ranks[order] = np.arange(n, dtype=ranks.dtype)
+        return ranks
+
+    @staticmethod
+    def rng(key: int, offset: int) -> CounterRNG:
+        return CounterRNG(key, offset)

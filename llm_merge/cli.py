@@ -1,0 +1,118 @@
+"""Command line: flags generated from MergeConfig; ``main(argv) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import traceback
+import typing
+from typing import Any, Optional, Sequence
+
+from llm_merge import __version__
+from llm_merge.config import METHOD_TABLE, MergeConfig, config_from_dict, load_config_file, resolve
+from llm_merge.errors import ConfigError, MergeError
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """PaddleNLP-style boolean flag value: true/false, yes/no, 1/0."""
+    lowered = str(text).lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per MergeConfig field (defaults suppressed to track what was given)."""
+    parser = argparse.ArgumentParser(
+        prog="llm_merge",
+        description=(
+            "Merge fine-tuned checkpoints of one base model (safetensors, HF / PaddleNLP layout) "
+            "into one model, streaming tensor by tensor. Options may also come from a JSON config "
+            "file (positional CONFIG or --config); flags on the command line override it."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="merge_method -> (sparsify_type, merge_type): "
+        + ", ".join(f"{m}=({s}, {t})" for m, (s, t) in METHOD_TABLE.items()),
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("config", nargs="?", help="JSON config file with any of the options below")
+    parser.add_argument("--config", dest="config_flag", metavar="FILE", help="JSON config file (same as the positional CONFIG)")
+    hints = typing.get_type_hints(MergeConfig)
+    for f in dataclasses.fields(MergeConfig):
+        _add_field(parser, f, _unwrap_optional(hints[f.name]))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
+    return parser
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: Any) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    choices = f.metadata.get("choices")
+    help_text = f.metadata["help"]
+    if choices:
+        help_text += f"; one of: {', '.join(choices)}"
+    help_text += f" (default: {default})"
+    flag = f"--{f.name}"
+    if kind is bool:
+        parser.add_argument(flag, nargs="?", const=True, type=parse_bool, metavar="true|false", help=help_text)
+        parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as {flag} false")
+    elif typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        parser.add_argument(flag, nargs="+", type=item, metavar=f.name.upper().removesuffix("_LIST"), help=help_text)
+    else:
+        parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[MergeConfig, argparse.Namespace]:
+    """Parse flags (and the config file they name) into an unresolved MergeConfig."""
+    args = build_parser().parse_args(argv)
+    given = vars(args).copy()
+    positional, flagged = given.pop("config", None), given.pop("config_flag", None)
+    given.pop("debug", None)
+    if positional and flagged and positional != flagged:
+        raise ConfigError(f"--config: two config files given ({positional} and {flagged}); give one")
+    values: dict[str, Any] = {}
+    config_path = flagged or positional
+    if config_path:
+        values.update(load_config_file(config_path))
+        config_from_dict(values, source=f"config file {config_path}")  # reject unknown keys early, by name
+    values.update(given)
+    return config_from_dict(values, source="options"), args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a merge from command-line flags; returns the process exit code."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
+    try:
+        raw, _ = parse_config(argv)
+        cfg = resolve(raw)
+        from llm_merge.api import merge  # after validation: keeps --help fast
+
+        merge(cfg)
+        return 0
+    except MergeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"llm_merge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    """Console-script entry point (``llm-merge``)."""
+    sys.exit(main())

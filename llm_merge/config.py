@@ -1,0 +1,224 @@
+"""MergeConfig: every option of a merge, declared once, with its default, help and checks.
+
+The CLI (``llm_merge.cli``) is generated from the dataclass fields; JSON config
+files use the same field names. ``resolve`` validates a config and returns a
+new, fully resolved one (nothing is modified in place, nothing touches disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llm_merge.errors import ConfigError
+
+#: merge_method -> (sparsify_type, merge_type). A new combination is one line here.
+METHOD_TABLE: dict[str, tuple[str, str]] = {
+    "linear": ("none", "linear"),
+    "slerp": ("none", "slerp"),
+    "ties": ("trim", "ties"),
+    "della": ("magprune", "ties"),
+    "della_linear": ("magprune", "linear"),
+    "dare_linear": ("dare", "linear"),
+    "dare_ties": ("dare", "ties"),
+}
+SPARSIFY_TYPES = ("none", "dare", "trim", "magprune")
+MERGE_TYPES = ("linear", "slerp", "ties")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """All options of one merge. Field names are the CLI flag names."""
+
+    model_path_list: list[str] = _opt([], "checkpoint directories of the models to merge (in order)")
+    output_path: Optional[str] = _opt(None, "directory to write the merged model to (required)")
+    base_model_path: Optional[str] = _opt(
+        None, "base model directory; when given, methods act on task vectors (model - base) and add the base back"
+    )
+    merge_method: Optional[str] = _opt(
+        None,
+        "merge method; selects sparsify_type and merge_type (linear when neither is given)",
+        tuple(METHOD_TABLE),
+    )
+    merge_type: Optional[str] = _opt(
+        None, "how sparsified inputs are combined; only for a custom pairing or to restate merge_method's", MERGE_TYPES
+    )
+    sparsify_type: Optional[str] = _opt(
+        None, "how each input is sparsified; only for a custom pairing or to restate merge_method's", SPARSIFY_TYPES
+    )
+    weight_list: Optional[list[float]] = _opt(
+        None, "one weight per model (default: all 1); used by linear and ties merges, ignored by slerp"
+    )
+    normalize: bool = _opt(True, "divide by the sum of weights (linear) or of the agreeing weights (ties)")
+    reserve_p: float = _opt(0.7, "fraction of each task vector kept by dare/trim/magprune, in (0, 1]")
+    epsilon: float = _opt(
+        0.14, "magprune (DELLA) spread of drop probabilities over ranks, in [0, 1); needs epsilon/2 < reserve_p <= 1 - epsilon/2"
+    )
+    rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
+    ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
+    slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")
+    slerp_normalize_eps: float = _opt(1e-8, "slerp: tensors with a norm below this are not normalized, > 0")
+    slerp_dot_threshold: float = _opt(
+        0.9995, "slerp: when |cos| of the two tensors exceeds this, interpolate linearly, in (0, 1]"
+    )
+    seed: int = _opt(42, "seed of the counter-based random draws of dare and magprune (results depend on nothing else)")
+    n_process: int = _opt(1, "number of worker processes; changes speed only, never the output bytes, >= 1")
+    merge_prefix: str = _opt("model", "checkpoint file prefix: {prefix}.safetensors[.index.json]", ("model", "master_weights"))
+    tensor_type: str = _opt("np", "compute backend: NumPy, or Paddle (pip install 'llm_merge[paddle]')", ("np", "pd"))
+    device: str = _opt("cpu", "device for --tensor_type pd; low_gpu_mem streams one model at a time onto the GPU", ("cpu", "gpu", "low_gpu_mem"))
+    output_dtype: Optional[str] = _opt(None, "dtype of merged float tensors (default: the first model's dtype)", ("bfloat16", "float16", "float32"))
+    max_shard_size: str = _opt("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count")
+    overwrite: bool = _opt(False, "replace a non-empty output_path (otherwise refused)")
+    quiet: bool = _opt(False, "no progress bar (it is also off when stderr is not a terminal)")
+
+    @property
+    def weights(self) -> list[float]:
+        """weight_list, or 1 per model."""
+        return list(self.weight_list) if self.weight_list is not None else [1.0] * len(self.model_path_list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(MergeConfig))
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> MergeConfig:
+    """Build a MergeConfig from a dict, rejecting unknown keys by name."""
+    unknown = sorted(set(values) - FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(FIELD_NAMES))}")
+    return MergeConfig(**values)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON config file into a dict of field values (checked by ``config_from_dict``)."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of options")
+    return values
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of a size such as ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB`` or ``1048576``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--max_shard_size: {text!r} is not a size like 5GB, 500MB, 2GiB or a byte count")
+    number, unit = match.groups()
+    size = int(float(number) * _SIZE_UNITS[(unit or "").upper()])
+    if size <= 0:
+        raise ConfigError(f"--max_shard_size: {text!r} must be positive")
+    return size
+
+
+def resolve(cfg: MergeConfig) -> MergeConfig:
+    """Validate ``cfg`` and return a resolved copy (method pairing and weights filled in)."""
+    _check_choices(cfg)
+    sparsify_type, merge_type, merge_method = _resolve_method(cfg)
+    n_models = len(cfg.model_path_list)
+    if n_models == 0:
+        raise ConfigError("--model_path_list: at least one model directory is required")
+    if not cfg.output_path:
+        raise ConfigError("--output_path: required")
+    weights = [float(w) for w in cfg.weights]
+    if len(weights) != n_models:
+        raise ConfigError(f"--weight_list: {len(weights)} weight(s) given for {n_models} model(s); give one per model")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--weight_list: {weights} contains a non-finite value")
+    if merge_type == "slerp" and n_models != 2:
+        raise ConfigError(f"--model_path_list: slerp merges exactly 2 models, got {n_models}")
+    if merge_type == "linear" and cfg.normalize and sum(weights) == 0:
+        raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --normalize false")
+    _check_range("reserve_p", cfg.reserve_p, 0.0, 1.0, low_open=True)
+    _check_range("epsilon", cfg.epsilon, 0.0, 1.0, high_open=True)
+    if sparsify_type == "magprune":
+        low, high = cfg.epsilon / 2, 1 - cfg.epsilon / 2
+        if not low < cfg.reserve_p <= high:
+            raise ConfigError(
+                f"--reserve_p: {cfg.reserve_p} out of range ({low:g}, {high:g}] for epsilon={cfg.epsilon:g} "
+                "(magprune needs every drop probability in [0, 1))"
+            )
+    _check_range("slerp_alpha", cfg.slerp_alpha, 0.0, 1.0)
+    _check_range("slerp_dot_threshold", cfg.slerp_dot_threshold, 0.0, 1.0, low_open=True)
+    if not (math.isfinite(cfg.slerp_normalize_eps) and cfg.slerp_normalize_eps > 0):
+        raise ConfigError(f"--slerp_normalize_eps: {cfg.slerp_normalize_eps} must be > 0")
+    if not isinstance(cfg.n_process, int) or cfg.n_process < 1:
+        raise ConfigError(f"--n_process: {cfg.n_process} must be an integer >= 1")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"--seed: {cfg.seed} must be a non-negative integer")
+    if cfg.tensor_type == "np" and cfg.device != "cpu":
+        raise ConfigError(f"--device: {cfg.device} needs --tensor_type pd (the NumPy backend runs on the CPU)")
+    parse_size(cfg.max_shard_size)
+    _check_output_path(cfg)
+    return dataclasses.replace(
+        cfg,
+        merge_method=merge_method,
+        merge_type=merge_type,
+        sparsify_type=sparsify_type,
+        weight_list=weights,
+        model_path_list=list(cfg.model_path_list),
+    )
+
+
+def _check_choices(cfg: MergeConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _resolve_method(cfg: MergeConfig) -> tuple[str, str, Optional[str]]:
+    if cfg.merge_method is not None:
+        sparsify_type, merge_type = METHOD_TABLE[cfg.merge_method]
+        for flag, given, implied in (("sparsify_type", cfg.sparsify_type, sparsify_type), ("merge_type", cfg.merge_type, merge_type)):
+            if given is not None and given != implied:
+                raise ConfigError(
+                    f"--{flag}: {given!r} contradicts --merge_method {cfg.merge_method} (which uses {flag} {implied!r}); "
+                    f"drop --{flag} or --merge_method"
+                )
+        return sparsify_type, merge_type, cfg.merge_method
+    sparsify_type = cfg.sparsify_type or "none"
+    merge_type = cfg.merge_type or "linear"
+    named = [name for name, pair in METHOD_TABLE.items() if pair == (sparsify_type, merge_type)]
+    return sparsify_type, merge_type, (named[0] if named else None)
+
+
+def _check_range(flag: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"--{flag}: {value} out of range {interval}")
+
+
+def _check_output_path(cfg: MergeConfig) -> None:
+    output = Path(os.path.realpath(cfg.output_path))
+    inputs = [*cfg.model_path_list, *([cfg.base_model_path] if cfg.base_model_path else [])]
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        if output == source or source in output.parents:
+            raise ConfigError(f"--output_path: {cfg.output_path} is {'the same as' if output == source else 'inside'} input {given}; choose another directory")
+        if output in source.parents:
+            raise ConfigError(f"--output_path: {cfg.output_path} contains input {given}; choose another directory")

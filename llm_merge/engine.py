@@ -1,0 +1,155 @@
+"""Merge one tensor: read inputs chunk by chunk, sparsify, merge, add the base, write.
+
+Per tensor, up to three passes over element chunks (flat ranges of the
+row-major data, so any tensor size streams in bounded memory):
+1. prepare (sparsifiers needing whole-tensor statistics, e.g. trim's threshold):
+   the full task vector of one model at a time;
+2. reduce (merges needing whole-tensor sums, e.g. slerp's norms): additive sums;
+3. apply: per chunk, sparsify every model, merge, add the base, cast and write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from llm_merge import methods
+from llm_merge.config import MergeConfig
+from llm_merge.errors import MergeError
+from llm_merge.io import dtypes
+from llm_merge.io.reader import TensorReader
+from llm_merge.io.writer import ShardWriter
+from llm_merge.methods.random import draw_key
+from llm_merge.methods.registry import keyword_params
+from llm_merge.plan import TensorTask
+
+log = logging.getLogger(__name__)
+
+#: Elements per chunk: 1 MiB of float32 per input keeps the working set cache-friendly.
+CHUNK_ELEMENTS = 1 << 18
+
+
+class TensorMerger:
+    """Merges tasks of one plan; one instance per worker process."""
+
+    def __init__(self, cfg: MergeConfig, ops: Any, output_dir: Path, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        self.cfg = cfg
+        self.ops = ops
+        self.chunk = chunk_elements
+        self.sparsifier = methods.get("sparsify", cfg.sparsify_type)
+        self.merger = methods.get("merge", cfg.merge_type)
+        self.options = dataclasses.asdict(cfg)
+        self.reader = TensorReader()
+        self.writer = ShardWriter(output_dir)
+        self._buffers: dict[str, np.ndarray] = {}
+        self._params: dict[Any, tuple[str, ...]] = {}
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+    def run(self, task: TensorTask) -> int:
+        """Merge (or copy) one tensor into its output slot; returns the output bytes."""
+        if task.mergeable:
+            self._merge(task)
+        else:
+            self._copy(task)
+        return task.out_bytes
+
+    # -- non-float tensors ------------------------------------------------------------
+    def _copy(self, task: TensorTask) -> None:
+        data = self.reader.read_raw(task.inputs[0])
+        for index, other in enumerate(task.inputs[1:], start=1):
+            if not np.array_equal(self.reader.read_raw(other).view(np.uint8), data.view(np.uint8)):
+                raise MergeError(
+                    f"tensor {task.name}: {task.out.dtype} values differ between {task.inputs[0].file.parent} "
+                    f"and {other.file.parent} (model {index}); non-float tensors are copied, so they must be equal"
+                )
+        self.writer.write(task.out.file, task.out.start, data)
+
+    # -- float tensors ----------------------------------------------------------------
+    def _merge(self, task: TensorTask) -> None:
+        n = task.numel
+        keys = [draw_key(self.cfg.seed, task.name, i) for i in range(len(task.inputs))]
+        prepared = [self._prepare(task, i) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
+        reduced: dict[str, Any] = {}
+        if self.merger.reduce:
+            for start in range(0, n, self.chunk):
+                count = min(self.chunk, n - start)
+                ys, _ = self._sparsified(task, start, count, prepared, keys)
+                sums = self._call(self.merger.reduce, ys, {}, n)
+                for name, value in sums.items():
+                    reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
+        out_dtype = dtypes.to_numpy(task.out.dtype)
+        for start in range(0, n, self.chunk):
+            count = min(self.chunk, n - start)
+            ys, base = self._sparsified(task, start, count, prepared, keys)
+            merged = self._call(self.merger.fn, ys, reduced, n)
+            if base is not None:
+                merged += base
+            result = self.ops.to_numpy(merged)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result.astype(out_dtype, copy=False))
+
+    def _prepare(self, task: TensorTask, index: int) -> dict[str, Any]:
+        """Whole-tensor statistics of model ``index``'s task vector."""
+        full = np.empty(task.numel, dtype=np.float32)
+        for start in range(0, task.numel, self.chunk):
+            count = min(self.chunk, task.numel - start)
+            self._task_vector(task, index, start, full[start : start + count])
+        return self._call(self.sparsifier.prepare, self.ops.from_numpy(full), {}, task.numel)
+
+    def _task_vector(self, task: TensorTask, index: int, start: int, out: np.ndarray) -> np.ndarray:
+        """Model ``index``'s chunk minus the base chunk (or the plain chunk without a base), in ``out``."""
+        self.reader.read_f32(task.inputs[index], start, out)
+        if task.base is not None:
+            out -= self.reader.read_f32(task.base, start, self._buffer("base-tv", out.size))
+        return out
+
+    def _sparsified(
+        self, task: TensorTask, start: int, count: int, prepared: Optional[list[dict]], keys: list[int]
+    ) -> tuple[list[Any], Optional[Any]]:
+        """Sparsified task-vector chunks of every model, and the base chunk (or None)."""
+        base = None
+        if task.base is not None:
+            base = self.reader.read_f32(task.base, start, self._buffer("base", count))
+        ys = []
+        for index, info in enumerate(task.inputs):
+            t = self.reader.read_f32(info, start, self._buffer(f"x{index}", count))
+            if base is not None:
+                t -= base
+            extra = {"rng": self.ops.rng(keys[index], start)}
+            if prepared is not None:
+                extra.update(_slice_per_element(prepared[index], start, count, task.numel))
+            ys.append(self._call(self.sparsifier.fn, self.ops.from_numpy(t), extra, task.numel))
+        return ys, (self.ops.from_numpy(base) if base is not None else None)
+
+    def _call(self, fn, first: Any, extra: dict[str, Any], numel: int) -> Any:
+        names = self._params.get(fn)
+        if names is None:
+            names = self._params[fn] = keyword_params(fn)
+        kwargs = {}
+        for name in names:
+            if name in extra:
+                kwargs[name] = extra[name]
+            elif name == "ops":
+                kwargs[name] = self.ops
+            elif name == "numel":
+                kwargs[name] = numel
+            else:
+                kwargs[name] = self.options[name]
+        return fn(first, **kwargs)
+
+    def _buffer(self, name: str, count: int) -> np.ndarray:
+        """A reusable float32 scratch vector of ``count`` elements (at most one chunk)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[name] = np.empty(max(count, self.chunk), dtype=np.float32)
+        return buffer[:count]
+
+
+def _slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:
+    return {k: (v[start : start + count] if getattr(v, "shape", None) == (numel,) else v) for k, v in stats.items()}

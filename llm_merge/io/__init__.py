@@ -1,0 +1,1 @@
+"""Checkpoint discovery, safetensors headers, positioned reads and atomic writes."""

@@ -1,0 +1,95 @@
+"""Find the safetensors files of a checkpoint directory and index its tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_merge.errors import MergeError
+from llm_merge.io.safetensors_format import Header, TensorInfo, read_header
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """All tensors of one model: name -> location, in the model's own storage order."""
+
+    path: Path
+    prefix: str
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def index_file(directory: Path, prefix: str) -> Path:
+    return directory / f"{prefix}.safetensors.index.json"
+
+
+def single_file(directory: Path, prefix: str) -> Path:
+    return directory / f"{prefix}.safetensors"
+
+
+def open_checkpoint(directory: str | Path, prefix: str) -> Checkpoint:
+    """Index the checkpoint in ``directory`` for ``prefix`` from its headers only.
+
+    Looks for ``{prefix}.safetensors.index.json`` (sharded) first, then
+    ``{prefix}.safetensors``. Raises MergeError when the directory or files are
+    missing, when the index names a missing shard or a file outside the
+    directory, or when a tensor listed in the index is absent from its shard.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise MergeError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise MergeError(f"{directory}: not a directory")
+    index = index_file(directory, prefix)
+    if index.is_file():
+        return _open_sharded(directory, prefix, index)
+    single = single_file(directory, prefix)
+    if single.is_file():
+        header = read_header(single)
+        return Checkpoint(directory, prefix, (single,), _in_storage_order(header.tensors), header.metadata)
+    present = sorted(p.name for p in directory.glob("*.safetensors*")) or sorted(p.name for p in directory.iterdir())[:8]
+    raise MergeError(
+        f"{directory}: no checkpoint for prefix {prefix!r} (expected {single.name} or {index.name}; "
+        f"found: {', '.join(present) or 'nothing'}); see --merge_prefix"
+    )
+
+
+def _open_sharded(directory: Path, prefix: str, index: Path) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MergeError(f"{index}: not a valid safetensors index ({exc})") from None
+    root = directory.resolve()
+    headers: dict[str, Header] = {}
+    for shard_name in dict.fromkeys(weight_map.values()):
+        shard = (directory / str(shard_name)).resolve()
+        if Path(str(shard_name)).is_absolute() or root not in shard.parents:
+            raise MergeError(f"{index}: shard {shard_name!r} points outside the checkpoint directory; refused")
+        if not shard.is_file():
+            raise MergeError(f"{index}: names shard {shard_name!r}, which does not exist in {directory}")
+        headers[shard_name] = read_header(directory / shard_name)
+    tensors: dict[str, TensorInfo] = {}
+    for shard_name, header in headers.items():
+        for name, info in _in_storage_order(header.tensors).items():
+            if weight_map.get(name) == shard_name:
+                tensors[name] = info
+    missing = [name for name in weight_map if name not in tensors]
+    if missing:
+        raise MergeError(
+            f"{index}: {len(missing)} tensor(s) listed in the index are absent from their shard, "
+            f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}"
+        )
+    first_meta = next(iter(headers.values())).metadata if headers else None
+    return Checkpoint(directory, prefix, tuple(directory / s for s in headers), tensors, first_meta)
+
+
+def _in_storage_order(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    return dict(sorted(tensors.items(), key=lambda item: item[1].start))

@@ -1,0 +1,88 @@
+"""Positioned reads of tensor data into reusable float32 buffers.
+
+Reads use ``os.preadv`` into caller-owned buffers instead of mmap, so pages of
+the input files never count towards the process's resident memory and each
+file is opened once per process.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llm_merge.errors import MergeError
+from llm_merge.io import dtypes
+from llm_merge.io.safetensors_format import TensorInfo
+
+
+def read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill ``buffer`` with the bytes at ``offset`` of an open file, or raise MergeError."""
+    done = 0
+    total = buffer.nbytes
+    while done < total:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise MergeError(f"{path}: unexpected end of file at byte {offset + done} (file truncated?)")
+        done += got
+
+
+class TensorReader:
+    """Reads element ranges of tensors; keeps one descriptor per file until ``close``."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._scratch = np.empty(0, dtype=np.uint8)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise MergeError(f"{path}: cannot open: {exc.strerror}") from exc
+            self._fds[path] = fd
+        return fd
+
+    def read_raw(self, info: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Elements ``[start, start+count)`` of a tensor in its stored dtype (a new array)."""
+        count = info.numel - start if count is None else count
+        dtype = dtypes.to_numpy(info.dtype)
+        out = np.empty(count, dtype=dtype)
+        read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * dtype.itemsize, info.file)
+        return out
+
+    def read_f32(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
+        """Fill the float32 vector ``out`` with elements ``[start, start+len(out))`` upcast to float32."""
+        count = out.size
+        stored = dtypes.to_numpy(info.dtype)
+        fd = self._fd(info.file)
+        offset = info.start + start * stored.itemsize
+        if stored == np.float32:
+            read_into(fd, memoryview(out.view(np.uint8)), offset, info.file)
+            return out
+        raw = self._scratch_view(count * stored.itemsize)
+        read_into(fd, memoryview(raw), offset, info.file)
+        if info.dtype == "BF16":
+            # bfloat16 is the top half of a float32: widening is a 16-bit shift.
+            np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(out, raw.view(stored), casting="unsafe")
+        return out
+
+    def _scratch_view(self, nbytes: int) -> np.ndarray:
+        if self._scratch.size < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch[:nbytes]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,158 @@
+"""Atomic output: a staging directory beside output_path, renamed into place when complete.
+
+Shard files are created with their final header and size first; workers then
+write each tensor at its planned offset, in any order. Nothing appears under
+output_path unless every tensor was written and every header verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from llm_merge.errors import MergeError
+from llm_merge.io.safetensors_format import read_header
+
+log = logging.getLogger(__name__)
+_STAGING_TAG = ".llm_merge-tmp-"
+#: Weight files are never copied from the first model; everything else at its top level is.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pdparams", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json", ".pdopt")
+_NOT_COPIED = {"merge_config.json", "README.md"}
+
+
+def check_output_path(output: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output_path unless overwrite."""
+    if output.exists() and not output.is_dir():
+        raise MergeError(f"--output_path: {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise MergeError(f"--output_path: {output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Delete staging directories left by killed runs for the same output_path."""
+    for stale in output.parent.glob(f".{output.name}{_STAGING_TAG}*"):
+        pid_text = stale.name.rsplit("-", 2)[-2]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            log.info("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_directory(output: Path) -> Iterator[Path]:
+    """A fresh directory beside ``output``; removed on exit unless it was published."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output)
+    staging = output.parent / f".{output.name}{_STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def create_shards(directory: Path, shards: Sequence) -> None:
+    """Create every shard with its header written and its final size allocated."""
+    for shard in shards:
+        try:
+            with open(directory / shard.file, "wb") as handle:
+                handle.write(shard.header)
+                handle.truncate(shard.size)
+        except OSError as exc:
+            raise MergeError(f"{directory / shard.file}: cannot create output shard: {exc.strerror}") from exc
+
+
+class ShardWriter:
+    """Writes tensor bytes at absolute offsets of the staged shards; one descriptor per file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._fds: dict[str, int] = {}
+
+    def write(self, file: str, offset: int, data: np.ndarray) -> None:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.directory / file, os.O_WRONLY)
+        view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise MergeError(f"{self.directory / file}: write failed: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def verify_shards(directory: Path, shards: Sequence) -> None:
+    """Read every written header back and compare it with the plan."""
+    for shard in shards:
+        path = directory / shard.file
+        if path.stat().st_size != shard.size:
+            raise MergeError(f"{path}: size {path.stat().st_size} bytes, planned {shard.size}")
+        with open(path, "rb") as handle:
+            if handle.read(len(shard.header)) != shard.header:
+                raise MergeError(f"{path}: header differs from the planned one")
+        if set(read_header(path).tensors) != set(shard.names):
+            raise MergeError(f"{path}: tensor names differ from the plan")
+
+
+def write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def copy_model_files(source: Path, destination: Path) -> list[str]:
+    """Copy the non-weight files (config, tokenizer, generation config ...) of ``source``."""
+    copied = []
+    for item in sorted(source.iterdir()):
+        if item.is_file() and not item.name.startswith(".") and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(item, destination / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush every file of ``directory`` and the directory entry itself to disk."""
+    for item in directory.iterdir():
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: Path, output: Path, overwrite: bool) -> None:
+    """Rename the complete staging directory to ``output`` (replacing it only if allowed)."""
+    check_output_path(output, overwrite)
+    if output.exists():
+        trash = output.parent / f".{output.name}{_STAGING_TAG}{os.getpid()}-old"
+        os.rename(output, trash)
+        os.rename(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, output)

@@ -1,0 +1,68 @@
+"""Merge functions: combine the sparsified float32 chunks ``ys`` (one per model)."""
+
+from __future__ import annotations
+
+import math
+
+from llm_merge.methods.registry import register
+
+
+@register("merge", "linear")
+def linear(ys, *, weight_list, normalize, ops):
+    """Weighted sum; divided by the sum of weights when normalize."""
+    total = ys[0] * ops.float32(weight_list[0])
+    for y, w in zip(ys[1:], weight_list[1:]):
+        total += y * ops.float32(w)
+    if normalize:
+        total /= ops.float32(sum(weight_list))
+    return total
+
+
+def slerp_sums(ys, *, ops):
+    """Additive statistics of a chunk: squared norms of both inputs and their dot product."""
+    y0, y1 = ys
+    return {"sums": (ops.dot64(y0, y0), ops.dot64(y1, y1), ops.dot64(y0, y1))}
+
+
+def slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold) -> tuple[float, float]:
+    """Coefficients (c0, c1) of y0 and y1 from the whole-tensor norms and dot product."""
+    sq0, sq1, dot = sums
+    norm0, norm1 = math.sqrt(sq0), math.sqrt(sq1)
+    scale0 = norm0 if norm0 >= slerp_normalize_eps else 1.0
+    scale1 = norm1 if norm1 >= slerp_normalize_eps else 1.0
+    cosine = min(1.0, max(-1.0, dot / (scale0 * scale1)))
+    t = slerp_alpha
+    if abs(cosine) > slerp_dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cosine)
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+@register("merge", "slerp", reduce=slerp_sums)
+def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, ops):
+    """Spherical interpolation of two tensors (linear when nearly colinear)."""
+    c0, c1 = slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold)
+    total = ys[0] * ops.float32(c0)
+    total += ys[1] * ops.float32(c1)
+    return total
+
+
+@register("merge", "ties")
+def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
+    """TIES: keep the entries whose sign agrees with the elected sign, sum (or disjoint mean)."""
+    weighted = [y * ops.float32(w) for y, w in zip(ys, weight_list)]
+    votes = ops.zeros_like(weighted[0])
+    for u in weighted:
+        votes += u if ties_elect_type == "sum" else ops.sign(u)
+    positive = votes >= 0
+    total = ops.zeros_like(weighted[0])
+    divisor = ops.zeros_like(weighted[0]) if normalize else None
+    for u, w in zip(weighted, weight_list):
+        agrees = ops.where(positive, u > 0, u < 0)
+        total += ops.where(agrees, u, 0.0)
+        if divisor is not None:
+            divisor += ops.where(agrees, ops.float32(w), ops.float32(0.0))
+    if divisor is not None:
+        total /= ops.where(divisor == 0, ops.float32(1.0), divisor)
+    return total

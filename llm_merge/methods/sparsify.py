@@ -1,0 +1,65 @@
+"""Sparsifiers: act on one model's task vector (or weights, without a base).
+
+Each takes a float32 chunk ``t`` and returns the sparsified chunk as a new
+array; inputs are never modified. Whole-tensor statistics (trim threshold,
+magprune ranks) come from the ``prepare`` function registered with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llm_merge.methods.registry import register
+
+
+@register("sparsify", "none")
+def keep_all(t, *, ops):
+    """No sparsification."""
+    return t
+
+
+@register("sparsify", "dare")
+def dare(t, *, reserve_p, rescale, rng, ops):
+    """DARE: keep each entry with probability reserve_p; divide kept entries by reserve_p if rescale."""
+    if reserve_p >= 1.0:
+        return t
+    kept = ops.where(rng.keep(reserve_p, t.size), t, 0.0)
+    return kept / ops.float32(reserve_p) if rescale else kept
+
+
+def trim_count(reserve_p: float, numel: int) -> int:
+    """k = ceil(reserve_p * numel), ignoring float noise in the product (0.7 * 10 is 7)."""
+    return min(numel, max(1, math.ceil(round(reserve_p * numel, 6))))
+
+
+def trim_threshold(t, *, reserve_p, rescale, ops):
+    """Magnitude threshold of the k largest |t| and the L1 rescale factor."""
+    magnitude = ops.abs(t)
+    if t.size == 0:
+        return {"threshold": 0.0, "scale": 1.0}
+    threshold = ops.kth_largest(magnitude, trim_count(reserve_p, t.size))
+    scale = 1.0
+    if rescale:
+        kept_mass = ops.sum64(ops.where(magnitude >= threshold, magnitude, 0.0))
+        scale = ops.sum64(magnitude) / kept_mass if kept_mass > 0 else 1.0
+    return {"threshold": threshold, "scale": scale}
+
+
+@register("sparsify", "trim", prepare=trim_threshold)
+def trim(t, *, threshold, scale, ops):
+    """TIES trim: keep entries with |t| >= threshold (ties kept), times the L1 rescale factor."""
+    kept = ops.where(ops.abs(t) >= threshold, t, 0.0)
+    return kept * ops.float32(scale) if scale != 1.0 else kept
+
+
+def magnitude_ranks(t, *, ops):
+    """Rank of every entry by |t|, 0 the largest, ties by lower index first."""
+    return {"ranks": ops.descending_ranks(ops.abs(t))}
+
+
+@register("sparsify", "magprune", prepare=magnitude_ranks)
+def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
+    """DELLA MAGPRUNE: drop rank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
+    keep_prob = (reserve_p + epsilon / 2) - ops.float64(ranks) * (epsilon / numel)
+    kept = ops.where(rng.keep(keep_prob, t.size), t, 0.0)
+    return kept / ops.float32(keep_prob) if rescale else kept

@@ -1,0 +1,143 @@
+"""Run a plan's tensor tasks in ``n_process`` workers with one progress bar.
+
+Workers pull task indices from a queue (largest tensors first) and write their
+results at planned offsets, so the worker count changes speed, never bytes.
+A worker that raises or dies stops every worker and surfaces as MergeError.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from llm_merge.backends import get_ops
+from llm_merge.config import MergeConfig
+from llm_merge.engine import TensorMerger
+from llm_merge.errors import MergeError
+from llm_merge.plan import TensorTask
+
+log = logging.getLogger(__name__)
+_POLL_SECONDS = 0.2
+
+
+def progress_bar(total: int, quiet: bool) -> tqdm:
+    """Bytes-merged bar on stderr; silent with --quiet or when stderr is not a terminal."""
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def schedule(tasks: Sequence[TensorTask]) -> list[int]:
+    """Task indices, largest input first (better balance across workers)."""
+    return sorted(range(len(tasks)), key=lambda i: (-tasks[i].in_bytes, i))
+
+
+def run_tasks(tasks: Sequence[TensorTask], cfg: MergeConfig, output_dir: Path) -> None:
+    """Merge every task into the staged shards of ``output_dir``."""
+    order = schedule(tasks)
+    with progress_bar(sum(t.out_bytes for t in tasks), cfg.quiet) as bar:
+        if cfg.n_process == 1 or len(tasks) <= 1:
+            _run_inline(tasks, order, cfg, output_dir, bar.update)
+        else:
+            _run_pool(tasks, order, cfg, output_dir, bar.update)
+
+
+def _run_inline(tasks, order, cfg, output_dir, advance: Callable[[int], Any]) -> None:
+    merger = TensorMerger(cfg, get_ops(cfg.tensor_type, cfg.device), output_dir)
+    try:
+        for index in order:
+            try:
+                advance(merger.run(tasks[index]))
+            except MergeError:
+                raise
+            except Exception as exc:
+                raise MergeError(f"failed on tensor {tasks[index].name}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        merger.close()
+
+
+def _worker(worker_id: int, tasks, cfg, output_dir, todo, results) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    merger = None
+    index = None
+    try:
+        merger = TensorMerger(cfg, get_ops(cfg.tensor_type, cfg.device), output_dir)
+        while (index := todo.get()) is not None:
+            results.put(("start", worker_id, index))
+            results.put(("done", worker_id, index, merger.run(tasks[index])))
+        results.put(("exit", worker_id, None))
+    except BaseException as exc:  # report everything, including MemoryError
+        cause = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+        results.put(("error", worker_id, index, cause, traceback.format_exc()))
+    finally:
+        if merger is not None:
+            merger.close()
+
+
+def _run_pool(tasks, order, cfg, output_dir, advance: Callable[[int], Any]) -> None:
+    import multiprocess
+
+    context = multiprocess.get_context()
+    todo, results = context.Queue(), context.Queue()
+    for index in order:
+        todo.put(index)
+    n_workers = min(cfg.n_process, len(tasks))
+    for _ in range(n_workers):
+        todo.put(None)
+    workers = [
+        context.Process(target=_worker, args=(w, tasks, cfg, output_dir, todo, results), name=f"llm_merge-worker-{w}", daemon=True)
+        for w in range(n_workers)
+    ]
+    current: dict[int, int | None] = {}
+    finished = set()
+    try:
+        for worker in workers:
+            worker.start()
+        done = 0
+        while done < len(tasks) or len(finished) < n_workers:
+            try:
+                message = results.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                _check_alive(workers, finished, current, tasks)
+                continue
+            kind, worker_id, index = message[:3]
+            if kind == "start":
+                current[worker_id] = index
+            elif kind == "done":
+                current[worker_id] = None
+                done += 1
+                advance(message[3])
+            elif kind == "exit":
+                finished.add(worker_id)
+            else:
+                log.debug("worker %d traceback:\n%s", worker_id, message[4])
+                where = f" on tensor {tasks[index].name}" if index is not None else ""
+                raise MergeError(f"worker {worker_id} failed{where}: {message[3]}")
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        todo.cancel_join_thread()
+        results.cancel_join_thread()
+
+
+def _check_alive(workers, finished, current, tasks) -> None:
+    """Raise if a worker died without reporting (killed, out of memory, crashed)."""
+    for worker_id, worker in enumerate(workers):
+        code = worker.exitcode
+        if code not in (None, 0):
+            index = current.get(worker_id)
+            where = f" while merging tensor {tasks[index].name}" if index is not None else ""
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise MergeError(f"worker {worker_id} {how}{where}")
