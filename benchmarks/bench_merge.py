@@ -43,6 +43,7 @@ MARKER = ".bench_family.json"
 CHUNK = 16 << 20
 GB = 1e9
 POLL_S = 0.02
+FLOOR_REPEAT = 5  # the floor is cheap; best-of-5 hides writeback hiccups
 
 
 @dataclass
@@ -170,6 +171,7 @@ def io_floor_seconds(inputs: list[Path], output_sizes: list[int], out_dir: Path,
     best = float("inf")
     for _ in range(repeat):
         out_dir.mkdir(parents=True, exist_ok=True)
+        os.sync()
         start = time.perf_counter()
         pool.starmap(_io_worker, zip(reads, writes))
         best = min(best, time.perf_counter() - start)
@@ -278,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="process counts to measure (default: 1 2)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per measurement; the fastest is reported, peak RSS is the "
-                        "max over runs (default: 1; the I/O floor always uses at least 3)")
+                        "max over runs (default: 1; the I/O floor always uses at least 5)")
     p.add_argument("--work_dir", type=Path, default=None,
                    help="where merge outputs go (each is deleted after its run; default: "
                         "a fresh temporary directory, removed at the end)")
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in sorted(input_sets, key=len, reverse=True):
                     inputs = [f for m in s for f in files[m]]
                     floors[s] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor",
-                                                 pool, n_process, max(3, args.repeat))
+                                                 pool, n_process, max(FLOOR_REPEAT, args.repeat))
                     rows.append(Row("io_floor", f"io_floor[{len(s)} models]", n_process,
                                     floors[s], input_bytes[s], floors[s], None))
                     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
                 best, peak = float("inf"), 0
                 for _ in range(args.repeat):
+                    os.sync()
                     seconds, rss = run_and_measure(cmd, work_dir / "logs")
                     best, peak = min(best, seconds), max(peak, rss)
                     shutil.rmtree(out_dir, ignore_errors=True)
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     notes = [
-        "all input files are page-cache warm (warm-up read first; nothing dropped)",
+        "all input files are page-cache warm (warm-up read first; nothing dropped); "
+        "os.sync() before each timed run so earlier writes' writeback does not interfere",
         "io_floor: read every input byte + write one model's bytes, files split over "
         "n_process processes, no fsync",
         "input GB/s = input bytes / wall seconds; x I/O floor = seconds / io_floor seconds "

@@ -1,0 +1,124 @@
+"""Sparsifiers: hand-computed cases and statistical properties of the random ones."""
+
+import numpy as np
+import pytest
+
+from llm_merge import methods
+from llm_merge.backends.numpy_backend import NumpyOps
+from llm_merge.methods.random import CounterRNG, draw_key, splitmix64
+from llm_merge.methods.sparsify import trim_count
+
+OPS = NumpyOps()
+T = np.array([0.1, -0.5, 0.3, -0.3, 0.05], dtype=np.float32)
+
+
+def sparsify(name, t, key=1, offset=0, **params):
+    method = methods.get("sparsify", name)
+    t = np.asarray(t, dtype=np.float32)
+    extra = {}
+    if method.prepare:
+        prepare_params = {k: params[k] for k in ("reserve_p", "rescale") if k in methods.registry.keyword_params(method.prepare)}
+        extra = method.prepare(t, ops=OPS, **prepare_params)
+    names = method.params
+    kwargs = {k: v for k, v in {**params, **extra, "rng": CounterRNG(key, offset), "numel": t.size}.items() if k in names}
+    return method.fn(t, ops=OPS, **kwargs)
+
+
+def f32(values):
+    return np.array(values, dtype=np.float32)
+
+
+def test_trim_keeps_k_largest_and_ties_at_threshold():
+    np.testing.assert_array_equal(sparsify("trim", T, reserve_p=0.6, rescale=False), f32([0, -0.5, 0.3, -0.3, 0]))
+    # k = 2, but both 0.3 entries tie at the threshold: both kept.
+    np.testing.assert_array_equal(sparsify("trim", T, reserve_p=0.4, rescale=False), f32([0, -0.5, 0.3, -0.3, 0]))
+    np.testing.assert_array_equal(sparsify("trim", T, reserve_p=0.2, rescale=False), f32([0, -0.5, 0, 0, 0]))
+
+
+def test_trim_rescale_keeps_l1_mass():
+    out = sparsify("trim", T, reserve_p=0.6, rescale=True)
+    np.testing.assert_allclose(out, np.array([0, -0.5, 0.3, -0.3, 0]) * (1.25 / 1.1), rtol=1e-6)
+    assert np.abs(out).sum() == pytest.approx(np.abs(T).sum(), rel=1e-6)
+
+
+def test_trim_count_ignores_float_noise():
+    assert trim_count(0.7, 10) == 7  # 0.7 * 10 == 7.000000000000001 in float64
+    assert trim_count(0.3, 10) == 3
+    assert trim_count(0.01, 10) == 1
+    assert trim_count(1.0, 10) == 10
+
+
+def test_dare_reserve_one_is_identity():
+    t = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    np.testing.assert_array_equal(sparsify("dare", t, reserve_p=1.0, rescale=True), t)
+
+
+def test_dare_keeps_fraction_and_rescales_kept_entries():
+    t = np.random.default_rng(0).normal(size=200_000).astype(np.float32) + 3
+    out = sparsify("dare", t, reserve_p=0.3, rescale=True)
+    kept = out != 0
+    assert kept.mean() == pytest.approx(0.3, abs=0.005)
+    np.testing.assert_array_equal(out[kept], t[kept] / np.float32(0.3))
+    raw = sparsify("dare", t, reserve_p=0.3, rescale=False)
+    np.testing.assert_array_equal(raw[kept], t[kept])
+    np.testing.assert_array_equal(raw != 0, kept)
+
+
+def test_dare_is_unbiased_over_seeds():
+    t = np.linspace(-1, 1, 50, dtype=np.float32)
+    mean = np.mean([sparsify("dare", t, key=draw_key(seed, "w", 0), reserve_p=0.4, rescale=True) for seed in range(4000)], axis=0)
+    np.testing.assert_allclose(mean, t, atol=0.06)
+
+
+def test_dare_draws_do_not_depend_on_chunking():
+    t = np.random.default_rng(3).normal(size=1000).astype(np.float32)
+    whole = sparsify("dare", t, key=7, reserve_p=0.5, rescale=True)
+    parts = [sparsify("dare", t[s : s + 300], key=7, offset=s, reserve_p=0.5, rescale=True) for s in range(0, 1000, 300)]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+
+
+def test_splitmix64_matches_reference_values():
+    # splitmix64 seeded with 0 yields these first outputs (published test vector).
+    np.testing.assert_array_equal(
+        splitmix64(0, 0, 3), np.array([0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F], dtype=np.uint64)
+    )
+
+
+def test_draw_key_depends_on_seed_tensor_and_model():
+    keys = {draw_key(s, n, i) for s in (0, 1) for n in ("a", "b") for i in (0, 1)}
+    assert len(keys) == 8
+
+
+def test_magnitude_ranks_break_ties_by_index():
+    np.testing.assert_array_equal(OPS.descending_ranks(np.abs(T)), [3, 0, 1, 2, 4])
+
+
+def test_magprune_epsilon_zero_is_dare_like():
+    t = np.random.default_rng(1).normal(size=100_000).astype(np.float32)
+    out = sparsify("magprune", t, reserve_p=0.6, epsilon=0.0, rescale=True)
+    kept = out != 0
+    assert kept.mean() == pytest.approx(0.6, abs=0.01)
+    np.testing.assert_allclose(out[kept], t[kept] / np.float32(0.6), rtol=1e-6)
+
+
+def test_magprune_keep_rate_follows_rank():
+    n = 20
+    t = np.arange(n, 0, -1, dtype=np.float32)  # rank r at index r
+    p, eps = 0.5, 0.4
+    kept = np.mean([sparsify("magprune", t, key=draw_key(s, "w", 0), reserve_p=p, epsilon=eps, rescale=False) != 0 for s in range(6000)], axis=0)
+    expected = 1 - ((1 - p) - eps / 2 + eps * np.arange(n) / n)
+    np.testing.assert_allclose(kept, expected, atol=0.03)
+
+
+def test_magprune_rescale_is_unbiased():
+    t = np.linspace(0.1, 2, 16, dtype=np.float32)
+    mean = np.mean([sparsify("magprune", t, key=draw_key(s, "w", 1), reserve_p=0.5, epsilon=0.3, rescale=True) for s in range(6000)], axis=0)
+    np.testing.assert_allclose(mean, t, rtol=0.08)
+
+
+def test_sparsifiers_do_not_modify_input():
+    t = T.copy()
+    for name, params in (("dare", dict(reserve_p=0.5, rescale=True)), ("trim", dict(reserve_p=0.5, rescale=True)),
+                         ("magprune", dict(reserve_p=0.5, epsilon=0.2, rescale=True))):
+        sparsify(name, t, **params)
+        np.testing.assert_array_equal(t, T)
