@@ -47,6 +47,7 @@ class TensorMerger:
         self.writer = ShardWriter(output_dir)
         self._buffers: dict[str, np.ndarray] = {}
         self._params: dict[Any, tuple[str, ...]] = {}
+        self._nonfinite: list[int] = []
 
     def close(self) -> None:
         self.reader.close()
@@ -74,6 +75,7 @@ class TensorMerger:
     # -- float tensors ----------------------------------------------------------------
     def _merge(self, task: TensorTask) -> None:
         n = task.numel
+        self._nonfinite = [0] * (len(task.inputs) + 1)
         keys = [draw_key(self.cfg.seed, task.name, i) for i in range(len(task.inputs))]
         prepared = [self._prepare(task, i) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
         reduced: dict[str, Any] = {}
@@ -85,6 +87,7 @@ class TensorMerger:
                 for name, value in sums.items():
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
         out_dtype = dtypes.to_numpy(task.out.dtype)
+        self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
         for start in range(0, n, self.chunk):
             count = min(self.chunk, n - start)
             ys, base = self._sparsified(task, start, count, prepared, keys)
@@ -93,6 +96,10 @@ class TensorMerger:
                 merged += base
             result = self.ops.to_numpy(merged)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result.astype(out_dtype, copy=False))
+        for index, count in enumerate(self._nonfinite):
+            if count:
+                info = task.inputs[index] if index < len(task.inputs) else task.base
+                log.warning("tensor %s has %d NaN/Inf value(s) in %s", task.name, count, info.file)
 
     def _prepare(self, task: TensorTask, index: int) -> dict[str, Any]:
         """Whole-tensor statistics of model ``index``'s task vector."""
@@ -115,10 +122,10 @@ class TensorMerger:
         """Sparsified task-vector chunks of every model, and the base chunk (or None)."""
         base = None
         if task.base is not None:
-            base = self.reader.read_f32(task.base, start, self._buffer("base", count))
+            base = self._read_checked(task.base, start, "base", count, -1)
         ys = []
         for index, info in enumerate(task.inputs):
-            t = self.reader.read_f32(info, start, self._buffer(f"x{index}", count))
+            t = self._read_checked(info, start, f"x{index}", count, index)
             if base is not None:
                 t -= base
             extra = {"rng": self.ops.rng(keys[index], start)}
@@ -126,6 +133,13 @@ class TensorMerger:
                 extra.update(_slice_per_element(prepared[index], start, count, task.numel))
             ys.append(self._call(self.sparsifier.fn, self.ops.from_numpy(t), extra, task.numel))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
+
+    def _read_checked(self, info, start: int, buffer: str, count: int, slot: int) -> np.ndarray:
+        """Read a float32 chunk, counting NaN/Inf values for the end-of-tensor warning."""
+        chunk = self.reader.read_f32(info, start, self._buffer(buffer, count))
+        if not np.isfinite(chunk.sum(dtype=np.float64)):  # cheap screen; exact count only when needed
+            self._nonfinite[slot] += int(count - np.count_nonzero(np.isfinite(chunk)))
+        return chunk
 
     def _call(self, fn, first: Any, extra: dict[str, Any], numel: int) -> Any:
         names = self._params.get(fn)

@@ -87,7 +87,10 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, buffer_s
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
         raise MergeError(f"{path}: tensor {name!r}: dtype {dtype!r} is not a string")
-    size = dtypes.itemsize(dtype)
+    try:
+        size = dtypes.itemsize(dtype)
+    except MergeError as exc:
+        raise MergeError(f"{path}: tensor {name!r}: {exc}") from None
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise MergeError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
     if (

@@ -1,0 +1,72 @@
+"""CLI: flags <-> MergeConfig fields, boolean forms, config files, help and exit codes."""
+
+import dataclasses
+import json
+
+import pytest
+
+from llm_merge.cli import build_parser, main, parse_config
+from llm_merge.config import MergeConfig
+
+BASE_ARGS = ["--model_path_list", "a", "b", "--output_path", "out"]
+
+
+def test_every_field_is_a_flag_and_round_trips():
+    help_text = build_parser().format_help()
+    for f in dataclasses.fields(MergeConfig):
+        assert f"--{f.name}" in help_text, f.name
+    cfg, _ = parse_config(BASE_ARGS + ["--merge_method", "ties", "--weight_list", "0.6", "0.4", "--reserve_p", "0.3",
+                                       "--seed", "7", "--n_process", "2", "--output_dtype", "float32"])
+    assert cfg.model_path_list == ["a", "b"] and cfg.weight_list == [0.6, 0.4]
+    assert (cfg.reserve_p, cfg.seed, cfg.n_process, cfg.output_dtype) == (0.3, 7, 2, "float32")
+
+
+@pytest.mark.parametrize("args, expected", [([], True), (["--normalize"], True), (["--normalize", "false"], False),
+                                            (["--normalize", "False"], False), (["--no_normalize"], False),
+                                            (["--normalize", "true"], True)])
+def test_boolean_forms(args, expected):
+    cfg, _ = parse_config(BASE_ARGS + args)
+    assert cfg.normalize is expected
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 0.7)" in out and "(default: 0.14)" in out and "dare_ties" in out and "master_weights" in out
+
+
+def test_config_file_then_flags_override(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"merge_method": "ties", "reserve_p": 0.2, "model_path_list": ["x", "y"], "output_path": "o"}))
+    cfg, _ = parse_config([str(path), "--reserve_p", "0.5"])
+    assert (cfg.merge_method, cfg.reserve_p, cfg.model_path_list) == ("ties", 0.5, ["x", "y"])
+    cfg, _ = parse_config(["--config", str(path)])
+    assert cfg.reserve_p == 0.2
+
+
+def test_unknown_flag_fails(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(BASE_ARGS + ["--bogus", "1"])
+    assert info.value.code == 2
+
+
+def test_config_error_exit_code_and_one_line_message(capsys):
+    assert main(BASE_ARGS + ["--reserve_p", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["llm_merge: error: --reserve_p: 2.0 out of range (0, 1]"]
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"merge_methd": "ties"}))
+    assert main([str(path)]) == 2
+    assert "merge_methd" in capsys.readouterr().err
+
+
+def test_missing_input_is_a_runtime_error(tmp_path, capsys):
+    assert main(["--model_path_list", str(tmp_path / "nope"), "--output_path", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "nope" in err and "no such directory" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,116 @@
+"""Checkpoint I/O: dtype round trips, sharded indexes, header validation, layout."""
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from checkpoints import read_checkpoint, write_checkpoint, write_safetensors
+from llm_merge.errors import MergeError
+from llm_merge.io.checkpoint import open_checkpoint
+from llm_merge.io.reader import TensorReader
+from llm_merge.io.safetensors_format import MAX_HEADER_BYTES, read_header
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+def test_reader_upcasts_every_float_dtype(tmp_path, dtype):
+    values = np.random.default_rng(0).normal(size=(5, 7)).astype(dtype)
+    write_safetensors(tmp_path / "model.safetensors", {"w": values})
+    info = open_checkpoint(tmp_path, "model").tensors["w"]
+    out = np.empty(20, np.float32)
+    with TensorReader() as reader:
+        reader.read_f32(info, 10, out)
+    np.testing.assert_array_equal(out, values.astype(np.float32).ravel()[10:30])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_single_model_linear_merge_is_a_byte_exact_round_trip(tmp_path, mergekit, dtype):
+    rng = np.random.default_rng(1)
+    tensors = {"a": rng.normal(size=(300, 7)).astype(dtype), "b": rng.normal(size=(3,)).astype(dtype),
+               "mask": np.array([True, False]), "ids": np.arange(5, dtype=np.int32)}
+    write_checkpoint(tmp_path / "m", tensors, shards=2)
+    result = mergekit("--model_path_list", tmp_path / "m", "--output_path", tmp_path / "out", "--max_shard_size", "1000")
+    assert result.returncode == 0, result.stderr
+    merged = read_checkpoint(tmp_path / "out")
+    for name, value in tensors.items():
+        assert merged[name].dtype == value.dtype
+        np.testing.assert_array_equal(merged[name].view(np.uint8), value.view(np.uint8))
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2 and all((tmp_path / "out" / f).is_file() for f in files)
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+
+
+def test_output_loads_with_safetensors_library(tmp_path, mergekit, pair):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    assert mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out).returncode == 0
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as handle:
+        assert set(handle.keys()) == {"w", "b", "ids"}
+        assert handle.metadata() == {"format": "np"}
+
+
+def _write_raw(path, header: bytes, data: bytes = b"", length: int | None = None):
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+
+
+def _entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.write_bytes(b"\x01\x02"), "header length missing"),
+        (lambda p: _write_raw(p, b"{}", length=10**6), "runs past the end"),
+        (lambda p: _write_raw(p, b"{}", length=MAX_HEADER_BYTES + 1), "exceeds the limit"),
+        (lambda p: _write_raw(p, b"{not json", b""), "not valid JSON"),
+        (lambda p: _write_raw(p, b"[1, 2]"), "expected an object"),
+        (lambda p: _write_raw(p, json.dumps({"w": _entry(offsets=(0, 16))}).encode(), b"\0" * 16), "expected 8"),
+        (lambda p: _write_raw(p, json.dumps({"w": _entry()}).encode(), b"\0" * 4), "past the data buffer"),
+        (lambda p: _write_raw(p, json.dumps({"w": _entry(), "v": _entry(offsets=(4, 12))}).encode(), b"\0" * 12), "overlapping"),
+        (lambda p: _write_raw(p, json.dumps({"w": _entry(dtype="Q7")}).encode(), b"\0" * 8), "unsupported safetensors dtype"),
+        (lambda p: _write_raw(p, json.dumps({"w": _entry(shape=(-2,))}).encode(), b"\0" * 8), "non-negative integers"),
+    ],
+)
+def test_corrupt_headers_are_refused(tmp_path, make, needle):
+    path = tmp_path / "model.safetensors"
+    make(path)
+    with pytest.raises(MergeError, match="model.safetensors") as info:
+        read_header(path)
+    assert needle in str(info.value)
+
+
+def test_index_pointing_outside_is_refused(tmp_path):
+    write_safetensors(tmp_path / "evil.safetensors", {"w": np.zeros(2, np.float32)})
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../evil.safetensors"}}))
+    with pytest.raises(MergeError, match="outside the checkpoint directory"):
+        open_checkpoint(model, "model")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": str(tmp_path / "evil.safetensors")}}))
+    with pytest.raises(MergeError, match="outside the checkpoint directory"):
+        open_checkpoint(model, "model")
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(MergeError, match="model-00001-of-00002.safetensors.*does not exist"):
+        open_checkpoint(tmp_path, "model")
+
+
+def test_index_naming_a_tensor_absent_from_its_shard(tmp_path):
+    write_safetensors(tmp_path / "s.safetensors", {"w": np.zeros(2, np.float32)})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "s.safetensors", "v": "s.safetensors"}}))
+    with pytest.raises(MergeError, match="absent from their shard.*'v'"):
+        open_checkpoint(tmp_path, "model")
+
+
+def test_no_checkpoint_for_prefix(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    with pytest.raises(MergeError, match="no checkpoint for prefix 'master_weights'.*model.safetensors"):
+        open_checkpoint(tmp_path, "master_weights")
