@@ -1,0 +1,191 @@
+"""Bad inputs stop the run early; failures and kills never leave a partial output."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from checkpoints import write_checkpoint
+from conftest import REPO, run_mergekit
+from llm_merge.api import merge
+from llm_merge.config import MergeConfig
+from llm_merge.errors import MergeError
+
+
+def leftovers(out):
+    """Anything named after the output under its parent (output dir or staging dirs)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+def assert_failed_cleanly(result, out, *needles, code=1):
+    assert result.returncode == code, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert leftovers(out) == []
+
+
+def test_tensor_names_differ(tmp_path, pair):
+    write_checkpoint(tmp_path / "odd", {"w": np.zeros((8, 4), np.float32), "extra": np.zeros(2, np.float32)})
+    out = tmp_path / "out"
+    result = run_mergekit("--model_path_list", pair["ft1"], tmp_path / "odd", "--output_path", out)
+    assert_failed_cleanly(result, out, "tensor names differ", "missing 2 (b, ids)", "extra 1 (extra)")
+
+
+def test_shapes_differ(tmp_path, pair):
+    write_checkpoint(tmp_path / "odd", {"w": np.zeros((4, 8), np.float32), "b": np.zeros(4, np.float32), "ids": np.arange(4)})
+    out = tmp_path / "out"
+    result = run_mergekit("--model_path_list", pair["ft1"], tmp_path / "odd", "--output_path", out)
+    assert_failed_cleanly(result, out, "w: [8, 4] in", "but [4, 8] in")
+
+
+def test_transposed_broadcastable_shapes_are_not_merged(tmp_path):
+    write_checkpoint(tmp_path / "a", {"w": np.ones((4, 1), np.float32)})
+    write_checkpoint(tmp_path / "b", {"w": np.ones((1, 4), np.float32)})
+    out = tmp_path / "out"
+    assert_failed_cleanly(run_mergekit("--model_path_list", tmp_path / "a", tmp_path / "b", "--output_path", out), out, "[4, 1]")
+
+
+def test_non_float_tensor_that_differs_fails_in_a_worker(tmp_path, pair):
+    write_checkpoint(tmp_path / "odd", {"w": np.zeros((8, 4), np.float32), "b": np.zeros(4, np.float32), "ids": np.arange(1, 5)})
+    out = tmp_path / "out"
+    result = run_mergekit("--model_path_list", pair["ft1"], tmp_path / "odd", "--output_path", out, "--n_process", "2")
+    assert_failed_cleanly(result, out, "tensor ids", "must be equal")
+
+
+def test_existing_output_needs_overwrite(tmp_path, pair):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out)
+    assert result.returncode == 1 and "not empty" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert leftovers(out) == ["out"]
+
+
+def test_empty_existing_output_is_fine(tmp_path, pair):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out).returncode == 0
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run_mergekit("--model_path_list", tmp_path / "nope", "--output_path", tmp_path / "o", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    result = run_mergekit("--model_path_list", tmp_path / "nope", "--output_path", tmp_path / "o")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_nan_and_mixed_dtype_warnings(tmp_path):
+    bad = np.ones(10, np.float32)
+    bad[[2, 5]] = [np.nan, np.inf]
+    write_checkpoint(tmp_path / "a", {"w": bad})
+    write_checkpoint(tmp_path / "b", {"w": np.ones(10, np.float16)})
+    result = run_mergekit("--model_path_list", tmp_path / "a", tmp_path / "b", "--output_path", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "tensor w has 2 NaN/Inf value(s)" in result.stderr
+    assert "mixed float dtypes" in result.stderr
+
+
+def test_full_disk_leaves_nothing(tmp_path, pair, monkeypatch):
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="No space left on device"):
+        merge(MergeConfig(model_path_list=[str(pair["ft1"]), str(pair["ft2"])], output_path=str(out), quiet=True))
+    assert leftovers(out) == []
+
+
+def test_stale_staging_directory_is_removed(tmp_path, pair):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.llm_merge-tmp-{int(dead.stdout)}-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out).returncode == 0
+    assert leftovers(out) == ["out"]
+
+
+# -- killing real runs mid-merge ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_family(tmp_path_factory):
+    """Base + 3 fp32 models of 4 x 4M elements (64 MB each): della takes seconds."""
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    base = {f"layer{i}.weight": rng.normal(size=(2048, 2048)).astype(np.float32) for i in range(4)}
+    write_checkpoint(root / "base", base, extra_files=False)
+    dirs = []
+    for m in range(3):
+        write_checkpoint(root / f"ft{m}", {k: v + np.float32(0.01) * (m + 1) for k, v in base.items()}, extra_files=False)
+        dirs.append(root / f"ft{m}")
+    return root, dirs
+
+
+def start_merge(family, out, n_process):
+    root, dirs = family
+    cmd = [sys.executable, str(REPO / "tools" / "mergekit.py"), "--merge_method", "della", "--base_model_path", root / "base",
+           "--model_path_list", *dirs, "--output_path", out, "--n_process", str(n_process)]
+    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_work(proc, out, workers):
+    """Wait until the staging directory exists and the worker processes run."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        children = psutil.Process(proc.pid).children()
+        if len(children) >= workers and any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir()):
+            time.sleep(0.3)
+            return children
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("merge did not start")
+
+
+def test_worker_killed_with_sigkill(tmp_path, big_family):
+    out = tmp_path / "out"
+    proc = start_merge(big_family, out, 2)
+    children = wait_for_work(proc, out, 2)
+    os.kill(children[0].pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "killed by signal 9" in err
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 1), (signal.SIGINT, 130)])
+def test_main_process_interrupted(tmp_path, big_family, signum, code):
+    out = tmp_path / "out"
+    proc = start_merge(big_family, out, 2)
+    children = wait_for_work(proc, out, 2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "no output was written" in err
+    assert leftovers(out) == []
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_main_process_killed_leaves_only_a_staging_dir_that_the_next_run_removes(tmp_path, big_family):
+    out = tmp_path / "out"
+    proc = start_merge(big_family, out, 1)
+    wait_for_work(proc, out, 0)
+    proc.kill()
+    proc.communicate()
+    assert not out.exists()
+    root, dirs = big_family
+    result = run_mergekit("--model_path_list", dirs[0], "--output_path", out, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(out) == ["out"]
