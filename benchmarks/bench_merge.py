@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import multiprocessing.pool
 import os
 import platform
 import shlex

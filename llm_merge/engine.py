@@ -42,6 +42,9 @@ class TensorMerger:
         self.chunk = chunk_elements
         self.sparsifier = methods.get("sparsify", cfg.sparsify_type)
         self.merger = methods.get("merge", cfg.merge_type)
+        kernel = getattr(ops, "kernel", lambda kind, name: None)
+        self.sparsify_fn = kernel("sparsify", cfg.sparsify_type) or self.sparsifier.fn
+        self.merge_fn = kernel("merge", cfg.merge_type) or self.merger.fn
         self.options = dataclasses.asdict(cfg)
         self.reader = TensorReader()
         self.writer = ShardWriter(output_dir)
@@ -91,7 +94,7 @@ class TensorMerger:
         for start in range(0, n, self.chunk):
             count = min(self.chunk, n - start)
             ys, base = self._sparsified(task, start, count, prepared, keys)
-            merged = self._call(self.merger.fn, ys, reduced, n)
+            merged = self._call(self.merge_fn, ys, reduced, n)
             if base is not None:
                 merged += base
             result = self.ops.to_numpy(merged)
@@ -131,7 +134,7 @@ class TensorMerger:
             extra = {"rng": self.ops.rng(keys[index], start)}
             if prepared is not None:
                 extra.update(_slice_per_element(prepared[index], start, count, task.numel))
-            ys.append(self._call(self.sparsifier.fn, self.ops.from_numpy(t), extra, task.numel))
+            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, task.numel))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
 
     def _read_checked(self, info, start: int, buffer: str, count: int, slot: int) -> np.ndarray:

@@ -159,6 +159,23 @@ class PaddleOps:
     def zeros_like(x):
         return paddle.zeros_like(x) if _is_tensor(x) else np.zeros_like(x)
 
+    def divide(self, x, y):
+        """Elementwise ``x / y`` of float32 tensors, correctly rounded like NumPy's.
+
+        Paddle's CPU kernel for same-shape float division is MKL's vsDiv/vdDiv (within 1 ulp,
+        not always correctly rounded), while division by a 0-D tensor is exact. So a tensor
+        divisor is divided in float64 and rounded once to float32: the float64 quotient of two
+        float32 values is within 1 float64 ulp, far from any float32 rounding midpoint (a
+        quotient of 24-bit significands is never one), so the result is the IEEE float32 quotient.
+        """
+        if not (_is_tensor(x) or _is_tensor(y)):
+            return np.divide(x, y)
+        if _is_scalar(y):
+            y = self.float32(y) if x.dtype == paddle.float32 else self._scalar_like(y, x)
+        if y.ndim == 0 or x.dtype != paddle.float32:
+            return x / y
+        return paddle.divide(x.astype("float64"), self._upload(y).astype("float64")).astype("float32")
+
     def where(self, cond, x, y):
         """``x`` where ``cond`` else ``y``; either of ``x``, ``y`` may be a scalar (cast to the other's dtype)."""
         if not any(_is_tensor(v) for v in (cond, x, y)):

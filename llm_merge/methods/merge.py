@@ -64,5 +64,5 @@ def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
         if divisor is not None:
             divisor += ops.where(agrees, ops.float32(w), ops.float32(0.0))
     if divisor is not None:
-        total /= ops.where(divisor == 0, ops.float32(1.0), divisor)
+        total = ops.divide(total, ops.where(divisor == 0, ops.float32(1.0), divisor))
     return total

@@ -62,4 +62,4 @@ def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
     """DELLA MAGPRUNE: drop rank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
     keep_prob = (reserve_p + epsilon / 2) - ops.float64(ranks) * (epsilon / numel)
     kept = ops.where(rng.keep(keep_prob, t.size), t, 0.0)
-    return kept / ops.float32(keep_prob) if rescale else kept
+    return ops.divide(kept, ops.float32(keep_prob)) if rescale else kept

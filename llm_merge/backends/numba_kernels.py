@@ -1,0 +1,159 @@
+"""Compiled (numba) twins of the hot NumPy paths: one fused pass per chunk.
+
+Each kernel follows the float32 operation order of its NumPy twin in
+``llm_merge.methods`` (IEEE semantics, no fastmath), so both give the same
+bits; ``tests/test_kernels.py`` holds them to that. Random draws use the same
+counter-based splitmix64 stream as ``llm_merge.methods.random``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+
+@njit(**_JIT)
+def _draw53(key, index):
+    z = np.uint64(key) + np.uint64(index + 1) * np.uint64(GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+    z = z ^ (z >> np.uint64(31))
+    return z >> np.uint64(11)
+
+
+@njit(**_JIT)
+def dare_kernel(t, key, offset, threshold, divisor, rescale, out):
+    """out = t (/ divisor) where the draw keeps it, else 0."""
+    for j in range(t.size):
+        if _draw53(key, offset + j) < np.uint64(threshold):
+            out[j] = t[j] / divisor if rescale else t[j]
+        else:
+            out[j] = np.float32(0.0)
+    return out
+
+
+@njit(**_JIT)
+def magprune_kernel(t, ranks, key, offset, top, step, rescale, out):
+    """Keep rank r with probability top - r*step; divide kept entries by it when rescale."""
+    for j in range(t.size):
+        keep_prob = top - np.float64(ranks[j]) * step
+        if _draw53(key, offset + j) < np.uint64(math.floor(keep_prob * UNIT)):
+            out[j] = t[j] / np.float32(keep_prob) if rescale else t[j]
+        else:
+            out[j] = np.float32(0.0)
+    return out
+
+
+@njit(**_JIT)
+def trim_kernel(t, threshold, scale, apply_scale, out):
+    """Entries with |t| >= threshold (times scale), else 0."""
+    for j in range(t.size):
+        if abs(t[j]) >= threshold:
+            out[j] = t[j] * scale if apply_scale else t[j]
+        else:
+            out[j] = np.float32(0.0)
+    return out
+
+
+@njit(**_JIT)
+def kth_largest_kernel(magnitude, k):
+    """Exact k-th largest of non-negative float32 values by a two-level radix select on their bits."""
+    bits = magnitude.view(np.uint32)
+    counts = np.zeros(65536, np.int64)
+    for j in range(bits.size):
+        counts[bits[j] >> 16] += 1
+    remaining = k
+    high = 65535
+    while counts[high] < remaining:
+        remaining -= counts[high]
+        high -= 1
+    counts[:] = 0
+    for j in range(bits.size):
+        if (bits[j] >> 16) == high:
+            counts[bits[j] & 0xFFFF] += 1
+    low = 65535
+    while counts[low] < remaining:
+        remaining -= counts[low]
+        low -= 1
+    return np.uint32((high << 16) | low)
+
+
+@njit(**_JIT)
+def linear_kernel(ys, weights, normalize, total_weight, out):
+    """Σ w_i y_i (in model order), divided by Σ w when normalize."""
+    for j in range(out.size):
+        acc = ys[0][j] * weights[0]
+        for i in range(1, len(ys)):
+            acc += ys[i][j] * weights[i]
+        out[j] = acc / total_weight if normalize else acc
+    return out
+
+
+@njit(**_JIT)
+def ties_kernel(ys, weights, normalize, by_count, out):
+    """TIES sign election and disjoint (weighted) sum or mean, per element."""
+    zero = np.float32(0.0)
+    for j in range(out.size):
+        votes = zero
+        for i in range(len(ys)):
+            u = ys[i][j] * weights[i]
+            if by_count:
+                votes += np.float32(1.0) if u > 0 else (np.float32(-1.0) if u < 0 else zero)
+            else:
+                votes += u
+        positive = votes >= 0
+        total = zero
+        divisor = zero
+        for i in range(len(ys)):
+            u = ys[i][j] * weights[i]
+            if (u > 0) if positive else (u < 0):
+                total += u
+                divisor += weights[i]
+        if normalize:
+            total /= divisor if divisor != 0 else np.float32(1.0)
+        out[j] = total
+    return out
+
+
+# -- drop-in replacements for registered methods (same keyword parameters) --------------
+
+
+def dare(t, *, reserve_p, rescale, rng, ops):
+    if reserve_p >= 1.0:
+        return t
+    return dare_kernel(t, np.uint64(rng.key), rng.offset, keep_threshold(reserve_p), np.float32(reserve_p), rescale, np.empty_like(t))
+
+
+def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
+    top, step = reserve_p + epsilon / 2, epsilon / numel
+    return magprune_kernel(t, ranks, np.uint64(rng.key), rng.offset, top, step, rescale, np.empty_like(t))
+
+
+def trim(t, *, threshold, scale, ops):
+    return trim_kernel(t, np.float32(threshold), np.float32(scale), scale != 1.0, np.empty_like(t))
+
+
+def linear(ys, *, weight_list, normalize, ops):
+    weights = np.asarray(weight_list, dtype=np.float32)
+    return linear_kernel(tuple(ys), weights, normalize, np.float32(sum(weight_list)), np.empty_like(ys[0]))
+
+
+def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
+    weights = np.asarray(weight_list, dtype=np.float32)
+    return ties_kernel(tuple(ys), weights, normalize, ties_elect_type == "count", np.empty_like(ys[0]))
+
+
+def kth_largest(x: np.ndarray, k: int) -> float:
+    bits = kth_largest_kernel(np.ascontiguousarray(x.ravel(), dtype=np.float32), k)
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+#: (kind, name) -> compiled replacement of the registered NumPy function.
+KERNELS = {("sparsify", "dare"): dare, ("sparsify", "magprune"): magprune, ("sparsify", "trim"): trim,
+           ("merge", "linear"): linear, ("merge", "ties"): ties}

@@ -1,0 +1,80 @@
+"""Compiled kernels give the same bits as the NumPy methods they replace."""
+
+import numpy as np
+import pytest
+
+from llm_merge import methods
+from llm_merge.backends.numpy_backend import NumpyOps
+from llm_merge.methods.random import CounterRNG
+
+kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
+OPS = NumpyOps()
+
+
+def data(n=5000, seed=0):
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=n).astype(np.float32)
+    t[::7] = 0
+    t[1::13] = -t[2::13][: t[1::13].size]  # magnitude ties with sign conflicts
+    t[3] = -0.0
+    return t
+
+
+@pytest.mark.parametrize("reserve_p, rescale", [(0.3, True), (0.7, False), (1.0, True)])
+def test_dare(reserve_p, rescale):
+    t = data()
+    key = 0xF234567890ABCDEF  # above 2**63
+    expected = methods.get("sparsify", "dare").fn(t, reserve_p=reserve_p, rescale=rescale, rng=CounterRNG(key, 1234), ops=OPS)
+    got = kernels.dare(t, reserve_p=reserve_p, rescale=rescale, rng=CounterRNG(key, 1234), ops=OPS)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_magprune(rescale):
+    t = data()
+    ranks = OPS.descending_ranks(np.abs(t))[100:1100]
+    chunk = t[100:1100]
+    kwargs = dict(ranks=ranks, numel=t.size, reserve_p=0.6, epsilon=0.3, rescale=rescale, ops=OPS)
+    expected = methods.get("sparsify", "magprune").fn(chunk, rng=CounterRNG(0xF0000000000000F5, 100), **kwargs)
+    got = kernels.magprune(chunk, rng=CounterRNG(0xF0000000000000F5, 100), **kwargs)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.37])
+def test_trim(scale):
+    t = data()
+    threshold = float(np.sort(np.abs(t))[-1000])
+    expected = methods.get("sparsify", "trim").fn(t, threshold=threshold, scale=scale, ops=OPS)
+    got = kernels.trim(t, threshold=threshold, scale=scale, ops=OPS)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("k", [1, 2, 17, 2500, 4999, 5000])
+def test_kth_largest_matches_partition(k):
+    magnitude = np.abs(data())
+    assert kernels.kth_largest(magnitude, k) == float(np.sort(magnitude)[-k])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.6, -0.2, 1.3]])
+def test_linear(normalize, weights):
+    ys = [data(seed=s) for s in range(3)]
+    expected = methods.get("merge", "linear").fn(ys, weight_list=weights, normalize=normalize, ops=OPS)
+    got = kernels.linear(ys, weight_list=weights, normalize=normalize, ops=OPS)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("elect", ["sum", "count"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.6, 0.2, 1.3]])
+def test_ties(normalize, elect, weights):
+    ys = [data(seed=s) for s in range(3)]
+    expected = methods.get("merge", "ties").fn(ys, weight_list=weights, normalize=normalize, ties_elect_type=elect, ops=OPS)
+    got = kernels.ties(ys, weight_list=weights, normalize=normalize, ties_elect_type=elect, ops=OPS)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_engine_uses_kernels_unless_disabled(monkeypatch):
+    assert NumpyOps().kernel("merge", "ties") is kernels.ties
+    monkeypatch.setenv("LLM_MERGE_NUMBA", "0")
+    assert NumpyOps().kernel("merge", "ties") is None
