@@ -99,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         raw, _ = parse_config(argv)
         cfg = resolve(raw)
+        if cfg.quiet:
+            logging.getLogger().setLevel(logging.WARNING)
         from llm_merge.api import merge  # after validation: keeps --help fast
 
         merge(cfg)

@@ -78,3 +78,20 @@ def test_engine_uses_kernels_unless_disabled(monkeypatch):
     assert NumpyOps().kernel("merge", "ties") is kernels.ties
     monkeypatch.setenv("LLM_MERGE_NUMBA", "0")
     assert NumpyOps().kernel("merge", "ties") is None
+
+
+@pytest.mark.parametrize("n", [1, 7, 5000, 70_000])
+def test_descending_ranks_match_stable_argsort(n):
+    magnitude = np.abs(data(n=max(n, 14), seed=n))[:n]
+    expected = np.empty(n, np.int64)
+    expected[np.argsort(-magnitude, kind="stable")] = np.arange(n)
+    np.testing.assert_array_equal(kernels.descending_ranks(magnitude), expected)
+
+
+def test_numpy_fallbacks_match_kernels(monkeypatch):
+    monkeypatch.setenv("LLM_MERGE_NUMBA", "0")
+    plain = NumpyOps()
+    magnitude = np.abs(data(n=20_000, seed=3))
+    np.testing.assert_array_equal(plain.descending_ranks(magnitude), kernels.descending_ranks(magnitude))
+    for k in (1, 333, 20_000):
+        assert plain.kth_largest(magnitude, k) == kernels.kth_largest(magnitude, k)

@@ -79,11 +79,12 @@ class NumpyOps:
             return self._kernels.kth_largest(x, k)
         return float(np.partition(x.ravel(), x.size - k)[x.size - k])
 
-    @staticmethod
-    def descending_ranks(x: np.ndarray) -> np.ndarray:
+    def descending_ranks(self, x: np.ndarray) -> np.ndarray:
         """Rank of each value of a non-negative float32 vector, 0 the largest, ties by lower index."""
         flat = x.ravel()
         n = flat.size
+        if self._kernels and n < _PACKED_RANK_LIMIT:
+            return self._kernels.descending_ranks(flat)
         if n >= _PACKED_RANK_LIMIT:
             order = np.argsort(-flat, kind="stable")
         else:

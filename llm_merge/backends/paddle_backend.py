@@ -93,6 +93,7 @@ class PaddleOps:
         self._place_name = "cpu" if device == "cpu" else "gpu:0"
         self._place = None
         self._constants: dict[Any, Any] = {}
+        self._host = NumpyOps()  # whole-tensor statistics of arrays kept on the host (low_gpu_mem)
 
     # -- device and constants -------------------------------------------------------
     def _activate(self) -> None:
@@ -106,7 +107,7 @@ class PaddleOps:
 
     def _const(self, value, dtype: str, cache: bool = True):
         """A 0-D tensor on the device, exact (built from a NumPy scalar); cached unless ``cache`` is false."""
-        key = (dtype, value)
+        key = (dtype, repr(value))  # repr: keeps -0.0 apart from 0.0
         tensor = self._constants.get(key)
         if tensor is None:
             self._activate()
@@ -201,27 +202,24 @@ class PaddleOps:
         return self._const(np.array(value).astype(dtype).item(), dtype)
 
     # -- reductions and statistics ----------------------------------------------------
-    @staticmethod
-    def sum64(x) -> float:
+    def sum64(self, x) -> float:
         """Sum accumulated in float64."""
         if not _is_tensor(x):
-            return NumpyOps.sum64(x)
+            return self._host.sum64(x)
         return float(paddle.sum(x.astype("float64")).item())
 
-    @staticmethod
-    def dot64(x, y) -> float:
+    def dot64(self, x, y) -> float:
         """Dot product accumulated in float64."""
         if not (_is_tensor(x) or _is_tensor(y)):
-            return NumpyOps.dot64(x, y)
+            return self._host.dot64(x, y)
         x64 = x.flatten().astype("float64")
         y64 = x64 if y is x else y.flatten().astype("float64")
         return float(paddle.dot(x64, y64).item())
 
-    @staticmethod
-    def kth_largest(x, k: int) -> float:
+    def kth_largest(self, x, k: int) -> float:
         """The k-th largest value of a vector (k >= 1)."""
         if not _is_tensor(x):
-            return NumpyOps.kth_largest(x, k)
+            return self._host.kth_largest(x, k)
         flat = x.flatten()
         n = flat.shape[0]
         value, _ = paddle.kthvalue(flat, n - k + 1)
@@ -234,7 +232,7 @@ class PaddleOps:
         NumpyOps' ranks. The order is NumpyOps' exactly, NaN included (sorted as the largest).
         """
         if not _is_tensor(x):
-            return NumpyOps.descending_ranks(x)
+            return self._host.descending_ranks(x)
         flat = x.flatten()
         n = flat.shape[0]
         index = paddle.arange(n, dtype="int64")
