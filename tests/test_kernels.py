@@ -95,3 +95,9 @@ def test_numpy_fallbacks_match_kernels(monkeypatch):
     np.testing.assert_array_equal(plain.descending_ranks(magnitude), kernels.descending_ranks(magnitude))
     for k in (1, 333, 20_000):
         assert plain.kth_largest(magnitude, k) == kernels.kth_largest(magnitude, k)
+
+
+def test_dot64_matches_float64_dot():
+    x, y = data(n=100_003, seed=1), data(n=100_003, seed=2)
+    expected = float(np.dot(x.astype(np.float64), y.astype(np.float64)))
+    assert float(kernels.dot64_kernel(x, y)) == pytest.approx(expected, rel=1e-12)

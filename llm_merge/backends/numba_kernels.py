@@ -134,6 +134,19 @@ def descending_ranks_kernel(magnitude):
 
 
 @njit(**_JIT)
+def dot64_kernel(x, y):
+    """Σ x_j y_j accumulated in float64 (4 interleaved partial sums)."""
+    partial = np.zeros(4, np.float64)
+    n4 = x.size - x.size % 4
+    for j in range(0, n4, 4):
+        for lane in range(4):
+            partial[lane] += np.float64(x[j + lane]) * np.float64(y[j + lane])
+    for j in range(n4, x.size):
+        partial[0] += np.float64(x[j]) * np.float64(y[j])
+    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+
+
+@njit(**_JIT)
 def linear_kernel(ys, weights, normalize, total_weight, out):
     """Σ w_i y_i (in model order), divided by Σ w when normalize."""
     for j in range(out.size):

@@ -68,9 +68,10 @@ class NumpyOps:
         """Sum accumulated in float64."""
         return float(np.sum(x, dtype=np.float64))
 
-    @staticmethod
-    def dot64(x: np.ndarray, y: np.ndarray) -> float:
+    def dot64(self, x: np.ndarray, y: np.ndarray) -> float:
         """Dot product accumulated in float64."""
+        if self._kernels:
+            return float(self._kernels.dot64_kernel(x.ravel(), y.ravel()))
         return float(np.dot(x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)))
 
     def kth_largest(self, x: np.ndarray, k: int) -> float:
