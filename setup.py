@@ -18,5 +18,5 @@ setup(
         "test": ["pytest>=7", "psutil>=5"],
         "paddle": ["paddlepaddle>=2.6"],
     },
-    entry_points={"console_scripts": ["llm-merge=llm_merge.cli:main_entry"]},
+    entry_points={"console_scripts": ["llm-merge=llm_merge.cli:main_entry", "llm-merge-lora=llm_merge.lora_cli:main_entry"]},
 )

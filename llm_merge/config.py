@@ -154,7 +154,7 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     _check_range("epsilon", cfg.epsilon, 0.0, 1.0, high_open=True)
     if sparsify_type == "magprune":
         low, high = cfg.epsilon / 2, 1 - cfg.epsilon / 2
-        if not low < cfg.reserve_p <= high:
+        if not low < cfg.reserve_p <= high + 1e-12:  # 1 - 0.14/2 is 0.9299999999999999 in floats
             raise ConfigError(
                 f"--reserve_p: {cfg.reserve_p} out of range ({low:g}, {high:g}] for epsilon={cfg.epsilon:g} "
                 "(magprune needs every drop probability in [0, 1))"

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from llm_merge import methods
+from llm_merge.backends import get_ops
 from llm_merge.config import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
@@ -31,6 +32,26 @@ log = logging.getLogger(__name__)
 
 #: Elements per chunk: 1 MiB of float32 per input keeps the working set cache-friendly.
 CHUNK_ELEMENTS = 1 << 18
+
+
+class MergerFactory:
+    """Makes a TensorMerger in each worker process (picklable: config and flags only)."""
+
+    #: Below this many input bytes, plain NumPy beats loading the compiled kernels.
+    COMPILED_MIN_BYTES = 64 << 20
+
+    def __init__(self, cfg: MergeConfig, compiled: bool = True, output_dir: Optional[Path] = None) -> None:
+        self.cfg = cfg
+        self.compiled = compiled
+        self.output_dir = output_dir
+        if compiled and cfg.tensor_type == "np":
+            get_ops("np", compiled=True)  # import the kernels before workers fork
+
+    def bind(self, output_dir: Path) -> "MergerFactory":
+        return MergerFactory(self.cfg, self.compiled, output_dir)
+
+    def __call__(self) -> "TensorMerger":
+        return TensorMerger(self.cfg, get_ops(self.cfg.tensor_type, self.cfg.device, compiled=self.compiled), self.output_dir)
 
 
 class TensorMerger:

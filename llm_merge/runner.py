@@ -1,8 +1,10 @@
-"""Run a plan's tensor tasks in ``n_process`` workers with one progress bar.
+"""Run tensor tasks in ``n_process`` workers with one progress bar.
 
 Workers pull task indices from a queue (largest tensors first) and write their
 results at planned offsets, so the worker count changes speed, never bytes.
 A worker that raises or dies stops every worker and surfaces as MergeError.
+A task has ``name``, ``in_bytes`` and ``out_bytes``; a worker is made in each
+process by ``make_worker()`` and has ``run(task) -> bytes written`` and ``close()``.
 """
 
 from __future__ import annotations
@@ -12,43 +14,44 @@ import queue
 import signal
 import sys
 import traceback
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from llm_merge.backends import get_ops
-from llm_merge.config import MergeConfig
-from llm_merge.engine import TensorMerger
 from llm_merge.errors import MergeError
-from llm_merge.plan import TensorTask
 
 log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.2
 
 
-def progress_bar(total: int, quiet: bool) -> tqdm:
-    """Bytes-merged bar on stderr; silent with --quiet or when stderr is not a terminal."""
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+class Worker(Protocol):
+    def run(self, task: Any) -> int: ...
+
+    def close(self) -> None: ...
 
 
-def schedule(tasks: Sequence[TensorTask]) -> list[int]:
+def progress_bar(total: int, quiet: bool, desc: str) -> tqdm:
+    """Bytes-written bar on stderr; silent with --quiet or when stderr is not a terminal."""
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def schedule(tasks: Sequence[Any]) -> list[int]:
     """Task indices, largest input first (better balance across workers)."""
     return sorted(range(len(tasks)), key=lambda i: (-tasks[i].in_bytes, i))
 
 
-def run_tasks(tasks: Sequence[TensorTask], cfg: MergeConfig, output_dir: Path) -> None:
-    """Merge every task into the staged shards of ``output_dir``."""
+def run_tasks(tasks: Sequence[Any], make_worker: Callable[[], Worker], n_process: int, quiet: bool, desc: str) -> None:
+    """Run every task, in this process when ``n_process`` is 1, else in a pool."""
     order = schedule(tasks)
-    with progress_bar(sum(t.out_bytes for t in tasks), cfg.quiet) as bar:
-        if cfg.n_process == 1 or len(tasks) <= 1:
-            _run_inline(tasks, order, cfg, output_dir, bar.update)
+    with progress_bar(sum(t.out_bytes for t in tasks), quiet, desc) as bar:
+        if n_process == 1 or len(tasks) <= 1:
+            _run_inline(tasks, order, make_worker, bar.update)
         else:
-            _run_pool(tasks, order, cfg, output_dir, bar.update)
+            _run_pool(tasks, order, make_worker, min(n_process, len(tasks)), bar.update)
 
 
-def _run_inline(tasks, order, cfg, output_dir, advance: Callable[[int], Any]) -> None:
-    merger = TensorMerger(cfg, get_ops(cfg.tensor_type, cfg.device), output_dir)
+def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> None:
+    merger = make_worker()
     try:
         for index in order:
             try:
@@ -61,13 +64,13 @@ def _run_inline(tasks, order, cfg, output_dir, advance: Callable[[int], Any]) ->
         merger.close()
 
 
-def _worker(worker_id: int, tasks, cfg, output_dir, todo, results) -> None:
+def _worker(worker_id: int, tasks, make_worker, todo, results) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     merger = None
     index = None
     try:
-        merger = TensorMerger(cfg, get_ops(cfg.tensor_type, cfg.device), output_dir)
+        merger = make_worker()
         while (index := todo.get()) is not None:
             results.put(("start", worker_id, index))
             results.put(("done", worker_id, index, merger.run(tasks[index])))
@@ -80,18 +83,17 @@ def _worker(worker_id: int, tasks, cfg, output_dir, todo, results) -> None:
             merger.close()
 
 
-def _run_pool(tasks, order, cfg, output_dir, advance: Callable[[int], Any]) -> None:
+def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int], Any]) -> None:
     import multiprocess
 
     context = multiprocess.get_context()
     todo, results = context.Queue(), context.Queue()
     for index in order:
         todo.put(index)
-    n_workers = min(cfg.n_process, len(tasks))
     for _ in range(n_workers):
         todo.put(None)
     workers = [
-        context.Process(target=_worker, args=(w, tasks, cfg, output_dir, todo, results), name=f"llm_merge-worker-{w}", daemon=True)
+        context.Process(target=_worker, args=(w, tasks, make_worker, todo, results), name=f"llm_merge-worker-{w}", daemon=True)
         for w in range(n_workers)
     ]
     current: dict[int, int | None] = {}

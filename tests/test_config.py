@@ -90,6 +90,7 @@ def test_della_bounds_use_half_epsilon():
     message = error_of(merge_method="della", reserve_p=0.98, epsilon=0.08)
     assert "--reserve_p: 0.98 out of range (0.04, 0.96] for epsilon=0.08" in message
     assert "(0.04, 0.96]" in error_of(merge_method="della_linear", reserve_p=0.04, epsilon=0.08)
+    assert resolve(cfg(merge_method="della", reserve_p=0.93, epsilon=0.14)).reserve_p == 0.93  # the bound itself
 
 
 def test_unknown_config_keys_are_rejected_by_name():

@@ -145,7 +145,9 @@ METHODS = ["linear", "slerp", "ties", "della", "della_linear", "dare_linear", "d
 # --------------------------------------------------------------------------- all methods with a base
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_with_base_fp32_single_file(tmp_path_factory, fam_f32, method):
-    merge_and_check(tmp_path_factory, fam_f32, method, n_models=2 if method == "slerp" else None)
+    out_dir, _ = merge_and_check(tmp_path_factory, fam_f32, method, n_models=2 if method == "slerp" else None)
+    mc = json.loads((out_dir / "merge_config.json").read_text())
+    assert (mc["merge_method"], mc["sparsify_type"], mc["merge_type"]) == (method, *R.METHOD_TABLE[method])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -159,7 +161,7 @@ def test_methods_without_base_fp32_master_weights(tmp_path_factory, fam_f32_mw, 
     merge_and_check(tmp_path_factory, fam_f32_mw, method, use_base=False)
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+@pytest.mark.parametrize("method", ["dare_ties", "slerp"])
 def test_methods_without_base_bf16_master_weights(tmp_path_factory, fam_bf16_mw, method):
     merge_and_check(tmp_path_factory, fam_bf16_mw, method, use_base=False,
                     n_models=2 if method == "slerp" else None)
@@ -168,7 +170,7 @@ def test_methods_without_base_bf16_master_weights(tmp_path_factory, fam_bf16_mw,
 # --------------------------------------------------------------------------- weights / normalize
 @pytest.mark.parametrize("method,normalize", [
     ("linear", True), ("linear", False), ("ties", True), ("ties", False),
-    ("della", True), ("dare_linear", False), ("dare_ties", True), ("della_linear", False),
+    ("della", True), ("dare_linear", False),
 ])
 def test_weight_list_and_normalize(tmp_path_factory, fam_f32, method, normalize):
     merge_and_check(tmp_path_factory, fam_f32, method, weight_list=[0.6, 0.3, 0.1], normalize=normalize)
@@ -186,7 +188,7 @@ def test_slerp_ignores_weights(tmp_path_factory, fam_f32_mw):
 # --------------------------------------------------------------------------- other flags
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_ties_elect_count(tmp_path_factory, fam_f32, method):
-    merge_and_check(tmp_path_factory, fam_f32, method, ties_elect_type="count")
+    merge_and_check(tmp_path_factory, fam_f32, method, ties_elect_type="count", weight_list=[0.5, 1.0, 2.0])
 
 
 def test_ties_elect_count_bf16_no_base(tmp_path_factory, fam_bf16_mw):
@@ -197,10 +199,8 @@ def test_ties_elect_count_bf16_no_base(tmp_path_factory, fam_bf16_mw):
     ("della", dict(reserve_p=0.5, epsilon=0.2, rescale=False)),
     ("della_linear", dict(reserve_p=0.4, epsilon=0.3)),
     ("ties", dict(reserve_p=0.3, rescale=False)),
-    ("ties", dict(reserve_p=0.25)),
     ("dare_linear", dict(reserve_p=0.9, rescale=False)),
     ("dare_ties", dict(reserve_p=0.35)),
-    ("slerp", dict(slerp_alpha=0.8)),
 ])
 def test_non_default_flags(tmp_path_factory, fam_bf16_sharded, method, kw):
     merge_and_check(tmp_path_factory, fam_bf16_sharded, method, **kw)
@@ -253,15 +253,8 @@ def test_single_shard_layout_extra_files_and_merge_config(tmp_path_factory, fam_
     assert int(mc["seed"]) == 5
 
 
-@pytest.mark.parametrize("method,exp", list(R.METHOD_TABLE.items()))
-def test_merge_config_method_table(tmp_path_factory, fam_f32_mw, method, exp):
-    out_dir, _ = merge_and_check(tmp_path_factory, fam_f32_mw, method)
-    mc = json.loads((out_dir / "merge_config.json").read_text())
-    assert (mc["merge_method"], mc["sparsify_type"], mc["merge_type"]) == (method, *exp)
-
-
 # --------------------------------------------------------------------------- determinism
-@pytest.mark.parametrize("method", ["dare_ties", "della"])
+@pytest.mark.parametrize("method", ["della"])
 def test_n_process_byte_identical(tmp_path_factory, fam_bf16_sharded, method):
     results = {}
     for n in (1, 2, 4):
@@ -278,11 +271,12 @@ def test_n_process_byte_identical(tmp_path_factory, fam_bf16_sharded, method):
 def test_n_process_byte_identical_fp32_single_file(tmp_path_factory, fam_f32):
     outs = []
     for n in (1, 4):
-        out_dir, _ = merge_and_check(tmp_path_factory, fam_f32, "della_linear", extra_cli=["--n_process", n])
+        out_dir, _ = merge_and_check(tmp_path_factory, fam_f32, "dare_ties", extra_cli=["--n_process", n])
         outs.append(files_bytes(out_dir, "model"))
     assert outs[0] == outs[1]
 
 
+# note: the default seed (42) is exercised by every test that passes no --seed flag.
 def test_seed_reproducible_and_changes_dare(tmp_path_factory, fam_f32):
     d1, o1 = merge_and_check(tmp_path_factory, fam_f32, "dare_linear", seed=42)
     d2, o2 = merge_and_check(tmp_path_factory, fam_f32, "dare_linear", seed=42)
@@ -291,11 +285,6 @@ def test_seed_reproducible_and_changes_dare(tmp_path_factory, fam_f32):
     changed = [k for k in o1 if R.is_float_dtype(o1[k].dtype) and not np.array_equal(o1[k], o3[k])]
     # every non-frozen tensor should change with a different seed
     assert len(changed) >= len(o1) - 3, changed
-
-
-def test_default_seed_is_42(tmp_path_factory, fam_f32):
-    # no --seed flag: must equal the reference with seed 42
-    merge_and_check(tmp_path_factory, fam_f32, "della")
 
 
 def test_model_order_matters_for_rng(tmp_path_factory, fam_f32):
@@ -308,6 +297,32 @@ def test_model_order_matters_for_rng(tmp_path_factory, fam_f32):
     ref = R.reference_merge([fam_f32.models[2], fam_f32.models[0], fam_f32.models[1]], fam_f32.base,
                             merge_method="dare_linear")
     compare_all(out, ref, "dare_linear reordered models")
+
+
+def test_trim_k_float_noise_and_threshold_ties(tmp_path_factory):
+    """0.55*100 and 0.55*180 carry float noise above an integer: k = 55 / 99, not 56 / 100.
+    Tensor "tied" has many equal magnitudes at the threshold (all must be kept)."""
+    from checkpoints import write_checkpoint
+    root = tmp_path_factory.mktemp("trimk")
+    rng = np.random.default_rng(11)
+    base = {"a": rng.standard_normal((10, 10)).astype(np.float32),
+            "b": rng.standard_normal((12, 15)).astype(np.float32),
+            "tied": np.zeros((4, 5), np.float32)}
+    models = []
+    for i in range(2):
+        d_a = (np.arange(100, dtype=np.float32)[::-1].reshape(10, 10) + 1) * 0.001 * (1 + i)
+        d_b = (rng.permutation(180).astype(np.float32).reshape(12, 15) + 1) * 0.001 * (-1) ** i
+        d_t = np.array([3, -3, 3, 3, 1, 2, -2, 2, 2, 2, 1, 1, 1, 1, 1, 0, 0, 5, -5, 4], np.float32).reshape(4, 5) * (i + 1)
+        models.append({"a": base["a"] + d_a, "b": base["b"] + d_b, "tied": base["tied"] + d_t})
+    bd = write_checkpoint(root / "base", base)
+    dirs = [write_checkpoint(root / f"m{i}", m, tag=f"m{i}") for i, m in enumerate(models)]
+    for rescale in (False, True):
+        out_dir = root / f"out_{rescale}"
+        run_cli("--merge_method", "ties", "--model_path_list", *dirs, "--base_model_path", bd,
+                "--output_path", out_dir, "--reserve_p", "0.55", "--rescale", str(rescale).lower(), "--quiet")
+        _, out = check_layout(out_dir, "model")
+        ref = R.reference_merge(models, base, merge_method="ties", reserve_p=0.55, rescale=rescale)
+        compare_all(out, ref, f"ties reserve_p=0.55 rescale={rescale}")
 
 
 # --------------------------------------------------------------------------- config file / errors

@@ -5,12 +5,15 @@ from __future__ import annotations
 from llm_merge.errors import MergeError
 
 
-def get_ops(tensor_type: str, device: str = "cpu"):
-    """The ops object for ``--tensor_type`` (``np`` or ``pd``) and ``--device``."""
+def get_ops(tensor_type: str, device: str = "cpu", compiled: bool = True):
+    """The ops object for ``--tensor_type`` (``np`` or ``pd``) and ``--device``.
+
+    ``compiled`` lets the NumPy backend use its numba kernels (same results, faster).
+    """
     if tensor_type == "np":
         from llm_merge.backends.numpy_backend import NumpyOps
 
-        return NumpyOps()
+        return NumpyOps(compiled)
     if tensor_type == "pd":
         try:
             from llm_merge.backends.paddle_backend import PaddleOps

@@ -18,8 +18,8 @@ from llm_merge.methods.random import CounterRNG
 log = logging.getLogger(__name__)
 
 
-def _load_kernels():
-    if os.environ.get("LLM_MERGE_NUMBA", "1") == "0":
+def _load_kernels(compiled: bool):
+    if not compiled or os.environ.get("LLM_MERGE_NUMBA", "1") == "0":
         return None
     try:
         from llm_merge.backends import numba_kernels
@@ -37,8 +37,8 @@ class NumpyOps:
 
     name = "np"
 
-    def __init__(self) -> None:
-        self._kernels = _load_kernels()
+    def __init__(self, compiled: bool = True) -> None:
+        self._kernels = _load_kernels(compiled)
 
     def kernel(self, kind: str, name: str) -> Optional[Callable]:
         """Compiled replacement of a registered method, or None to use the method itself."""

@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -156,3 +158,56 @@ def publish(staging: Path, output: Path, overwrite: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(staging, output)
+
+
+class Terminated(MergeError):
+    """SIGTERM received: the run stops and leaves no output."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"terminated by signal {signum}; no output was written")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_model_atomically(
+    output: Path,
+    *,
+    overwrite: bool,
+    prefix: str,
+    shards: Sequence,
+    weight_map: dict[str, str],
+    total_size: int,
+    fill: Callable[[Path], None],
+    model_files_from: Path,
+    records: dict[str, object],
+) -> None:
+    """Stage a checkpoint beside ``output``, fill its shards, verify, and rename it into place.
+
+    ``fill(staging)`` writes every tensor into the pre-created shards. Then the
+    headers are verified, the index, the source model's non-weight files and
+    the JSON ``records`` (file name -> value) are written, everything is
+    flushed, and the directory is published. On any exception, SIGTERM or
+    Ctrl-C, the staging directory is removed and ``output`` is left untouched.
+    """
+    check_output_path(output, overwrite)
+    with _sigterm_raises(), staging_directory(output) as staging:
+        create_shards(staging, shards)
+        fill(staging)
+        verify_shards(staging, shards)
+        write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        copy_model_files(model_files_from, staging)
+        for name, value in records.items():
+            write_json(staging / name, value)
+        fsync_directory(staging)
+        publish(staging, output, overwrite)

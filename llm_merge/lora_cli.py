@@ -1,0 +1,84 @@
+"""Command line of ``llm-merge-lora`` / ``tools/merge_lora_params.py``: ``main(argv) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import NoReturn, Optional, Sequence
+
+from llm_merge import __version__
+from llm_merge.cli import parse_bool
+from llm_merge.errors import ConfigError, MergeError
+from llm_merge.io.dtypes import OUTPUT_DTYPES
+from llm_merge.lora import LoraMergeConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    parser.add_argument(f"--{name}", nargs="?", const=True, default=False, type=parse_bool, metavar="true|false", help=f"{help_text} (default: false)")
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"same as --{name} false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="llm_merge",
+        description=(
+            "Fold a LoRA adapter (Hugging Face PEFT or PaddleNLP) into its base model: "
+            "W' = W + scale * delta for every adapted weight, streamed tensor by tensor into a new "
+            "safetensors checkpoint. scale = lora_alpha / r (lora_alpha / sqrt(r) with rslora)."
+        ),
+    )
+    parser.add_argument("--model_name_or_path", help="base model directory (default: base_model_name_or_path of the adapter config, if a local directory)")
+    parser.add_argument("--lora_path", required=True, help="adapter directory: adapter_config.json (PEFT) or lora_config.json (PaddleNLP) and its weights")
+    parser.add_argument("--output_path", "--merge_lora_model_path", dest="output_path", required=True, help="directory to write the merged model to")
+    parser.add_argument("--merge_prefix", default="model", choices=("model", "master_weights"), help="base checkpoint prefix: {prefix}.safetensors[.index.json] (default: model)")
+    parser.add_argument("--output_dtype", default=None, choices=tuple(OUTPUT_DTYPES), help="dtype of float tensors (default: the base's)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count (default: 5GB)")
+    parser.add_argument("--n_process", type=int, default=1, help="worker processes; changes speed only, never the output bytes (default: 1)")
+    _bool_flag(parser, "allow_pickle", "load a PaddleNLP lora_model_state.pdparams (a pickle: it can execute code; only for trusted files)")
+    _bool_flag(parser, "overwrite", "replace a non-empty output_path")
+    _bool_flag(parser, "quiet", "no progress bar or summary lines")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> LoraMergeConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("debug", None)
+    return LoraMergeConfig(**args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Fold a LoRA adapter from command-line flags; returns the process exit code."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
+    try:
+        cfg = parse_config(argv)
+        if cfg.quiet:
+            logging.getLogger().setLevel(logging.WARNING)
+        from llm_merge.lora_merge import merge_lora
+
+        merge_lora(cfg)
+        return 0
+    except MergeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"llm_merge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    """Console-script entry point (``llm-merge-lora``)."""
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Execute a fold plan: W' = W + scale * delta per adapted weight, streamed in row blocks.
+
+Every output tensor is written at its planned offset of a staged shard, one row
+block at a time (delta rows = left[rows] @ right, or the transposed block), so
+memory stays bounded by a block plus the (small) LoRA factors of one weight.
+Workers pull tensors from a queue like the merge's runner; a failing or dying
+worker stops the run and nothing is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from llm_merge.io import dtypes, writer
+from llm_merge.io.reader import TensorReader
+from llm_merge.io.safetensors_format import TensorInfo
+from llm_merge.io.writer import ShardWriter
+from llm_merge.runner import run_tasks
+from llm_merge.lora import AdapterTensor, FoldPlan, FoldTask, LoraMergeConfig, build_fold_plan, resolve_config
+
+log = logging.getLogger(__name__)
+
+#: Elements per block (base rows x columns): 1 MiB of float32, like the merge's chunks.
+CHUNK_ELEMENTS = 1 << 18
+_POLL_SECONDS = 0.2
+Source = Union[TensorInfo, AdapterTensor]
+
+
+class TensorFolder:
+    """Writes fold tasks into the staged shards of ``output_dir``; one instance per worker."""
+
+    def __init__(self, output_dir: Path, chunk_elements: Optional[int] = None) -> None:
+        self.chunk = chunk_elements or CHUNK_ELEMENTS
+        self.reader = TensorReader()
+        self.writer = ShardWriter(output_dir)
+        self._scratch = np.empty(0, dtype=np.float32)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+    def run(self, task: FoldTask) -> int:
+        """Fold (or copy) one tensor into its output slot; returns the output bytes."""
+        if task.lora is not None:
+            self._fold(task)
+        else:
+            self._copy(task, task.replace if task.replace is not None else task.base)
+        return task.out_bytes
+
+    def _copy(self, task: FoldTask, source: Source) -> None:
+        out_dtype = dtypes.to_numpy(task.out.dtype)
+        raw = source.dtype == task.out.dtype
+        for start in range(0, task.numel, self.chunk):
+            count = min(self.chunk, task.numel - start)
+            data = self._read_raw(source, start, count) if raw else self._read_f32(source, start, count).astype(out_dtype)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, data)
+
+    def _fold(self, task: FoldTask) -> None:
+        pair = task.lora
+        left = self._read_f32(pair.left, 0, int(np.prod(pair.left.shape))).reshape(pair.left.shape).copy()
+        right = self._read_f32(pair.right, 0, int(np.prod(pair.right.shape))).reshape(pair.right.shape).copy()
+        rows, cols = task.shape
+        scale = np.float32(pair.scale)
+        out_dtype = dtypes.to_numpy(task.out.dtype)
+        block = max(1, self.chunk // max(cols, 1))
+        left_t = left.T if pair.transpose else None
+        for first in range(0, rows, block):
+            last = min(rows, first + block)
+            weights = self._read_f32(task.base, first * cols, (last - first) * cols).reshape(last - first, cols)
+            # delta[first:last] of [rows, cols]: left @ right, or (left @ right).T = right.T @ left.T
+            delta = right[:, first:last].T @ left_t if pair.transpose else left[first:last] @ right
+            delta *= scale
+            weights += delta
+            self.writer.write(task.out.file, task.out.start + first * cols * out_dtype.itemsize, weights.astype(out_dtype, copy=False))
+
+    def _read_f32(self, source: Source, start: int, count: int) -> np.ndarray:
+        """Elements [start, start+count) as float32 (a reused buffer for file reads)."""
+        info = source if isinstance(source, TensorInfo) else source.info
+        if info is None:
+            return source.array.reshape(-1)[start : start + count].astype(np.float32)
+        if self._scratch.size < count:
+            self._scratch = np.empty(max(count, self.chunk), dtype=np.float32)
+        return self.reader.read_f32(info, start, self._scratch[:count])
+
+    def _read_raw(self, source: Source, start: int, count: int) -> np.ndarray:
+        info = source if isinstance(source, TensorInfo) else source.info
+        if info is None:
+            return source.array.reshape(-1)[start : start + count]
+        return self.reader.read_raw(info, start, count)
+
+
+# -- API -------------------------------------------------------------------------------
+
+
+def merge_lora(cfg: LoraMergeConfig) -> Path:
+    """Fold the adapter of ``cfg`` into its base model; returns the published output directory.
+
+    Every check runs before anything is written; output is staged beside
+    ``output_path``, verified, and renamed into place only when complete.
+    """
+    cfg = resolve_config(cfg)
+    plan = build_fold_plan(cfg)
+    output = Path(cfg.output_path)
+    writer.check_output_path(output, cfg.overwrite)
+    adapter = plan.adapter
+    log.info(
+        "folding %d LoRA pair(s) from %s (%s, r=%d, lora_alpha=%g%s) into %s",
+        plan.folded, adapter.path, adapter.format, adapter.r, adapter.lora_alpha, ", rslora" if adapter.rslora else "", plan.base.path,
+    )
+    started = time.perf_counter()
+    writer.write_model_atomically(
+        output,
+        overwrite=cfg.overwrite,
+        prefix=cfg.merge_prefix,
+        shards=plan.shards,
+        weight_map=plan.weight_map,
+        total_size=plan.total_size,
+        fill=lambda staging: run_tasks(plan.tasks, functools.partial(TensorFolder, staging), cfg.n_process, cfg.quiet, "folding"),
+        model_files_from=plan.base.path,
+        records={"lora_merge_config.json": _record(plan, cfg)},
+    )
+    log.info("wrote %d tensors (%.2f GB) to %s in %.1f s", len(plan.tasks), plan.total_size / 1e9, output, time.perf_counter() - started)
+    return output
+
+
+def _record(plan: FoldPlan, cfg: LoraMergeConfig) -> dict:
+    """lora_merge_config.json: the options, the adapter's settings and what was folded."""
+    adapter = plan.adapter
+    return {
+        **dataclasses.asdict(cfg),
+        "adapter_format": adapter.format,
+        "r": adapter.r,
+        "lora_alpha": adapter.lora_alpha,
+        "rslora": adapter.rslora,
+        "folded": {t.name: {"scale": t.lora.scale, "transposed": t.lora.transpose} for t in plan.tasks if t.lora},
+        "replaced": [t.name for t in plan.tasks if t.replace is not None],
+    }
