@@ -19,6 +19,7 @@ import numpy as np
 
 from llm_merge import methods
 from llm_merge.backends import get_ops
+from llm_merge.backends.numpy_backend import NumpyOps
 from llm_merge.config import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
@@ -51,15 +52,17 @@ class MergerFactory:
         return MergerFactory(self.cfg, self.compiled, output_dir)
 
     def __call__(self) -> "TensorMerger":
-        return TensorMerger(self.cfg, get_ops(self.cfg.tensor_type, self.cfg.device, compiled=self.compiled), self.output_dir)
+        ops = get_ops(self.cfg.tensor_type, self.cfg.device, compiled=self.compiled)
+        return TensorMerger(self.cfg, ops, self.output_dir, compiled=self.compiled)
 
 
 class TensorMerger:
     """Merges tasks of one plan; one instance per worker process."""
 
-    def __init__(self, cfg: MergeConfig, ops: Any, output_dir: Path, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+    def __init__(self, cfg: MergeConfig, ops: Any, output_dir: Path, chunk_elements: int = CHUNK_ELEMENTS, compiled: bool = True) -> None:
         self.cfg = cfg
         self.ops = ops
+        self.host = ops if isinstance(ops, NumpyOps) else NumpyOps(compiled)
         self.chunk = chunk_elements
         self.sparsifier = methods.get("sparsify", cfg.sparsify_type)
         self.merger = methods.get("merge", cfg.merge_type)
@@ -118,8 +121,8 @@ class TensorMerger:
             merged = self._call(self.merge_fn, ys, reduced, n)
             if base is not None:
                 merged += base
-            result = self.ops.to_numpy(merged)
-            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result.astype(out_dtype, copy=False))
+            result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
         for index, count in enumerate(self._nonfinite):
             if count:
                 info = task.inputs[index] if index < len(task.inputs) else task.base
@@ -135,9 +138,11 @@ class TensorMerger:
 
     def _task_vector(self, task: TensorTask, index: int, start: int, out: np.ndarray) -> np.ndarray:
         """Model ``index``'s chunk minus the base chunk (or the plain chunk without a base), in ``out``."""
-        self.reader.read_f32(task.inputs[index], start, out)
+        self._read_f32(task.inputs[index], start, out)
         if task.base is not None:
-            out -= self.reader.read_f32(task.base, start, self._buffer("base-tv", out.size))
+            base = self._buffer("base-tv", out.size)
+            self._read_f32(task.base, start, base)
+            out -= base
         return out
 
     def _sparsified(
@@ -158,11 +163,15 @@ class TensorMerger:
             ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, task.numel))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
 
+    def _read_f32(self, info, start: int, out: np.ndarray) -> int:
+        """Fill ``out`` with a chunk upcast to float32; returns its NaN/Inf count."""
+        stored = self.reader.read_stored(info, start, out.size, out if info.dtype == "F32" else None)
+        return self.host.widen(stored, out)
+
     def _read_checked(self, info, start: int, buffer: str, count: int, slot: int) -> np.ndarray:
         """Read a float32 chunk, counting NaN/Inf values for the end-of-tensor warning."""
-        chunk = self.reader.read_f32(info, start, self._buffer(buffer, count))
-        if not np.isfinite(chunk.sum(dtype=np.float64)):  # cheap screen; exact count only when needed
-            self._nonfinite[slot] += int(count - np.count_nonzero(np.isfinite(chunk)))
+        chunk = self._buffer(buffer, count)
+        self._nonfinite[slot] += self._read_f32(info, start, chunk)
         return chunk
 
     def _call(self, fn, first: Any, extra: dict[str, Any], numel: int) -> Any:

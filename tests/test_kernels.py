@@ -15,7 +15,8 @@ def data(n=5000, seed=0):
     rng = np.random.default_rng(seed)
     t = rng.normal(size=n).astype(np.float32)
     t[::7] = 0
-    t[1::13] = -t[2::13][: t[1::13].size]  # magnitude ties with sign conflicts
+    ties = t[2::13]
+    t[1 : 1 + 13 * ties.size : 13] = -ties  # magnitude ties with sign conflicts
     t[3] = -0.0
     return t
 
@@ -101,3 +102,28 @@ def test_dot64_matches_float64_dot():
     x, y = data(n=100_003, seed=1), data(n=100_003, seed=2)
     expected = float(np.dot(x.astype(np.float64), y.astype(np.float64)))
     assert float(kernels.dot64_kernel(x, y)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bf16_conversions_match_ml_dtypes():
+    import ml_dtypes
+
+    values = np.concatenate([data(n=50_000, seed=4) * 1e3, np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.0e38, -1e-40, 1e-45], np.float32)])
+    # Round-to-nearest-even cases: halfway between two bfloat16 values.
+    values = np.concatenate([values, (np.arange(1, 200, dtype=np.uint32) << 15 | 0x3F800000).view(np.float32)])
+    narrowed = NumpyOps().narrow(values, np.dtype(ml_dtypes.bfloat16))
+    expected = values.astype(ml_dtypes.bfloat16)
+    finite = np.isfinite(values)
+    np.testing.assert_array_equal(narrowed.view(np.uint16)[finite], expected.view(np.uint16)[finite])
+    assert np.isnan(narrowed[np.isnan(values)].astype(np.float32)).all()
+    out = np.empty(values.size, np.float32)
+    assert NumpyOps().widen(expected, out) == 3
+    np.testing.assert_array_equal(out[finite], expected.astype(np.float32)[finite])
+
+
+def test_float32_nonfinite_count():
+    x = data(n=1000)
+    x[[3, 9, 11]] = [np.nan, np.inf, -np.inf]
+    out = np.empty_like(x)
+    assert NumpyOps().widen(x, out) == 3
+    monkeypatch_free = NumpyOps(compiled=False)
+    assert monkeypatch_free.widen(x, out) == 3

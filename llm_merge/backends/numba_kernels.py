@@ -183,6 +183,38 @@ def ties_kernel(ys, weights, normalize, by_count, out):
     return out
 
 
+@njit(**_JIT)
+def widen_bf16_kernel(raw, out):
+    """bfloat16 bits -> float32 (a 16-bit shift); returns the number of NaN/Inf values."""
+    bad = 0
+    for j in range(raw.size):
+        bits = np.uint32(raw[j])
+        out[j] = bits << np.uint32(16)
+        bad += (bits & np.uint32(0x7F80)) == np.uint32(0x7F80)
+    return bad
+
+
+@njit(**_JIT)
+def count_nonfinite_kernel(bits):
+    """Number of NaN/Inf among float32 values given as their uint32 bits."""
+    bad = 0
+    for j in range(bits.size):
+        bad += (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return bad
+
+
+@njit(**_JIT)
+def narrow_bf16_kernel(bits, out):
+    """float32 bits -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN)."""
+    for j in range(bits.size):
+        b = bits[j]
+        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            out[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+        else:
+            out[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return out
+
+
 # -- drop-in replacements for registered methods (same keyword parameters) --------------
 
 

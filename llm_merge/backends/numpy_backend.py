@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Callable, Optional
 
+import ml_dtypes
 import numpy as np
 
 from llm_merge.methods.random import CounterRNG
@@ -100,6 +101,32 @@ class NumpyOps:
         ranks = np.empty(n, dtype=np.uint32 if n < _PACKED_RANK_LIMIT else np.int64)
         ranks[order] = np.arange(n, dtype=ranks.dtype)
         return ranks
+
+    # -- host conversions (used by the engine whatever the backend) --------------------
+    def widen(self, stored: np.ndarray, out: np.ndarray) -> int:
+        """Upcast a chunk in its stored float dtype into the float32 ``out``; returns the NaN/Inf count."""
+        if stored.dtype == np.float32:
+            if stored is not out:
+                np.copyto(out, stored)
+            if self._kernels:
+                return int(self._kernels.count_nonfinite_kernel(out.view(np.uint32)))
+        elif stored.dtype == ml_dtypes.bfloat16:
+            if self._kernels:
+                return int(self._kernels.widen_bf16_kernel(stored.view(np.uint16), out.view(np.uint32)))
+            # bfloat16 is the top half of a float32: widening is a 16-bit shift.
+            np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(out, stored, casting="unsafe")
+        if np.isfinite(out.sum()):  # cheap screen; exact count only when needed
+            return 0
+        return int(out.size - np.count_nonzero(np.isfinite(out)))
+
+    def narrow(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Cast a float32 chunk to the output dtype (round to nearest even)."""
+        if dtype == ml_dtypes.bfloat16 and self._kernels:
+            out = np.empty(x.size, np.uint16)
+            return self._kernels.narrow_bf16_kernel(x.ravel().view(np.uint32), out).view(ml_dtypes.bfloat16)
+        return x.astype(dtype, copy=False)
 
     @staticmethod
     def rng(key: int, offset: int) -> CounterRNG:

@@ -53,22 +53,22 @@ class TensorReader:
         read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * dtype.itemsize, info.file)
         return out
 
+    def read_stored(self, info: TensorInfo, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``[start, start+count)`` in the stored dtype, into ``out`` or a reused scratch buffer.
+
+        Without ``out`` the result is only valid until the next call.
+        """
+        stored = dtypes.to_numpy(info.dtype)
+        if out is None:
+            out = self._scratch_view(count * stored.itemsize).view(stored)
+        read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * stored.itemsize, info.file)
+        return out
+
     def read_f32(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
         """Fill the float32 vector ``out`` with elements ``[start, start+len(out))`` upcast to float32."""
-        count = out.size
-        stored = dtypes.to_numpy(info.dtype)
-        fd = self._fd(info.file)
-        offset = info.start + start * stored.itemsize
-        if stored == np.float32:
-            read_into(fd, memoryview(out.view(np.uint8)), offset, info.file)
-            return out
-        raw = self._scratch_view(count * stored.itemsize)
-        read_into(fd, memoryview(raw), offset, info.file)
-        if info.dtype == "BF16":
-            # bfloat16 is the top half of a float32: widening is a 16-bit shift.
-            np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-        else:
-            np.copyto(out, raw.view(stored), casting="unsafe")
+        stored = self.read_stored(info, start, out.size, out if info.dtype == "F32" else None)
+        if stored is not out:
+            np.copyto(out, stored, casting="unsafe")
         return out
 
     def _scratch_view(self, nbytes: int) -> np.ndarray:
