@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from llm_merge import distributed
 from llm_merge.backends import get_ops
 from llm_merge.config import MergeConfig, resolve
 from llm_merge.engine import MergerFactory
@@ -28,7 +29,10 @@ def merge(cfg: MergeConfig) -> Path:
     plan = build_plan(cfg)
     output = Path(cfg.output_path)
     started = time.perf_counter()
-    factory = MergerFactory(cfg, compiled=sum(t.in_bytes for t in plan.tasks) >= MergerFactory.COMPILED_MIN_BYTES)
+    factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
+    dist = distributed.context(cfg)
+    if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
+        return distributed.merge_distributed(cfg, plan, factory, dist, output)
     writer.write_model_atomically(
         output,
         overwrite=cfg.overwrite,

@@ -83,6 +83,21 @@ class MergeConfig:
     max_shard_size: str = _opt("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count")
     overwrite: bool = _opt(False, "replace a non-empty output_path (otherwise refused)")
     quiet: bool = _opt(False, "no progress bar (it is also off when stderr is not a terminal)")
+    # -- one merge across many processes / nodes (llm_merge/distributed.py); merge_config.json records their defaults
+    rank: Optional[int] = _opt(
+        None,
+        "this process's rank in a multi-node merge, in [0, world_size); with --world_size "
+        "(default: PADDLE_TRAINER_ID from paddle.distributed.launch, SLURM_PROCID under srun, else single process)",
+    )
+    world_size: Optional[int] = _opt(
+        None,
+        "number of ranks sharing one merge through the shared output filesystem; with --rank "
+        "(default: PADDLE_TRAINERS_NUM, SLURM_STEP_NUM_TASKS / SLURM_NTASKS, else 1)",
+    )
+    resume: bool = _opt(
+        False, "multi-rank merge: reuse the interrupted run's staging directory and skip tensors already written and verified (crc32)"
+    )
+    dist_timeout: float = _opt(86400.0, "multi-rank merge: seconds a rank waits for the others (rank 0 for every rank's done marker), > 0")
 
     @property
     def weights(self) -> list[float]:
@@ -170,6 +185,7 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     if cfg.tensor_type == "np" and cfg.device != "cpu":
         raise ConfigError(f"--device: {cfg.device} needs --tensor_type pd (the NumPy backend runs on the CPU)")
     parse_size(cfg.max_shard_size)
+    _check_distributed(cfg)
     _check_output_path(cfg)
     return dataclasses.replace(
         cfg,
@@ -222,3 +238,15 @@ def _check_output_path(cfg: MergeConfig) -> None:
             raise ConfigError(f"--output_path: {cfg.output_path} is {'the same as' if output == source else 'inside'} input {given}; choose another directory")
         if output in source.parents:
             raise ConfigError(f"--output_path: {cfg.output_path} contains input {given}; choose another directory")
+
+
+def _check_distributed(cfg: MergeConfig) -> None:
+    if (cfg.rank is None) != (cfg.world_size is None):
+        raise ConfigError("--rank and --world_size: give both or neither")
+    if cfg.world_size is not None:
+        if not isinstance(cfg.world_size, int) or cfg.world_size < 1:
+            raise ConfigError(f"--world_size: {cfg.world_size} must be an integer >= 1")
+        if not isinstance(cfg.rank, int) or not 0 <= cfg.rank < cfg.world_size:
+            raise ConfigError(f"--rank: {cfg.rank} out of range [0, {cfg.world_size})")
+    if not (isinstance(cfg.dist_timeout, (int, float)) and math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+        raise ConfigError(f"--dist_timeout: {cfg.dist_timeout} must be > 0 seconds")

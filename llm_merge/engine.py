@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,14 +26,15 @@ from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.writer import ShardWriter
+from llm_merge.methods.merge import slerp_coefficients
 from llm_merge.methods.random import draw_key
 from llm_merge.methods.registry import keyword_params
 from llm_merge.plan import TensorTask
 
 log = logging.getLogger(__name__)
 
-#: Elements per chunk: 1 MiB of float32 per input keeps the working set cache-friendly.
-CHUNK_ELEMENTS = 1 << 18
+#: Elements per chunk: 256 KiB of float32 per input keeps the whole working set in L2.
+CHUNK_ELEMENTS = 1 << 16
 
 
 class MergerFactory:
@@ -47,6 +49,12 @@ class MergerFactory:
         self.output_dir = output_dir
         if compiled and cfg.tensor_type == "np":
             get_ops("np", compiled=True)  # import the kernels before workers fork
+
+    @classmethod
+    def worth_compiling(cls, input_bytes: int) -> bool:
+        """Use the numba kernels for merges of at least COMPILED_MIN_BYTES (``LLM_MERGE_NUMBA=1/0`` forces it)."""
+        forced = os.environ.get("LLM_MERGE_NUMBA")
+        return forced != "0" if forced in ("0", "1") else input_bytes >= cls.COMPILED_MIN_BYTES
 
     def bind(self, output_dir: Path) -> "MergerFactory":
         return MergerFactory(self.cfg, self.compiled, output_dir)
@@ -115,12 +123,17 @@ class TensorMerger:
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
         out_dtype = dtypes.to_numpy(task.out.dtype)
         self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
+        fused = self._fused(keys, prepared, reduced, n)
         for start in range(0, n, self.chunk):
             count = min(self.chunk, n - start)
-            ys, base = self._sparsified(task, start, count, prepared, keys)
-            merged = self._call(self.merge_fn, ys, reduced, n)
-            if base is not None:
-                merged += base
+            if fused is not None:
+                xs, base = self._inputs(task, start, count)
+                merged = fused.run(xs, base, start)
+            else:
+                ys, base = self._sparsified(task, start, count, prepared, keys)
+                merged = self._call(self.merge_fn, ys, reduced, n)
+                if base is not None:
+                    merged += base
             result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
         for index, count in enumerate(self._nonfinite):
@@ -145,16 +158,33 @@ class TensorMerger:
             out -= base
         return out
 
+    def _fused(self, keys: list[int], prepared: Optional[list[dict]], reduced: dict[str, Any], numel: int):
+        """The compiled one-pass apply for this tensor, when the backend has one."""
+        if self.host is not self.ops:
+            return None
+        coefficients = None
+        if self.cfg.merge_type == "slerp":
+            coefficients = slerp_coefficients(
+                reduced["sums"], self.cfg.slerp_alpha, self.cfg.slerp_normalize_eps, self.cfg.slerp_dot_threshold
+            )
+        return self.host.fused_chunks(
+            sparsify_type=self.cfg.sparsify_type, merge_type=self.cfg.merge_type, keys=keys, prepared=prepared,
+            numel=numel, options=self.options, coefficients=coefficients,
+        )
+
+    def _inputs(self, task: TensorTask, start: int, count: int) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
+        """Float32 chunks of every model and of the base (or None)."""
+        base = self._read_checked(task.base, start, "base", count, -1) if task.base is not None else None
+        xs = [self._read_checked(info, start, f"x{index}", count, index) for index, info in enumerate(task.inputs)]
+        return xs, base
+
     def _sparsified(
         self, task: TensorTask, start: int, count: int, prepared: Optional[list[dict]], keys: list[int]
     ) -> tuple[list[Any], Optional[Any]]:
         """Sparsified task-vector chunks of every model, and the base chunk (or None)."""
-        base = None
-        if task.base is not None:
-            base = self._read_checked(task.base, start, "base", count, -1)
+        xs, base = self._inputs(task, start, count)
         ys = []
-        for index, info in enumerate(task.inputs):
-            t = self._read_checked(info, start, f"x{index}", count, index)
+        for index, t in enumerate(xs):
             if base is not None:
                 t -= base
             extra = {"rng": self.ops.rng(keys[index], start)}

@@ -215,6 +215,134 @@ def narrow_bf16_kernel(bits, out):
     return out
 
 
+NONE, DARE, TRIM, MAGPRUNE = 0, 1, 2, 3
+SPARSIFY_CODES = {"none": NONE, "dare": DARE, "trim": TRIM, "magprune": MAGPRUNE}
+LINEAR, TIES = 0, 1
+
+
+@njit(**_JIT)
+def _sparsify_rows(xs, base, has_base, sparsify, keys, offset, dare_threshold, dare_p, rescale, trim_threshold,
+                   trim_scale, ranks, top, step, rows):
+    """rows[i] = sparsify(x_i - base): one simple (vectorizable) loop per model."""
+    zero = np.float32(0.0)
+    for i in range(len(xs)):
+        x = xs[i]
+        row = rows[i]
+        if has_base:
+            for j in range(row.size):
+                row[j] = x[j] - base[j]
+        else:
+            row[:] = x
+        if sparsify == DARE:
+            key = keys[i]
+            for j in range(row.size):
+                kept = _draw53(key, offset + j) < np.uint64(dare_threshold)
+                row[j] = (row[j] / dare_p if rescale else row[j]) if kept else zero
+        elif sparsify == TRIM:
+            threshold, scale = trim_threshold[i], trim_scale[i]
+            for j in range(row.size):
+                t = row[j]
+                row[j] = (t * scale if scale != np.float32(1.0) else t) if abs(t) >= threshold else zero
+        elif sparsify == MAGPRUNE:
+            key, rank = keys[i], ranks[i]
+            for j in range(row.size):
+                keep_prob = top - np.float64(rank[j]) * step
+                kept = _draw53(key, offset + j) < np.uint64(math.floor(keep_prob * UNIT))
+                row[j] = (row[j] / np.float32(keep_prob) if rescale else row[j]) if kept else zero
+
+
+@njit(**_JIT)
+def _merge_rows(rows, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, out):
+    """out = merge(rows) (+ base), as whole-row loops in the generic path's operation order."""
+    k = rows.shape[0]
+    zero = np.float32(0.0)
+    if merge == LINEAR:
+        for j in range(out.size):
+            out[j] = rows[0, j] * weights[0]
+        for i in range(1, k):
+            for j in range(out.size):
+                out[j] += rows[i, j] * weights[i]
+        if normalize:
+            for j in range(out.size):
+                out[j] /= total_weight
+    else:
+        votes, divisor = scratch[0], scratch[1]
+        votes[:] = zero
+        for i in range(k):
+            w = weights[i]
+            for j in range(out.size):
+                u = rows[i, j] * w
+                votes[j] += ((np.float32(1.0) if u > 0 else (np.float32(-1.0) if u < 0 else zero)) if by_count else u)
+        out[:] = zero
+        divisor[:] = zero
+        for i in range(k):
+            w = weights[i]
+            for j in range(out.size):
+                u = rows[i, j] * w
+                agrees = (u > 0) if votes[j] >= 0 else (u < 0)
+                out[j] += u if agrees else zero
+                divisor[j] += w if agrees else zero
+        if normalize:
+            for j in range(out.size):
+                out[j] /= divisor[j] if divisor[j] != 0 else np.float32(1.0)
+    if has_base:
+        for j in range(out.size):
+            out[j] += base[j]
+    return out
+
+
+class FusedChunks:
+    """The fused apply pass of one tensor: constants bound once, then ``run`` per chunk.
+
+    Covers every sparsifier with the linear and ties merges, and slerp's apply
+    pass (a linear merge with its two coefficients, not normalized).
+    """
+
+    def __init__(self, *, sparsify_type, merge_type, keys, prepared, numel, options, coefficients=None):
+        k = len(keys)
+        self.sparsify = SPARSIFY_CODES[sparsify_type]
+        self.keys = np.asarray(keys, dtype=np.uint64)
+        p = options["reserve_p"]
+        self.dare_threshold = keep_threshold(p) if p < 1.0 else 1 << 53
+        self.dare_p = np.float32(p)
+        self.rescale = options["rescale"]
+        stats = prepared or [{}] * k
+        self.trim_threshold = np.array([s.get("threshold", 0.0) for s in stats], np.float32)
+        self.trim_scale = np.array([s.get("scale", 1.0) for s in stats], np.float32)
+        self.ranks = [s.get("ranks") for s in stats]
+        self.top = p + options["epsilon"] / 2
+        self.step = options["epsilon"] / numel
+        if merge_type == "slerp":
+            self.merge, self.weights, self.normalize = LINEAR, np.asarray(coefficients, np.float32), False
+        else:
+            self.merge = LINEAR if merge_type == "linear" else TIES
+            self.weights, self.normalize = np.asarray(options["weight_list"], np.float32), options["normalize"]
+        self.total_weight = np.float32(sum(options["weight_list"]))
+        self.by_count = options["ties_elect_type"] == "count"
+        self._no_ranks = np.zeros(0, np.uint32)
+        self._rows = np.empty((k, 0), np.float32)
+        self._scratch = np.empty((2, 0), np.float32)
+
+    def run(self, xs, base, start):
+        """The merged float32 chunk of inputs ``xs`` (and ``base``) starting at element ``start``."""
+        count = xs[0].size
+        ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
+        has_base = base is not None
+        base = base if has_base else xs[0]
+        if self._rows.shape[1] != count:  # contiguous buffers keep the loops vectorized
+            self._rows = np.empty((len(xs), count), np.float32)
+            self._scratch = np.empty((2, count), np.float32)
+        rows, scratch = self._rows, self._scratch
+        _sparsify_rows(
+            tuple(xs), base, has_base, self.sparsify, self.keys, start, self.dare_threshold, self.dare_p, self.rescale,
+            self.trim_threshold, self.trim_scale, ranks, self.top, self.step, rows,
+        )
+        return _merge_rows(
+            rows, base, has_base, self.merge, self.weights, self.normalize, self.total_weight, self.by_count,
+            scratch, np.empty(count, np.float32),
+        )
+
+
 # -- drop-in replacements for registered methods (same keyword parameters) --------------
 
 

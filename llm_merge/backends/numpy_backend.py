@@ -102,6 +102,10 @@ class NumpyOps:
         ranks[order] = np.arange(n, dtype=ranks.dtype)
         return ranks
 
+    def fused_chunks(self, **constants):
+        """A fused apply pass (``numba_kernels.FusedChunks``) for one tensor, or None without numba."""
+        return self._kernels.FusedChunks(**constants) if self._kernels else None
+
     # -- host conversions (used by the engine whatever the backend) --------------------
     def widen(self, stored: np.ndarray, out: np.ndarray) -> int:
         """Upcast a chunk in its stored float dtype into the float32 ``out``; returns the NaN/Inf count."""

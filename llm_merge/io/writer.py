@@ -204,10 +204,29 @@ def write_model_atomically(
     with _sigterm_raises(), staging_directory(output) as staging:
         create_shards(staging, shards)
         fill(staging)
-        verify_shards(staging, shards)
-        write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
-        copy_model_files(model_files_from, staging)
-        for name, value in records.items():
-            write_json(staging / name, value)
-        fsync_directory(staging)
-        publish(staging, output, overwrite)
+        finish_and_publish(
+            staging, output, overwrite=overwrite, prefix=prefix, shards=shards, weight_map=weight_map,
+            total_size=total_size, model_files_from=model_files_from, records=records,
+        )
+
+
+def finish_and_publish(
+    staging: Path,
+    output: Path,
+    *,
+    overwrite: bool,
+    prefix: str,
+    shards: Sequence,
+    weight_map: dict[str, str],
+    total_size: int,
+    model_files_from: Path,
+    records: dict[str, object],
+) -> None:
+    """Verify the filled shards, add the index, model files and records, flush, and rename into place."""
+    verify_shards(staging, shards)
+    write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    copy_model_files(model_files_from, staging)
+    for name, value in records.items():
+        write_json(staging / name, value)
+    fsync_directory(staging)
+    publish(staging, output, overwrite)
