@@ -144,6 +144,7 @@ def _io_worker(reads: list[str], writes: list[tuple[str, int]]) -> None:
         with open(path, "wb", buffering=0) as f:
             while size > 0:
                 size -= f.write(view[: min(size, CHUNK)])
+            os.fsync(f.fileno())  # the merge makes its output durable before publishing it
 
 
 def _balance(items: list[tuple[object, int]], n: int) -> list[list[object]]:
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "all input files are page-cache warm (warm-up read first; nothing dropped); "
         "os.sync() before each timed run so earlier writes' writeback does not interfere",
         "io_floor: read every input byte + write one model's bytes, files split over "
-        "n_process processes, no fsync",
+        "n_process processes, each output file fsynced (as the merge does before its rename)",
         "input GB/s = input bytes / wall seconds; x I/O floor = seconds / io_floor seconds "
         "for the same inputs and n_process",
         "peak RSS = max over ~20 ms polls of the summed RSS (incl. file-backed pages) of the "

@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from llm_merge import __version__
 from llm_merge.config import METHOD_TABLE, MergeConfig, config_from_dict, load_config_file, resolve
@@ -92,18 +92,17 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[MergeConfig, arg
     return config_from_dict(values, source="options"), args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a merge from command-line flags; returns the process exit code."""
+def run_command(argv: Optional[Sequence[str]], command: Callable[[Optional[Sequence[str]]], Any]) -> int:
+    """Run ``command(argv)`` with the CLI's logging and error contract; returns the exit code.
+
+    MergeError -> one ``llm_merge: error:`` line and its exit code (2 config, 1 runtime),
+    with the traceback under ``--debug``; Ctrl-C -> 130. Other exceptions are bugs and
+    keep their traceback. ``command`` returns the config it ran (for ``--quiet``).
+    """
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
     try:
-        raw, _ = parse_config(argv)
-        cfg = resolve(raw)
-        if cfg.quiet:
-            logging.getLogger().setLevel(logging.WARNING)
-        from llm_merge.api import merge  # after validation: keeps --help fast
-
-        merge(cfg)
+        command(argv)
         return 0
     except MergeError as exc:
         if debug:
@@ -113,6 +112,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def quiet_logging(quiet: bool) -> None:
+    """``--quiet``: only warnings and errors."""
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def _merge_command(argv: Optional[Sequence[str]]) -> None:
+    raw, _ = parse_config(argv)
+    cfg = resolve(raw)
+    quiet_logging(cfg.quiet)
+    from llm_merge.api import merge  # after validation: keeps --help fast
+
+    merge(cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a merge from command-line flags; returns the process exit code."""
+    return run_command(argv, _merge_command)
 
 
 def main_entry() -> None:

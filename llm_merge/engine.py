@@ -77,6 +77,7 @@ class TensorMerger:
         kernel = getattr(ops, "kernel", lambda kind, name: None)
         self.sparsify_fn = kernel("sparsify", cfg.sparsify_type) or self.sparsifier.fn
         self.merge_fn = kernel("merge", cfg.merge_type) or self.merger.fn
+        self.prepare_fn = kernel("prepare", cfg.sparsify_type) or self.sparsifier.prepare
         self.options = dataclasses.asdict(cfg)
         self.reader = TensorReader()
         self.writer = ShardWriter(output_dir)
@@ -147,7 +148,7 @@ class TensorMerger:
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             self._task_vector(task, index, start, full[start : start + count])
-        return self._call(self.sparsifier.prepare, self.ops.from_numpy(full), {}, task.numel)
+        return self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel)
 
     def _task_vector(self, task: TensorTask, index: int, start: int, out: np.ndarray) -> np.ndarray:
         """Model ``index``'s chunk minus the base chunk (or the plain chunk without a base), in ``out``."""

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import traceback
 from typing import NoReturn, Optional, Sequence
 
 from llm_merge import __version__
-from llm_merge.cli import parse_bool
-from llm_merge.errors import ConfigError, MergeError
+from llm_merge.cli import parse_bool, quiet_logging, run_command
+from llm_merge.errors import ConfigError
 from llm_merge.io.dtypes import OUTPUT_DTYPES
 from llm_merge.lora import LoraMergeConfig
 
@@ -57,26 +55,17 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> LoraMergeConfig:
     return LoraMergeConfig(**args)
 
 
+def _fold_command(argv: Optional[Sequence[str]]) -> None:
+    cfg = parse_config(argv)
+    quiet_logging(cfg.quiet)
+    from llm_merge.lora_merge import merge_lora
+
+    merge_lora(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Fold a LoRA adapter from command-line flags; returns the process exit code."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
-    try:
-        cfg = parse_config(argv)
-        if cfg.quiet:
-            logging.getLogger().setLevel(logging.WARNING)
-        from llm_merge.lora_merge import merge_lora
-
-        merge_lora(cfg)
-        return 0
-    except MergeError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"llm_merge: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    return run_command(argv, _fold_command)
 
 
 def main_entry() -> None:

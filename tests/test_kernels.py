@@ -127,3 +127,19 @@ def test_float32_nonfinite_count():
     assert NumpyOps().widen(x, out) == 3
     monkeypatch_free = NumpyOps(compiled=False)
     assert monkeypatch_free.widen(x, out) == 3
+
+
+@pytest.mark.parametrize("reserve_p", [0.0001, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_trim_statistics_match_numpy(reserve_p, rescale):
+    t = data(n=30_000, seed=7)
+    expected = methods.get("sparsify", "trim").prepare(t, reserve_p=reserve_p, rescale=rescale, ops=NumpyOps(compiled=False))
+    got = kernels.trim_threshold(t, reserve_p=reserve_p, rescale=rescale, ops=OPS)
+    assert got["threshold"] == expected["threshold"]
+    assert got["scale"] == pytest.approx(expected["scale"], rel=1e-13)
+
+
+def test_magnitude_ranks_of_signed_values():
+    t = data(n=10_000, seed=8)
+    expected = methods.get("sparsify", "magprune").prepare(t, ops=NumpyOps(compiled=False))["ranks"]
+    np.testing.assert_array_equal(kernels.magnitude_ranks(t, ops=OPS)["ranks"], expected)

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+from llm_merge.methods.sparsify import trim_count
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -85,8 +86,48 @@ def kth_largest_kernel(magnitude, k):
 
 
 @njit(**_JIT)
+def trim_statistics_kernel(t, k):
+    """(k-th largest |t| as float32 bits, Σ|t|, Σ|t| over |t| >= it), in two passes over t.
+
+    Radix select on the bits of |t|: pass 1 counts and sums per top-16-bit bucket, pass 2
+    resolves the low 16 bits inside the bucket that holds the k-th value.
+    """
+    bits = t.view(np.uint32)
+    counts = np.zeros(65536, np.int64)
+    masses = np.zeros(65536, np.float64)
+    for j in range(t.size):
+        bucket = (bits[j] & np.uint32(0x7FFFFFFF)) >> 16
+        counts[bucket] += 1
+        masses[bucket] += abs(np.float64(t[j]))
+    total = 0.0
+    for bucket in range(65536):
+        total += masses[bucket]
+    remaining = k
+    high = 65535
+    kept = 0.0
+    while counts[high] < remaining:
+        remaining -= counts[high]
+        kept += masses[high]
+        high -= 1
+    counts[:] = 0
+    masses[:] = 0.0
+    for j in range(t.size):
+        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
+        if (magnitude_bits >> 16) == high:
+            counts[magnitude_bits & 0xFFFF] += 1
+            masses[magnitude_bits & 0xFFFF] += abs(np.float64(t[j]))
+    low = 65535
+    while counts[low] < remaining:
+        remaining -= counts[low]
+        kept += masses[low]
+        low -= 1
+    kept += masses[low]
+    return np.uint32((high << 16) | low), total, kept
+
+
+@njit(**_JIT)
 def descending_ranks_kernel(magnitude):
-    """Rank of each non-negative float32 value, 0 the largest, ties by lower index.
+    """Rank of each float32 value by magnitude (the sign bit is ignored), 0 the largest, ties by lower index.
 
     A stable LSD radix sort (3 passes of 11 bits) of the inverted bit patterns:
     stability keeps equal values in index order. Peak memory 16 bytes/element;
@@ -96,7 +137,7 @@ def descending_ranks_kernel(magnitude):
     bits = magnitude.view(np.uint32)
     starts = np.zeros((3, 2048), np.int64)
     for j in range(n):
-        key = ~bits[j]
+        key = ~np.uint32(bits[j] & np.uint32(0x7FFFFFFF))
         starts[0, key & 2047] += 1
         starts[1, (key >> 11) & 2047] += 1
         starts[2, key >> 22] += 1
@@ -109,7 +150,7 @@ def descending_ranks_kernel(magnitude):
     keys_a = np.empty(n, np.uint32)
     index_a = np.empty(n, np.uint32)
     for j in range(n):
-        key = ~bits[j]
+        key = ~np.uint32(bits[j] & np.uint32(0x7FFFFFFF))
         bucket = key & 2047
         pos = starts[0, bucket]
         starts[0, bucket] = pos + 1
@@ -371,6 +412,20 @@ def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
     return ties_kernel(tuple(ys), weights, normalize, ties_elect_type == "count", np.empty_like(ys[0]))
 
 
+def trim_threshold(t, *, reserve_p, rescale, ops):
+    """Compiled twin of ``methods.sparsify.trim_threshold`` (sums may differ in the last float64 bit)."""
+    if t.size == 0:
+        return {"threshold": 0.0, "scale": 1.0}
+    bits, total, kept = trim_statistics_kernel(np.ascontiguousarray(t.ravel()), trim_count(reserve_p, t.size))
+    threshold = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return {"threshold": threshold, "scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
+
+
+def magnitude_ranks(t, *, ops):
+    """Compiled twin of ``methods.sparsify.magnitude_ranks`` (no |t| copy)."""
+    return {"ranks": descending_ranks_kernel(np.ascontiguousarray(t.ravel()))}
+
+
 def descending_ranks(x: np.ndarray) -> np.ndarray:
     return descending_ranks_kernel(np.ascontiguousarray(x.ravel(), dtype=np.float32))
 
@@ -381,5 +436,5 @@ def kth_largest(x: np.ndarray, k: int) -> float:
 
 
 #: (kind, name) -> compiled replacement of the registered NumPy function.
-KERNELS = {("sparsify", "dare"): dare, ("sparsify", "magprune"): magprune, ("sparsify", "trim"): trim,
+KERNELS = {("prepare", "trim"): trim_threshold, ("prepare", "magprune"): magnitude_ranks, ("sparsify", "dare"): dare, ("sparsify", "magprune"): magprune, ("sparsify", "trim"): trim,
            ("merge", "linear"): linear, ("merge", "ties"): ties}
