@@ -34,7 +34,7 @@ def family(tmp_path_factory):
 def merge_args(family, out, *extra):
     # 3000-byte shards: 7 output files, so ranks share files and tensors from many files
     return ["--merge_method", "dare_ties", "--base_model_path", family.base_dir, "--model_path_list", *family.model_dirs,
-            "--output_path", out, "--max_shard_size", "3000", "--quiet", *extra]
+            "--output_path", out, "--max_shard_size", "3000", *extra]
 
 
 def single_merge(family, tmp_path, *extra):

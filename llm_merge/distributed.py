@@ -1,0 +1,463 @@
+"""One merge across many processes or nodes, coordinated through the shared filesystem only.
+
+Every rank builds the same plan (``build_plan`` is deterministic) and takes a
+deterministic, byte-balanced share of the output tensors (largest first, into
+the least-loaded rank). All ranks write into the same staged shard files at
+their planned offsets, so the output is byte-identical to a single-process
+merge for any number of ranks and ``--n_process``.
+
+The staging directory ``.{output}.llm_merge-dist-{plan hash}`` sits beside the
+output; its name depends only on the resolved config and plan, so every rank
+finds it without talking to the others. Files in it:
+
+* ``shards-created``: written (atomically, by rename) by rank 0 after it has
+  created every shard with O_CREAT|O_EXCL; holds the plan hash and a fresh run
+  token. Other ranks write nothing before it exists.
+* ``journal-{rank}-{id}.jsonl``: one line per written tensor (name, slot, crc32
+  of its bytes), read by ``--resume`` to skip tensors whose bytes still verify.
+* ``rank-{r}.done``: plan hash + run token, written after rank r's tensors are
+  written and fsynced; ``rank-{r}.failed``: the error of a failed rank (and the token it worked for).
+
+Rank 0 merges its own share, waits for every ``rank-{r}.done`` of the current
+token (``--dist_timeout``), then removes the bookkeeping files, verifies,
+writes the index, config files and merge_config.json, and renames the
+directory into place. On any failure (its own, a ``.failed`` marker, the
+timeout, SIGTERM) it removes the staging directory and nothing is published.
+The other ranks stay until rank 0 has published (exit 0) or aborted (exit 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import json
+import logging
+import os
+import signal
+import shutil
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from llm_merge.config import MergeConfig
+from llm_merge.errors import MergeError
+from llm_merge.io import writer
+from llm_merge.runner import run_tasks
+
+log = logging.getLogger(__name__)
+
+STAGING_TAG = ".llm_merge-dist-"
+SHARDS_CREATED = "shards-created"
+POLL_SECONDS = 0.25
+_CRC_BLOCK = 16 << 20
+#: Options that change neither the plan nor the output bytes (left out of the plan hash).
+_RUN_ONLY = ("rank", "world_size", "resume", "dist_timeout", "n_process", "quiet", "overwrite")
+#: Test hook: ``N`` or ``N:TERM`` makes a rank kill itself (SIGKILL, or SIGTERM) after journaling N tensors.
+_KILL_AFTER_ENV = "LLM_MERGE_TEST_KILL_AFTER"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    source: str
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.lstrip("-").isdigit() else None
+
+
+def context(cfg: MergeConfig) -> Optional[DistContext]:
+    """This process's rank and the world size, or None for the ordinary single-process merge.
+
+    Sources, first match wins: ``--rank/--world_size``; paddle.distributed.launch
+    (PADDLE_TRAINER_ID / PADDLE_TRAINERS_NUM); an srun step (SLURM_PROCID /
+    SLURM_STEP_NUM_TASKS, else SLURM_NTASKS); a Slurm job array (SLURM_ARRAY_TASK_ID -
+    SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT). A world of 1 runs the
+    single-process path unless ``--rank/--world_size`` or ``--resume`` was given.
+    """
+    if cfg.world_size is not None:
+        return DistContext(int(cfg.rank), int(cfg.world_size), "--rank/--world_size")
+    found = None
+    paddle_rank, paddle_size = _env_int("PADDLE_TRAINER_ID"), _env_int("PADDLE_TRAINERS_NUM")
+    slurm_rank = _env_int("SLURM_PROCID")
+    slurm_size = _env_int("SLURM_STEP_NUM_TASKS") or _env_int("SLURM_NTASKS")
+    array_id, array_min, array_count = (_env_int(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "MIN", "COUNT"))
+    if paddle_rank is not None and paddle_size:
+        found = DistContext(paddle_rank, paddle_size, "PADDLE_TRAINER_ID/PADDLE_TRAINERS_NUM")
+    elif slurm_rank is not None and slurm_size and slurm_size > 1:
+        found = DistContext(slurm_rank, slurm_size, "SLURM_PROCID/SLURM_STEP_NUM_TASKS")
+    elif array_id is not None and array_count and array_count > 1:
+        found = DistContext(array_id - (array_min or 0), array_count, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+    if found is not None and not 0 <= found.rank < found.world_size:
+        raise MergeError(f"rank {found.rank} from {found.source} is out of range [0, {found.world_size})")
+    if found is not None and found.world_size > 1:
+        return found
+    if cfg.resume:
+        return found or DistContext(0, 1, "single process with --resume")
+    return None
+
+
+# -- what every rank agrees on without talking -------------------------------------------
+def plan_hash(cfg: MergeConfig, plan: Any, world_size: int) -> str:
+    """SHA-256 of the resolved options, the world size, the output layout and the inputs' identity."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_ONLY}
+    options["model_path_list"] = [os.path.realpath(p) for p in cfg.model_path_list]
+    options["base_model_path"] = os.path.realpath(cfg.base_model_path) if cfg.base_model_path else None
+    options["output_path"] = os.path.realpath(cfg.output_path)
+    digest = hashlib.sha256(json.dumps({"options": options, "world_size": world_size}, sort_keys=True).encode())
+    for shard in plan.shards:
+        digest.update(json.dumps([shard.file, shard.size, hashlib.sha256(shard.header).hexdigest()]).encode())
+    files = set()
+    for task in plan.tasks:
+        inputs = [*task.inputs, *([task.base] if task.base is not None else [])]
+        files.update(str(i.file) for i in inputs)
+        digest.update(json.dumps([task.name, task.out.file, task.out.start, task.out.dtype,
+                                  [[str(i.file), i.dtype, i.start, i.nbytes] for i in inputs]]).encode())
+    for name in sorted(files):
+        stat = os.stat(name)
+        digest.update(json.dumps([name, stat.st_size, stat.st_mtime_ns]).encode())
+    return digest.hexdigest()
+
+
+def assign(tasks: Sequence[Any], world_size: int) -> list[list[int]]:
+    """Task indices per rank: largest (input + output bytes) first, each into the least-loaded rank."""
+    order = sorted(range(len(tasks)), key=lambda i: (-(tasks[i].in_bytes + tasks[i].out_bytes), i))
+    loads = [(0, rank) for rank in range(world_size)]
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for index in order:
+        load, rank = heapq.heappop(loads)
+        shares[rank].append(index)
+        heapq.heappush(loads, (load + tasks[index].in_bytes + tasks[index].out_bytes, rank))
+    return [sorted(share) for share in shares]
+
+
+def staging_path(output: Path, digest: str) -> Path:
+    return output.parent / f".{output.name}{STAGING_TAG}{digest[:20]}"
+
+
+# -- small file helpers --------------------------------------------------------------------
+def _write_atomically(path: Path, value: object) -> None:
+    """Write JSON to a temporary name, fsync, and rename it into place (readers never see half a file)."""
+    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, (json.dumps(value) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_files(paths: Sequence[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def slot_crc32(fd: int, start: int, nbytes: int) -> int:
+    """crc32 of ``nbytes`` bytes at ``start`` of an open file, read in 16 MiB blocks."""
+    crc, done = 0, 0
+    while done < nbytes:
+        block = os.pread(fd, min(_CRC_BLOCK, nbytes - done), start + done)
+        if not block:
+            raise MergeError(f"short read at offset {start + done}")
+        crc = zlib.crc32(block, crc)
+        done += len(block)
+    return crc
+
+
+# -- the journal ---------------------------------------------------------------------------
+class JournalingFactory:
+    """Wraps a MergerFactory (already bound to the staging dir): every written tensor is journaled."""
+
+    def __init__(self, factory: Any, staging: Path, rank: int) -> None:
+        self.factory, self.staging, self.rank = factory, Path(staging), rank
+
+    def __call__(self) -> "JournalingWorker":
+        return JournalingWorker(self.factory(), self.staging, self.rank)
+
+
+class JournalingWorker:
+    def __init__(self, inner: Any, staging: Path, rank: int) -> None:
+        self.inner, self.staging = inner, staging
+        self.path = staging / f"journal-{rank}-{uuid.uuid4().hex[:12]}.jsonl"
+        self._journal: Optional[int] = None
+        self._reads: dict[str, int] = {}
+        self._count = 0
+        hook = os.environ.get(_KILL_AFTER_ENV, "")
+        self._kill_after, _, how = hook.partition(":")
+        self._kill_signal = signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL
+
+    def run(self, task: Any) -> int:
+        written = self.inner.run(task)
+        fd = self._reads.get(task.out.file)
+        if fd is None:
+            fd = self._reads[task.out.file] = os.open(self.staging / task.out.file, os.O_RDONLY)
+        entry = {"name": task.name, "file": task.out.file, "start": task.out.start, "nbytes": task.out_bytes,
+                 "crc32": slot_crc32(fd, task.out.start, task.out_bytes)}
+        if self._journal is None:
+            self._journal = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(self._journal, (json.dumps(entry) + "\n").encode())
+        self._count += 1
+        if self._kill_after.isdigit() and self._count >= int(self._kill_after):
+            os.kill(os.getpid(), self._kill_signal)
+        return written
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            for fd in self._reads.values():
+                os.close(fd)
+            self._reads.clear()
+            if self._journal is not None:
+                os.fsync(self._journal)
+                os.close(self._journal)
+                self._journal = None
+
+
+def journaled(staging: Path) -> dict[str, dict]:
+    """Journal entries by tensor name (a torn last line is ignored)."""
+    entries: dict[str, dict] = {}
+    for path in sorted(staging.glob("journal-*.jsonl")):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                entries[entry["name"]] = entry
+    return entries
+
+
+def verified_tensors(staging: Path, tasks: Sequence[Any]) -> set[str]:
+    """Names of ``tasks`` whose journaled slot matches the plan and whose bytes still have the journaled crc32."""
+    entries = journaled(staging)
+    fds: dict[str, int] = {}
+    good = set()
+    try:
+        for task in tasks:
+            entry = entries.get(task.name)
+            if not entry or (entry.get("file"), entry.get("start"), entry.get("nbytes")) != (task.out.file, task.out.start, task.out_bytes):
+                continue
+            if task.out.file not in fds:
+                fds[task.out.file] = os.open(staging / task.out.file, os.O_RDONLY)
+            if slot_crc32(fds[task.out.file], task.out.start, task.out_bytes) == entry.get("crc32"):
+                good.add(task.name)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return good
+
+
+# -- one rank's share -----------------------------------------------------------------------
+def run_share(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, staging: Path, resume: bool) -> None:
+    """Merge this rank's tensors into the staged shards, journal them, and fsync."""
+    mine = [plan.tasks[i] for i in assign(plan.tasks, ctx.world_size)[ctx.rank]]
+    todo = mine
+    if resume:
+        reused = verified_tensors(staging, mine)
+        todo = [t for t in mine if t.name not in reused]
+        log.info("rank %d: resumed %d tensors (%.2f GB) verified from the journal; %d to merge",
+                 ctx.rank, len(reused), sum(t.out_bytes for t in mine if t.name in reused) / 1e9, len(todo))
+    started = time.perf_counter()
+    run_tasks(todo, JournalingFactory(factory.bind(staging), staging, ctx.rank), cfg.n_process, cfg.quiet, f"rank {ctx.rank}")
+    _fsync_files([staging / f for f in sorted({t.out.file for t in mine})])
+    log.info("rank %d/%d: merged %d of %d tensors (%.2f GB) in %.1f s", ctx.rank, ctx.world_size, len(todo), len(plan.tasks),
+             sum(t.out_bytes for t in todo) / 1e9, time.perf_counter() - started)
+
+
+# -- rank 0 --------------------------------------------------------------------------------
+def _shards_intact(staging: Path, shards: Sequence[Any]) -> bool:
+    for shard in shards:
+        path = staging / shard.file
+        try:
+            if path.stat().st_size != shard.size:
+                return False
+            with open(path, "rb") as handle:
+                if handle.read(len(shard.header)) != shard.header:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def _create_shards_exclusively(staging: Path, shards: Sequence[Any]) -> None:
+    for shard in shards:
+        path = staging / shard.file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot create output shard: {exc.strerror}") from exc
+        try:
+            os.pwrite(fd, shard.header, 0)
+            os.ftruncate(fd, shard.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _prepare(staging: Path, plan: Any, digest: str, resume: bool, world_size: int) -> str:
+    """Rank 0: (re)create the shards unless resuming intact ones; publish a fresh run token."""
+    marker = staging / SHARDS_CREATED
+    if resume and marker.exists() and _shards_intact(staging, plan.shards):
+        log.info("rank 0: resuming in %s", staging)
+        for item in staging.glob("rank-*.done"):
+            _unlink(item)
+    else:
+        if marker.exists():
+            log.warning("rank 0: discarding %s left by an interrupted run (pass --resume to reuse its tensors)", staging)
+        _unlink(marker)  # other ranks stop treating the old shards as current
+        keep = {f"rank-{r}.failed" for r in range(1, world_size)}  # may be this run's early failures
+        for item in staging.iterdir():
+            if item.name not in keep:
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else _unlink(item)
+        _create_shards_exclusively(staging, plan.shards)
+    token = uuid.uuid4().hex
+    _write_atomically(marker, {"plan": digest, "token": token, "world_size": world_size})
+    return token
+
+
+def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, timeout: float) -> None:
+    pending = set(range(1, ctx.world_size))
+    deadline = time.monotonic() + timeout
+    if pending:
+        log.info("rank 0: waiting for rank(s) %s", ", ".join(map(str, sorted(pending))))
+    while pending:
+        for rank in sorted(pending):
+            failed = _read_json(staging / f"rank-{rank}.failed")
+            if failed is not None and failed.get("token") in (None, token):  # another token: left by an older run
+                raise MergeError(f"rank {rank} failed: {failed.get('error', 'unknown error')}; nothing was published")
+            done = _read_json(staging / f"rank-{rank}.done")
+            if done and done.get("plan") == digest and done.get("token") == token:
+                pending.discard(rank)
+        if pending:
+            if time.monotonic() > deadline:
+                raise MergeError(
+                    f"timed out after {timeout:g} s (--dist_timeout) waiting for rank(s) "
+                    f"{', '.join(map(str, sorted(pending)))}; nothing was published"
+                )
+            time.sleep(POLL_SECONDS)
+
+
+def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str) -> None:
+    try:
+        os.makedirs(staging, exist_ok=True)
+        _unlink(staging / "rank-0.failed")
+        token = _prepare(staging, plan, digest, cfg.resume, ctx.world_size)
+        run_share(cfg, plan, factory, ctx, staging, cfg.resume)
+        _wait_for_ranks(staging, ctx, digest, token, cfg.dist_timeout)
+        for item in staging.iterdir():
+            if item.name not in {shard.file for shard in plan.shards}:
+                _unlink(item)
+        defaults = {f.name: f.default for f in dataclasses.fields(MergeConfig) if f.name in ("rank", "world_size", "resume", "dist_timeout")}
+        writer.finish_and_publish(
+            staging, output, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, shards=plan.shards,
+            weight_map=plan.weight_map, total_size=plan.total_size, model_files_from=plan.models[0].path,
+            records={"merge_config.json": dataclasses.asdict(dataclasses.replace(cfg, **defaults))},
+        )
+    except BaseException:
+        _remove_staging(staging)
+        raise
+
+
+def _remove_staging(staging: Path) -> None:
+    """Rename the staging directory away (atomic: late markers of other ranks cannot land in it), then delete it."""
+    trash = staging.parent / f"{staging.name}-aborted-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(staging, trash)
+    except OSError:
+        trash = staging
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- ranks 1 .. world_size-1 -----------------------------------------------------------------
+def _identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str) -> None:
+    os.makedirs(staging, exist_ok=True)
+    identity = _identity(staging)
+    _unlink(staging / f"rank-{ctx.rank}.done")
+    _unlink(staging / f"rank-{ctx.rank}.failed")
+    done_token = working = None
+    deadline = time.monotonic() + cfg.dist_timeout
+    try:
+        while True:
+            if _identity(staging) != identity:
+                if done_token is None:
+                    raise MergeError(f"{staging} disappeared before rank 0 created the shards (rank 0 aborted?)")
+                if _identity(output) == identity:
+                    log.info("rank %d: rank 0 published %s", ctx.rank, output)
+                    return
+                raise MergeError("rank 0 aborted the merge; nothing was published")
+            created = _read_json(staging / SHARDS_CREATED)
+            token = created.get("token") if created and created.get("plan") == digest else None
+            if token is not None and token != done_token:
+                working = token
+                run_share(cfg, plan, factory, ctx, staging, cfg.resume)
+                _write_atomically(staging / f"rank-{ctx.rank}.done", {"plan": digest, "token": token})
+                done_token = token
+                deadline = time.monotonic() + cfg.dist_timeout
+            if time.monotonic() > deadline:
+                waiting = "rank 0 to create the shards" if done_token is None else "rank 0 to publish"
+                raise MergeError(f"timed out after {cfg.dist_timeout:g} s (--dist_timeout) waiting for {waiting}")
+            time.sleep(POLL_SECONDS)
+    except BaseException as exc:
+        if _identity(staging) == identity:
+            try:
+                _write_atomically(staging / f"rank-{ctx.rank}.failed", {"error": f"{exc}" or type(exc).__name__, "token": working})
+            except OSError:
+                pass
+        raise
+
+
+def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path) -> Path:
+    """This rank's part of one merge; rank 0 publishes ``output`` after every rank is done."""
+    writer.check_output_path(output, cfg.overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    digest = plan_hash(cfg, plan, ctx.world_size)
+    staging = staging_path(output, digest)
+    log.info("rank %d of %d (%s); staging %s", ctx.rank, ctx.world_size, ctx.source, staging)
+    started = time.perf_counter()
+    with writer._sigterm_raises():
+        if ctx.rank == 0:
+            _lead(cfg, plan, factory, ctx, output, staging, digest)
+            log.info("merged %d tensors (%.2f GB) from %d model(s) on %d rank(s) into %s in %.1f s", len(plan.tasks),
+                     plan.total_size / 1e9, len(plan.models), ctx.world_size, output, time.perf_counter() - started)
+        else:
+            _follow(cfg, plan, factory, ctx, output, staging, digest)
+    return output
