@@ -89,6 +89,21 @@ class TensorMerger:
         self.reader.close()
         self.writer.close()
 
+    #: Tasks whose whole-tensor statistics need more than this run one at a time across workers.
+    EXCLUSIVE_BYTES = 512 << 20
+
+    def peak_bytes(self, task: TensorTask) -> int:
+        """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
+        if not task.mergeable or self.sparsifier.prepare is None:
+            return 0
+        per_element = 4  # the full task vector of one model
+        if self.cfg.sparsify_type == "magprune":
+            per_element += 4 * len(task.inputs) + 16  # ranks of every model + the radix sort's buffers
+        return per_element * task.numel
+
+    def exclusive(self, task: TensorTask) -> bool:
+        return self.peak_bytes(task) > self.EXCLUSIVE_BYTES
+
     def run(self, task: TensorTask) -> int:
         """Merge (or copy) one tensor into its output slot; returns the output bytes."""
         if task.mergeable:

@@ -30,6 +30,12 @@ class Worker(Protocol):
     def close(self) -> None: ...
 
 
+def _exclusive(worker: Worker, task: Any) -> bool:
+    """Whether ``task`` needs so much memory that it must not overlap another such task."""
+    check = getattr(worker, "exclusive", None)
+    return bool(check and check(task))
+
+
 def progress_bar(total: int, quiet: bool, desc: str) -> tqdm:
     """Bytes-written bar on stderr; silent with --quiet or when stderr is not a terminal."""
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
@@ -64,7 +70,7 @@ def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> Non
         merger.close()
 
 
-def _worker(worker_id: int, tasks, make_worker, todo, results) -> None:
+def _worker(worker_id: int, tasks, make_worker, todo, results, big_task_lock) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     merger = None
@@ -73,7 +79,12 @@ def _worker(worker_id: int, tasks, make_worker, todo, results) -> None:
         merger = make_worker()
         while (index := todo.get()) is not None:
             results.put(("start", worker_id, index))
-            results.put(("done", worker_id, index, merger.run(tasks[index])))
+            if _exclusive(merger, tasks[index]):
+                with big_task_lock:  # one memory-heavy task at a time across workers
+                    written = merger.run(tasks[index])
+            else:
+                written = merger.run(tasks[index])
+            results.put(("done", worker_id, index, written))
         results.put(("exit", worker_id, None))
     except BaseException as exc:  # report everything, including MemoryError
         cause = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
@@ -87,13 +98,13 @@ def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int]
     import multiprocess
 
     context = multiprocess.get_context()
-    todo, results = context.Queue(), context.Queue()
+    todo, results, big_task_lock = context.Queue(), context.Queue(), context.Lock()
     for index in order:
         todo.put(index)
     for _ in range(n_workers):
         todo.put(None)
     workers = [
-        context.Process(target=_worker, args=(w, tasks, make_worker, todo, results), name=f"llm_merge-worker-{w}", daemon=True)
+        context.Process(target=_worker, args=(w, tasks, make_worker, todo, results, big_task_lock), name=f"llm_merge-worker-{w}", daemon=True)
         for w in range(n_workers)
     ]
     current: dict[int, int | None] = {}
