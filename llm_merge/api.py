@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from llm_merge import distributed
 from llm_merge.backends import get_ops
 from llm_merge.config import MergeConfig, resolve
 from llm_merge.engine import MergerFactory
-from llm_merge.io import writer
+from llm_merge.errors import ConfigError
+from llm_merge.io import pdparams, writer
 from llm_merge.plan import build_plan
 from llm_merge.runner import run_tasks
 
@@ -26,24 +28,36 @@ def merge(cfg: MergeConfig) -> Path:
     """
     cfg = resolve(cfg)
     get_ops(cfg.tensor_type, cfg.device)  # fail now if the backend is unavailable
-    plan = build_plan(cfg)
     output = Path(cfg.output_path)
-    started = time.perf_counter()
-    factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
     dist = distributed.context(cfg)
-    if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
-        return distributed.merge_distributed(cfg, plan, factory, dist, output)
-    writer.write_model_atomically(
-        output,
-        overwrite=cfg.overwrite,
-        prefix=cfg.merge_prefix,
-        shards=plan.shards,
-        weight_map=plan.weight_map,
-        total_size=plan.total_size,
-        fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging"),
-        model_files_from=plan.models[0].path,
-        records={"merge_config.json": dataclasses.asdict(cfg)},
-    )
+    finalize = None
+    if cfg.output_format == "pdparams":
+        if dist is not None:
+            raise ConfigError("--output_format pdparams: not supported in a multi-rank merge; merge to safetensors")
+        pdparams.import_paddle("--output_format pdparams")  # fail now if Paddle is missing
+        finalize = functools.partial(pdparams.safetensors_to_pdparams, prefix=cfg.merge_prefix)
+    refuse = "pdparams inputs are not supported in a multi-rank merge; convert them to safetensors first" if dist is not None else None
+    # pdparams inputs (only with --allow_pickle) become safetensors copies beside the output, removed at the end
+    with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert:
+        plan = build_plan(cfg, convert)
+        if finalize is not None:
+            pdparams.check_output_dtypes(plan.tasks)
+        started = time.perf_counter()
+        factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
+        if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
+            return distributed.merge_distributed(cfg, plan, factory, dist, output)
+        writer.write_model_atomically(
+            output,
+            overwrite=cfg.overwrite,
+            prefix=cfg.merge_prefix,
+            shards=plan.shards,
+            weight_map=plan.weight_map,
+            total_size=plan.total_size,
+            fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging"),
+            model_files_from=plan.models[0].path,
+            records={"merge_config.json": dataclasses.asdict(cfg)},
+            finalize=finalize,
+        )
     log.info(
         "merged %d tensors (%.2f GB) from %d model(s) into %s in %.1f s",
         len(plan.tasks), plan.total_size / 1e9, len(plan.models), output, time.perf_counter() - started,

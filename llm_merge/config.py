@@ -81,6 +81,14 @@ class MergeConfig:
     device: str = _opt("cpu", "device for --tensor_type pd; low_gpu_mem streams one model at a time onto the GPU", ("cpu", "gpu", "low_gpu_mem"))
     output_dtype: Optional[str] = _opt(None, "dtype of merged float tensors (default: the first model's dtype)", ("bfloat16", "float16", "float32"))
     max_shard_size: str = _opt("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count")
+    allow_pickle: bool = _opt(
+        False,
+        "read .pdparams inputs (model_state / master_weights .pdparams[.index.json], used when a directory has no "
+        "safetensors): they are Python pickles, which can execute code when loaded; only for trusted checkpoints",
+    )
+    output_format: str = _opt(
+        "safetensors", "output files: {prefix}.safetensors shards, or Paddle {model_state|master_weights}.pdparams shards", ("safetensors", "pdparams")
+    )
     overwrite: bool = _opt(False, "replace a non-empty output_path (otherwise refused)")
     quiet: bool = _opt(False, "no progress bar (it is also off when stderr is not a terminal)")
     # -- one merge across many processes / nodes (llm_merge/distributed.py); merge_config.json records their defaults

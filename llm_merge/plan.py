@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 from llm_merge.config import MergeConfig, parse_size
 from llm_merge.errors import MergeError
@@ -78,10 +79,13 @@ class MergePlan:
         return {name: shard.file for shard in self.shards for name in shard.names}
 
 
-def build_plan(cfg: MergeConfig) -> MergePlan:
-    """Open every checkpoint, check that they agree, and lay out the output shards."""
-    models = tuple(open_checkpoint(path, cfg.merge_prefix) for path in cfg.model_path_list)
-    base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix) if cfg.base_model_path else None
+def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optional[Path]]] = None) -> MergePlan:
+    """Open every checkpoint, check that they agree, and lay out the output shards.
+
+    ``convert``: see ``open_checkpoint`` (pdparams inputs, ``llm_merge.io.pdparams.InputConverter``).
+    """
+    models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
+    base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
     everyone = [*models, *([base] if base else [])]
     check_same_names(everyone)
     check_same_shapes(everyone)

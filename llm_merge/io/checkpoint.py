@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from llm_merge.errors import MergeError
 from llm_merge.io.safetensors_format import Header, TensorInfo, read_header
@@ -33,13 +35,18 @@ def single_file(directory: Path, prefix: str) -> Path:
     return directory / f"{prefix}.safetensors"
 
 
-def open_checkpoint(directory: str | Path, prefix: str) -> Checkpoint:
+def open_checkpoint(
+    directory: str | Path, prefix: str, convert: Optional[Callable[[Path, str], Optional[Path]]] = None
+) -> Checkpoint:
     """Index the checkpoint in ``directory`` for ``prefix`` from its headers only.
 
     Looks for ``{prefix}.safetensors.index.json`` (sharded) first, then
     ``{prefix}.safetensors``. Raises MergeError when the directory or files are
     missing, when the index names a missing shard or a file outside the
     directory, or when a tensor listed in the index is absent from its shard.
+    Without safetensors files, ``convert(directory, prefix)`` (e.g. pdparams ->
+    safetensors) may return a directory holding a converted copy; its
+    checkpoint is returned with ``path`` still ``directory``.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -53,6 +60,9 @@ def open_checkpoint(directory: str | Path, prefix: str) -> Checkpoint:
     if single.is_file():
         header = read_header(single)
         return Checkpoint(directory, prefix, (single,), _in_storage_order(header.tensors), header.metadata)
+    converted = convert(directory, prefix) if convert is not None else None
+    if converted is not None:
+        return dataclasses.replace(open_checkpoint(converted, prefix), path=directory)
     present = sorted(p.name for p in directory.glob("*.safetensors*")) or sorted(p.name for p in directory.iterdir())[:8]
     raise MergeError(
         f"{directory}: no checkpoint for prefix {prefix!r} (expected {single.name} or {index.name}; "

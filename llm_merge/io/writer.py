@@ -191,14 +191,16 @@ def write_model_atomically(
     fill: Callable[[Path], None],
     model_files_from: Path,
     records: dict[str, object],
+    finalize: Callable[[Path], None] | None = None,
 ) -> None:
     """Stage a checkpoint beside ``output``, fill its shards, verify, and rename it into place.
 
     ``fill(staging)`` writes every tensor into the pre-created shards. Then the
-    headers are verified, the index, the source model's non-weight files and
-    the JSON ``records`` (file name -> value) are written, everything is
-    flushed, and the directory is published. On any exception, SIGTERM or
-    Ctrl-C, the staging directory is removed and ``output`` is left untouched.
+    headers are verified, the index is written, ``finalize(staging)`` may
+    rewrite the weight files (e.g. into .pdparams), the source model's
+    non-weight files and the JSON ``records`` (file name -> value) are written,
+    everything is flushed, and the directory is published. On any exception,
+    SIGTERM or Ctrl-C, the staging directory is removed and ``output`` is left untouched.
     """
     check_output_path(output, overwrite)
     with _sigterm_raises(), staging_directory(output) as staging:
@@ -206,7 +208,7 @@ def write_model_atomically(
         fill(staging)
         finish_and_publish(
             staging, output, overwrite=overwrite, prefix=prefix, shards=shards, weight_map=weight_map,
-            total_size=total_size, model_files_from=model_files_from, records=records,
+            total_size=total_size, model_files_from=model_files_from, records=records, finalize=finalize,
         )
 
 
@@ -221,10 +223,13 @@ def finish_and_publish(
     total_size: int,
     model_files_from: Path,
     records: dict[str, object],
+    finalize: Callable[[Path], None] | None = None,
 ) -> None:
-    """Verify the filled shards, add the index, model files and records, flush, and rename into place."""
+    """Verify the filled shards, add the index, (finalize), model files and records, flush, and rename into place."""
     verify_shards(staging, shards)
     write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    if finalize is not None:
+        finalize(staging)
     copy_model_files(model_files_from, staging)
     for name, value in records.items():
         write_json(staging / name, value)
