@@ -95,7 +95,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[MergeConfig, arg
 def run_command(argv: Optional[Sequence[str]], command: Callable[[Optional[Sequence[str]]], Any]) -> int:
     """Run ``command(argv)`` with the CLI's logging and error contract; returns the exit code.
 
-    MergeError -> one ``llm_merge: error:`` line and its exit code (2 config, 1 runtime),
+    MergeError -> one ``llm_merge: error:`` line and its exit code (2 config, 1 runtime);
+    OSError (disk full, permissions) -> one line, exit 1;
     with the traceback under ``--debug``; Ctrl-C -> 130. Other exceptions are bugs and
     keep their traceback. ``command`` returns the config it ran (for ``--quiet``).
     """
@@ -109,6 +110,12 @@ def run_command(argv: Optional[Sequence[str]], command: Callable[[Optional[Seque
             traceback.print_exc()
         print(f"llm_merge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the environment failed (disk full, permissions), not the code
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"llm_merge: error: {where}{exc.strerror or exc}; no output was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
         return 130

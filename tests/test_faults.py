@@ -189,3 +189,90 @@ def test_main_process_killed_leaves_only_a_staging_dir_that_the_next_run_removes
     result = run_mergekit("--model_path_list", dirs[0], "--output_path", out, timeout=300)
     assert result.returncode == 0, result.stderr
     assert leftovers(out) == ["out"]
+
+
+# -- every bad input through the CLI: exit code, culprit named, nothing written -----------
+
+
+def _corrupt(kind):
+    import json as _json
+    import struct as _struct
+
+    def make(directory):
+        directory.mkdir()
+        path = directory / "model.safetensors"
+        entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+        if kind == "bad_length":
+            path.write_bytes(_struct.pack("<Q", 10**6) + b"{}")
+        elif kind == "bad_json":
+            path.write_bytes(_struct.pack("<Q", 8) + b"{oops!!}")
+        elif kind == "past_end":
+            header = _json.dumps({"w": entry}).encode()
+            path.write_bytes(_struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        elif kind == "overlap":
+            header = _json.dumps({"w": entry, "v": {**entry, "data_offsets": [4, 12]}}).encode()
+            path.write_bytes(_struct.pack("<Q", len(header)) + header + b"\0" * 12)
+        elif kind == "huge_header":
+            path.write_bytes(_struct.pack("<Q", 2 * 10**8) + b"{}")
+        elif kind == "missing_shard":
+            path.unlink(missing_ok=True)
+            (directory / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+        elif kind == "outside":
+            (directory / "model.safetensors.index.json").write_text(_json.dumps({"weight_map": {"w": "../x.safetensors"}}))
+        elif kind == "no_checkpoint":
+            (directory / "config.json").write_text("{}")
+        return directory
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("bad_length", "runs past the end"),
+        ("bad_json", "not valid JSON"),
+        ("past_end", "past the data buffer"),
+        ("overlap", "overlapping"),
+        ("huge_header", "exceeds the limit"),
+        ("missing_shard", "does not exist"),
+        ("outside", "outside the checkpoint directory"),
+        ("no_checkpoint", "no checkpoint for prefix"),
+    ],
+)
+def test_broken_checkpoint_via_cli(tmp_path, pair, kind, needle):
+    broken = _corrupt(kind)(tmp_path / "broken")
+    out = tmp_path / "out"
+    result = run_mergekit("--model_path_list", pair["ft1"], broken, "--output_path", out)
+    assert_failed_cleanly(result, out, needle, "broken")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--weight_list", "1"], "--weight_list: 1 weight(s) given for 2 model(s)"),
+        (["--weight_list", "1", "nan"], "--weight_list"),
+        (["--reserve_p", "1.5"], "--reserve_p: 1.5 out of range"),
+        (["--merge_method", "della", "--epsilon", "1.2"], "--epsilon: 1.2 out of range"),
+        (["--merge_method", "slerp", "--slerp_alpha", "-0.1"], "--slerp_alpha: -0.1 out of range"),
+        (["--merge_method", "dare_ties", "--merge_type", "linear"], "contradicts --merge_method dare_ties"),
+    ],
+)
+def test_bad_flags_via_cli(tmp_path, pair, flags, needle):
+    out = tmp_path / "out"
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out, *flags)
+    assert_failed_cleanly(result, out, needle, code=2)
+
+
+def test_slerp_needs_two_models_via_cli(tmp_path, pair):
+    out = tmp_path / "out"
+    result = run_mergekit("--merge_method", "slerp", "--model_path_list", pair["ft1"], pair["ft2"], pair["base"], "--output_path", out)
+    assert_failed_cleanly(result, out, "slerp merges exactly 2 models, got 3", code=2)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_equal_to_or_inside_an_input(tmp_path, pair, inside):
+    out = pair["ft2"] / "merged" if inside else pair["ft2"]
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out)
+    assert result.returncode == 2 and "--output_path" in result.stderr and str(pair["ft2"]) in result.stderr
+    assert not (pair["ft2"] / "merged").exists()
