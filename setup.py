@@ -17,6 +17,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "psutil>=5"],
         "paddle": ["paddlepaddle>=2.6"],
+        "tokenizers": ["tokenizers>=0.13"],
     },
     entry_points={"console_scripts": ["llm-merge=llm_merge.cli:main_entry", "llm-merge-lora=llm_merge.lora_cli:main_entry"]},
 )

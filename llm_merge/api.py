@@ -53,10 +53,11 @@ def merge(cfg: MergeConfig) -> Path:
             shards=plan.shards,
             weight_map=plan.weight_map,
             total_size=plan.total_size,
-            fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging"),
+            fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
             model_files_from=plan.models[0].path,
-            records={"merge_config.json": dataclasses.asdict(cfg)},
+            records={**plan.records, "merge_config.json": dataclasses.asdict(cfg)},
             finalize=finalize,
+            tokenizer_files_from=plan.tokenizer_from,
         )
     log.info(
         "merged %d tensors (%.2f GB) from %d model(s) into %s in %.1f s",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llm_merge.errors import ConfigError
+from llm_merge.names import DEFAULT_LAYER_PATTERN, compile_layer_pattern
 
 #: merge_method -> (sparsify_type, merge_type). A new combination is one line here.
 METHOD_TABLE: dict[str, tuple[str, str]] = {
@@ -88,6 +89,24 @@ class MergeConfig:
     )
     output_format: str = _opt(
         "safetensors", "output files: {prefix}.safetensors shards, or Paddle {model_state|master_weights}.pdparams shards", ("safetensors", "pdparams")
+    )
+    on_missing_tensor: str = _opt(
+        "error",
+        "a tensor missing from some inputs: error; base: take it from the base model (or, when the base lacks it too, "
+        "merge it over the models that have it); skip: leave it out of the output",
+        ("error", "base", "skip"),
+    )
+    tokenizer_source: Optional[str] = _opt(
+        None,
+        "output vocabulary when embedding / lm_head row counts differ: base, union (tokens matched by string with the "
+        "tokenizers package), or one of the input model directories; its tokenizer files and vocab_size are used",
+    )
+    layer_pattern: str = _opt(
+        DEFAULT_LAYER_PATTERN,
+        "regular expression with one group, the layer number, in tensor names",
+    )
+    start_method: Optional[str] = _opt(
+        None, "how worker processes are started (default: the platform's)", ("fork", "spawn", "forkserver")
     )
     overwrite: bool = _opt(False, "replace a non-empty output_path (otherwise refused)")
     quiet: bool = _opt(False, "no progress bar (it is also off when stderr is not a terminal)")
@@ -193,6 +212,9 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     if cfg.tensor_type == "np" and cfg.device != "cpu":
         raise ConfigError(f"--device: {cfg.device} needs --tensor_type pd (the NumPy backend runs on the CPU)")
     parse_size(cfg.max_shard_size)
+    if cfg.tokenizer_source == "base" and not cfg.base_model_path:
+        raise ConfigError("--tokenizer_source base: needs --base_model_path")
+    compile_layer_pattern(cfg.layer_pattern)
     _check_distributed(cfg)
     _check_output_path(cfg)
     return dataclasses.replace(

@@ -289,7 +289,8 @@ def run_share(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, stagi
         log.info("rank %d: resumed %d tensors (%.2f GB) verified from the journal; %d to merge",
                  ctx.rank, len(reused), sum(t.out_bytes for t in mine if t.name in reused) / 1e9, len(todo))
     started = time.perf_counter()
-    run_tasks(todo, JournalingFactory(factory.bind(staging), staging, ctx.rank), cfg.n_process, cfg.quiet, f"rank {ctx.rank}")
+    run_tasks(todo, JournalingFactory(factory.bind(staging), staging, ctx.rank), cfg.n_process, cfg.quiet, f"rank {ctx.rank}",
+              cfg.start_method)
     _fsync_files([staging / f for f in sorted({t.out.file for t in mine})])
     log.info("rank %d/%d: merged %d of %d tensors (%.2f GB) in %.1f s", ctx.rank, ctx.world_size, len(todo), len(plan.tasks),
              sum(t.out_bytes for t in todo) / 1e9, time.perf_counter() - started)
@@ -382,7 +383,8 @@ def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: P
         writer.finish_and_publish(
             staging, output, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, shards=plan.shards,
             weight_map=plan.weight_map, total_size=plan.total_size, model_files_from=plan.models[0].path,
-            records={"merge_config.json": dataclasses.asdict(dataclasses.replace(cfg, **defaults))},
+            records={**plan.records, "merge_config.json": dataclasses.asdict(dataclasses.replace(cfg, **defaults))},
+            tokenizer_files_from=plan.tokenizer_from,
         )
     except BaseException:
         _remove_staging(staging)

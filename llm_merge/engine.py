@@ -78,7 +78,7 @@ class TensorMerger:
         self.sparsify_fn = kernel("sparsify", cfg.sparsify_type) or self.sparsifier.fn
         self.merge_fn = kernel("merge", cfg.merge_type) or self.merger.fn
         self.prepare_fn = kernel("prepare", cfg.sparsify_type) or self.sparsifier.prepare
-        self.options = dataclasses.asdict(cfg)
+        self.options = self._all_options = dataclasses.asdict(cfg)
         self.reader = TensorReader()
         self.writer = ShardWriter(output_dir)
         self._buffers: dict[str, np.ndarray] = {}
@@ -114,6 +114,9 @@ class TensorMerger:
 
     # -- non-float tensors ------------------------------------------------------------
     def _copy(self, task: TensorTask) -> None:
+        if task.inputs[0].dtype != task.out.dtype:  # a float tensor taken from one input, in another dtype
+            self._convert(task)
+            return
         data = self.reader.read_raw(task.inputs[0])
         for index, other in enumerate(task.inputs[1:], start=1):
             if not np.array_equal(self.reader.read_raw(other).view(np.uint8), data.view(np.uint8)):
@@ -123,11 +126,24 @@ class TensorMerger:
                 )
         self.writer.write(task.out.file, task.out.start, data)
 
+    def _convert(self, task: TensorTask) -> None:
+        out_dtype = dtypes.to_numpy(task.out.dtype)
+        for start in range(0, task.numel, self.chunk):
+            count = min(self.chunk, task.numel - start)
+            chunk = self._buffer("x0", count)
+            self._read_f32(task.inputs[0], start, chunk)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, self.host.narrow(chunk, out_dtype))
+
     # -- float tensors ----------------------------------------------------------------
     def _merge(self, task: TensorTask) -> None:
         n = task.numel
         self._nonfinite = [0] * (len(task.inputs) + 1)
-        keys = [draw_key(self.cfg.seed, task.name, i) for i in range(len(task.inputs))]
+        # a task over some of the models (task.models): their own draw keys and weights
+        indices = range(len(task.inputs)) if task.models is None else task.models
+        self.options = self._all_options if task.models is None else {
+            **self._all_options, "weight_list": [self._all_options["weight_list"][i] for i in task.models]
+        }
+        keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         prepared = [self._prepare(task, i) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
         reduced: dict[str, Any] = {}
         if self.merger.reduce:

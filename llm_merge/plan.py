@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,7 +30,12 @@ class OutputSlot:
 
 @dataclass(frozen=True)
 class TensorTask:
-    """One output tensor: its inputs (one per model, and the base) and its output slot."""
+    """One output tensor (or a row range of one): its inputs (one per model, and the base) and its output slot.
+
+    ``models``: the index in --model_path_list of each input (its draw key and weight), when
+    not every model takes part in order (missing tensors, vocabulary rows); None: all models.
+    A task that is not ``mergeable`` copies ``inputs[0]`` (converting a float to the output dtype).
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -36,6 +43,7 @@ class TensorTask:
     base: Optional[TensorInfo]
     out: OutputSlot
     mergeable: bool
+    models: Optional[tuple[int, ...]] = None
 
     @property
     def numel(self) -> int:
@@ -68,6 +76,15 @@ class MergePlan:
     shards: tuple[Shard, ...]
     models: tuple[Checkpoint, ...]
     base: Optional[Checkpoint]
+    #: the output config.json when it must differ from the first model's (tied head, vocabulary size)
+    config_json: Optional[dict] = None
+    #: directory whose tokenizer files the output gets (--tokenizer_source), when not the first model
+    tokenizer_from: Optional[Path] = None
+
+    @property
+    def records(self) -> dict[str, object]:
+        """JSON files written over the copied model files."""
+        return {"config.json": self.config_json} if self.config_json is not None else {}
 
     @property
     def total_size(self) -> int:
@@ -84,26 +101,49 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
 
     ``convert``: see ``open_checkpoint`` (pdparams inputs, ``llm_merge.io.pdparams.InputConverter``).
     """
+    from llm_merge.reconcile import reconcile  # it imports check_same_names from here
+
     models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
     base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
-    everyone = [*models, *([base] if base else [])]
-    check_same_names(everyone)
-    check_same_shapes(everyone)
-    reference = models[0]
-    out_dtypes = {name: _output_dtype(name, everyone, cfg.output_dtype) for name in reference.tensors}
+    found = reconcile(cfg, models, base)
+    models, base = found.models, found.base
+    outputs = {t.name: TensorInfo(models[0].path, t.dtype, t.shape, 0, 0) for t in found.tensors}
+    reference = dataclasses.replace(models[0], tensors=outputs)
+    out_dtypes = {t.name: t.dtype for t in found.tensors}
     shards, slots = layout_shards(reference, out_dtypes, parse_size(cfg.max_shard_size), cfg.merge_prefix)
-    tasks = tuple(
-        TensorTask(
-            name=name,
-            shape=info.shape,
-            inputs=tuple(m.tensors[name] for m in models),
-            base=base.tensors[name] if base else None,
-            out=slots[name],
-            mergeable=info.dtype in dtypes.MERGEABLE,
-        )
-        for name, info in reference.tensors.items()
-    )
-    return MergePlan(tasks=tasks, shards=shards, models=models, base=base)
+    weights = cfg.weights
+    tasks = []
+    for tensor in found.tensors:
+        for piece in tensor.pieces:
+            tasks.append(_piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights))
+    tasks = tuple(tasks)
+    return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=found.config_json,
+                     tokenizer_from=found.tokenizer_from)
+
+
+def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig, weights: list[float]) -> TensorTask:
+    """The task of one piece of an output tensor (see ``llm_merge.reconcile.Piece``)."""
+    from llm_merge.reconcile import BASE, slice_rows
+
+    def info(checkpoint: Checkpoint) -> TensorInfo:
+        whole = checkpoint.tensors[tensor.name]
+        return whole if piece.rows is None else slice_rows(whole, *piece.rows)
+
+    name, start = tensor.name, slot.start
+    if piece.rows is not None:
+        a, b = piece.rows
+        name = f"{tensor.name}[{a}:{b}]"
+        start += a * math.prod(tensor.shape[1:]) * dtypes.itemsize(slot.dtype)
+    out = OutputSlot(slot.file, start, slot.dtype)
+    if piece.copy is not None:
+        source = info(base if piece.copy == BASE else models[piece.copy])
+        return TensorTask(name, source.shape, (source,), None, out, False, () if piece.copy == BASE else (piece.copy,))
+    indices = range(len(models)) if piece.models is None else piece.models
+    inputs = tuple(info(models[i]) for i in indices)
+    if tensor.mergeable and piece.models is not None and cfg.merge_type == "linear" and cfg.normalize:
+        if sum(weights[i] for i in piece.models) == 0:
+            raise MergeError(f"tensor {name}: the weights of the models that have it ({[weights[i] for i in piece.models]}) sum to 0")
+    return TensorTask(name, inputs[0].shape, inputs, info(base) if piece.base else None, out, tensor.mergeable, piece.models)
 
 
 def check_same_names(checkpoints: list[Checkpoint]) -> None:
@@ -124,35 +164,7 @@ def check_same_names(checkpoints: list[Checkpoint]) -> None:
                 )
             )
     if problems:
-        raise MergeError("tensor names differ between models: " + " | ".join(problems))
-
-
-def check_same_shapes(checkpoints: list[Checkpoint]) -> None:
-    """Same shapes everywhere; non-float tensors must also share their dtype."""
-    reference = checkpoints[0]
-    problems = []
-    for name, info in reference.tensors.items():
-        for other in checkpoints[1:]:
-            theirs = other.tensors[name]
-            if theirs.shape != info.shape:
-                problems.append(f"{name}: {list(info.shape)} in {reference.path} but {list(theirs.shape)} in {other.path}")
-            elif (info.dtype in dtypes.MERGEABLE) != (theirs.dtype in dtypes.MERGEABLE) or (
-                info.dtype not in dtypes.MERGEABLE and info.dtype != theirs.dtype
-            ):
-                problems.append(f"{name}: dtype {info.dtype} in {reference.path} but {theirs.dtype} in {other.path}")
-    if problems:
-        more = f" (and {len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
-        raise MergeError(f"tensor shapes or dtypes differ between models: {'; '.join(problems[:_SHOW])}{more}")
-
-
-def _output_dtype(name: str, checkpoints: list[Checkpoint], output_dtype: Optional[str]) -> str:
-    first = checkpoints[0].tensors[name].dtype
-    if first not in dtypes.MERGEABLE:
-        return first
-    found = {c.tensors[name].dtype for c in checkpoints}
-    if len(found) > 1:
-        log.warning("tensor %s has mixed float dtypes %s; merged in float32, written as %s", name, sorted(found), output_dtype or first)
-    return dtypes.OUTPUT_DTYPES[output_dtype] if output_dtype else first
+        raise MergeError("tensor names differ between models: " + " | ".join(problems) + "; see --on_missing_tensor")
 
 
 def shard_file_name(prefix: str, index: int, count: int) -> str:

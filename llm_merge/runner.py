@@ -14,7 +14,7 @@ import queue
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -46,14 +46,20 @@ def schedule(tasks: Sequence[Any]) -> list[int]:
     return sorted(range(len(tasks)), key=lambda i: (-tasks[i].in_bytes, i))
 
 
-def run_tasks(tasks: Sequence[Any], make_worker: Callable[[], Worker], n_process: int, quiet: bool, desc: str) -> None:
-    """Run every task, in this process when ``n_process`` is 1, else in a pool."""
+def run_tasks(
+    tasks: Sequence[Any], make_worker: Callable[[], Worker], n_process: int, quiet: bool, desc: str,
+    start_method: Optional[str] = None,
+) -> None:
+    """Run every task, in this process when ``n_process`` is 1, else in a pool.
+
+    ``start_method``: fork, spawn or forkserver (None: the platform's default).
+    """
     order = schedule(tasks)
     with progress_bar(sum(t.out_bytes for t in tasks), quiet, desc) as bar:
         if n_process == 1 or len(tasks) <= 1:
             _run_inline(tasks, order, make_worker, bar.update)
         else:
-            _run_pool(tasks, order, make_worker, min(n_process, len(tasks)), bar.update)
+            _run_pool(tasks, order, make_worker, min(n_process, len(tasks)), bar.update, start_method)
 
 
 def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> None:
@@ -94,10 +100,10 @@ def _worker(worker_id: int, tasks, make_worker, todo, results, big_task_lock) ->
             merger.close()
 
 
-def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int], Any]) -> None:
+def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int], Any], start_method: Optional[str] = None) -> None:
     import multiprocess
 
-    context = multiprocess.get_context()
+    context = multiprocess.get_context(start_method)
     todo, results, big_task_lock = context.Queue(), context.Queue(), context.Lock()
     for index in order:
         todo.put(index)

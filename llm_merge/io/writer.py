@@ -28,6 +28,11 @@ _STAGING_TAG = ".llm_merge-tmp-"
 #: Weight files are never copied from the first model; everything else at its top level is.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pdparams", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json", ".pdopt")
 _NOT_COPIED = {"merge_config.json", "README.md"}
+#: Files that belong to the tokenizer: with --tokenizer_source they come from that model.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+})
 
 
 def check_output_path(output: Path, overwrite: bool) -> None:
@@ -123,11 +128,11 @@ def write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def copy_model_files(source: Path, destination: Path) -> list[str]:
-    """Copy the non-weight files (config, tokenizer, generation config ...) of ``source``."""
+def copy_model_files(source: Path, destination: Path, keep: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Copy the non-weight files (config, tokenizer, generation config ...) of ``source`` for which ``keep(name)``."""
     copied = []
     for item in sorted(source.iterdir()):
-        if item.is_file() and not item.name.startswith(".") and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHT_SUFFIXES):
+        if keep(item.name) and item.is_file() and not item.name.startswith(".") and item.name not in _NOT_COPIED and not item.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(item, destination / item.name)
             copied.append(item.name)
     return copied
@@ -192,6 +197,7 @@ def write_model_atomically(
     model_files_from: Path,
     records: dict[str, object],
     finalize: Callable[[Path], None] | None = None,
+    tokenizer_files_from: Path | None = None,
 ) -> None:
     """Stage a checkpoint beside ``output``, fill its shards, verify, and rename it into place.
 
@@ -209,6 +215,7 @@ def write_model_atomically(
         finish_and_publish(
             staging, output, overwrite=overwrite, prefix=prefix, shards=shards, weight_map=weight_map,
             total_size=total_size, model_files_from=model_files_from, records=records, finalize=finalize,
+            tokenizer_files_from=tokenizer_files_from,
         )
 
 
@@ -224,13 +231,18 @@ def finish_and_publish(
     model_files_from: Path,
     records: dict[str, object],
     finalize: Callable[[Path], None] | None = None,
+    tokenizer_files_from: Path | None = None,
 ) -> None:
     """Verify the filled shards, add the index, (finalize), model files and records, flush, and rename into place."""
     verify_shards(staging, shards)
     write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     if finalize is not None:
         finalize(staging)
-    copy_model_files(model_files_from, staging)
+    if tokenizer_files_from is None:
+        copy_model_files(model_files_from, staging)
+    else:  # --tokenizer_source: the tokenizer files come from that model, everything else from the first
+        copy_model_files(model_files_from, staging, keep=lambda name: name not in TOKENIZER_FILES)
+        copy_model_files(tokenizer_files_from, staging, keep=lambda name: name in TOKENIZER_FILES)
     for name, value in records.items():
         write_json(staging / name, value)
     fsync_directory(staging)
