@@ -62,29 +62,6 @@ def trim_kernel(t, threshold, scale, apply_scale, out):
     return out
 
 
-@njit(**_JIT)
-def kth_largest_kernel(magnitude, k):
-    """Exact k-th largest of non-negative float32 values by a two-level radix select on their bits."""
-    bits = magnitude.view(np.uint32)
-    counts = np.zeros(65536, np.int64)
-    for j in range(bits.size):
-        counts[bits[j] >> 16] += 1
-    remaining = k
-    high = 65535
-    while counts[high] < remaining:
-        remaining -= counts[high]
-        high -= 1
-    counts[:] = 0
-    for j in range(bits.size):
-        if (bits[j] >> 16) == high:
-            counts[bits[j] & 0xFFFF] += 1
-    low = 65535
-    while counts[low] < remaining:
-        remaining -= counts[low]
-        low -= 1
-    return np.uint32((high << 16) | low)
-
-
 @njit(fastmath=True, **_JIT)
 def _abs_sums(t, threshold_bits):
     """(Σ|t|, Σ|t| over |t| >= the value with bits threshold_bits) in float64.
@@ -104,12 +81,11 @@ def _abs_sums(t, threshold_bits):
 
 
 @njit(**_JIT)
-def trim_statistics_kernel(t, k):
-    """(k-th largest |t| as float32 bits, Σ|t|, Σ|t| over |t| >= it) in three passes over t.
+def select_kth_largest_bits(t, k):
+    """Bits of the k-th largest |t| (exact), by a two-level radix select on the float32 bits.
 
-    Radix select on the bits of |t| (non-negative float32 bits sort like the values):
-    pass 1 counts per top-16-bit bucket, pass 2 resolves the low 16 bits inside the
-    bucket that holds the k-th value, pass 3 sums the magnitudes.
+    Non-negative float32 bit patterns sort like the values: pass 1 counts per top-16-bit
+    bucket, pass 2 resolves the low 16 bits inside the bucket that holds the k-th value.
     """
     bits = t.view(np.uint32)
     counts = np.zeros(65536, np.int64)
@@ -129,9 +105,7 @@ def trim_statistics_kernel(t, k):
     while counts[low] < remaining:
         remaining -= counts[low]
         low -= 1
-    threshold_bits = np.uint32((high << 16) | low)
-    total, kept = _abs_sums(t, threshold_bits)
-    return threshold_bits, total, kept
+    return np.uint32((high << 16) | low)
 
 
 @njit(**_JIT)
@@ -425,8 +399,10 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     """Compiled twin of ``methods.sparsify.trim_threshold`` (sums may differ in the last float64 bit)."""
     if t.size == 0:
         return {"threshold": 0.0, "scale": 1.0}
-    bits, total, kept = trim_statistics_kernel(np.ascontiguousarray(t.ravel()), trim_count(reserve_p, t.size))
-    threshold = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    flat = np.ascontiguousarray(t.ravel())
+    bits = select_kth_largest_bits(flat, trim_count(reserve_p, t.size))
+    total, kept = _abs_sums(flat, bits)
+    threshold = _float_of_bits(bits)
     return {"threshold": threshold, "scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
 
 
@@ -440,7 +416,10 @@ def descending_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def kth_largest(x: np.ndarray, k: int) -> float:
-    bits = kth_largest_kernel(np.ascontiguousarray(x.ravel(), dtype=np.float32), k)
+    return _float_of_bits(select_kth_largest_bits(np.ascontiguousarray(x.ravel(), dtype=np.float32), k))
+
+
+def _float_of_bits(bits) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
