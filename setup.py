@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llm_merge", "llm_merge.*"]),
     python_requires=">=3.9",
-    install_requires=["numpy>=1.22", "safetensors>=0.4", "ml_dtypes>=0.2", "multiprocess>=0.70", "tqdm>=4.0", "numba>=0.59"],
+    install_requires=["numpy>=1.22", "safetensors>=0.4", "ml_dtypes>=0.2", "multiprocess>=0.70", "tqdm>=4.0", "numba>=0.59", "pyyaml>=5.1"],
     extras_require={
         "test": ["pytest>=7", "psutil>=5"],
         "paddle": ["paddlepaddle>=2.6"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -55,7 +54,7 @@ def merge(cfg: MergeConfig) -> Path:
             total_size=plan.total_size,
             fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
             model_files_from=plan.models[0].path,
-            records={**plan.records, "merge_config.json": dataclasses.asdict(cfg)},
+            records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(cfg)},
             finalize=finalize,
             tokenizer_files_from=plan.tokenizer_from,
         )

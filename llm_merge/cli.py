@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import traceback
@@ -68,6 +69,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: Any)
     if kind is bool:
         parser.add_argument(flag, nargs="?", const=True, type=parse_bool, metavar="true|false", help=help_text)
         parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as {flag} false")
+    elif kind in (dict, list):  # tensor_parameters, slices: JSON on the command line
+        parser.add_argument(flag, type=json.loads, metavar="JSON", help=help_text)
     elif typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         parser.add_argument(flag, nargs="+", type=item, metavar=f.name.upper().removesuffix("_LIST"), help=help_text)
@@ -137,7 +140,11 @@ def _merge_command(argv: Optional[Sequence[str]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a merge from command-line flags; returns the process exit code."""
+    """Run a merge from command-line flags, or a mergekit YAML recipe; returns the process exit code."""
+    from llm_merge import recipes
+
+    if recipes.is_recipe_invocation(sys.argv[1:] if argv is None else argv):
+        return recipes.main(argv)
     return run_command(argv, _merge_command)
 
 

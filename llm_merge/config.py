@@ -28,9 +28,20 @@ METHOD_TABLE: dict[str, tuple[str, str]] = {
     "della_linear": ("magprune", "linear"),
     "dare_linear": ("dare", "linear"),
     "dare_ties": ("dare", "ties"),
+    "task_arithmetic": ("none", "task_arithmetic"),
+    "breadcrumbs": ("breadcrumbs", "linear"),
+    "breadcrumbs_ties": ("breadcrumbs", "ties"),
+    "model_stock": ("none", "model_stock"),
+    "nuslerp": ("none", "nuslerp"),
+    "passthrough": ("none", "passthrough"),
 }
-SPARSIFY_TYPES = ("none", "dare", "trim", "magprune")
-MERGE_TYPES = ("linear", "slerp", "ties")
+SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs")
+MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough")
+#: Options that may be given once per model (``{name}_list``), overriding the scalar for that model's sparsifier.
+PER_MODEL_OPTIONS = ("reserve_p", "epsilon", "gamma")
+#: Options that ``tensor_parameters`` may set per tensor (scalars, or one value per model for the *_list ones).
+TENSOR_OPTIONS = ("weight_list", "normalize", "reserve_p", "epsilon", "gamma", "rescale", "scale", "slerp_alpha",
+                  "reserve_p_list", "epsilon_list", "gamma_list")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -68,6 +79,27 @@ class MergeConfig:
     epsilon: float = _opt(
         0.14, "magprune (DELLA) spread of drop probabilities over ranks, in [0, 1); needs epsilon/2 < reserve_p <= 1 - epsilon/2"
     )
+    reserve_p_list: Optional[list[float]] = _opt(
+        None, "one reserve_p per model (overrides reserve_p for that model's sparsifier; mergekit's per-model density)"
+    )
+    epsilon_list: Optional[list[float]] = _opt(None, "one epsilon per model (overrides epsilon for that model)")
+    gamma: float = _opt(0.01, "breadcrumbs: fraction of the largest-magnitude entries dropped as outliers, in [0, 1]")
+    gamma_list: Optional[list[float]] = _opt(None, "one gamma per model (overrides gamma for that model)")
+    scale: float = _opt(
+        1.0, "multiply the merged result (the merged task vector with a base) by this before adding the base (mergekit's lambda)"
+    )
+    tensor_parameters: Optional[dict] = _opt(
+        None,
+        "per-tensor option values (JSON/recipes only): {option: value} where value is a scalar, a list interpolated "
+        "over the layers (mergekit gradient) or [{filter: substring, value: ...}, ...]; *_list / weight_list take one "
+        "such value per model",
+    )
+    slices: Optional[list] = _opt(
+        None,
+        "layer stacking with --merge_method passthrough (JSON/recipes only): [{model: dir, layer_range: [start, end]}, ...]; "
+        "layers are renumbered in order and config.json's num_hidden_layers set to their count",
+    )
+    model_card: bool = _opt(False, "write a README.md model card (method, models, options) into the output")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")
@@ -188,8 +220,36 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
         raise ConfigError(f"--weight_list: {len(weights)} weight(s) given for {n_models} model(s); give one per model")
     if not all(math.isfinite(w) for w in weights):
         raise ConfigError(f"--weight_list: {weights} contains a non-finite value")
-    if merge_type == "slerp" and n_models != 2:
-        raise ConfigError(f"--model_path_list: slerp merges exactly 2 models, got {n_models}")
+    if merge_type in ("slerp", "nuslerp") and n_models != 2:
+        raise ConfigError(f"--model_path_list: {merge_type} merges exactly 2 models, got {n_models}")
+    if cfg.slices is not None:
+        from llm_merge.slices import check_slices
+
+        parts = check_slices(cfg.slices)
+        if merge_type != "passthrough" or cfg.base_model_path:
+            raise ConfigError("slices: only with --merge_method passthrough and no base model (layer stacking)")
+        if list(cfg.model_path_list) != [parts[0][0]]:
+            raise ConfigError(f"slices: --model_path_list must be the first slice's model [{parts[0][0]}]")
+    if merge_type == "passthrough" and (n_models != 1 or cfg.base_model_path):
+        raise ConfigError(f"--merge_method passthrough: copies exactly 1 model without a base, got {n_models} model(s)"
+                          + (" and a base" if cfg.base_model_path else ""))
+    if merge_type == "model_stock" and (n_models < 2 or not cfg.base_model_path):
+        raise ConfigError("--merge_method model_stock: needs --base_model_path and at least 2 models")
+    for name in PER_MODEL_OPTIONS:
+        values = getattr(cfg, f"{name}_list")
+        if values is not None and len(values) != n_models:
+            raise ConfigError(f"--{name}_list: {len(values)} value(s) given for {n_models} model(s); give one per model")
+        for value in values or []:
+            _check_option(name, value, sparsify_type, cfg.epsilon)
+    _check_range("gamma", cfg.gamma, 0.0, 1.0)
+    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale)):
+        raise ConfigError(f"--scale: {cfg.scale} must be a finite number")
+    if cfg.tensor_parameters is not None:
+        if not isinstance(cfg.tensor_parameters, dict):
+            raise ConfigError("tensor_parameters: expected an object of {option: value}")
+        unknown = sorted(set(cfg.tensor_parameters) - set(TENSOR_OPTIONS))
+        if unknown:
+            raise ConfigError(f"tensor_parameters: option(s) {', '.join(unknown)} cannot vary per tensor; valid: {', '.join(TENSOR_OPTIONS)}")
     if merge_type == "linear" and cfg.normalize and sum(weights) == 0:
         raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --normalize false")
     _check_range("reserve_p", cfg.reserve_p, 0.0, 1.0, low_open=True)
@@ -225,6 +285,18 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
         weight_list=weights,
         model_path_list=list(cfg.model_path_list),
     )
+
+
+def _check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: float) -> None:
+    """Range check of one (per-model or per-tensor) option value."""
+    if name == "reserve_p":
+        _check_range(name, value, 0.0, 1.0, low_open=True)
+    elif name == "epsilon":
+        _check_range(name, value, 0.0, 1.0, high_open=True)
+    elif name in ("gamma", "slerp_alpha"):
+        _check_range(name, value, 0.0, 1.0)
+    elif name in ("scale",) or name == "weight":
+        _check_range(name, value, -math.inf, math.inf, low_open=True, high_open=True)
 
 
 def _check_choices(cfg: MergeConfig) -> None:

@@ -383,7 +383,7 @@ def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: P
         writer.finish_and_publish(
             staging, output, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, shards=plan.shards,
             weight_map=plan.weight_map, total_size=plan.total_size, model_files_from=plan.models[0].path,
-            records={**plan.records, "merge_config.json": dataclasses.asdict(dataclasses.replace(cfg, **defaults))},
+            records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(dataclasses.replace(cfg, **defaults))},
             tokenizer_files_from=plan.tokenizer_from,
         )
     except BaseException:

@@ -21,7 +21,7 @@ import numpy as np
 from llm_merge import methods
 from llm_merge.backends import get_ops
 from llm_merge.backends.numpy_backend import NumpyOps
-from llm_merge.config import MergeConfig
+from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
@@ -32,6 +32,10 @@ from llm_merge.methods.registry import keyword_params
 from llm_merge.plan import TensorTask
 
 log = logging.getLogger(__name__)
+
+#: Methods the compiled fused apply pass (numba_kernels.FusedChunks) implements; others run through NumPy.
+FUSED_SPARSIFY = ("none", "dare", "trim", "magprune")
+FUSED_MERGE = ("linear", "ties", "slerp")
 
 #: Elements per chunk: 256 KiB of float32 per input keeps the whole working set in L2.
 CHUNK_ELEMENTS = 1 << 16
@@ -140,9 +144,8 @@ class TensorMerger:
         self._nonfinite = [0] * (len(task.inputs) + 1)
         # a task over some of the models (task.models): their own draw keys and weights
         indices = range(len(task.inputs)) if task.models is None else task.models
-        self.options = self._all_options if task.models is None else {
-            **self._all_options, "weight_list": [self._all_options["weight_list"][i] for i in task.models]
-        }
+        self.options = self._task_options(task)
+        self._model_options = self._per_model_options(task, indices)
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         prepared = [self._prepare(task, i) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
         reduced: dict[str, Any] = {}
@@ -164,6 +167,8 @@ class TensorMerger:
             else:
                 ys, base = self._sparsified(task, start, count, prepared, keys)
                 merged = self._call(self.merge_fn, ys, reduced, n)
+                if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
+                    merged *= self.ops.float32(self.options["scale"])
                 if base is not None:
                     merged += base
             result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
@@ -179,7 +184,7 @@ class TensorMerger:
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             self._task_vector(task, index, start, full[start : start + count])
-        return self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel)
+        return self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel, self._model_options[index])
 
     def _task_vector(self, task: TensorTask, index: int, start: int, out: np.ndarray) -> np.ndarray:
         """Model ``index``'s chunk minus the base chunk (or the plain chunk without a base), in ``out``."""
@@ -192,16 +197,24 @@ class TensorMerger:
 
     def _fused(self, keys: list[int], prepared: Optional[list[dict]], reduced: dict[str, Any], numel: int):
         """The compiled one-pass apply for this tensor, when the backend has one."""
-        if self.host is not self.ops:
+        if self.host is not self.ops or not self._fusable():
             return None
         coefficients = None
         if self.cfg.merge_type == "slerp":
             coefficients = slerp_coefficients(
-                reduced["sums"], self.cfg.slerp_alpha, self.cfg.slerp_normalize_eps, self.cfg.slerp_dot_threshold
+                reduced["sums"], self.options["slerp_alpha"], self.cfg.slerp_normalize_eps, self.cfg.slerp_dot_threshold
             )
         return self.host.fused_chunks(
             sparsify_type=self.cfg.sparsify_type, merge_type=self.cfg.merge_type, keys=keys, prepared=prepared,
             numel=numel, options=self.options, coefficients=coefficients,
+        )
+
+    def _fusable(self) -> bool:
+        """Whether the compiled one-pass apply covers this task (built-in methods, one value per option)."""
+        return (
+            self.cfg.sparsify_type in FUSED_SPARSIFY and self.cfg.merge_type in FUSED_MERGE
+            and self.options["scale"] == 1.0
+            and all(self.options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
         )
 
     def _inputs(self, task: TensorTask, start: int, count: int) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
@@ -222,7 +235,7 @@ class TensorMerger:
             extra = {"rng": self.ops.rng(keys[index], start)}
             if prepared is not None:
                 extra.update(_slice_per_element(prepared[index], start, count, task.numel))
-            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, task.numel))
+            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, task.numel, self._model_options[index]))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
 
     def _read_f32(self, info, start: int, out: np.ndarray) -> int:
@@ -236,7 +249,8 @@ class TensorMerger:
         self._nonfinite[slot] += self._read_f32(info, start, chunk)
         return chunk
 
-    def _call(self, fn, first: Any, extra: dict[str, Any], numel: int) -> Any:
+    def _call(self, fn, first: Any, extra: dict[str, Any], numel: int, options: Optional[dict] = None) -> Any:
+        options = self.options if options is None else options
         names = self._params.get(fn)
         if names is None:
             names = self._params[fn] = keyword_params(fn)
@@ -249,8 +263,27 @@ class TensorMerger:
             elif name == "numel":
                 kwargs[name] = numel
             else:
-                kwargs[name] = self.options[name]
+                kwargs[name] = options[name]
         return fn(first, **kwargs)
+
+    def _task_options(self, task: TensorTask) -> dict[str, Any]:
+        """The options of one task: per-tensor values (task.params) over the config's, weights of its models."""
+        options = self._all_options
+        if task.params:
+            options = {**options, **task.params}
+        if task.models is not None:
+            options = {**options, "weight_list": [options["weight_list"][i] for i in task.models]}
+            for name in PER_MODEL_OPTIONS:
+                if options[f"{name}_list"] is not None:
+                    options[f"{name}_list"] = [options[f"{name}_list"][i] for i in task.models]
+        return options
+
+    def _per_model_options(self, task: TensorTask, indices) -> list[dict[str, Any]]:
+        """Options of each input's sparsifier: ``{name}_list[i]`` replaces ``name`` (per-model density, epsilon, gamma)."""
+        lists = [name for name in PER_MODEL_OPTIONS if self.options[f"{name}_list"] is not None]
+        if not lists:
+            return [self.options] * len(task.inputs)
+        return [{**self.options, **{name: self.options[f"{name}_list"][k] for name in lists}} for k in range(len(task.inputs))]
 
     def _buffer(self, name: str, count: int) -> np.ndarray:
         """A reusable float32 scratch vector of ``count`` elements (at most one chunk)."""

@@ -44,6 +44,8 @@ class TensorTask:
     out: OutputSlot
     mergeable: bool
     models: Optional[tuple[int, ...]] = None
+    #: per-tensor option values (``tensor_parameters``: gradients, filters) that override the config's
+    params: Optional[dict] = dataclasses.field(default=None, compare=False)
 
     @property
     def numel(self) -> int:
@@ -80,6 +82,23 @@ class MergePlan:
     config_json: Optional[dict] = None
     #: directory whose tokenizer files the output gets (--tokenizer_source), when not the first model
     tokenizer_from: Optional[Path] = None
+    #: resolved per-tensor option values {tensor: {option: value}} (``tensor_parameters``), recorded in merge_config.json
+    tensor_parameters: Optional[dict] = None
+
+    def card_records(self, cfg: MergeConfig) -> dict:
+        """{"README.md": model card} with --model_card, else {}."""
+        if not cfg.model_card:
+            return {}
+        from llm_merge.recipes import model_card
+
+        return {"README.md": model_card(cfg)}
+
+    def merge_record(self, cfg: MergeConfig) -> dict:
+        """merge_config.json: the options, and the resolved per-tensor values when any."""
+        record = dataclasses.asdict(cfg)
+        if self.tensor_parameters:
+            record["resolved_tensor_parameters"] = self.tensor_parameters
+        return record
 
     @property
     def records(self) -> dict[str, object]:
@@ -103,7 +122,12 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     """
     from llm_merge.reconcile import reconcile  # it imports check_same_names from here
 
-    models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
+    if cfg.slices:  # layer stacking: one virtual model (llm_merge/slices.py)
+        from llm_merge.slices import sliced_checkpoint
+
+        models = (sliced_checkpoint(cfg.slices, cfg.merge_prefix, cfg.layer_pattern, convert),)
+    else:
+        models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
     base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
     found = reconcile(cfg, models, base)
     models, base = found.models, found.base
@@ -113,12 +137,28 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     shards, slots = layout_shards(reference, out_dtypes, parse_size(cfg.max_shard_size), cfg.merge_prefix)
     weights = cfg.weights
     tasks = []
+    resolved: dict[str, dict] = {}
+    if cfg.tensor_parameters:
+        from llm_merge.gradients import num_layers_of, tensor_params
+        from llm_merge.reconcile import read_model_config
+
+        num_layers = num_layers_of([t.name for t in found.tensors], read_model_config(models[0].path), cfg.layer_pattern)
     for tensor in found.tensors:
+        params = tensor_params(cfg, tensor.name, num_layers) if cfg.tensor_parameters and tensor.mergeable else None
+        if params:
+            resolved[tensor.name] = params
         for piece in tensor.pieces:
-            tasks.append(_piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights))
+            task = _piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights)
+            tasks.append(dataclasses.replace(task, params=params) if params else task)
     tasks = tuple(tasks)
-    return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=found.config_json,
-                     tokenizer_from=found.tokenizer_from)
+    config_json = found.config_json
+    if cfg.slices:
+        from llm_merge.reconcile import read_model_config
+        from llm_merge.slices import num_layers as slice_layers
+
+        config_json = {**(config_json or read_model_config(models[0].path)), "num_hidden_layers": slice_layers(cfg.slices)}
+    return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=config_json,
+                     tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None)
 
 
 def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig, weights: list[float]) -> TensorTask:

@@ -31,7 +31,10 @@ def test_defaults_resolve_to_linear_with_unit_weights():
 
 @pytest.mark.parametrize("method", list(METHOD_TABLE))
 def test_method_table_rows(method):
-    resolved = resolve(cfg(merge_method=method, base_model_path="base"))
+    if method == "passthrough":  # copies exactly one model, without a base
+        resolved = resolve(cfg(merge_method=method, model_path_list=["a"]))
+    else:
+        resolved = resolve(cfg(merge_method=method, base_model_path="base"))
     assert (resolved.sparsify_type, resolved.merge_type) == METHOD_TABLE[method]
 
 

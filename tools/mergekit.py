@@ -1,4 +1,4 @@
-"""Merge LLM checkpoints: ``python tools/mergekit.py --help``."""
+"""Merge LLM checkpoints: ``python tools/mergekit.py --help``, or a mergekit recipe: ``python tools/mergekit.py recipe.yml OUT``."""
 import os
 import sys
 

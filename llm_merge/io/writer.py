@@ -125,7 +125,8 @@ def verify_shards(directory: Path, shards: Sequence) -> None:
 
 
 def write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    """A JSON record; a str value (the README.md model card) is written as text."""
+    path.write_text(value if isinstance(value, str) else json.dumps(value, indent=2) + "\n")
 
 
 def copy_model_files(source: Path, destination: Path, keep: Callable[[str], bool] = lambda name: True) -> list[str]:

@@ -1,0 +1,357 @@
+"""mergekit YAML recipes -> MergeConfig, with mergekit's semantics (defaults, per-model parameters, gradients).
+
+``python tools/mergekit.py recipe.yml OUT`` (or ``--config recipe.yml OUT``). Supported:
+``merge_method``, ``base_model``, ``models`` (``model`` + ``parameters``), top-level ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source``. Parameter values may be scalars, gradients
+(lists interpolated over the layers) or ``[{filter: ..., value: ...}]`` (see ``llm_merge.gradients``).
+Anything else is an error naming it; ``int8_mask`` is accepted and ignored (with a warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from llm_merge.config import MergeConfig, config_from_dict
+from llm_merge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
+MODEL_KEYS = {"model", "parameters"}
+
+#: mergekit's generalized task arithmetic methods: (our merge_method, normalize default, rescale default, per-model params)
+_GTA = {
+    "task_arithmetic": ("task_arithmetic", False, False, ("weight",)),
+    "ties": ("ties", True, False, ("weight", "density")),
+    "dare_ties": ("dare_ties", False, True, ("weight", "density")),
+    "dare_linear": ("dare_linear", False, True, ("weight", "density")),
+    "breadcrumbs": ("breadcrumbs", False, False, ("weight", "density", "gamma")),
+    "breadcrumbs_ties": ("breadcrumbs_ties", False, False, ("weight", "density", "gamma")),
+    "della": ("della", True, True, ("weight", "density", "epsilon")),
+    "della_linear": ("della_linear", False, True, ("weight", "density", "epsilon")),
+}
+#: per-model parameter -> (our scalar option, our per-model option, mergekit default, value map)
+_PER_MODEL = {
+    "weight": (None, "weight_list", None, float),
+    "density": ("reserve_p", "reserve_p_list", 1.0, float),
+    "gamma": ("gamma", "gamma_list", 0.01, float),
+    # mergekit's epsilon is the half-spread of keep probabilities (density ± epsilon); ours the full spread
+    "epsilon": ("epsilon", "epsilon_list", 0.15, lambda v: 2.0 * float(v)),
+}
+_SHARED = {"normalize": "normalize", "rescale": "rescale", "lambda": "scale", "t": "slerp_alpha"}
+_IGNORED = {"int8_mask"}
+SUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough", *_GTA)
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+           "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read a YAML recipe into a dict."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"recipe {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path}: not valid YAML ({exc})") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping with merge_method, models, ...")
+    return recipe
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _map_setting(setting: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to every value of a setting (scalar, gradient or filter list)."""
+    if _is_scalar(setting):
+        return fn(setting)
+    if isinstance(setting, dict) and "value" in setting:
+        return {**setting, "value": _map_setting(setting["value"], fn)}
+    if isinstance(setting, list):
+        return [_map_setting(item, fn) for item in setting]
+    raise ConfigError(f"recipe: unexpected parameter value {setting!r}")
+
+
+def _model_path(entry: Any, where: str) -> str:
+    if isinstance(entry, str):
+        path = entry
+    elif isinstance(entry, dict):
+        unknown = sorted(set(entry) - MODEL_KEYS)
+        if unknown:
+            raise ConfigError(f"recipe: {where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(MODEL_KEYS))}")
+        path = entry.get("model")
+    else:
+        path = None
+    if not isinstance(path, str):
+        raise ConfigError(f"recipe: {where}: expected a model path, got {entry!r}")
+    if "+" in path and not os.path.exists(path):
+        raise ConfigError(f"recipe: {where}: model+LoRA references ({path}) are not supported; fold the adapter first (llm-merge-lora)")
+    return path
+
+
+def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = None, **options: Any) -> MergeConfig:
+    """Translate a mergekit recipe into an (unresolved) MergeConfig; ``options``: extra MergeConfig fields."""
+    unknown = sorted(set(recipe) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(TOP_KEYS))}")
+    method = recipe.get("merge_method")
+    if method not in SUPPORTED_METHODS:
+        raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
+    if "slices" in recipe:
+        return _slices_config(recipe, output_path, base_dir, options)
+
+    def resolve_path(path: Optional[str]) -> Optional[str]:
+        if path is None or base_dir is None or os.path.isabs(path) or os.path.exists(path):
+            return path
+        candidate = base_dir / path
+        return str(candidate) if candidate.exists() else path
+
+    base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
+    entries = recipe.get("models") or []
+    if not isinstance(entries, list):
+        raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
+    models = [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
+              for i, e in enumerate(entries)]
+    top = recipe.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise ConfigError("recipe: parameters: expected a mapping")
+    values: dict[str, Any] = {"output_path": output_path}
+    tensor_parameters: dict[str, Any] = {}
+    # which parameters the method takes: shared (top-level) and per model
+    if method in _GTA:
+        ours, normalize_default, rescale_default, per_model = _GTA[method]
+        shared = {"normalize", "rescale", "lambda", "int8_mask"}
+        values.update(merge_method=ours, normalize=normalize_default, rescale=rescale_default)
+    elif method == "linear":
+        per_model, shared = ("weight",), {"normalize"}
+        values.update(merge_method="linear", normalize=True)
+    elif method == "slerp":
+        per_model, shared = (), {"t"}
+        values.update(merge_method="slerp")
+    elif method == "nuslerp":
+        per_model, shared = ("weight",), {"nuslerp_flatten", "nuslerp_row_wise"}
+        values.update(merge_method="nuslerp")
+    elif method == "model_stock":
+        per_model, shared = (), {"filter_wise"}
+        values.update(merge_method="model_stock")
+    else:  # passthrough
+        per_model, shared = ("scale",), set()
+        values.update(merge_method="passthrough")
+
+    for where, params in [("parameters", top)] + [(f"models[{i}].parameters", p) for i, (_, p) in enumerate(models)]:
+        if not isinstance(params, dict):
+            raise ConfigError(f"recipe: {where}: expected a mapping")
+        allowed = set(per_model) | (shared if where == "parameters" else set())
+        bad = sorted(set(params) - allowed)
+        if bad:
+            raise ConfigError(f"recipe: {where}: parameter(s) {', '.join(bad)} not used by merge_method {method}; "
+                              f"valid: {', '.join(sorted(allowed)) or 'none'}")
+
+    # -- which checkpoints take part, and how
+    if method == "slerp":
+        if base is None:
+            raise ConfigError("recipe: slerp needs base_model (t = 0 gives the base, 1 the other model)")
+        others = [m for m in models if m[0] != base]
+        if len(others) != 1:
+            raise ConfigError(f"recipe: slerp merges base_model with exactly 1 other model, got {len(others)}")
+        values["model_path_list"] = [base, others[0][0]]
+        models = [(base, {})] + others
+    elif method == "passthrough":
+        if base is not None or len(models) != 1:
+            raise ConfigError("recipe: passthrough copies exactly 1 model without base_model (slices are not supported)")
+        values["model_path_list"] = [models[0][0]]
+    elif method == "linear":
+        if base is not None:
+            log.warning("recipe: linear ignores base_model (list it under models to merge it)")
+        values["model_path_list"] = [m[0] for m in models]
+    else:
+        if base is None and method != "nuslerp":
+            raise ConfigError(f"recipe: {method} needs base_model")
+        models = [m for m in models if m[0] != base]  # the base's task vector is zero (mergekit treats it as the base)
+        values["model_path_list"] = [m[0] for m in models]
+        if base is not None:
+            values["base_model_path"] = base
+    if not models:
+        raise ConfigError("recipe: models: no models to merge")
+
+    # -- shared parameters
+    for name, setting in top.items():
+        if name in per_model:
+            continue
+        if name in _IGNORED:
+            log.warning("recipe: parameter %s is accepted and ignored (computation is always float32)", name)
+        elif name == "filter_wise":
+            if setting:
+                raise ConfigError("recipe: model_stock filter_wise: true is not supported (per-tensor Model Stock only)")
+        elif name == "nuslerp_flatten":
+            if setting is not True:
+                raise ConfigError("recipe: nuslerp_flatten: false (row-wise NuSLERP) is not supported; only the flattened form")
+        elif name == "nuslerp_row_wise":
+            if setting:
+                log.warning("recipe: nuslerp_row_wise has no effect with nuslerp_flatten: true (as in mergekit)")
+        else:
+            option = _SHARED[name]
+            if _is_scalar(setting):
+                values[option] = setting
+            else:
+                tensor_parameters[option] = setting
+
+    # -- per-model parameters: model value, else top-level value, else mergekit's default
+    for name in per_model:
+        if name == "scale":  # passthrough
+            setting = models[0][1].get("scale", top.get("scale"))
+            if setting is not None:
+                if _is_scalar(setting):
+                    values["scale"] = float(setting)
+                else:
+                    tensor_parameters["scale"] = setting
+            continue
+        scalar, listed, default, fn = _PER_MODEL[name]
+        settings = []
+        for i, (path, params) in enumerate(models):
+            setting = params.get(name, top.get(name, default))
+            if setting is None:
+                if method == "slerp":
+                    setting = 1.0
+                else:
+                    raise ConfigError(f"recipe: models[{i}] ({path}): parameter {name} is required by {method}")
+            settings.append(_map_setting(setting, fn))
+        if all(_is_scalar(s) for s in settings):
+            if scalar is not None and len(set(settings)) == 1:
+                values[scalar] = settings[0]
+            else:
+                values[listed] = settings
+        else:
+            tensor_parameters[listed] = settings
+            # defaults for tensors no filter matches: the model's scalar value, else mergekit's default
+            values[listed] = [s if _is_scalar(s) else fn(default if default is not None else 1.0) for s in settings]
+
+    if method == "nuslerp" and "weight_list" not in values:
+        values["weight_list"] = [1.0, 1.0]
+    dtype = recipe.get("out_dtype") or recipe.get("dtype")
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
+        values["output_dtype"] = _DTYPES[dtype]
+    if recipe.get("tokenizer_source") is not None:
+        source = recipe["tokenizer_source"]
+        values["tokenizer_source"] = source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))
+    if tensor_parameters:
+        values["tensor_parameters"] = tensor_parameters
+    values.update(options)
+    return config_from_dict(values, source="recipe")
+
+
+def _slices_config(recipe: dict, output_path: str, base_dir: Optional[Path], options: dict) -> MergeConfig:
+    """Layer stacking: passthrough slices with one source each."""
+    if recipe["merge_method"] != "passthrough":
+        raise ConfigError(f"recipe: slices are supported with merge_method passthrough only, not {recipe['merge_method']}")
+    for key in ("models", "base_model", "parameters"):
+        if recipe.get(key):
+            raise ConfigError(f"recipe: {key} cannot be combined with slices")
+    slices = recipe["slices"]
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError("recipe: slices: expected a list of {sources: [{model, layer_range}]}")
+    flat = []
+    for i, s in enumerate(slices):
+        if not isinstance(s, dict) or set(s) != {"sources"}:
+            raise ConfigError(f"recipe: slices[{i}]: expected {{sources: [...]}}, got keys {sorted(s) if isinstance(s, dict) else s!r}")
+        sources = s["sources"]
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise ConfigError(f"recipe: slices[{i}]: passthrough takes exactly 1 source per slice")
+        source = sources[0]
+        bad = sorted(set(source) - {"model", "layer_range"}) if isinstance(source, dict) else ["?"]
+        if bad:
+            raise ConfigError(f"recipe: slices[{i}].sources[0]: unsupported key(s) {', '.join(bad)}; valid: layer_range, model")
+        path = _model_path({"model": source.get("model")}, f"slices[{i}].sources[0]")
+        if base_dir is not None and not os.path.isabs(path) and not os.path.exists(path) and (base_dir / path).exists():
+            path = str(base_dir / path)
+        flat.append({"model": path, "layer_range": list(source.get("layer_range") or [])})
+    values: dict[str, Any] = {"output_path": output_path, "merge_method": "passthrough",
+                              "model_path_list": [flat[0]["model"]], "slices": flat}
+    dtype = recipe.get("out_dtype") or recipe.get("dtype")
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
+        values["output_dtype"] = _DTYPES[dtype]
+    if recipe.get("tokenizer_source") is not None:
+        raise ConfigError("recipe: tokenizer_source cannot be combined with slices")
+    values.update(options)
+    return config_from_dict(values, source="recipe")
+
+
+def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
+    """A short README.md for the merged model: method, inputs and the options that differ from the defaults."""
+    from llm_merge import __version__
+
+    defaults = MergeConfig()
+    skip = {"model_path_list", "base_model_path", "output_path", "overwrite", "quiet", "n_process", "model_card",
+            "merge_type", "sparsify_type", "start_method", "rank", "world_size", "resume", "dist_timeout"}
+    lines = ["---", "tags:", "- merge", "- llm_merge", "---", "", f"# {Path(cfg.output_path).name}", "",
+             f"Merged with [llm_merge](https://github.com/) {__version__} using **{cfg.merge_method}**.", ""]
+    if cfg.base_model_path:
+        lines += [f"Base model: `{cfg.base_model_path}`", ""]
+    if cfg.slices:
+        lines += ["Layer slices:", ""] + [f"- `{s['model']}` layers {s['layer_range'][0]}..{s['layer_range'][1] - 1}" for s in cfg.slices]
+    else:
+        lines += ["Models:", ""] + [f"- `{m}`" for m in cfg.model_path_list]
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if f.name not in skip and getattr(cfg, f.name) != getattr(defaults, f.name)}
+    if options:
+        lines += ["", "Options:", "", "```json", json.dumps(options, indent=2, default=str), "```"]
+    if recipe_text:
+        lines += ["", "Recipe:", "", "```yaml", recipe_text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """``python tools/mergekit.py [--config] recipe.yml OUT [--overwrite] [--n_process N] ...``"""
+    import argparse
+
+    from llm_merge.cli import parse_bool, quiet_logging, run_command
+
+    def command(argv):
+        parser = argparse.ArgumentParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
+        parser.add_argument("recipe", nargs="?")
+        parser.add_argument("output_path", nargs="?")
+        parser.add_argument("--config", dest="config_flag", metavar="RECIPE")
+        parser.add_argument("--n_process", type=int)
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--max_shard_size")
+        parser.add_argument("--overwrite", nargs="?", const=True, type=parse_bool)
+        parser.add_argument("--quiet", nargs="?", const=True, type=parse_bool)
+        parser.add_argument("--debug", action="store_true")
+        args = parser.parse_args(argv)
+        positional = [p for p in (args.recipe, args.output_path) if p is not None]
+        if args.config_flag:
+            recipe_path, rest = args.config_flag, positional
+        else:
+            recipe_path, rest = (positional[0] if positional else None), positional[1:]
+        if recipe_path is None or len(rest) != 1:
+            raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
+        extra = {k: v for k, v in vars(args).items() if k in ("n_process", "seed", "max_shard_size", "overwrite", "quiet") and v is not None}
+        extra["model_card"] = True
+        cfg = recipe_to_config(load_recipe(recipe_path), rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
+        from llm_merge.api import merge
+        from llm_merge.config import resolve
+
+        cfg = resolve(cfg)
+        quiet_logging(cfg.quiet)
+        merge(cfg)
+        return cfg
+
+    return run_command(argv, command)
+
+
+def is_recipe_invocation(argv) -> bool:
+    """Whether ``tools/mergekit.py`` was given a YAML recipe (else it is the PaddleNLP-flag CLI)."""
+    return any(str(a).endswith((".yml", ".yaml")) for a in argv)
