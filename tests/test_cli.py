@@ -70,3 +70,13 @@ def test_missing_input_is_a_runtime_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope" in err and "no such directory" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_config_json_replays_the_merge(tmp_path, pair, mergekit):
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = mergekit("--merge_method", "dare_ties", "--model_path_list", pair["ft1"], pair["ft2"],
+                      "--base_model_path", pair["base"], "--output_path", first, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    replay = mergekit(first / "merge_config.json", "--output_path", second)
+    assert replay.returncode == 0, replay.stderr
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
