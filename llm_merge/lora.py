@@ -40,7 +40,7 @@ from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.checkpoint import Checkpoint, index_file, open_checkpoint, single_file
 from llm_merge.io.safetensors_format import TensorInfo
-from llm_merge.plan import OutputSlot, Shard, layout_shards
+from llm_merge.plan import OutputSlot, Shard, ShardedOutput, layout_shards
 
 log = logging.getLogger(__name__)
 _SHOW = 5  # problems listed per message
@@ -325,19 +325,13 @@ class FoldTask:
 
 
 @dataclass(frozen=True)
-class FoldPlan:
+class FoldPlan(ShardedOutput):
+    """Every output tensor of a fold and the output shards."""
+
     tasks: tuple[FoldTask, ...]
     shards: tuple[Shard, ...]
     base: Checkpoint
     adapter: Adapter
-
-    @property
-    def total_size(self) -> int:
-        return sum(t.out_bytes for t in self.tasks)
-
-    @property
-    def weight_map(self) -> dict[str, str]:
-        return {name: shard.file for shard in self.shards for name in shard.names}
 
     @property
     def folded(self) -> int:

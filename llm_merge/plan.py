@@ -70,8 +70,21 @@ class Shard:
     names: tuple[str, ...]
 
 
+class ShardedOutput:
+    """For plans with ``tasks`` (each with ``out_bytes``) and output ``shards``: index values."""
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data in the output (the index's total_size)."""
+        return sum(t.out_bytes for t in self.tasks)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {name: shard.file for shard in self.shards for name in shard.names}
+
+
 @dataclass(frozen=True)
-class MergePlan:
+class MergePlan(ShardedOutput):
     """Every output tensor task and the output files' layout."""
 
     tasks: tuple[TensorTask, ...]
@@ -105,14 +118,6 @@ class MergePlan:
         """JSON files written over the copied model files."""
         return {"config.json": self.config_json} if self.config_json is not None else {}
 
-    @property
-    def total_size(self) -> int:
-        """Bytes of tensor data in the output (the index's total_size)."""
-        return sum(t.out_bytes for t in self.tasks)
-
-    @property
-    def weight_map(self) -> dict[str, str]:
-        return {name: shard.file for shard in self.shards for name in shard.names}
 
 
 def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optional[Path]]] = None) -> MergePlan:
