@@ -121,14 +121,18 @@ class TensorMerger:
         if task.inputs[0].dtype != task.out.dtype:  # a float tensor taken from one input, in another dtype
             self._convert(task)
             return
-        data = self.reader.read_raw(task.inputs[0])
-        for index, other in enumerate(task.inputs[1:], start=1):
-            if not np.array_equal(self.reader.read_raw(other).view(np.uint8), data.view(np.uint8)):
-                raise MergeError(
-                    f"tensor {task.name}: {task.out.dtype} values differ between {task.inputs[0].file.parent} "
-                    f"and {other.file.parent} (model {index}); non-float tensors are copied, so they must be equal"
-                )
-        self.writer.write(task.out.file, task.out.start, data)
+        itemsize = dtypes.itemsize(task.out.dtype)
+        step = max(1, (16 << 20) // max(itemsize, 1))  # 16 MB at a time, whatever the tensor size
+        for start in range(0, task.numel, step):
+            count = min(step, task.numel - start)
+            data = self.reader.read_raw(task.inputs[0], start, count)
+            for index, other in enumerate(task.inputs[1:], start=1):
+                if not np.array_equal(self.reader.read_raw(other, start, count).view(np.uint8), data.view(np.uint8)):
+                    raise MergeError(
+                        f"tensor {task.name}: {task.out.dtype} values differ between {task.inputs[0].file.parent} "
+                        f"and {other.file.parent} (model {index}); non-float tensors are copied, so they must be equal"
+                    )
+            self.writer.write(task.out.file, task.out.start + start * itemsize, data)
 
     def _convert(self, task: TensorTask) -> None:
         out_dtype = dtypes.to_numpy(task.out.dtype)
