@@ -99,7 +99,8 @@ class MergeConfig:
         "layer stacking with --merge_method passthrough (JSON/recipes only): [{model: dir, layer_range: [start, end]}, ...]; "
         "layers are renumbered in order and config.json's num_hidden_layers set to their count",
     )
-    model_card: bool = _opt(False, "write a README.md model card (method, models, options) into the output")
+    model_card: bool = _opt(False, "write a README.md model card (method, models, options, recipe) into the output")
+    recipe_text: Optional[str] = _opt(None, "the mergekit recipe this merge was made from (set by recipe mode; shown in the model card)")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")

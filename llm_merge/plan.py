@@ -104,7 +104,7 @@ class MergePlan(ShardedOutput):
             return {}
         from llm_merge.recipes import model_card
 
-        return {"README.md": model_card(cfg)}
+        return {"README.md": model_card(cfg, cfg.recipe_text)}
 
     def merge_record(self, cfg: MergeConfig) -> dict:
         """merge_config.json: the options, and the resolved per-tensor values when any."""

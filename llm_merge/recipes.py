@@ -321,15 +321,16 @@ def main(argv=None) -> int:
 
     def command(argv):
         parser = argparse.ArgumentParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
-        parser.add_argument("recipe", nargs="?")
-        parser.add_argument("output_path", nargs="?")
-        parser.add_argument("--config", dest="config_flag", metavar="RECIPE")
-        parser.add_argument("--n_process", type=int)
-        parser.add_argument("--seed", type=int)
-        parser.add_argument("--max_shard_size")
-        parser.add_argument("--overwrite", nargs="?", const=True, type=parse_bool)
-        parser.add_argument("--quiet", nargs="?", const=True, type=parse_bool)
-        parser.add_argument("--debug", action="store_true")
+        parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
+        parser.add_argument("output_path", nargs="?", help="directory to write the merged model to")
+        parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
+        parser.add_argument("--n_process", type=int, help="worker processes (default: 1)")
+        parser.add_argument("--seed", type=int, help="seed of the random draws (default: 42)")
+        parser.add_argument("--max_shard_size", help="largest output shard (default: 5GB)")
+        parser.add_argument("--overwrite", nargs="?", const=True, type=parse_bool, help="replace a non-empty output directory")
+        parser.add_argument("--quiet", nargs="?", const=True, type=parse_bool, help="no progress bar")
+        parser.add_argument("--no_model_card", action="store_true", help="do not write README.md (the model card) into the output")
+        parser.add_argument("--debug", action="store_true", help="full traceback on errors")
         args = parser.parse_args(argv)
         positional = [p for p in (args.recipe, args.output_path) if p is not None]
         if args.config_flag:
@@ -339,7 +340,8 @@ def main(argv=None) -> int:
         if recipe_path is None or len(rest) != 1:
             raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
         extra = {k: v for k, v in vars(args).items() if k in ("n_process", "seed", "max_shard_size", "overwrite", "quiet") and v is not None}
-        extra["model_card"] = True
+        extra["model_card"] = not args.no_model_card
+        extra["recipe_text"] = Path(recipe_path).read_text()
         cfg = recipe_to_config(load_recipe(recipe_path), rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
         from llm_merge.api import merge
         from llm_merge.config import resolve

@@ -333,3 +333,17 @@ def test_recipe_writes_model_card(tmp_path, fam):
     _recipe(tmp_path, fam, "task_arithmetic")
     card = (tmp_path / "out-task_arithmetic" / "README.md").read_text()
     assert "task_arithmetic" in card and str(fam.model_dirs[0]) in card and '"scale": 0.7' in card
+    assert "```yaml" in card and "merge_method: task_arithmetic" in card  # the recipe itself
+    from llm_merge import __version__
+
+    assert __version__ in card
+
+
+def test_no_model_card(tmp_path, fam):
+    text = (CONFIGS / "task_arithmetic.yml").read_text()
+    text = text.replace("BASE", str(fam.base_dir)).replace("MODEL_A", str(fam.model_dirs[0])).replace("MODEL_B", str(fam.model_dirs[1]))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(text)
+    result = run_mergekit(recipe, tmp_path / "out", "--quiet", "--no_model_card")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out" / "README.md").exists()
