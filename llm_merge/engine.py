@@ -25,6 +25,7 @@ from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
+from llm_merge.io.spill import SpilledArray
 from llm_merge.io.writer import ShardWriter
 from llm_merge.methods.merge import slerp_coefficients
 from llm_merge.methods.random import draw_key
@@ -88,13 +89,16 @@ class TensorMerger:
         self._buffers: dict[str, np.ndarray] = {}
         self._params: dict[Any, tuple[str, ...]] = {}
         self._nonfinite: list[int] = []
+        self._spilled: list[SpilledArray] = []
 
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
 
     #: Tasks whose whole-tensor statistics need more than this run one at a time across workers.
-    EXCLUSIVE_BYTES = 512 << 20
+    EXCLUSIVE_BYTES = 256 << 20
+    #: Per-element statistics at least this large wait on disk between the prepare and apply passes.
+    SPILL_BYTES = 32 << 20
 
     def peak_bytes(self, task: TensorTask) -> int:
         """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
@@ -102,7 +106,7 @@ class TensorMerger:
             return 0
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
-            per_element += 4 * len(task.inputs) + 16  # ranks of every model + the radix sort's buffers
+            per_element += 20  # ranks being computed + sort buffers (earlier models' ranks are spilled when large)
         return per_element * task.numel
 
     def exclusive(self, task: TensorTask) -> bool:
@@ -110,10 +114,15 @@ class TensorMerger:
 
     def run(self, task: TensorTask) -> int:
         """Merge (or copy) one tensor into its output slot; returns the output bytes."""
-        if task.mergeable:
-            self._merge(task)
-        else:
-            self._copy(task)
+        try:
+            if task.mergeable:
+                self._merge(task)
+            else:
+                self._copy(task)
+        finally:
+            for spilled in self._spilled:
+                spilled.release()
+            self._spilled.clear()
         return task.out_bytes
 
     # -- non-float tensors ------------------------------------------------------------
@@ -188,7 +197,17 @@ class TensorMerger:
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             self._task_vector(task, index, start, full[start : start + count])
-        return self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel, self._model_options[index])
+        stats = self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel, self._model_options[index])
+        del full
+        return {name: self._spill(value, task.numel) for name, value in stats.items()}
+
+    def _spill(self, value: Any, numel: int) -> Any:
+        """Park a large per-element statistic (e.g. ranks) in the staging directory until the apply pass."""
+        if isinstance(value, np.ndarray) and value.shape == (numel,) and value.nbytes >= self.SPILL_BYTES:
+            spilled = SpilledArray(value, self.writer.directory)
+            self._spilled.append(spilled)
+            return spilled
+        return value
 
     def _task_vector(self, task: TensorTask, index: int, start: int, out: np.ndarray) -> np.ndarray:
         """Model ``index``'s chunk minus the base chunk (or the plain chunk without a base), in ``out``."""

@@ -235,6 +235,8 @@ def finish_and_publish(
     tokenizer_files_from: Path | None = None,
 ) -> None:
     """Verify the filled shards, add the index, (finalize), model files and records, flush, and rename into place."""
+    for scratch in staging.glob(".spill-*"):  # left by a worker killed mid-tensor (multi-rank resume)
+        scratch.unlink()
     verify_shards(staging, shards)
     write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     if finalize is not None:
