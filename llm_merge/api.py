@@ -47,11 +47,9 @@ def merge(cfg: MergeConfig) -> Path:
             return distributed.merge_distributed(cfg, plan, factory, dist, output)
         writer.write_model_atomically(
             output,
+            plan,
             overwrite=cfg.overwrite,
             prefix=cfg.merge_prefix,
-            shards=plan.shards,
-            weight_map=plan.weight_map,
-            total_size=plan.total_size,
             fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
             model_files_from=plan.models[0].path,
             records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(cfg)},

@@ -171,11 +171,7 @@ def _unlink(path: Path) -> None:
 
 def _fsync_files(paths: Sequence[Path]) -> None:
     for path in paths:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        writer.fsync_path(path)
 
 
 def slot_crc32(fd: int, start: int, nbytes: int) -> int:
@@ -381,8 +377,7 @@ def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: P
                 _unlink(item)
         defaults = {f.name: f.default for f in dataclasses.fields(MergeConfig) if f.name in ("rank", "world_size", "resume", "dist_timeout")}
         writer.finish_and_publish(
-            staging, output, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, shards=plan.shards,
-            weight_map=plan.weight_map, total_size=plan.total_size, model_files_from=plan.models[0].path,
+            staging, output, plan, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, model_files_from=plan.models[0].path,
             records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(dataclasses.replace(cfg, **defaults))},
             tokenizer_files_from=plan.tokenizer_from,
         )

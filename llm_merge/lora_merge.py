@@ -117,11 +117,9 @@ def merge_lora(cfg: LoraMergeConfig) -> Path:
     started = time.perf_counter()
     writer.write_model_atomically(
         output,
+        plan,
         overwrite=cfg.overwrite,
         prefix=cfg.merge_prefix,
-        shards=plan.shards,
-        weight_map=plan.weight_map,
-        total_size=plan.total_size,
         fill=lambda staging: run_tasks(plan.tasks, functools.partial(TensorFolder, staging), cfg.n_process, cfg.quiet, "folding"),
         model_files_from=plan.base.path,
         records={"lora_merge_config.json": _record(plan, cfg)},

@@ -237,11 +237,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
 
     if method == "nuslerp" and "weight_list" not in values:
         values["weight_list"] = [1.0, 1.0]
-    dtype = recipe.get("out_dtype") or recipe.get("dtype")
-    if dtype is not None:
-        if dtype not in _DTYPES:
-            raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
-        values["output_dtype"] = _DTYPES[dtype]
+    values.update(_output_dtype(recipe))
     if recipe.get("tokenizer_source") is not None:
         source = recipe["tokenizer_source"]
         values["tokenizer_source"] = source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))
@@ -249,6 +245,16 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         values["tensor_parameters"] = tensor_parameters
     values.update(options)
     return config_from_dict(values, source="recipe")
+
+
+def _output_dtype(recipe: dict) -> dict[str, str]:
+    """``{"output_dtype": ...}`` from the recipe's out_dtype (or dtype), or {}."""
+    dtype = recipe.get("out_dtype") or recipe.get("dtype")
+    if dtype is None:
+        return {}
+    if dtype not in _DTYPES:
+        raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
+    return {"output_dtype": _DTYPES[dtype]}
 
 
 def _slices_config(recipe: dict, output_path: str, base_dir: Optional[Path], options: dict) -> MergeConfig:
@@ -278,11 +284,7 @@ def _slices_config(recipe: dict, output_path: str, base_dir: Optional[Path], opt
         flat.append({"model": path, "layer_range": list(source.get("layer_range") or [])})
     values: dict[str, Any] = {"output_path": output_path, "merge_method": "passthrough",
                               "model_path_list": [flat[0]["model"]], "slices": flat}
-    dtype = recipe.get("out_dtype") or recipe.get("dtype")
-    if dtype is not None:
-        if dtype not in _DTYPES:
-            raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
-        values["output_dtype"] = _DTYPES[dtype]
+    values.update(_output_dtype(recipe))
     if recipe.get("tokenizer_source") is not None:
         raise ConfigError("recipe: tokenizer_source cannot be combined with slices")
     values.update(options)

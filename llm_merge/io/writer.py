@@ -16,7 +16,7 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -139,19 +139,20 @@ def copy_model_files(source: Path, destination: Path, keep: Callable[[str], bool
     return copied
 
 
-def fsync_directory(directory: Path) -> None:
-    """Flush every file of ``directory`` and the directory entry itself to disk."""
-    for item in directory.iterdir():
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush one file (or a directory entry) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush every file of ``directory`` and the directory entry itself to disk."""
+    for item in directory.iterdir():
+        fsync_path(item)
+    fsync_path(directory)
 
 
 def publish(staging: Path, output: Path, overwrite: bool) -> None:
@@ -188,57 +189,49 @@ def _sigterm_raises() -> Iterator[None]:
 
 def write_model_atomically(
     output: Path,
+    layout: Any,
     *,
     overwrite: bool,
-    prefix: str,
-    shards: Sequence,
-    weight_map: dict[str, str],
-    total_size: int,
     fill: Callable[[Path], None],
-    model_files_from: Path,
-    records: dict[str, object],
-    finalize: Callable[[Path], None] | None = None,
-    tokenizer_files_from: Path | None = None,
+    **finish: Any,
 ) -> None:
     """Stage a checkpoint beside ``output``, fill its shards, verify, and rename it into place.
 
-    ``fill(staging)`` writes every tensor into the pre-created shards. Then the
-    headers are verified, the index is written, ``finalize(staging)`` may
-    rewrite the weight files (e.g. into .pdparams), the source model's
-    non-weight files and the JSON ``records`` (file name -> value) are written,
-    everything is flushed, and the directory is published. On any exception,
-    SIGTERM or Ctrl-C, the staging directory is removed and ``output`` is left untouched.
+    ``layout`` has ``shards``, ``weight_map`` and ``total_size`` (a merge or fold
+    plan). ``fill(staging)`` writes every tensor into the pre-created shards;
+    then ``finish_and_publish`` (which takes the ``finish`` keywords) verifies,
+    completes and publishes the directory. On any exception, SIGTERM or Ctrl-C,
+    the staging directory is removed and ``output`` is left untouched.
     """
     check_output_path(output, overwrite)
     with _sigterm_raises(), staging_directory(output) as staging:
-        create_shards(staging, shards)
+        create_shards(staging, layout.shards)
         fill(staging)
-        finish_and_publish(
-            staging, output, overwrite=overwrite, prefix=prefix, shards=shards, weight_map=weight_map,
-            total_size=total_size, model_files_from=model_files_from, records=records, finalize=finalize,
-            tokenizer_files_from=tokenizer_files_from,
-        )
+        finish_and_publish(staging, output, layout, overwrite=overwrite, **finish)
 
 
 def finish_and_publish(
     staging: Path,
     output: Path,
+    layout: Any,
     *,
     overwrite: bool,
     prefix: str,
-    shards: Sequence,
-    weight_map: dict[str, str],
-    total_size: int,
     model_files_from: Path,
     records: dict[str, object],
     finalize: Callable[[Path], None] | None = None,
     tokenizer_files_from: Path | None = None,
 ) -> None:
-    """Verify the filled shards, add the index, (finalize), model files and records, flush, and rename into place."""
+    """Verify the filled shards, add the index, (finalize), model files and records, flush, and rename into place.
+
+    ``finalize(staging)`` may rewrite the weight files (e.g. into .pdparams); ``records`` are
+    JSON files (name -> value) written over the copied model files.
+    """
     for scratch in staging.glob(".spill-*"):  # left by a worker killed mid-tensor (multi-rank resume)
         scratch.unlink()
-    verify_shards(staging, shards)
-    write_json(staging / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    verify_shards(staging, layout.shards)
+    index = {"metadata": {"total_size": layout.total_size}, "weight_map": layout.weight_map}
+    write_json(staging / f"{prefix}.safetensors.index.json", index)
     if finalize is not None:
         finalize(staging)
     if tokenizer_files_from is None:
