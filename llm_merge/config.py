@@ -35,7 +35,9 @@ METHOD_TABLE: dict[str, tuple[str, str]] = {
     "nuslerp": ("none", "nuslerp"),
     "passthrough": ("none", "passthrough"),
 }
-SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs")
+#: ``--semantics mergekit``: the sparsifier mergekit uses in place of each PaddleNLP one (llm_merge/methods/mergekit_sparsify.py).
+MERGEKIT_SPARSIFY: dict[str, str] = {"trim": "magnitude", "dare": "random", "magprune": "della_magprune"}
+SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs", *MERGEKIT_SPARSIFY.values())
 MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough")
 #: Options that may be given once per model (``{name}_list``), overriding the scalar for that model's sparsifier.
 PER_MODEL_OPTIONS = ("reserve_p", "epsilon", "gamma")
@@ -71,6 +73,14 @@ class MergeConfig:
     sparsify_type: Optional[str] = _opt(
         None, "how each input is sparsified; only for a custom pairing or to restate merge_method's", SPARSIFY_TYPES
     )
+    semantics: str = _opt(
+        "paddlenlp",
+        "meaning of reserve_p / epsilon / rescale in the sparsifying methods: PaddleNLP's (trim keeps ceil(p*n) by a "
+        "whole-tensor threshold, dare and magprune divide kept entries by their keep probability, magprune ranks the "
+        "whole tensor over p +- epsilon/2), or mergekit's (ties keeps int(p*n), della ranks within rows over "
+        "p +- epsilon, rescale restores the L1 norm; the default of YAML recipes); see README",
+        ("paddlenlp", "mergekit"),
+    )
     weight_list: Optional[list[float]] = _opt(
         None, "one weight per model (default: all 1); used by linear and ties merges, ignored by slerp"
     )
@@ -96,11 +106,17 @@ class MergeConfig:
     )
     slices: Optional[list] = _opt(
         None,
-        "layer stacking with --merge_method passthrough (JSON/recipes only): [{model: dir, layer_range: [start, end]}, ...]; "
-        "layers are renumbered in order and config.json's num_hidden_layers set to their count",
+        "output layers from layer ranges of the inputs (JSON/recipes only, any merge method): [{sources: [{model: dir, "
+        "layer_range: [start, end], parameters: {...}}, ...], parameters: {...}}, ...] ({model, layer_range} alone is a "
+        "one-source slice); each slice merges its sources layer by layer, the source from --base_model_path being the "
+        "base; layers are renumbered in order and config.json's num_hidden_layers set to their count; model_path_list "
+        "lists the first slice's other sources",
     )
     model_card: bool = _opt(False, "write a README.md model card (method, models, options, recipe) into the output")
     recipe_text: Optional[str] = _opt(None, "the mergekit recipe this merge was made from (set by recipe mode; shown in the model card)")
+    nuslerp_flatten: bool = _opt(True, "nuslerp: interpolate the whole tensor as one vector (false: each row, or each column with nuslerp_row_wise)")
+    nuslerp_row_wise: bool = _opt(False, "nuslerp with nuslerp_flatten false: vectors along dimension 0 (columns of a matrix) instead of rows")
+    model_stock_filter_wise: bool = _opt(False, "model_stock: one ratio t per row (mergekit filter_wise) instead of per tensor")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")
@@ -224,13 +240,7 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     if merge_type in ("slerp", "nuslerp") and n_models != 2:
         raise ConfigError(f"--model_path_list: {merge_type} merges exactly 2 models, got {n_models}")
     if cfg.slices is not None:
-        from llm_merge.slices import check_slices
-
-        parts = check_slices(cfg.slices)
-        if merge_type != "passthrough" or cfg.base_model_path:
-            raise ConfigError("slices: only with --merge_method passthrough and no base model (layer stacking)")
-        if list(cfg.model_path_list) != [parts[0][0]]:
-            raise ConfigError(f"slices: --model_path_list must be the first slice's model [{parts[0][0]}]")
+        _check_slices(cfg)
     if merge_type == "passthrough" and (n_models != 1 or cfg.base_model_path):
         raise ConfigError(f"--merge_method passthrough: copies exactly 1 model without a base, got {n_models} model(s)"
                           + (" and a base" if cfg.base_model_path else ""))
@@ -255,6 +265,14 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
         raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --normalize false")
     _check_range("reserve_p", cfg.reserve_p, 0.0, 1.0, low_open=True)
     _check_range("epsilon", cfg.epsilon, 0.0, 1.0, high_open=True)
+    if sparsify_type == "della_magprune":
+        from llm_merge.methods.mergekit_sparsify import check_della_range
+
+        epsilons = cfg.epsilon_list or [cfg.epsilon] * n_models
+        for k, (p, eps) in enumerate(zip(cfg.reserve_p_list or [cfg.reserve_p] * n_models, epsilons)):
+            problem = check_della_range(p, eps)
+            if problem:
+                raise ConfigError(f"--reserve_p / --epsilon (model {k}): {problem}")
     if sparsify_type == "magprune":
         low, high = cfg.epsilon / 2, 1 - cfg.epsilon / 2
         if not low < cfg.reserve_p <= high + 1e-12:  # 1 - 0.14/2 is 0.9299999999999999 in floats
@@ -288,6 +306,27 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     )
 
 
+#: options a slice's or a source's ``parameters`` may set (per model: weight, reserve_p, epsilon, gamma)
+SLICE_OPTIONS = ("weight", "reserve_p", "epsilon", "gamma", "normalize", "rescale", "scale", "slerp_alpha")
+
+
+def _check_slices(cfg: MergeConfig) -> None:
+    """slices agree with model_path_list (the first slice's input sources) and name known options."""
+    from llm_merge.slices import check_slices, split_sources
+
+    slices = check_slices(cfg.slices)
+    inputs, _ = split_sources(slices, cfg.base_model_path)
+    first = [src.model for src in inputs[0]]
+    if [os.path.normpath(p) for p in cfg.model_path_list] != [os.path.normpath(p) for p in first]:
+        raise ConfigError(f"slices: --model_path_list must list the first slice's sources besides the base, in order: {first}")
+    for i, s in enumerate(slices):
+        for where, params in [(f"slices[{i}].parameters", s.parameters)] + [
+                (f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(s.sources)]:
+            unknown = sorted(set(params) - set(SLICE_OPTIONS))
+            if unknown:
+                raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(SLICE_OPTIONS)}")
+
+
 def _check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: float) -> None:
     """Range check of one (per-model or per-tensor) option value."""
     if name == "reserve_p":
@@ -311,6 +350,8 @@ def _check_choices(cfg: MergeConfig) -> None:
 def _resolve_method(cfg: MergeConfig) -> tuple[str, str, Optional[str]]:
     if cfg.merge_method is not None:
         sparsify_type, merge_type = METHOD_TABLE[cfg.merge_method]
+        if cfg.semantics == "mergekit":
+            sparsify_type = MERGEKIT_SPARSIFY.get(sparsify_type, sparsify_type)
         for flag, given, implied in (("sparsify_type", cfg.sparsify_type, sparsify_type), ("merge_type", cfg.merge_type, merge_type)):
             if given is not None and given != implied:
                 raise ConfigError(

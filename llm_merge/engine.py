@@ -11,6 +11,7 @@ row-major data, so any tensor size streams in bounded memory):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ from llm_merge.io.reader import TensorReader
 from llm_merge.io.spill import SpilledArray
 from llm_merge.io.writer import ShardWriter
 from llm_merge.methods.merge import slerp_coefficients
-from llm_merge.methods.random import draw_key
+from llm_merge.methods.random import CounterRNG, draw_key
 from llm_merge.methods.registry import keyword_params
 from llm_merge.plan import TensorTask
 
@@ -90,6 +91,7 @@ class TensorMerger:
         self._params: dict[Any, tuple[str, ...]] = {}
         self._nonfinite: list[int] = []
         self._spilled: list[SpilledArray] = []
+        self._engine_values: dict[str, Any] = {}
 
     def close(self) -> None:
         self.reader.close()
@@ -107,6 +109,8 @@ class TensorMerger:
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
             per_element += 20  # ranks being computed + sort buffers (earlier models' ranks are spilled when large)
+        elif self.cfg.sparsify_type == "della_magprune":
+            per_element += 4  # keep probabilities (spilled when large); rows are sorted in 1M-element blocks
         return per_element * task.numel
 
     def exclusive(self, task: TensorTask) -> bool:
@@ -160,13 +164,14 @@ class TensorMerger:
         self.options = self._task_options(task)
         self._model_options = self._per_model_options(task, indices)
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
-        prepared = [self._prepare(task, i) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
+        self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
+        prepared = [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
         reduced: dict[str, Any] = {}
         if self.merger.reduce:
             for start in range(0, n, self.chunk):
                 count = min(self.chunk, n - start)
                 ys, _ = self._sparsified(task, start, count, prepared, keys)
-                sums = self._call(self.merger.reduce, ys, {}, n)
+                sums = self._call(self.merger.reduce, ys, {"start": start})
                 for name, value in sums.items():
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
         out_dtype = dtypes.to_numpy(task.out.dtype)
@@ -179,7 +184,7 @@ class TensorMerger:
                 merged = fused.run(xs, base, start)
             else:
                 ys, base = self._sparsified(task, start, count, prepared, keys)
-                merged = self._call(self.merge_fn, ys, reduced, n)
+                merged = self._call(self.merge_fn, ys, {**reduced, "start": start})
                 if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
                     merged *= self.ops.float32(self.options["scale"])
                 if base is not None:
@@ -191,13 +196,14 @@ class TensorMerger:
                 info = task.inputs[index] if index < len(task.inputs) else task.base
                 log.warning("tensor %s has %d NaN/Inf value(s) in %s", task.name, count, info.file)
 
-    def _prepare(self, task: TensorTask, index: int) -> dict[str, Any]:
-        """Whole-tensor statistics of model ``index``'s task vector."""
+    def _prepare(self, task: TensorTask, index: int, key: int) -> dict[str, Any]:
+        """Whole-tensor statistics of model ``index``'s task vector (``key``: its random stream)."""
         full = np.empty(task.numel, dtype=np.float32)
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             self._task_vector(task, index, start, full[start : start + count])
-        stats = self._call(self.prepare_fn, self.ops.from_numpy(full), {}, task.numel, self._model_options[index])
+        extra = {"rng_at": functools.partial(CounterRNG, key)}
+        stats = self._call(self.prepare_fn, self.ops.from_numpy(full), extra, self._model_options[index])
         del full
         return {name: self._spill(value, task.numel) for name, value in stats.items()}
 
@@ -255,10 +261,10 @@ class TensorMerger:
         for index, t in enumerate(xs):
             if base is not None:
                 t -= base
-            extra = {"rng": self.ops.rng(keys[index], start)}
+            extra = {"rng": self.ops.rng(keys[index], start), "start": start}
             if prepared is not None:
                 extra.update(_slice_per_element(prepared[index], start, count, task.numel))
-            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, task.numel, self._model_options[index]))
+            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, self._model_options[index]))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
 
     def _read_f32(self, info, start: int, out: np.ndarray) -> int:
@@ -272,7 +278,8 @@ class TensorMerger:
         self._nonfinite[slot] += self._read_f32(info, start, chunk)
         return chunk
 
-    def _call(self, fn, first: Any, extra: dict[str, Any], numel: int, options: Optional[dict] = None) -> Any:
+    def _call(self, fn, first: Any, extra: dict[str, Any], options: Optional[dict] = None) -> Any:
+        """``fn(first, ...)`` with its keyword parameters from ``extra``, the engine values, then the options."""
         options = self.options if options is None else options
         names = self._params.get(fn)
         if names is None:
@@ -281,10 +288,8 @@ class TensorMerger:
         for name in names:
             if name in extra:
                 kwargs[name] = extra[name]
-            elif name == "ops":
-                kwargs[name] = self.ops
-            elif name == "numel":
-                kwargs[name] = numel
+            elif name in self._engine_values:
+                kwargs[name] = self._engine_values[name]
             else:
                 kwargs[name] = options[name]
         return fn(first, **kwargs)

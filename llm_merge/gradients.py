@@ -10,7 +10,8 @@ A setting is mergekit's ``ParameterSetting``:
 * a list of ``{filter: substring, value: setting}`` (or ``{"filter": null|"*"}`` for the rest):
   the first filter found in the tensor name wins; no match leaves the option unset.
 
-Options named ``*_list`` (and ``weight_list``) take one setting per model.
+Options named ``*_list`` (and ``weight_list``) take one setting per model. With ``slices``, a
+slice's and its sources' ``parameters`` come first (``llm_merge.slices``).
 """
 
 from __future__ import annotations
@@ -61,42 +62,76 @@ def evaluate(name: str, setting: Any, t: float) -> Any:
     return None
 
 
-def tensor_params(cfg: MergeConfig, name: str, num_layers: int) -> Optional[dict[str, Any]]:
-    """Resolved per-tensor option values of ``name`` (only those that differ from the config's), or None."""
-    if not cfg.tensor_parameters:
-        return None
-    t = layer_t(name, num_layers, cfg.layer_pattern)
-    out: dict[str, Any] = {}
-    for option, setting in cfg.tensor_parameters.items():
-        if option.endswith("_list"):
-            if not isinstance(setting, list) or len(setting) != len(cfg.model_path_list):
-                raise ConfigError(f"tensor_parameters.{option}: give one setting per model ({len(cfg.model_path_list)})")
-            default = getattr(cfg, option)
-            scalar = option.removesuffix("_list") if option != "weight_list" else "weight"
-            values = []
-            for k, s in enumerate(setting):
-                value = evaluate(name, s, t)
-                if value is None:
-                    value = default[k] if default is not None else getattr(cfg, scalar, 1.0)
-                _check_option(scalar, float(value), cfg.sparsify_type, cfg.epsilon)
-                values.append(float(value))
-            out[option] = values
-        else:
+#: per-model options: the scalar name (a slice's or source's ``parameters``) and the per-model list option
+PER_MODEL_LISTS = {"weight": "weight_list", "reserve_p": "reserve_p_list", "epsilon": "epsilon_list", "gamma": "gamma_list"}
+
+
+def _first_value(name: str, settings: list, t: float) -> Any:
+    """The first setting that gives a value for ``name`` (mergekit's precedence: source, slice, top level)."""
+    for setting in settings:
+        if setting is not None:
             value = evaluate(name, setting, t)
+            if value is not None:
+                return value
+    return None
+
+
+def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] = None,
+                  per_model: Optional[list[dict]] = None) -> Optional[dict[str, Any]]:
+    """Resolved per-tensor option values of ``name`` at gradient position ``t``, or None when none is set.
+
+    ``shared`` / ``per_model``: the settings of the tensor's slice and of its sources (``llm_merge.slices``),
+    which take precedence over ``cfg.tensor_parameters``.
+    """
+    top = cfg.tensor_parameters or {}
+    shared = shared or {}
+    per_model = per_model or [{} for _ in cfg.model_path_list]
+    out: dict[str, Any] = {}
+    for scalar, option in PER_MODEL_LISTS.items():
+        top_settings = top.get(option)
+        if top_settings is None and scalar not in shared and not any(scalar in p for p in per_model):
+            continue
+        if top_settings is not None and (not isinstance(top_settings, list) or len(top_settings) != len(cfg.model_path_list)):
+            raise ConfigError(f"tensor_parameters.{option}: give one setting per model ({len(cfg.model_path_list)})")
+        default = getattr(cfg, option)
+        values = []
+        for k, own in enumerate(per_model):
+            value = _first_value(name, [own.get(scalar), shared.get(scalar), top_settings[k] if top_settings else None], t)
             if value is None:
-                continue
-            default = getattr(cfg, option)
-            if isinstance(default, bool):
-                value = bool(value)
-            elif isinstance(default, (int, float)):
-                value = float(value)
-                _check_option(option, value, cfg.sparsify_type, cfg.epsilon)
-            out[option] = value
+                value = default[k] if default is not None else getattr(cfg, scalar, 1.0)
+            _check_option(scalar, float(value), cfg.sparsify_type, cfg.epsilon)
+            values.append(float(value))
+        out[option] = values
+    for option in sorted((set(top) - set(PER_MODEL_LISTS.values())) | (set(shared) - set(PER_MODEL_LISTS))):
+        value = _first_value(name, [None if option in PER_MODEL_LISTS else shared.get(option), top.get(option)], t)
+        if value is None:
+            continue
+        default = getattr(cfg, option)
+        if isinstance(default, bool):
+            value = bool(value)
+        elif isinstance(default, (int, float)):
+            value = float(value)
+            _check_option(option, value, cfg.sparsify_type, cfg.epsilon)
+        out[option] = value
     weights = out.get("weight_list")
     normalize = out.get("normalize", cfg.normalize)
     if weights is not None and normalize and cfg.merge_type == "linear" and sum(weights) == 0:
         raise ConfigError(f"tensor_parameters: weights {weights} of tensor {name} sum to 0, cannot normalize")
+    if cfg.sparsify_type == "della_magprune":
+        _check_della(cfg, name, out)
     return out or None
+
+
+def _check_della(cfg: MergeConfig, name: str, out: dict[str, Any]) -> None:
+    from llm_merge.methods.mergekit_sparsify import check_della_range
+
+    n = len(cfg.model_path_list)
+    densities = out.get("reserve_p_list") or cfg.reserve_p_list or [out.get("reserve_p", cfg.reserve_p)] * n
+    epsilons = out.get("epsilon_list") or cfg.epsilon_list or [out.get("epsilon", cfg.epsilon)] * n
+    for k, (p, eps) in enumerate(zip(densities, epsilons)):
+        problem = check_della_range(p, eps)
+        if problem:
+            raise ConfigError(f"tensor {name}, model {k}: {problem}")
 
 
 def num_layers_of(names, config: dict, pattern: Optional[str] = None) -> int:

@@ -127,13 +127,13 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     """
     from llm_merge.reconcile import reconcile  # it imports check_same_names from here
 
-    if cfg.slices:  # layer stacking: one virtual model (llm_merge/slices.py)
-        from llm_merge.slices import sliced_checkpoint
+    if cfg.slices:  # layer ranges: virtual checkpoints stacking the slices' sources (llm_merge/slices.py)
+        from llm_merge.slices import slice_checkpoints
 
-        models = (sliced_checkpoint(cfg.slices, cfg.merge_prefix, cfg.layer_pattern, convert),)
+        models, base = slice_checkpoints(cfg.slices, cfg.base_model_path, cfg.merge_prefix, cfg.layer_pattern, convert)
     else:
         models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
-    base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
+        base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
     found = reconcile(cfg, models, base)
     models, base = found.models, found.base
     outputs = {t.name: TensorInfo(models[0].path, t.dtype, t.shape, 0, 0) for t in found.tensors}
@@ -143,13 +143,9 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     weights = cfg.weights
     tasks = []
     resolved: dict[str, dict] = {}
-    if cfg.tensor_parameters:
-        from llm_merge.gradients import num_layers_of, tensor_params
-        from llm_merge.reconcile import read_model_config
-
-        num_layers = num_layers_of([t.name for t in found.tensors], read_model_config(models[0].path), cfg.layer_pattern)
+    params_of = _tensor_parameters(cfg, found, models)
     for tensor in found.tensors:
-        params = tensor_params(cfg, tensor.name, num_layers) if cfg.tensor_parameters and tensor.mergeable else None
+        params = params_of(tensor.name) if params_of and tensor.mergeable else None
         if params:
             resolved[tensor.name] = params
         for piece in tensor.pieces:
@@ -164,6 +160,29 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
         config_json = {**(config_json or read_model_config(models[0].path)), "num_hidden_layers": slice_layers(cfg.slices)}
     return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=config_json,
                      tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None)
+
+
+def _tensor_parameters(cfg: MergeConfig, found, models) -> Optional[Callable[[str], Optional[dict]]]:
+    """Per-tensor option values (gradients, filters, slice parameters) as a function of the tensor name, or None."""
+    from llm_merge.gradients import layer_t, num_layers_of, tensor_params
+    from llm_merge.names import embed_name, layer_index
+
+    if cfg.slices:
+        from llm_merge.slices import tensor_position
+
+        embed = embed_name(t.name for t in found.tensors)
+
+        def by_slice(name: str) -> Optional[dict]:
+            where = tensor_position(cfg.slices, cfg.base_model_path, name, layer_index(name, cfg.layer_pattern), name == embed)
+            return tensor_params(cfg, name, where.t, where.shared, where.per_model)
+
+        return by_slice
+    if not cfg.tensor_parameters:
+        return None
+    from llm_merge.reconcile import read_model_config
+
+    num_layers = num_layers_of([t.name for t in found.tensors], read_model_config(models[0].path), cfg.layer_pattern)
+    return lambda name: tensor_params(cfg, name, layer_t(name, num_layers, cfg.layer_pattern))
 
 
 def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig, weights: list[float]) -> TensorTask:

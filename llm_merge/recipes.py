@@ -40,11 +40,13 @@ _PER_MODEL = {
     "weight": (None, "weight_list", None, float),
     "density": ("reserve_p", "reserve_p_list", 1.0, float),
     "gamma": ("gamma", "gamma_list", 0.01, float),
-    # mergekit's epsilon is the half-spread of keep probabilities (density ± epsilon); ours the full spread
-    "epsilon": ("epsilon", "epsilon_list", 0.15, lambda v: 2.0 * float(v)),
+    "epsilon": ("epsilon", "epsilon_list", 0.15, float),  # with --semantics mergekit: density ± epsilon
 }
 _SHARED = {"normalize": "normalize", "rescale": "rescale", "lambda": "scale", "t": "slerp_alpha"}
 _IGNORED = {"int8_mask"}
+#: every parameter some mergekit method takes: others are typos (an error); these, when the method does not use them, a warning
+KNOWN_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
+                    "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "scale"}
 SUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough", *_GTA)
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
@@ -106,8 +108,6 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     method = recipe.get("merge_method")
     if method not in SUPPORTED_METHODS:
         raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
-    if "slices" in recipe:
-        return _slices_config(recipe, output_path, base_dir, options)
 
     def resolve_path(path: Optional[str]) -> Optional[str]:
         if path is None or base_dir is None or os.path.isabs(path) or os.path.exists(path):
@@ -116,15 +116,23 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         return str(candidate) if candidate.exists() else path
 
     base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
-    entries = recipe.get("models") or []
-    if not isinstance(entries, list):
-        raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
-    models = [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
-              for i, e in enumerate(entries)]
+    slices = None
+    if "slices" in recipe:
+        if recipe.get("models"):
+            raise ConfigError("recipe: give either models or slices, not both")
+        slices = _recipe_slices(recipe["slices"], resolve_path)
+        # the models flow below sees the first slice's sources; every slice's parameters go into cfg.slices
+        models = [(src["model"], {}) for src in slices[0]["sources"]]
+    else:
+        entries = recipe.get("models") or []
+        if not isinstance(entries, list):
+            raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
+        models = [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
+                  for i, e in enumerate(entries)]
     top = recipe.get("parameters") or {}
     if not isinstance(top, dict):
         raise ConfigError("recipe: parameters: expected a mapping")
-    values: dict[str, Any] = {"output_path": output_path}
+    values: dict[str, Any] = {"output_path": output_path, "semantics": "mergekit"}
     tensor_parameters: dict[str, Any] = {}
     # which parameters the method takes: shared (top-level) and per model
     if method in _GTA:
@@ -147,14 +155,11 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         per_model, shared = ("scale",), set()
         values.update(merge_method="passthrough")
 
-    for where, params in [("parameters", top)] + [(f"models[{i}].parameters", p) for i, (_, p) in enumerate(models)]:
-        if not isinstance(params, dict):
-            raise ConfigError(f"recipe: {where}: expected a mapping")
-        allowed = set(per_model) | (shared if where == "parameters" else set())
-        bad = sorted(set(params) - allowed)
-        if bad:
-            raise ConfigError(f"recipe: {where}: parameter(s) {', '.join(bad)} not used by merge_method {method}; "
-                              f"valid: {', '.join(sorted(allowed)) or 'none'}")
+    top = _used_parameters(top, "parameters", method, set(per_model) | shared)
+    models = [(path, _used_parameters(p, f"models[{i}].parameters", method, set(per_model)))
+              for i, (path, p) in enumerate(models)]
+    if slices is not None:
+        values["slices"] = _slice_options(slices, method, base, set(per_model), shared, top)
 
     # -- which checkpoints take part, and how
     if method == "slerp":
@@ -167,7 +172,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         models = [(base, {})] + others
     elif method == "passthrough":
         if base is not None or len(models) != 1:
-            raise ConfigError("recipe: passthrough copies exactly 1 model without base_model (slices are not supported)")
+            raise ConfigError("recipe: passthrough copies exactly 1 model (one source per slice) without base_model")
         values["model_path_list"] = [models[0][0]]
     elif method == "linear":
         if base is not None:
@@ -189,15 +194,10 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
             continue
         if name in _IGNORED:
             log.warning("recipe: parameter %s is accepted and ignored (computation is always float32)", name)
-        elif name == "filter_wise":
-            if setting:
-                raise ConfigError("recipe: model_stock filter_wise: true is not supported (per-tensor Model Stock only)")
-        elif name == "nuslerp_flatten":
-            if setting is not True:
-                raise ConfigError("recipe: nuslerp_flatten: false (row-wise NuSLERP) is not supported; only the flattened form")
-        elif name == "nuslerp_row_wise":
-            if setting:
-                log.warning("recipe: nuslerp_row_wise has no effect with nuslerp_flatten: true (as in mergekit)")
+        elif name in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise"):
+            if not isinstance(setting, bool):
+                raise ConfigError(f"recipe: parameters.{name}: expected true or false, got {setting!r}")
+            values["model_stock_filter_wise" if name == "filter_wise" else name] = setting
         else:
             option = _SHARED[name]
             if _is_scalar(setting):
@@ -220,8 +220,8 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         for i, (path, params) in enumerate(models):
             setting = params.get(name, top.get(name, default))
             if setting is None:
-                if method == "slerp":
-                    setting = 1.0
+                if slices is not None:
+                    setting = 1.0  # every tensor takes its slice's value (checked by _slice_options)
                 else:
                     raise ConfigError(f"recipe: models[{i}] ({path}): parameter {name} is required by {method}")
             settings.append(_map_setting(setting, fn))
@@ -247,6 +247,21 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     return config_from_dict(values, source="recipe")
 
 
+def _used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> dict:
+    """``params`` without those the method does not use (a warning, as mergekit ignores them); typos are an error."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"recipe: {where}: expected a mapping")
+    unknown = sorted(set(params) - KNOWN_PARAMETERS)
+    if unknown:
+        raise ConfigError(f"recipe: {where}: unknown parameter(s) {', '.join(unknown)}; "
+                          f"merge_method {method} takes: {', '.join(sorted(allowed)) or 'none'}")
+    unused = sorted(set(params) - allowed)
+    if unused:
+        log.warning("recipe: %s: parameter(s) %s not used by merge_method %s (%s); ignored, as mergekit does",
+                    where, ", ".join(unused), method, ", ".join(sorted(allowed)) or "no parameters")
+    return {k: v for k, v in params.items() if k in allowed}
+
+
 def _output_dtype(recipe: dict) -> dict[str, str]:
     """``{"output_dtype": ...}`` from the recipe's out_dtype (or dtype), or {}."""
     dtype = recipe.get("out_dtype") or recipe.get("dtype")
@@ -257,38 +272,64 @@ def _output_dtype(recipe: dict) -> dict[str, str]:
     return {"output_dtype": _DTYPES[dtype]}
 
 
-def _slices_config(recipe: dict, output_path: str, base_dir: Optional[Path], options: dict) -> MergeConfig:
-    """Layer stacking: passthrough slices with one source each."""
-    if recipe["merge_method"] != "passthrough":
-        raise ConfigError(f"recipe: slices are supported with merge_method passthrough only, not {recipe['merge_method']}")
-    for key in ("models", "base_model", "parameters"):
-        if recipe.get(key):
-            raise ConfigError(f"recipe: {key} cannot be combined with slices")
-    slices = recipe["slices"]
+def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional[str]]) -> list[dict]:
+    """The recipe's slices with model paths resolved (mergekit names for parameters still)."""
     if not isinstance(slices, list) or not slices:
-        raise ConfigError("recipe: slices: expected a list of {sources: [{model, layer_range}]}")
-    flat = []
+        raise ConfigError("recipe: slices: expected a list of {sources: [{model, layer_range}, ...]}")
+    out = []
     for i, s in enumerate(slices):
-        if not isinstance(s, dict) or set(s) != {"sources"}:
-            raise ConfigError(f"recipe: slices[{i}]: expected {{sources: [...]}}, got keys {sorted(s) if isinstance(s, dict) else s!r}")
-        sources = s["sources"]
-        if not isinstance(sources, list) or len(sources) != 1:
-            raise ConfigError(f"recipe: slices[{i}]: passthrough takes exactly 1 source per slice")
-        source = sources[0]
-        bad = sorted(set(source) - {"model", "layer_range"}) if isinstance(source, dict) else ["?"]
-        if bad:
-            raise ConfigError(f"recipe: slices[{i}].sources[0]: unsupported key(s) {', '.join(bad)}; valid: layer_range, model")
-        path = _model_path({"model": source.get("model")}, f"slices[{i}].sources[0]")
-        if base_dir is not None and not os.path.isabs(path) and not os.path.exists(path) and (base_dir / path).exists():
-            path = str(base_dir / path)
-        flat.append({"model": path, "layer_range": list(source.get("layer_range") or [])})
-    values: dict[str, Any] = {"output_path": output_path, "merge_method": "passthrough",
-                              "model_path_list": [flat[0]["model"]], "slices": flat}
-    values.update(_output_dtype(recipe))
-    if recipe.get("tokenizer_source") is not None:
-        raise ConfigError("recipe: tokenizer_source cannot be combined with slices")
-    values.update(options)
-    return config_from_dict(values, source="recipe")
+        if not isinstance(s, dict) or "sources" not in s or set(s) - {"sources", "parameters"}:
+            bad = sorted(set(s) - {"sources", "parameters"}) if isinstance(s, dict) else [repr(s)]
+            raise ConfigError(f"recipe: slices[{i}]: expected {{sources: [...], parameters: ...}}"
+                              + (f"; unsupported key(s) {', '.join(bad)}" if bad else ""))
+        if not isinstance(s["sources"], list) or not s["sources"]:
+            raise ConfigError(f"recipe: slices[{i}].sources: expected a non-empty list of {{model, layer_range}}")
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            where = f"slices[{i}].sources[{j}]"
+            bad = sorted(set(src) - {"model", "layer_range", "parameters"}) if isinstance(src, dict) else ["?"]
+            if bad:
+                raise ConfigError(f"recipe: {where}: unsupported key(s) {', '.join(bad)}; valid: layer_range, model, parameters")
+            sources.append({"model": resolve_path(_model_path({"model": src.get("model")}, where)),
+                            "layer_range": list(src.get("layer_range") or []), "parameters": src.get("parameters") or {}})
+        out.append({"sources": sources, "parameters": s.get("parameters") or {}})
+    return out
+
+
+#: mergekit parameter name -> llm_merge option name in a slice's or source's parameters
+_SLICE_NAMES = {"weight": "weight", "density": "reserve_p", "epsilon": "epsilon", "gamma": "gamma", "t": "slerp_alpha",
+                "lambda": "scale", "scale": "scale", "normalize": "normalize", "rescale": "rescale"}
+
+
+def _slice_options(slices: list[dict], method: str, base: Optional[str], per_model: set[str], shared: set[str],
+                   top: dict) -> list[dict]:
+    """cfg.slices: parameters renamed to llm_merge's; for slerp the base source first (it is input 0)."""
+    out = []
+    for i, s in enumerate(slices):
+        slice_params = _used_parameters(s["parameters"], f"slices[{i}].parameters", method, per_model | shared)
+        sources = []
+        for j, src in enumerate(s["sources"]):
+            own = _used_parameters(src["parameters"], f"slices[{i}].sources[{j}].parameters", method, per_model)
+            is_base = base is not None and os.path.normpath(src["model"]) == os.path.normpath(base)
+            if "weight" in per_model and method != "nuslerp" and not is_base and not any("weight" in p for p in (own, slice_params, top)):
+                raise ConfigError(f"recipe: slices[{i}].sources[{j}] ({src['model']}): parameter weight is required by {method}")
+            sources.append({"model": src["model"], "layer_range": src["layer_range"], "parameters": _renamed(own)})
+        if method == "passthrough":  # one source: its scale is the slice's
+            slice_params = {**slice_params, **{k: v for src in s["sources"] for k, v in src["parameters"].items()}}
+            sources = [{**src, "parameters": {}} for src in sources]
+        if method == "slerp":
+            sources.sort(key=lambda src: base is None or os.path.normpath(src["model"]) != os.path.normpath(base))
+        out.append({"sources": sources, "parameters": _renamed({k: v for k, v in slice_params.items() if k not in _IGNORED})})
+    return out
+
+
+def _renamed(params: dict) -> dict:
+    """mergekit parameter settings under llm_merge's option names (values of passthrough's scale etc. as floats)."""
+    out = {}
+    for name, setting in params.items():
+        if name in _SLICE_NAMES:
+            out[_SLICE_NAMES[name]] = _map_setting(setting, lambda v: v if isinstance(v, bool) else float(v))
+    return out
 
 
 def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
@@ -303,7 +344,10 @@ def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
     if cfg.base_model_path:
         lines += [f"Base model: `{cfg.base_model_path}`", ""]
     if cfg.slices:
-        lines += ["Layer slices:", ""] + [f"- `{s['model']}` layers {s['layer_range'][0]}..{s['layer_range'][1] - 1}" for s in cfg.slices]
+        from llm_merge.slices import check_slices
+
+        lines += ["Layer slices:", ""] + [
+            "- " + " + ".join(f"`{src.model}` layers {src.start}..{src.end - 1}" for src in s.sources) for s in check_slices(cfg.slices)]
     else:
         lines += ["Models:", ""] + [f"- `{m}`" for m in cfg.model_path_list]
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)

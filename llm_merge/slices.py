@@ -1,14 +1,26 @@
-"""``slices``: layer stacking (mergekit passthrough slices) as one virtual input checkpoint.
+"""``slices``: output layers built from layer ranges of the inputs (mergekit slices), for any merge method.
 
-Each slice is ``{"model": dir, "layer_range": [a, b]}``: layers a..b-1 of that model, renumbered
-to follow the previous slices. Tensors outside the layers come from the first slice's model for
-the input embeddings and from the last slice's model for everything else (final norm, lm_head),
-as mergekit takes pre-weights from the first slice and post-weights from the last.
+A slice is ``{"sources": [{"model": dir, "layer_range": [a, b], "parameters": {...}}, ...],
+"parameters": {...}}`` (the one-source shorthand ``{"model": dir, "layer_range": [a, b]}`` is
+accepted too). Every source of a slice spans the same number of layers; the slice's output
+layers are the merge of its sources, layer by layer, numbered after the previous slices'.
+
+Each merge input is one *virtual* checkpoint stacking the k-th input source of every slice
+(the source whose model is ``base_model_path`` is the base instead). Tensors outside the layers
+come from the first slice's sources for the input embeddings and from the last slice's for
+everything else (final norm, lm_head), as mergekit takes pre-weights from the first slice
+and post-weights from the last.
+
+``parameters`` use llm_merge's option names (weight, reserve_p, epsilon, gamma for one model;
+slerp_alpha, normalize, rescale, scale, ... for all) and take precedence, source over slice,
+over the config's values for the slice's layers; gradients run over each slice's own layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llm_merge.errors import ConfigError
@@ -16,42 +28,111 @@ from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 from llm_merge.names import compile_layer_pattern, embed_name
 
 
-def check_slices(slices: Any) -> list[tuple[str, int, int]]:
-    """(model, a, b) of every slice, or ConfigError."""
+@dataclass(frozen=True)
+class Source:
+    model: str
+    start: int
+    end: int
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slice:
+    sources: tuple[Source, ...]
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+
+def _source(entry: Any, where: str) -> Source:
+    if not isinstance(entry, dict) or not {"model", "layer_range"} <= set(entry) or set(entry) - {"model", "layer_range", "parameters"}:
+        raise ConfigError(f"{where}: expected {{model, layer_range[, parameters]}}, got {entry!r}")
+    r = entry["layer_range"]
+    if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1]):
+        raise ConfigError(f"{where}.layer_range: {r!r} must be [start, end] with 0 <= start < end")
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{where}.parameters: expected an object of {{option: value}}")
+    return Source(str(entry["model"]), r[0], r[1], parameters)
+
+
+def check_slices(slices: Any) -> list[Slice]:
+    """The slices in normal form, or ConfigError naming the bad entry."""
     if not isinstance(slices, list) or not slices:
-        raise ConfigError("slices: expected a non-empty list of {model: ..., layer_range: [start, end]}")
+        raise ConfigError("slices: expected a non-empty list of {sources: [{model, layer_range}, ...]}")
     out = []
     for i, s in enumerate(slices):
-        if not isinstance(s, dict) or set(s) != {"model", "layer_range"}:
-            raise ConfigError(f"slices[{i}]: expected exactly {{model, layer_range}}, got {s!r}")
-        r = s["layer_range"]
-        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1]):
-            raise ConfigError(f"slices[{i}].layer_range: {r!r} must be [start, end] with 0 <= start < end")
-        out.append((str(s["model"]), r[0], r[1]))
+        if isinstance(s, dict) and "sources" not in s:
+            out.append(Slice((_source(s, f"slices[{i}]"),)))
+            continue
+        if not isinstance(s, dict) or set(s) - {"sources", "parameters"} or not isinstance(s["sources"], list) or not s["sources"]:
+            raise ConfigError(f"slices[{i}]: expected {{sources: [...][, parameters]}}, got {s!r}")
+        sources = tuple(_source(e, f"slices[{i}].sources[{j}]") for j, e in enumerate(s["sources"]))
+        if len({src.end - src.start for src in sources}) != 1:
+            raise ConfigError(f"slices[{i}]: every source must span the same number of layers, got "
+                              f"{[[src.start, src.end] for src in sources]}")
+        parameters = s.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ConfigError(f"slices[{i}].parameters: expected an object of {{option: value}}")
+        out.append(Slice(sources, parameters))
     return out
 
 
+def _same_path(a: str, b: Optional[str]) -> bool:
+    return b is not None and os.path.normpath(a) == os.path.normpath(b)
+
+
+def split_sources(slices: list[Slice], base: Optional[str]) -> tuple[list[list[Source]], Optional[list[Source]]]:
+    """Per slice, the input sources (base removed) and the base source; ConfigError when they do not line up."""
+    inputs, bases = [], []
+    for i, s in enumerate(slices):
+        others = [src for src in s.sources if not _same_path(src.model, base)]
+        if base is not None:
+            found = [src for src in s.sources if _same_path(src.model, base)]
+            if len(found) != 1:
+                raise ConfigError(f"slices[{i}]: needs exactly one source from the base model {base}, found {len(found)}")
+            bases.append(found[0])
+        if inputs and len(others) != len(inputs[0]):
+            raise ConfigError(f"slices[{i}]: {len(others)} source(s) besides the base, slices[0] has {len(inputs[0])}; "
+                              "every slice must merge the same number of models")
+        inputs.append(others)
+    if not inputs[0]:
+        raise ConfigError("slices: no source besides the base model")
+    return inputs, (bases if base is not None else None)
+
+
 def num_layers(slices: Any) -> int:
-    return sum(b - a for _, a, b in check_slices(slices))
+    return sum(s.num_layers for s in check_slices(slices))
 
 
-def sliced_checkpoint(slices: Any, prefix: str, layer_pattern: str,
-                      convert: Optional[Callable] = None) -> Checkpoint:
-    """The stacked model as one Checkpoint whose tensor names are the output's."""
-    parts = check_slices(slices)
-    pattern = compile_layer_pattern(layer_pattern)
+def slice_checkpoints(slices: Any, base: Optional[str], prefix: str, layer_pattern: str,
+                      convert: Optional[Callable] = None) -> tuple[tuple[Checkpoint, ...], Optional[Checkpoint]]:
+    """The virtual input checkpoints (one per input position) and the virtual base (or None)."""
+    inputs, bases = split_sources(check_slices(slices), base)
     opened: dict[str, Checkpoint] = {}
-    for model, _, _ in parts:
-        if model not in opened:
-            opened[model] = open_checkpoint(model, prefix, convert)
-    first, last = opened[parts[0][0]], opened[parts[-1][0]]
+
+    def stack(sources: list[Source]) -> Checkpoint:
+        for src in sources:
+            if src.model not in opened:
+                opened[src.model] = open_checkpoint(src.model, prefix, convert)
+        return stacked_checkpoint([(opened[src.model], src.start, src.end) for src in sources], layer_pattern)
+
+    models = tuple(stack([per_slice[k] for per_slice in inputs]) for k in range(len(inputs[0])))
+    return models, (stack(bases) if bases is not None else None)
+
+
+def stacked_checkpoint(parts: list[tuple[Checkpoint, int, int]], layer_pattern: str) -> Checkpoint:
+    """One Checkpoint of layers a..b-1 of each part in turn, renumbered; embeddings from the first part, the rest from the last."""
+    pattern = compile_layer_pattern(layer_pattern)
+    first, last = parts[0][0], parts[-1][0]
     tensors = {}
     embed = embed_name(first.tensors)
     if embed is not None:
         tensors[embed] = first.tensors[embed]
     offset = 0
-    for model, a, b in parts:
-        checkpoint = opened[model]
+    for checkpoint, a, b in parts:
         found = set()
         for name, info in checkpoint.tensors.items():
             match = pattern.search(name)
@@ -64,9 +145,34 @@ def sliced_checkpoint(slices: Any, prefix: str, layer_pattern: str,
                 tensors[f"{name[:start]}{offset + j - a}{name[end:]}"] = info
         missing = sorted(set(range(a, b)) - found)
         if missing:
-            raise ConfigError(f"slices: {model} has no layer(s) {missing[:5]} of layer_range [{a}, {b}]")
+            raise ConfigError(f"slices: {checkpoint.path} has no layer(s) {missing[:5]} of layer_range [{a}, {b}]")
         offset += b - a
     for name, info in last.tensors.items():
         if pattern.search(name) is None and name != embed:
             tensors[name] = info
     return dataclasses.replace(first, tensors=tensors)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an output tensor sits for parameter resolution: gradient position and its slice's parameters."""
+
+    t: float
+    shared: dict  # slice-level settings
+    per_model: list[dict]  # each input's source settings
+
+
+def tensor_position(slices: Any, base: Optional[str], name: str, layer: Optional[int], is_embedding: bool) -> Position:
+    """Gradient position of an output tensor (t over its slice's layers; 0 outside the layers) and its slice's settings."""
+    normal = check_slices(slices)
+    inputs, _ = split_sources(normal, base)
+    if layer is None:
+        index, t = (0 if is_embedding else len(normal) - 1), 0.0
+    else:
+        index, offset = 0, layer
+        while index < len(normal) - 1 and offset >= normal[index].num_layers:
+            offset -= normal[index].num_layers
+            index += 1
+        count = normal[index].num_layers
+        t = offset / (count - 1) if count > 1 else 1.0
+    return Position(t, normal[index].parameters, [src.parameters for src in inputs[index]])

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import mergekit_reference as MK
 import reference as R
 from checkpoints import make_llama_family, read_checkpoint, write_checkpoint
 from conftest import REPO, run_mergekit
@@ -17,6 +18,7 @@ from llm_merge.config import MergeConfig, resolve
 from llm_merge.errors import ConfigError
 from llm_merge.gradients import evaluate, layer_t
 from llm_merge.methods import extra
+from llm_merge.methods import mergekit_sparsify as mks
 from llm_merge.recipes import recipe_to_config
 
 OPS = NumpyOps(False)
@@ -33,18 +35,24 @@ def test_task_arithmetic_is_weighted_sum_without_normalization():
 def test_breadcrumbs_drops_top_gamma_then_keeps_density():
     t = np.array([10.0, -9.0, 8.0, -7.0, 6.0, 5.0, -4.0, 3.0, 2.0, 1.0], np.float32)
     # n=10, gamma 0.1 -> drop the 1 largest (10); density 0.5 -> keep the next 5: -9, 8, -7, 6, 5
-    stats = extra.breadcrumbs_thresholds(t, reserve_p=0.5, gamma=0.1, rescale=False, ops=OPS)
-    assert stats["threshold"] == (5.0, 9.0) and stats["scale"] == 1.0
-    out = extra.breadcrumbs(t, ops=OPS, **stats)
+    stats = mks.breadcrumbs_selection(t, reserve_p=0.5, gamma=0.1, rescale=False, host=OPS, ops=OPS)
+    assert stats["scale"] == 1.0
+    out = mks.breadcrumbs(t, start=0, ops=OPS, **stats)
     np.testing.assert_array_equal(out, [0, -9, 8, -7, 6, 5, 0, 0, 0, 0])
     # rescale: L1 of all (55) over L1 kept (35)
-    stats = extra.breadcrumbs_thresholds(t, reserve_p=0.5, gamma=0.1, rescale=True, ops=OPS)
+    stats = mks.breadcrumbs_selection(t, reserve_p=0.5, gamma=0.1, rescale=True, host=OPS, ops=OPS)
     assert stats["scale"] == pytest.approx(55 / 35)
     # gamma reduced so that density is met (mergekit: n_bot = max(0, n - keep - top)): keep 9 -> drop only 1
-    assert extra.breadcrumbs_counts(0.9, 0.3, 10) == (1, 9)
+    assert mks.breadcrumbs_counts(0.9, 0.3, 10) == (0, 9)  # (n_bot, target): the 9 smallest
+    # int(), as mergekit: 0.29 * 100 is 28.999999999999996 -> 28 kept
+    assert mks.breadcrumbs_counts(0.29, 0.0, 100) == (72, 28)
+    # ties at both ends of the band: exactly 3 kept, the later equal entries at the low end, the earlier at the high end
+    tied = np.array([1, 2, 2, 2, 3, 3, 3], np.float32)
+    stats = mks.breadcrumbs_selection(tied, reserve_p=3 / 7, gamma=2 / 7, rescale=False, host=OPS, ops=OPS)
+    np.testing.assert_array_equal(mks.breadcrumbs(tied, start=0, ops=OPS, **stats), [0, 0, 2, 2, 3, 0, 0])
     # density 1: untouched, gamma ignored (as mergekit)
-    stats = extra.breadcrumbs_thresholds(t, reserve_p=1.0, gamma=0.1, rescale=True, ops=OPS)
-    np.testing.assert_array_equal(extra.breadcrumbs(t, ops=OPS, **stats), t)
+    stats = mks.breadcrumbs_selection(t, reserve_p=1.0, gamma=0.1, rescale=True, host=OPS, ops=OPS)
+    np.testing.assert_array_equal(mks.breadcrumbs(t, start=0, ops=OPS, **stats), t)
 
 
 def test_model_stock_ratio_by_hand():
@@ -56,10 +64,11 @@ def test_model_stock_ratio_by_hand():
     # three models: norms 1, pairwise dots 0.5, 0.5, 0.5 -> cos .5, t = 3*.5/(1+2*.5) = .75
     assert extra.model_stock_ratio((1.0, 1.0, 1.0, 0.5, 0.5, 0.5), 3) == pytest.approx(0.75)
     ys = [np.array([2.0, 0.0], np.float32), np.array([1.0, 1.0], np.float32)]
-    sums = extra.pairwise_sums(ys, ops=OPS)["sums"]  # norms 4, 2, dot 2 -> cos 1/sqrt2
+    opts = dict(model_stock_filter_wise=False, start=0, shape=(2,), ops=OPS)
+    sums = extra.model_stock_sums(ys, **opts)["sums"]  # norms 4, 2, dot 2 -> cos 1/sqrt2
     cos = 1 / math.sqrt(2)
     t = 2 * cos / (1 + cos)
-    np.testing.assert_allclose(extra.model_stock(ys, sums=sums, ops=OPS), t * np.array([1.5, 0.5]), rtol=1e-6)
+    np.testing.assert_allclose(extra.model_stock(ys, sums=sums, **opts), t * np.array([1.5, 0.5]), rtol=1e-6)
 
 
 def test_nuslerp_coefficients_by_hand():
@@ -153,7 +162,7 @@ def test_passthrough_copies_bytes_and_bad_configs(tmp_path):
 
 
 # --------------------------------------------------------------------------- recipe translation
-def test_recipe_translation_semantics():
+def test_recipe_translation_semantics(caplog):
     recipe = {"merge_method": "ties", "base_model": "B",
               "models": [{"model": "A", "parameters": {"weight": 1.0, "density": 0.5}},
                          {"model": "C", "parameters": {"weight": [0.2, 0.8], "density": 0.7}}],
@@ -167,17 +176,19 @@ def test_recipe_translation_semantics():
     assert (dare.normalize, dare.rescale, dare.reserve_p, dare.reserve_p_list) == (False, True, 0.5, None)
     della = recipe_to_config({"merge_method": "della", "base_model": "B", "parameters": {"weight": 1, "density": 0.5, "epsilon": 0.1},
                               "models": [{"model": "A"}, {"model": "C"}]}, "O")
-    assert della.epsilon == pytest.approx(0.2) and della.weight_list == [1.0, 1.0]
+    assert della.epsilon == pytest.approx(0.1) and della.weight_list == [1.0, 1.0] and della.semantics == "mergekit"
     slerp = recipe_to_config({"merge_method": "slerp", "base_model": "B", "models": [{"model": "B"}, {"model": "A"}],
                               "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]}}, "O")
     assert slerp.model_path_list == ["B", "A"] and slerp.base_model_path is None and "slerp_alpha" in slerp.tensor_parameters
-    for bad, match in [({"merge_method": "ties", "base_model": "B", "models": [], "slices": []}, "slices"),
+    with caplog.at_level("WARNING"):  # a parameter another method takes: ignored with a warning, as mergekit ignores it
+        linear = recipe_to_config({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1, "density": 0.5}}]}, "O")
+    assert linear.weight_list == [1.0] and "density" in caplog.text
+    for bad, match in [({"merge_method": "ties", "base_model": "B", "models": [{"model": "A"}], "slices": [{}]}, "slices"),
                        ({"merge_method": "karcher", "models": []}, "karcher"),
                        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"wieght": 1}}]}, "wieght"),
-                       ({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1, "density": 0.5}}]}, "density"),
                        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A"}]}, "weight is required"),
                        ({"merge_method": "nuslerp", "models": [{"model": "A", "parameters": {"weight": 1}}, {"model": "C", "parameters": {"weight": 1}}],
-                         "parameters": {"nuslerp_flatten": False}}, "nuslerp_flatten")]:
+                         "parameters": {"nuslerp_flatten": "no"}}, "nuslerp_flatten")]:
         with pytest.raises(ConfigError, match=match):
             recipe_to_config(bad, "O")
 
@@ -226,19 +237,19 @@ def test_recipe_slerp_gradient(tmp_path, fam):
 def test_recipe_ties_per_model_density(tmp_path, fam):
     got, record = _recipe(tmp_path, fam, "ties")
     assert record["reserve_p_list"] == [0.5, 0.25] and record["normalize"] and not record["rescale"]
-    for name in _floats(fam):
-        b = fam.base[name]
-        ys = [R.trim(fam.models[0][name] - b, 0.5, rescale=False), R.trim(fam.models[1][name] - b, 0.25, rescale=False)]
-        _close(got, b + R.ties(ys, [1.0, 0.5]), name)
+    for name in _floats(fam):  # mergekit's magnitude: int(density * n) entries kept
+        ref = MK.gta(name, [m[name] for m in fam.models], fam.base[name], method="ties", weights=[1.0, 0.5],
+                     density=[0.5, 0.25], normalize=True, rescale=False)
+        _close(got, ref, name)
 
 
 def test_recipe_dare_ties(tmp_path, fam):
     got, record = _recipe(tmp_path, fam, "dare_ties")
     assert (record["normalize"], record["rescale"], record["reserve_p"]) == (False, True, 0.5)
-    for name in _floats(fam):
-        b = fam.base[name]
-        ys = [R.dare(fam.models[i][name] - b, 0.5, rescale=True, seed=42, tensor_name=name, model_index=i) for i in range(2)]
-        _close(got, b + R.ties(ys, [0.6, 0.4], normalize=False), name)
+    for name in _floats(fam):  # mergekit's random: the L1 norm restored, not 1/density
+        ref = MK.gta(name, [m[name] for m in fam.models], fam.base[name], method="dare_ties", weights=[0.6, 0.4],
+                     density=[0.5, 0.5], normalize=False, rescale=True)
+        _close(got, ref, name)
 
 
 def test_recipe_task_arithmetic(tmp_path, fam):
@@ -325,8 +336,6 @@ def test_recipe_passthrough_slices(tmp_path, fam):
     assert set(got) == set(expected)
     for name, x in expected.items():
         np.testing.assert_array_equal(got[name], x, err_msg=name)
-    with pytest.raises(ConfigError, match="passthrough only"):
-        recipe_to_config({"merge_method": "ties", "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]}, "O")
 
 
 def test_recipe_writes_model_card(tmp_path, fam):
@@ -347,3 +356,54 @@ def test_no_model_card(tmp_path, fam):
     result = run_mergekit(recipe, tmp_path / "out", "--quiet", "--no_model_card")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "out" / "README.md").exists()
+
+
+def _rows_slerp(v0, v1, t, dim):
+    """mergekit's nuslerp(flatten=False) by hand: vectors along the last dim (dim -1) or dim 0."""
+    v0, v1 = v0.astype(np.float64), v1.astype(np.float64)
+    if v0.ndim < 2:
+        v0, v1 = v0[None], v1[None]
+        squeeze = True
+    else:
+        squeeze = False
+    if dim == 0:
+        v0, v1 = v0.T, v1.T
+    out = np.empty_like(v0)
+    for r in range(v0.shape[0]):
+        a, b = v0[r], v1[r]
+        cos = np.clip(np.dot(a / max(np.linalg.norm(a), 1e-7), b / max(np.linalg.norm(b), 1e-7)), -1, 1)
+        if 1 - cos * cos <= 1e-16:
+            out[r] = (1 - t) * a + t * b
+        else:
+            theta = math.acos(cos)
+            out[r] = (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+    if dim == 0:
+        out = out.T
+    return out[0] if squeeze else out
+
+
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_nuslerp_per_row_and_per_column(tmp_path, row_wise):
+    base, models, dirs = _tiny(tmp_path)
+    got, _ = _run(tmp_path, dirs, merge_method="nuslerp", weight_list=[1.0, 3.0], nuslerp_flatten=False, nuslerp_row_wise=row_wise)
+    for name, b in base.items():
+        ref = b + _rows_slerp(models[0][name] - b, models[1][name] - b, 0.75, 0 if row_wise else -1)
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_model_stock_filter_wise(tmp_path):
+    base, models, dirs = _tiny(tmp_path, n=3)
+    got, _ = _run(tmp_path, dirs, merge_method="model_stock", model_stock_filter_wise=True)
+    for name, b in base.items():
+        b2 = b.astype(np.float64).reshape(-1, b.shape[-1])
+        ws = [m[name].astype(np.float64).reshape(b2.shape) for m in models]
+        offsets = [w - b2 for w in ws]
+        cos = []
+        for i in range(3):
+            for j in range(i + 1, 3):
+                norm = np.linalg.norm(offsets[i], axis=-1) * np.linalg.norm(offsets[j], axis=-1)
+                cos.append(np.clip((offsets[i] * offsets[j]).sum(-1) / np.maximum(norm, 1e-6), -1, 1))
+        c = np.mean(cos, axis=0)[:, None]
+        t = 3 * c / (1 + 2 * c)
+        ref = t * sum(ws) / 3 + (1 - t) * b2
+        np.testing.assert_allclose(got[name], ref.reshape(b.shape), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -1,4 +1,4 @@
-"""mergekit's other methods: task arithmetic, breadcrumbs, Model Stock, NuSLERP, passthrough.
+"""mergekit's other merge methods: task arithmetic, Model Stock, NuSLERP, passthrough.
 
 Same contract as ``sparsify.py`` / ``merge.py``: float32 chunks in, a new chunk
 out; whole-tensor statistics come from a registered ``prepare`` (one model's full
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 
-from llm_merge.methods.registry import register
+import numpy as np
 
-#: mergekit's tolerance below which an L1 rescale is skipped (sparsify.rescaled_masked_tensor).
-RESCALE_EPS = 1e-7
+from llm_merge.methods.registry import register
 
 
 @register("merge", "task_arithmetic")
@@ -25,98 +24,109 @@ def task_arithmetic(ys, *, weight_list, ops):
     return total
 
 
-def breadcrumbs_counts(reserve_p: float, gamma: float, numel: int) -> tuple[int, int]:
-    """(n_top, n_keep) as mergekit's magnitude_outliers: n_keep = ⌊p·n⌋ entries kept after dropping the n_top largest.
+def vector_groups(start: int, count: int, shape: tuple[int, ...], mode: str):
+    """Which vector each element of a chunk belongs to: (ids, how many), or None for the whole tensor.
 
-    n_top = ⌊gamma·n⌋, reduced so that n_keep entries remain (mergekit: n_bot = max(0, n - n_keep - n_top)).
+    ``mode``: "tensor" (one vector), "last" (vectors along the last dimension, one per row),
+    "first" (vectors along dimension 0, as mergekit's transpose(0, -1)).
     """
-    n_keep = int(round(reserve_p * numel, 6) // 1)
-    n_top = int(round(gamma * numel, 6) // 1)
-    n_top = min(n_top, numel - n_keep)
-    return n_top, n_keep
+    if mode == "tensor" or len(shape) < 2:
+        return None
+    index = np.arange(start, start + count, dtype=np.int64)
+    numel = math.prod(shape)
+    if mode == "last":
+        return index // shape[-1], numel // shape[-1]
+    inner = numel // shape[0]
+    return index % inner, inner
 
 
-def breadcrumbs_thresholds(t, *, reserve_p, gamma, rescale, ops):
-    """Magnitude band [low, high] of the kept entries, and the L1 rescale factor."""
-    n = t.size
-    if reserve_p >= 1.0 or n == 0:
-        return {"threshold": (0.0, math.inf), "scale": 1.0}
-    n_top, n_keep = breadcrumbs_counts(reserve_p, gamma, n)
-    if n_keep == 0:
-        return {"threshold": (math.inf, -math.inf), "scale": 1.0}
-    magnitude = ops.abs(t)
-    high = ops.kth_largest(magnitude, n_top + 1)
-    low = ops.kth_largest(magnitude, n_top + n_keep)
-    scale = 1.0
-    if rescale:
-        before = ops.sum64(magnitude)
-        after = ops.sum64(ops.where((magnitude >= low) & (magnitude <= high), magnitude, 0.0))
-        if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            scale = before / after
-    return {"threshold": (float(low), float(high)), "scale": scale}
+def _pairwise(ys, groups, ops) -> tuple:
+    """Squared norms of every input, then the dot products of every pair (i < j): scalars, or one per vector group."""
+    pairs = [(i, i) for i in range(len(ys))] + [(i, j) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+    if groups is None:
+        return tuple(ops.dot64(ys[i], ys[j]) for i, j in pairs)
+    ids, count = groups
+    xs = [ops.to_numpy(y).astype(np.float64) for y in ys]
+    return tuple(np.bincount(ids, weights=xs[i] * xs[j], minlength=count) for i, j in pairs)
 
 
-@register("sparsify", "breadcrumbs", prepare=breadcrumbs_thresholds)
-def breadcrumbs(t, *, threshold, scale, ops):
-    """Model Breadcrumbs: drop the gamma fraction of largest |t| and keep the next reserve_p fraction (ties at a bound kept)."""
-    low, high = threshold
-    magnitude = ops.abs(t)
-    kept = ops.where((magnitude >= low) & (magnitude <= high), t, 0.0)
-    return kept * ops.float32(scale) if scale != 1.0 else kept
+def _combine(ys, coefficients, groups, ops):
+    """Σ c_k · y_k with scalar coefficients, or one coefficient per vector group."""
+    if groups is None:
+        total = ys[0] * ops.float32(coefficients[0])
+        for y, c in zip(ys[1:], coefficients[1:]):
+            total += y * ops.float32(c)
+        return total
+    ids, _ = groups
+    xs = [ops.to_numpy(y) for y in ys]
+    total = xs[0] * np.asarray(coefficients[0], np.float32)[ids]
+    for x, c in zip(xs[1:], coefficients[1:]):
+        total += x * np.asarray(c, np.float32)[ids]
+    return ops.from_numpy(total)
 
 
-def pairwise_sums(ys, *, ops):
-    """Squared norms of every input, then the dot products of every pair (i < j), as additive sums."""
-    norms = tuple(ops.dot64(y, y) for y in ys)
-    dots = tuple(ops.dot64(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys)))
-    return {"sums": norms + dots}
+def _model_stock_mode(model_stock_filter_wise: bool) -> str:
+    return "last" if model_stock_filter_wise else "tensor"
 
 
-def model_stock_ratio(sums, count: int) -> float:
+def model_stock_sums(ys, *, model_stock_filter_wise, start, shape, ops):
+    """Squared norms and pairwise dots of the task vectors: whole tensor, or per row with filter_wise."""
+    return {"sums": _pairwise(ys, vector_groups(start, ys[0].size, shape, _model_stock_mode(model_stock_filter_wise)), ops)}
+
+
+def model_stock_ratio(sums, count: int):
     """Model Stock's t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors (0 when singular)."""
-    norms = [math.sqrt(s) for s in sums[:count]]
+    norms = [np.sqrt(np.asarray(s, np.float64)) for s in sums[:count]]
     cosines, k = [], count
     for i in range(count):
         for j in range(i + 1, count):
-            cosine = sums[k] / max(norms[i] * norms[j], 1e-6)
-            cosines.append(min(1.0, max(-1.0, cosine)))
+            cosines.append(np.clip(sums[k] / np.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0))
             k += 1
     cos = sum(cosines) / len(cosines)
     denominator = 1 + (count - 1) * cos
-    return 0.0 if abs(denominator) < 1e-6 else count * cos / denominator
+    singular = np.abs(denominator) < 1e-6
+    return np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator))
 
 
-@register("merge", "model_stock", reduce=pairwise_sums)
-def model_stock(ys, *, sums, ops):
-    """Model Stock: t·mean(t_i) (the engine adds the base: t·mean(x_i) + (1−t)·b)."""
-    t = model_stock_ratio(sums, len(ys))
-    total = ops.zeros_like(ys[0])
-    for y in ys:
-        total += y
-    return total * ops.float32(t / len(ys))
+@register("merge", "model_stock", reduce=model_stock_sums)
+def model_stock(ys, *, sums, model_stock_filter_wise, start, shape, ops):
+    """Model Stock: t·mean(t_i) (the engine adds the base: t·mean(x_i) + (1−t)·b); t per tensor or per row."""
+    t = model_stock_ratio(sums, len(ys)) / len(ys)
+    groups = vector_groups(start, ys[0].size, shape, _model_stock_mode(model_stock_filter_wise))
+    return _combine(ys, [t if groups is not None else float(t)] * len(ys), groups, ops)
 
 
-def nuslerp_coefficients(sums, weight_list) -> tuple[float, float]:
-    """mergekit nuslerp (flattened): t = w_1/(w_0+w_1) (0.5 when that sum is ~0), coefficients of y_0 and y_1."""
+def _nuslerp_mode(nuslerp_flatten: bool, nuslerp_row_wise: bool) -> str:
+    return "tensor" if nuslerp_flatten else "first" if nuslerp_row_wise else "last"
+
+
+def nuslerp_sums(ys, *, nuslerp_flatten, nuslerp_row_wise, start, shape, ops):
+    """Squared norms and dot of the two inputs: whole tensor, or per row / per column."""
+    return {"sums": _pairwise(ys, vector_groups(start, ys[0].size, shape, _nuslerp_mode(nuslerp_flatten, nuslerp_row_wise)), ops)}
+
+
+def nuslerp_coefficients(sums, weight_list):
+    """mergekit nuslerp: t = w_1/(w_0+w_1) (0.5 when that sum is ~0); coefficients of y_0 and y_1 (per vector)."""
     total = weight_list[0] + weight_list[1]
     t = 0.5 if abs(total) < 1e-6 else weight_list[1] / total
-    sq0, sq1, dot = sums[0], sums[1], sums[2]
-    cosine = dot / (max(math.sqrt(sq0), 1e-7) * max(math.sqrt(sq1), 1e-7))
-    cosine = min(1.0, max(-1.0, cosine))
-    if 1 - cosine * cosine <= 1e-16:
-        return 1.0 - t, t
-    theta = math.acos(cosine)
-    sin_theta = math.sin(theta)
-    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    sq0, sq1, dot = (np.asarray(v, np.float64) for v in sums[:3])
+    cosine = np.clip(dot / (np.maximum(np.sqrt(sq0), 1e-7) * np.maximum(np.sqrt(sq1), 1e-7)), -1.0, 1.0)
+    colinear = 1 - cosine * cosine <= 1e-16
+    theta = np.arccos(np.where(colinear, 0.0, cosine))
+    sin_theta = np.where(colinear, 1.0, np.sin(theta))
+    c0 = np.where(colinear, 1.0 - t, np.sin((1.0 - t) * theta) / sin_theta)
+    c1 = np.where(colinear, t, np.sin(t * theta) / sin_theta)
+    return c0, c1
 
 
-@register("merge", "nuslerp", reduce=pairwise_sums)
-def nuslerp(ys, *, sums, weight_list, ops):
-    """NuSLERP over the whole (flattened) tensor, t from the two weights."""
+@register("merge", "nuslerp", reduce=nuslerp_sums)
+def nuslerp(ys, *, sums, weight_list, nuslerp_flatten, nuslerp_row_wise, start, shape, ops):
+    """NuSLERP, t from the two weights: over the whole tensor, or per row (per column with nuslerp_row_wise)."""
+    groups = vector_groups(start, ys[0].size, shape, _nuslerp_mode(nuslerp_flatten, nuslerp_row_wise))
     c0, c1 = nuslerp_coefficients(sums, weight_list)
-    total = ys[0] * ops.float32(c0)
-    total += ys[1] * ops.float32(c1)
-    return total
+    if groups is None:
+        c0, c1 = float(c0), float(c1)
+    return _combine(ys, [c0, c1], groups, ops)
 
 
 @register("merge", "passthrough")

@@ -4,9 +4,11 @@ A function is registered with ``@register(kind, name)``. Its keyword-only
 parameters are bound by name by the engine from: MergeConfig fields, the
 values returned by its ``prepare`` (sparsify: whole-tensor statistics such as a
 threshold; arrays of one value per element are sliced to the chunk) or
-``reduce`` (merge: sums over all chunks), and ``ops`` (the array backend),
-``rng`` (counter-based random draws for this chunk) and ``numel`` (elements in
-the whole tensor).
+``reduce`` (merge: sums over all chunks), and the engine's values: ``ops`` (the
+array backend), ``host`` (NumPy ops, for statistics computed on the CPU), ``rng``
+(counter-based random draws for this chunk), ``rng_at(offset)`` (host draws of the
+same stream from any element offset), ``numel`` and ``shape`` (of the whole tensor)
+and ``start`` (element offset of the chunk).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from llm_merge.errors import MergeError
 
 KINDS = ("sparsify", "merge")
 #: Parameters supplied by the engine rather than by MergeConfig.
-ENGINE_PARAMS = frozenset({"ops", "rng", "numel"})
+ENGINE_PARAMS = frozenset({"ops", "host", "rng", "rng_at", "numel", "start", "shape"})
 
 
 @dataclass(frozen=True)

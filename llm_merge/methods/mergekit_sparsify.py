@@ -1,0 +1,234 @@
+"""mergekit's sparsifiers (``--semantics mergekit``, the default of YAML recipes).
+
+They differ from the PaddleNLP ones in ``sparsify.py`` as mergekit 0.1.5's ``sparsify.py`` does:
+
+* ``magnitude`` (ties): keeps exactly k = max(1, int(density·n)) entries of largest |t|,
+  not every entry >= the k-th value with k = ceil(density·n); ``breadcrumbs`` (mergekit only)
+  likewise keeps exactly int(density·n) entries. Both select positions of the ascending order
+  of |t| with ties in index order (torch's argsort leaves the order of ties unspecified);
+* ``random`` (dare_ties, dare_linear): the same Bernoulli(density) draws as ``dare``;
+* ``della_magprune`` (della, della_linear): ranks |t| within each row (dim 1; a 1-D tensor is one
+  row), keep probability (density − ε) + 2ε·rank/(row length − 1) from the smallest entry to the
+  largest, where PaddleNLP ranks over the whole tensor;
+* with ``rescale``, all three multiply the kept entries by ‖t‖₁ / ‖kept‖₁ (skipped when either is
+  below 1e-7), where PaddleNLP divides by the keep probability.
+
+Whole-tensor statistics are computed on the host (NumPy) in 1M-element pieces; random draws
+use the counter-based streams of ``llm_merge.methods.random``, so results do not depend on
+chunking, worker count or backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from llm_merge.methods.registry import register
+
+#: mergekit's tolerance below which an L1 rescale is skipped (sparsify.rescaled_masked_tensor).
+RESCALE_EPS = 1e-7
+#: Elements per piece of the statistics passes.
+_STEP = 1 << 20
+
+
+def l1_rescale_factor(before: float, after: float) -> float:
+    """mergekit's ``rescaled_masked_tensor`` (L1): before / after, or 1 when either is below 1e-7."""
+    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
+
+
+def magnitude_count(reserve_p: float, numel: int) -> int:
+    """mergekit's k = max(1, int(density · n)) (truncating, as mergekit does)."""
+    return max(1, int(reserve_p * numel))
+
+
+def breadcrumbs_counts(reserve_p: float, gamma: float, numel: int) -> tuple[int, int]:
+    """mergekit's magnitude_outliers: (n_bot, target) — keep ascending positions [n_bot, n_bot + target).
+
+    target = int(density·n) entries are kept after dropping the int(gamma·n) largest; the outlier
+    drop shrinks when needed so that target entries remain (n_bot = max(0, n − target − n_top)).
+    """
+    target, n_top = int(reserve_p * numel), int(gamma * numel)
+    return max(0, numel - target - n_top), target
+
+
+def band_selection(magnitude: np.ndarray, low_pos: int, high_pos: int, host) -> tuple[float, int, float, int]:
+    """Entries at positions [low_pos, high_pos) of the ascending order of ``magnitude`` (ties: lower index first).
+
+    Returned as (low, low_cut, high, high_cut): keep an entry iff it is above ``low`` (or equal
+    with index >= low_cut) and below ``high`` (or equal with index < high_cut); see ``band_mask``.
+    """
+    n = magnitude.size
+    low = float(host.kth_largest(magnitude, n - low_pos))  # the value at ascending position low_pos
+    high = float(host.kth_largest(magnitude, n - high_pos + 1))  # ... at high_pos - 1
+    below_low = below_high = 0
+    for s in range(0, n, _STEP):
+        piece = magnitude[s : s + _STEP]
+        below_low += int(np.count_nonzero(piece < low))
+        below_high += int(np.count_nonzero(piece < high))
+    dropped = low_pos - below_low  # entries equal to ``low`` that come before the band
+    low_cut = _nth_equal_end(magnitude, low, dropped) if dropped else 0
+    high_cut = _nth_equal_end(magnitude, high, high_pos - below_high)
+    return low, low_cut, high, high_cut
+
+
+def band_mask(magnitude: np.ndarray, start: int, selection: tuple[float, int, float, int]) -> np.ndarray:
+    """Kept entries of the chunk at element offset ``start`` (see ``band_selection``)."""
+    low, low_cut, high, high_cut = selection
+    above = magnitude > low
+    first = max(0, low_cut - start)
+    if first < magnitude.size:
+        above[first:] |= magnitude[first:] == low
+    below = magnitude < high
+    last = min(magnitude.size, high_cut - start)
+    if last > 0:
+        below[:last] |= magnitude[:last] == high
+    return above & below
+
+
+def _nth_equal_end(values: np.ndarray, target: float, nth: int) -> int:
+    """One past the index of the ``nth`` (1-based) entry equal to ``target``."""
+    seen = 0
+    for s in range(0, values.size, _STEP):
+        equal = values[s : s + _STEP] == target
+        count = int(np.count_nonzero(equal))
+        if seen + count >= nth:
+            return s + int(np.flatnonzero(equal)[nth - seen - 1]) + 1
+        seen += count
+    raise AssertionError("fewer entries equal to an order statistic than counted")
+
+
+def _band_stats(t, low_pos: int, high_pos: int, rescale: bool, host, ops) -> dict:
+    """Band selection of |t| and its L1 rescale factor (1 without rescale)."""
+    magnitude = np.abs(ops.to_numpy(t).ravel())
+    selection = band_selection(magnitude, low_pos, high_pos, host)
+    scale = 1.0
+    if rescale:
+        before = after = 0.0
+        for s in range(0, magnitude.size, _STEP):
+            piece = magnitude[s : s + _STEP]
+            before += float(np.sum(piece, dtype=np.float64))
+            after += float(np.sum(piece, where=band_mask(piece, s, selection), dtype=np.float64))
+        scale = l1_rescale_factor(before, after)
+    return {"selection": selection, "scale": scale}
+
+
+def _apply_band(t, selection, scale, start, ops):
+    if selection is None:
+        return t
+    x = ops.to_numpy(t)
+    kept = np.where(band_mask(np.abs(x), start, selection), x, np.float32(0.0))
+    if scale != 1.0:
+        kept *= np.float32(scale)
+    return ops.from_numpy(kept)
+
+
+def magnitude_selection(t, *, reserve_p, rescale, host, ops):
+    """The k largest |t| (the last k of the ascending order) and the L1 rescale factor."""
+    n = t.size
+    if reserve_p >= 1.0 or n == 0:
+        return {"selection": None, "scale": 1.0}
+    return _band_stats(t, n - magnitude_count(reserve_p, n), n, rescale, host, ops)
+
+
+@register("sparsify", "magnitude", prepare=magnitude_selection)
+def magnitude(t, *, selection, scale, start, ops):
+    """mergekit magnitude: keep the k largest |t| (k = max(1, int(density·n))), times the L1 rescale factor."""
+    return _apply_band(t, selection, scale, start, ops)
+
+
+def breadcrumbs_selection(t, *, reserve_p, gamma, rescale, host, ops):
+    """The band of |t| kept by Model Breadcrumbs and the L1 rescale factor."""
+    n = t.size
+    if reserve_p >= 1.0 or n == 0:
+        return {"selection": None, "scale": 1.0}
+    n_bot, target = breadcrumbs_counts(reserve_p, gamma, n)
+    if target == 0:
+        return {"selection": (np.inf, 0, -np.inf, 0), "scale": 1.0}
+    return _band_stats(t, n_bot, n_bot + target, rescale, host, ops)
+
+
+@register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection)
+def breadcrumbs(t, *, selection, scale, start, ops):
+    """Model Breadcrumbs: drop the gamma fraction of largest |t|, keep the next int(density·n), times the L1 factor."""
+    return _apply_band(t, selection, scale, start, ops)
+
+
+def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
+    """L1 rescale factor of the Bernoulli(density) mask (the mask is redrawn, identically, in the apply pass)."""
+    if reserve_p >= 1.0 or not rescale:
+        return {"scale": 1.0}
+    x = ops.to_numpy(t).ravel()
+    before = after = 0.0
+    for s in range(0, x.size, _STEP):
+        piece = np.abs(x[s : s + _STEP])
+        keep = rng_at(s).keep(reserve_p, piece.size)
+        before += float(np.sum(piece, dtype=np.float64))
+        after += float(np.sum(piece, where=keep, dtype=np.float64))
+    return {"scale": l1_rescale_factor(before, after)}
+
+
+@register("sparsify", "random", prepare=bernoulli_rescale)
+def random(t, *, reserve_p, scale, rng, ops):
+    """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
+    if reserve_p >= 1.0:
+        return t
+    kept = ops.where(rng.keep(reserve_p, t.size), t, 0.0)
+    return kept * ops.float32(scale) if scale != 1.0 else kept
+
+
+def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(rows, row length, rest) view ranked along axis 1, as mergekit's argsort(dim=1) (1-D: one row)."""
+    if len(shape) < 2:
+        return x.reshape(1, -1, 1)
+    return x.reshape(shape[0], shape[1], -1)
+
+
+def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops):
+    """Per-entry keep probability from the entry's magnitude rank in its row, and the L1 rescale factor."""
+    if reserve_p >= 1.0:
+        return {"keep_prob": None, "scale": 1.0}
+    x = ops.to_numpy(t).ravel()
+    rows = _row_view(x, tuple(shape))
+    length = rows.shape[1]
+    per_row = length * rows.shape[2]
+    block = max(1, _STEP // max(per_row, 1))
+    positions = np.arange(length, dtype=np.float64).reshape(1, -1, 1)
+    # rank_norm = (rank - min) / (max - min); a row of one entry has no spread (mergekit: 0/0), use the middle
+    rank_norm = positions / (length - 1) if length > 1 else np.full_like(positions, 0.5)
+    probs = np.empty(x.size, dtype=np.float32)
+    before = after = 0.0
+    for r in range(0, rows.shape[0], block):
+        size = np.abs(rows[r : r + block])
+        order = np.argsort(size, axis=1, kind="stable")  # ascending: the smallest entry gets density - epsilon
+        piece = np.empty(size.shape, dtype=np.float64)
+        np.put_along_axis(piece, order, np.broadcast_to(rank_norm, size.shape), axis=1)
+        piece *= 2.0 * epsilon
+        piece += reserve_p - epsilon
+        s = r * per_row
+        out = probs[s : s + piece.size]
+        out[:] = piece.ravel()
+        if rescale:
+            keep = rng_at(s).keep(out, out.size)
+            flat = size.ravel()
+            before += float(np.sum(flat, dtype=np.float64))
+            after += float(np.sum(flat, where=keep, dtype=np.float64))
+    return {"keep_prob": probs, "scale": l1_rescale_factor(before, after) if rescale else 1.0}
+
+
+@register("sparsify", "della_magprune", prepare=row_keep_probabilities)
+def della_magprune(t, *, keep_prob, scale, rng, ops):
+    """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
+    if keep_prob is None:
+        return t
+    kept = ops.where(rng.keep(keep_prob, t.size), t, 0.0)
+    return kept * ops.float32(scale) if scale != 1.0 else kept
+
+
+def check_della_range(reserve_p: float, epsilon: float) -> Optional[str]:
+    """mergekit's condition on della's density and epsilon, as an error message (None: fine)."""
+    if reserve_p >= 1.0 or (reserve_p - epsilon > 0 and reserve_p + epsilon < 1):
+        return None
+    return (f"density {reserve_p:g} with epsilon {epsilon:g}: mergekit's della needs density - epsilon > 0 and "
+            f"density + epsilon < 1 (every keep probability in (0, 1))")
+
