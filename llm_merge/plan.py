@@ -158,8 +158,24 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
         from llm_merge.slices import num_layers as slice_layers
 
         config_json = {**(config_json or read_model_config(models[0].path)), "num_hidden_layers": slice_layers(cfg.slices)}
+    config_json = _with_output_dtype(config_json, models[0].path, out_dtypes)
     return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=config_json,
                      tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None)
+
+
+_CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _with_output_dtype(config_json: Optional[dict], source: Path, out_dtypes: dict[str, str]) -> Optional[dict]:
+    """config.json with ``torch_dtype`` / ``dtype`` naming the output's float dtype, when the source's says otherwise."""
+    from llm_merge.reconcile import read_model_config
+
+    floats = {_CONFIG_DTYPES[d] for d in out_dtypes.values() if d in _CONFIG_DTYPES}
+    config = config_json if config_json is not None else read_model_config(source)
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str)]
+    if len(floats) != 1 or not keys or all(config[k] == next(iter(floats)) for k in keys):
+        return config_json
+    return {**config, **{k: next(iter(floats)) for k in keys}}
 
 
 def _tensor_parameters(cfg: MergeConfig, found, models) -> Optional[Callable[[str], Optional[dict]]]:

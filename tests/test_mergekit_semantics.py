@@ -123,3 +123,14 @@ def test_semantics_selects_sparsifier():
         cfg = resolve(MergeConfig(model_path_list=["a"], base_model_path="b", output_path="o", merge_method=method,
                                   semantics="mergekit", reserve_p=0.5, epsilon=0.1))
         assert cfg.sparsify_type == sparsify
+
+
+def test_config_json_names_the_output_dtype(tmp_path):
+    base, models, dirs = _family(tmp_path, n=1)
+    for d in dirs:
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32", "dtype": "float32"}))
+    out = tmp_path / "o"
+    merge(MergeConfig(model_path_list=[str(dirs[1])], base_model_path=str(dirs[0]), output_path=str(out), quiet=True,
+                      merge_method="ties", semantics="mergekit", output_dtype="bfloat16"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["torch_dtype"], config["dtype"], config["model_type"]) == ("bfloat16", "bfloat16", "llama")
