@@ -152,6 +152,10 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
             task = _piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights)
             tasks.append(dataclasses.replace(task, params=params) if params else task)
     tasks = tuple(tasks)
+    if resolved:  # the record names every varying option's value for every merged tensor
+        varying = sorted({option for values in resolved.values() for option in values})
+        config_values = {option: _config_value(cfg, option) for option in varying}
+        resolved = {t.name: {**config_values, **resolved.get(t.name, {})} for t in found.tensors if t.mergeable}
     config_json = found.config_json
     if cfg.slices:
         from llm_merge.reconcile import read_model_config
@@ -161,6 +165,16 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     config_json = _with_output_dtype(config_json, models[0].path, out_dtypes)
     return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=config_json,
                      tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None)
+
+
+def _config_value(cfg: MergeConfig, option: str):
+    """The config's value of a per-tensor option (a per-model list: one value per model)."""
+    if option == "weight_list":
+        return cfg.weights
+    value = getattr(cfg, option)
+    if option.endswith("_list") and value is None:
+        return [getattr(cfg, option.removesuffix("_list"))] * len(cfg.model_path_list)
+    return value
 
 
 _CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

@@ -90,8 +90,7 @@ def test_ties_slices_parameter_precedence_and_layer_mix(tmp_path, fam):
         ref = MK.gta(name, [tensors["a"][name], tensors["b"][b_name]], b, method="ties", weights=weights,
                      density=densities, normalize=True, rescale=False)
         np.testing.assert_allclose(got[name], ref, rtol=2e-6, atol=2e-7, err_msg=name)
-        resolved = record["resolved_tensor_parameters"].get(name, {})
-        assert resolved.get("reserve_p_list", [record["reserve_p"]] * 2) == densities
+        assert record["resolved_tensor_parameters"][name]["reserve_p_list"] == densities
 
 
 def test_slices_errors(fam):
