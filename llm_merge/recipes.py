@@ -240,6 +240,8 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     values.update(_output_dtype(recipe))
     if recipe.get("tokenizer_source") is not None:
         source = recipe["tokenizer_source"]
+        if source == "base" and "base_model_path" not in values and base is not None:
+            source = base  # slerp: the base is merge input 0, not --base_model_path
         values["tokenizer_source"] = source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))
     if tensor_parameters:
         values["tensor_parameters"] = tensor_parameters

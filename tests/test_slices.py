@@ -108,3 +108,12 @@ def test_slices_errors(fam):
     for recipe, match in cases:
         with pytest.raises(ConfigError, match=match):
             resolve(recipe_to_config(recipe, "/tmp/never-written"))
+
+
+def test_slerp_tokenizer_source_base_is_the_base_model(fam):
+    _, dirs = fam
+    base, a = str(dirs["base"]), str(dirs["a"])
+    recipe = {"merge_method": "slerp", "base_model": base, "tokenizer_source": "base", "parameters": {"t": 0.3},
+              "slices": [{"sources": [{"model": a, "layer_range": [0, 4]}, {"model": base, "layer_range": [0, 4]}]}]}
+    cfg = recipe_to_config(recipe, "/tmp/never-written")
+    assert cfg.tokenizer_source == base and cfg.model_path_list == [base, a] and cfg.slerp_alpha == 0.3
