@@ -195,17 +195,23 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> MergeCon
     return MergeConfig(**values)
 
 
+def read_mapping_file(path: str | os.PathLike, parse, parse_error: type[Exception], label: str, fmt: str,
+                      expected: str, error: type[Exception] = ConfigError) -> dict:
+    """``parse`` of a file's text, which must be a mapping; ``error`` starting with ``label`` otherwise."""
+    try:
+        values = parse(Path(path).read_text())
+    except OSError as exc:
+        raise error(f"{label}: cannot read: {exc.strerror}") from None
+    except parse_error as exc:
+        raise error(f"{label}: not valid {fmt} ({exc})") from None
+    if not isinstance(values, dict):
+        raise error(f"{label}: expected {expected}")
+    return values
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON config file into a dict of field values (checked by ``config_from_dict``)."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path}: expected a JSON object of options")
-    return values
+    return read_mapping_file(path, json.loads, json.JSONDecodeError, f"config file {path}", "JSON", "a JSON object of options")
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -266,13 +272,8 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     _check_range("reserve_p", cfg.reserve_p, 0.0, 1.0, low_open=True)
     _check_range("epsilon", cfg.epsilon, 0.0, 1.0, high_open=True)
     if sparsify_type == "della_magprune":
-        from llm_merge.methods.mergekit_sparsify import check_della_range
-
-        epsilons = cfg.epsilon_list or [cfg.epsilon] * n_models
-        for k, (p, eps) in enumerate(zip(cfg.reserve_p_list or [cfg.reserve_p] * n_models, epsilons)):
-            problem = check_della_range(p, eps)
-            if problem:
-                raise ConfigError(f"--reserve_p / --epsilon (model {k}): {problem}")
+        check_della_models(cfg.reserve_p_list or [cfg.reserve_p] * n_models, cfg.epsilon_list or [cfg.epsilon] * n_models,
+                           "--reserve_p / --epsilon")
     if sparsify_type == "magprune":
         low, high = cfg.epsilon / 2, 1 - cfg.epsilon / 2
         if not low < cfg.reserve_p <= high + 1e-12:  # 1 - 0.14/2 is 0.9299999999999999 in floats
@@ -306,8 +307,18 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     )
 
 
-#: options a slice's or a source's ``parameters`` may set (per model: weight, reserve_p, epsilon, gamma)
-SLICE_OPTIONS = ("weight", "reserve_p", "epsilon", "gamma", "normalize", "rescale", "scale", "slerp_alpha")
+def check_della_models(reserve_ps: list[float], epsilons: list[float], where: str) -> None:
+    """mergekit's della range (density ± epsilon in (0, 1)) for every model, or ConfigError naming the model."""
+    from llm_merge.methods.mergekit_sparsify import check_della_range
+
+    for k, (p, eps) in enumerate(zip(reserve_ps, epsilons)):
+        problem = check_della_range(p, eps)
+        if problem:
+            raise ConfigError(f"{where} (model {k}): {problem}")
+
+
+#: options a slice's or a source's ``parameters`` may set (per model: weight and PER_MODEL_OPTIONS)
+SLICE_OPTIONS = ("weight", *PER_MODEL_OPTIONS, "normalize", "rescale", "scale", "slerp_alpha")
 
 
 def _check_slices(cfg: MergeConfig) -> None:

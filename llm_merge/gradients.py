@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from llm_merge.config import MergeConfig, _check_option
+from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig, _check_option, check_della_models
 from llm_merge.errors import ConfigError
 from llm_merge.names import layer_index
 
@@ -63,7 +63,7 @@ def evaluate(name: str, setting: Any, t: float) -> Any:
 
 
 #: per-model options: the scalar name (a slice's or source's ``parameters``) and the per-model list option
-PER_MODEL_LISTS = {"weight": "weight_list", "reserve_p": "reserve_p_list", "epsilon": "epsilon_list", "gamma": "gamma_list"}
+PER_MODEL_LISTS = {name: f"{name}_list" for name in ("weight", *PER_MODEL_OPTIONS)}
 
 
 def _first_value(name: str, settings: list, t: float) -> Any:
@@ -118,20 +118,11 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
     if weights is not None and normalize and cfg.merge_type == "linear" and sum(weights) == 0:
         raise ConfigError(f"tensor_parameters: weights {weights} of tensor {name} sum to 0, cannot normalize")
     if cfg.sparsify_type == "della_magprune":
-        _check_della(cfg, name, out)
+        n = len(cfg.model_path_list)
+        check_della_models(out.get("reserve_p_list") or cfg.reserve_p_list or [out.get("reserve_p", cfg.reserve_p)] * n,
+                           out.get("epsilon_list") or cfg.epsilon_list or [out.get("epsilon", cfg.epsilon)] * n,
+                           f"tensor {name}")
     return out or None
-
-
-def _check_della(cfg: MergeConfig, name: str, out: dict[str, Any]) -> None:
-    from llm_merge.methods.mergekit_sparsify import check_della_range
-
-    n = len(cfg.model_path_list)
-    densities = out.get("reserve_p_list") or cfg.reserve_p_list or [out.get("reserve_p", cfg.reserve_p)] * n
-    epsilons = out.get("epsilon_list") or cfg.epsilon_list or [out.get("epsilon", cfg.epsilon)] * n
-    for k, (p, eps) in enumerate(zip(densities, epsilons)):
-        problem = check_della_range(p, eps)
-        if problem:
-            raise ConfigError(f"tensor {name}, model {k}: {problem}")
 
 
 def num_layers_of(names, config: dict, pattern: Optional[str] = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from llm_merge.config import parse_size
+from llm_merge.config import parse_size, read_mapping_file
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.checkpoint import Checkpoint, index_file, open_checkpoint, single_file
@@ -226,15 +226,7 @@ def open_adapter(directory: str | Path, allow_pickle: bool = False) -> Adapter:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except OSError as exc:
-        raise MergeError(f"{path}: cannot read: {exc.strerror}") from None
-    except ValueError as exc:
-        raise MergeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise MergeError(f"{path}: expected a JSON object")
-    return value
+    return read_mapping_file(path, json.loads, ValueError, str(path), "JSON", "a JSON object", error=MergeError)
 
 
 def _adapter_tensors(directory: Path, fmt: str, allow_pickle: bool) -> tuple[Path, dict[str, AdapterTensor]]:

@@ -198,12 +198,13 @@ def _tensor_parameters(cfg: MergeConfig, found, models) -> Optional[Callable[[st
     from llm_merge.names import embed_name, layer_index
 
     if cfg.slices:
-        from llm_merge.slices import tensor_position
+        from llm_merge.slices import position_finder
 
         embed = embed_name(t.name for t in found.tensors)
+        find = position_finder(cfg.slices, cfg.base_model_path)
 
         def by_slice(name: str) -> Optional[dict]:
-            where = tensor_position(cfg.slices, cfg.base_model_path, name, layer_index(name, cfg.layer_pattern), name == embed)
+            where = find(layer_index(name, cfg.layer_pattern), name == embed)
             return tensor_params(cfg, name, where.t, where.shared, where.per_model)
 
         return by_slice

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llm_merge.config import MergeConfig, config_from_dict
+from llm_merge.config import MergeConfig, config_from_dict, read_mapping_file
 from llm_merge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
     """Read a YAML recipe into a dict."""
     import yaml
 
-    try:
-        recipe = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"recipe {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path}: not valid YAML ({exc})") from None
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping with merge_method, models, ...")
-    return recipe
+    return read_mapping_file(path, yaml.safe_load, yaml.YAMLError, f"recipe {path}", "YAML",
+                             "a mapping with merge_method, models, ...")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -299,8 +292,7 @@ def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional
 
 
 #: mergekit parameter name -> llm_merge option name in a slice's or source's parameters
-_SLICE_NAMES = {"weight": "weight", "density": "reserve_p", "epsilon": "epsilon", "gamma": "gamma", "t": "slerp_alpha",
-                "lambda": "scale", "scale": "scale", "normalize": "normalize", "rescale": "rescale"}
+_SLICE_NAMES = {**{name: scalar or name for name, (scalar, *_) in _PER_MODEL.items()}, **_SHARED, "scale": "scale"}
 
 
 def _slice_options(slices: list[dict], method: str, base: Optional[str], per_model: set[str], shared: set[str],

@@ -162,17 +162,22 @@ class Position:
     per_model: list[dict]  # each input's source settings
 
 
-def tensor_position(slices: Any, base: Optional[str], name: str, layer: Optional[int], is_embedding: bool) -> Position:
-    """Gradient position of an output tensor (t over its slice's layers; 0 outside the layers) and its slice's settings."""
+def position_finder(slices: Any, base: Optional[str]) -> Callable[[Optional[int], bool], Position]:
+    """``find(layer, is_embedding)``: an output tensor's gradient position (t over its slice's layers; 0 outside
+    the layers: embeddings in the first slice, the rest in the last) and its slice's settings."""
     normal = check_slices(slices)
     inputs, _ = split_sources(normal, base)
-    if layer is None:
-        index, t = (0 if is_embedding else len(normal) - 1), 0.0
-    else:
-        index, offset = 0, layer
-        while index < len(normal) - 1 and offset >= normal[index].num_layers:
-            offset -= normal[index].num_layers
-            index += 1
-        count = normal[index].num_layers
-        t = offset / (count - 1) if count > 1 else 1.0
-    return Position(t, normal[index].parameters, [src.parameters for src in inputs[index]])
+
+    def find(layer: Optional[int], is_embedding: bool) -> Position:
+        if layer is None:
+            index, t = (0 if is_embedding else len(normal) - 1), 0.0
+        else:
+            index, offset = 0, layer
+            while index < len(normal) - 1 and offset >= normal[index].num_layers:
+                offset -= normal[index].num_layers
+                index += 1
+            count = normal[index].num_layers
+            t = offset / (count - 1) if count > 1 else 1.0
+        return Position(t, normal[index].parameters, [src.parameters for src in inputs[index]])
+
+    return find

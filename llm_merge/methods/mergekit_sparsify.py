@@ -37,6 +37,26 @@ def l1_rescale_factor(before: float, after: float) -> float:
     return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
 
 
+class MaskedL1:
+    """Accumulates ‖t‖₁ and ‖kept‖₁ piece by piece; ``factor()`` is ``l1_rescale_factor`` of the totals."""
+
+    def __init__(self) -> None:
+        self.before = self.after = 0.0
+
+    def add(self, magnitude: np.ndarray, keep: np.ndarray) -> None:
+        self.before += float(np.sum(magnitude, dtype=np.float64))
+        self.after += float(np.sum(magnitude, where=keep, dtype=np.float64))
+
+    def factor(self) -> float:
+        return l1_rescale_factor(self.before, self.after)
+
+
+def _keep_scaled(t, prob, scale, rng, ops):
+    """Entries kept with probability ``prob`` (scalar or per entry), times ``scale``."""
+    kept = ops.where(rng.keep(prob, t.size), t, 0.0)
+    return kept * ops.float32(scale) if scale != 1.0 else kept
+
+
 def magnitude_count(reserve_p: float, numel: int) -> int:
     """mergekit's k = max(1, int(density · n)) (truncating, as mergekit does)."""
     return max(1, int(reserve_p * numel))
@@ -102,15 +122,13 @@ def _band_stats(t, low_pos: int, high_pos: int, rescale: bool, host, ops) -> dic
     """Band selection of |t| and its L1 rescale factor (1 without rescale)."""
     magnitude = np.abs(ops.to_numpy(t).ravel())
     selection = band_selection(magnitude, low_pos, high_pos, host)
-    scale = 1.0
-    if rescale:
-        before = after = 0.0
-        for s in range(0, magnitude.size, _STEP):
-            piece = magnitude[s : s + _STEP]
-            before += float(np.sum(piece, dtype=np.float64))
-            after += float(np.sum(piece, where=band_mask(piece, s, selection), dtype=np.float64))
-        scale = l1_rescale_factor(before, after)
-    return {"selection": selection, "scale": scale}
+    if not rescale:
+        return {"selection": selection, "scale": 1.0}
+    l1 = MaskedL1()
+    for s in range(0, magnitude.size, _STEP):
+        piece = magnitude[s : s + _STEP]
+        l1.add(piece, band_mask(piece, s, selection))
+    return {"selection": selection, "scale": l1.factor()}
 
 
 def _apply_band(t, selection, scale, start, ops):
@@ -159,22 +177,17 @@ def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
     if reserve_p >= 1.0 or not rescale:
         return {"scale": 1.0}
     x = ops.to_numpy(t).ravel()
-    before = after = 0.0
+    l1 = MaskedL1()
     for s in range(0, x.size, _STEP):
         piece = np.abs(x[s : s + _STEP])
-        keep = rng_at(s).keep(reserve_p, piece.size)
-        before += float(np.sum(piece, dtype=np.float64))
-        after += float(np.sum(piece, where=keep, dtype=np.float64))
-    return {"scale": l1_rescale_factor(before, after)}
+        l1.add(piece, rng_at(s).keep(reserve_p, piece.size))
+    return {"scale": l1.factor()}
 
 
 @register("sparsify", "random", prepare=bernoulli_rescale)
 def random(t, *, reserve_p, scale, rng, ops):
     """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
-    if reserve_p >= 1.0:
-        return t
-    kept = ops.where(rng.keep(reserve_p, t.size), t, 0.0)
-    return kept * ops.float32(scale) if scale != 1.0 else kept
+    return t if reserve_p >= 1.0 else _keep_scaled(t, reserve_p, scale, rng, ops)
 
 
 def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -197,7 +210,7 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
     # rank_norm = (rank - min) / (max - min); a row of one entry has no spread (mergekit: 0/0), use the middle
     rank_norm = positions / (length - 1) if length > 1 else np.full_like(positions, 0.5)
     probs = np.empty(x.size, dtype=np.float32)
-    before = after = 0.0
+    l1 = MaskedL1()
     for r in range(0, rows.shape[0], block):
         size = np.abs(rows[r : r + block])
         order = np.argsort(size, axis=1, kind="stable")  # ascending: the smallest entry gets density - epsilon
@@ -209,20 +222,14 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
         out = probs[s : s + piece.size]
         out[:] = piece.ravel()
         if rescale:
-            keep = rng_at(s).keep(out, out.size)
-            flat = size.ravel()
-            before += float(np.sum(flat, dtype=np.float64))
-            after += float(np.sum(flat, where=keep, dtype=np.float64))
-    return {"keep_prob": probs, "scale": l1_rescale_factor(before, after) if rescale else 1.0}
+            l1.add(size.ravel(), rng_at(s).keep(out, out.size))
+    return {"keep_prob": probs, "scale": l1.factor() if rescale else 1.0}
 
 
 @register("sparsify", "della_magprune", prepare=row_keep_probabilities)
 def della_magprune(t, *, keep_prob, scale, rng, ops):
     """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
-    if keep_prob is None:
-        return t
-    kept = ops.where(rng.keep(keep_prob, t.size), t, 0.0)
-    return kept * ops.float32(scale) if scale != 1.0 else kept
+    return t if keep_prob is None else _keep_scaled(t, keep_prob, scale, rng, ops)
 
 
 def check_della_range(reserve_p: float, epsilon: float) -> Optional[str]:
