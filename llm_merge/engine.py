@@ -101,10 +101,12 @@ class TensorMerger:
     EXCLUSIVE_BYTES = 256 << 20
     #: Per-element statistics at least this large wait on disk between the prepare and apply passes.
     SPILL_BYTES = 32 << 20
+    #: Elements per chunk of the compiled apply pass (2 MB of bfloat16 per input; the kernel blocks it for the cache).
+    FUSED_CHUNK = 1 << 20
 
     def peak_bytes(self, task: TensorTask) -> int:
         """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
-        if not task.mergeable or self.sparsifier.prepare is None:
+        if not task.mergeable or self.sparsifier.prepare is None or self._streams(self._task_options(task)):
             return 0
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
@@ -165,7 +167,9 @@ class TensorMerger:
         self._model_options = self._per_model_options(task, indices)
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
-        prepared = [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))] if self.sparsifier.prepare else None
+        prepared = None
+        if self.sparsifier.prepare:
+            prepared = self._streamed_prepare(task) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
         reduced: dict[str, Any] = {}
         if self.merger.reduce:
             for start in range(0, n, self.chunk):
@@ -177,20 +181,10 @@ class TensorMerger:
         out_dtype = dtypes.to_numpy(task.out.dtype)
         self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
         fused = self._fused(keys, prepared, reduced, n)
-        for start in range(0, n, self.chunk):
-            count = min(self.chunk, n - start)
-            if fused is not None:
-                xs, base = self._inputs(task, start, count)
-                merged = fused.run(xs, base, start)
-            else:
-                ys, base = self._sparsified(task, start, count, prepared, keys)
-                merged = self._call(self.merge_fn, ys, {**reduced, "start": start})
-                if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
-                    merged *= self.ops.float32(self.options["scale"])
-                if base is not None:
-                    merged += base
-            result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
-            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
+        if fused is not None:
+            self._apply_fused(task, fused, out_dtype)
+        else:
+            self._apply(task, prepared, keys, reduced, out_dtype)
         for index, count in enumerate(self._nonfinite):
             if count:
                 info = task.inputs[index] if index < len(task.inputs) else task.base
@@ -226,7 +220,7 @@ class TensorMerger:
 
     def _fused(self, keys: list[int], prepared: Optional[list[dict]], reduced: dict[str, Any], numel: int):
         """The compiled one-pass apply for this tensor, when the backend has one."""
-        if self.host is not self.ops or not self._fusable():
+        if not self._fusable():
             return None
         coefficients = None
         if self.cfg.merge_type == "slerp":
@@ -238,13 +232,85 @@ class TensorMerger:
             numel=numel, options=self.options, coefficients=coefficients,
         )
 
-    def _fusable(self) -> bool:
+    def _apply(self, task: TensorTask, prepared: Optional[list[dict]], keys: list[int], reduced: dict[str, Any],
+               out_dtype: np.dtype) -> None:
+        """The apply pass through the registered methods, one chunk of float32 values at a time."""
+        for start in range(0, task.numel, self.chunk):
+            count = min(self.chunk, task.numel - start)
+            ys, base = self._sparsified(task, start, count, prepared, keys)
+            merged = self._call(self.merge_fn, ys, {**reduced, "start": start})
+            if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
+                merged *= self.ops.float32(self.options["scale"])
+            if base is not None:
+                merged += base
+            result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
+
+    def _streamed_prepare(self, task: TensorTask) -> Optional[list[dict[str, Any]]]:
+        """Every model's whole-tensor statistics from passes over raw chunks of all inputs at once.
+
+        Only where the compiled backend streams this sparsifier's statistics (trim) and the fused
+        apply pass follows; None otherwise (the per-model ``_prepare`` runs instead).
+        """
+        if not self._streams(self.options):
+            return None
+        stats = self.host.streaming_prepare(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options)
+        if stats is None:
+            return None
+        for pass_index in range(stats.passes):
+            for _, raws, base in self._raw_chunks(task):
+                stats.feed(pass_index, raws, base)
+            stats.end_pass(pass_index)
+        return stats.statistics()
+
+    def _raw_chunks(self, task: TensorTask):
+        """(start, raw chunks of every model, raw chunk of the base or None), FUSED_CHUNK elements at a time.
+
+        Raw chunks are bfloat16 bits (uint16) when every model is bfloat16, else float32 bits (uint32);
+        the base's lane is chosen on its own. The buffers are reused: each chunk is valid until the next.
+        """
+        lane = _lane(task.inputs)
+        base_lane = _lane([task.base]) if task.base is not None else None
+        for start in range(0, task.numel, self.FUSED_CHUNK):
+            count = min(self.FUSED_CHUNK, task.numel - start)
+            raws = [self._read_bits(info, start, count, f"raw{index}", lane) for index, info in enumerate(task.inputs)]
+            base = self._read_bits(task.base, start, count, "raw-base", base_lane) if base_lane else None
+            yield start, raws, base
+
+    def _apply_fused(self, task: TensorTask, fused: Any, out_dtype: np.dtype) -> None:
+        """The apply pass through the compiled kernel: raw input bits in, raw output bits out."""
+        out_lane = _lane([task.out])
+        for start, raws, base in self._raw_chunks(task):
+            out = self._buffer("raw-out", raws[0].size, out_lane)
+            for slot, bad in enumerate(fused.run(raws, base, start, out)):
+                self._nonfinite[slot] += int(bad)
+            if task.out.dtype not in ("BF16", "F32"):
+                out = self.host.narrow(out.view(np.float32), out_dtype)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, out)
+
+    def _read_bits(self, info, start: int, count: int, buffer: str, lane: type) -> np.ndarray:
+        """A chunk as bfloat16 bits (lane uint16, BF16 tensors only) or float32 bits (lane uint32, any float)."""
+        bits = self._buffer(buffer, count, lane)
+        if lane is np.uint16 or info.dtype == "F32":
+            self.reader.read_stored(info, start, count, bits.view(dtypes.to_numpy(info.dtype)))
+        elif info.dtype == "BF16":
+            np.left_shift(self.reader.read_stored(info, start, count).view(np.uint16), 16, out=bits, dtype=np.uint32)
+        else:
+            np.copyto(bits.view(np.float32), self.reader.read_stored(info, start, count), casting="unsafe")
+        return bits
+
+    def _fusable(self, options: Optional[dict[str, Any]] = None) -> bool:
         """Whether the compiled one-pass apply covers this task (built-in methods, one value per option)."""
+        options = self.options if options is None else options
         return (
-            self.cfg.sparsify_type in FUSED_SPARSIFY and self.cfg.merge_type in FUSED_MERGE
-            and self.options["scale"] == 1.0
-            and all(self.options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
+            self.host is self.ops and self.cfg.sparsify_type in FUSED_SPARSIFY and self.cfg.merge_type in FUSED_MERGE
+            and options["scale"] == 1.0
+            and all(options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
         )
+
+    def _streams(self, options: dict[str, Any]) -> bool:
+        """Whether this sparsifier's statistics are streamed (no full-size task vectors) for a task with ``options``."""
+        return self._fusable(options) and self.host.streams_statistics(self.cfg.sparsify_type)
 
     def _inputs(self, task: TensorTask, start: int, count: int) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
         """Float32 chunks of every model and of the base (or None)."""
@@ -313,12 +379,17 @@ class TensorMerger:
             return [self.options] * len(task.inputs)
         return [{**self.options, **{name: self.options[f"{name}_list"][k] for name in lists}} for k in range(len(task.inputs))]
 
-    def _buffer(self, name: str, count: int) -> np.ndarray:
-        """A reusable float32 scratch vector of ``count`` elements (at most one chunk)."""
+    def _buffer(self, name: str, count: int, dtype: type = np.float32) -> np.ndarray:
+        """A reusable scratch vector of ``count`` elements (float32 unless given)."""
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.size < count:
-            buffer = self._buffers[name] = np.empty(max(count, self.chunk), dtype=np.float32)
+        if buffer is None or buffer.size < count or buffer.dtype != dtype:
+            buffer = self._buffers[name] = np.empty(max(count, self.chunk), dtype=dtype)
         return buffer[:count]
+
+
+def _lane(infos) -> type:
+    """Raw element type the fused kernel reads or writes: uint16 when every tensor is bfloat16, else uint32 (float32 bits)."""
+    return np.uint16 if all(info.dtype == "BF16" for info in infos) else np.uint32
 
 
 def _slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:

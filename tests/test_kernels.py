@@ -152,3 +152,29 @@ def test_grouped_ranks_match_stable_argsort(group):
     expected = np.empty(t.size, np.int64)
     expected[np.argsort(-np.abs(t), kind="stable")] = np.arange(t.size)
     np.testing.assert_array_equal(kernels.grouped_ranks(t, group=group), expected)
+
+
+@pytest.mark.parametrize("reserve_p", [0.0001, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base):
+    """Two passes over raw bfloat16 chunks give every model's exact threshold and its L1 scale."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(11)
+    n, chunk = 30_000, 7_000
+    base = rng.normal(size=n).astype(ml_dtypes.bfloat16)
+    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(ml_dtypes.bfloat16) for seed in (1, 2, 3)]
+    models[1][:500] = base[:500]  # zero deltas: ties at the bottom
+    stream = kernels.StreamingTrim(3, n, reserve_p, rescale, block=96)
+    for pass_index in range(stream.passes):
+        for start in range(0, n, chunk):
+            raws = [m[start : start + chunk].view(np.uint16) for m in models]
+            stream.feed(pass_index, raws, base[start : start + chunk].view(np.uint16) if with_base else None)
+        stream.end_pass(pass_index)
+    plain = NumpyOps(compiled=False)
+    for model, got in zip(models, stream.statistics()):
+        t = model.astype(np.float32) - (base.astype(np.float32) if with_base else 0)
+        expected = methods.get("sparsify", "trim").prepare(t, reserve_p=reserve_p, rescale=rescale, ops=plain)
+        assert got["threshold"] == expected["threshold"]
+        assert got["scale"] == pytest.approx(expected["scale"], rel=1e-13)

@@ -245,82 +245,283 @@ LINEAR, TIES = 0, 1
 
 
 @njit(**_JIT)
-def _sparsify_rows(xs, base, has_base, sparsify, keys, offset, dare_threshold, dare_p, rescale, trim_threshold,
-                   trim_scale, ranks, top, step, rows):
-    """rows[i] = sparsify(x_i - base): one simple (vectorizable) loop per model."""
+def _widen_block(raw, start, count, out_bits):
+    """float32 bits of ``raw[start:start+count]`` into ``out_bits``; returns the NaN/Inf count.
+
+    ``raw`` holds bfloat16 bits (uint16: a 16-bit shift) or float32 bits (uint32).
+    """
+    shift = np.uint32(32 - 8 * raw.itemsize)
+    source = raw[start : start + count]  # plain indices below: no negative-index checks, so the loop vectorizes
+    bad = 0
+    for j in range(count):
+        bits = np.uint32(source[j]) << shift
+        out_bits[j] = bits
+        bad += (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return bad
+
+
+@njit(**_JIT)
+def _narrow_block(bits, count, out, start):
+    """float32 ``bits[:count]`` into ``out[start:]``: bfloat16 bits (round to nearest even) when ``out`` is uint16."""
+    target = out[start : start + count]
+    if out.itemsize == 2:
+        for j in range(count):
+            b = bits[j]
+            if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                target[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                target[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    else:
+        for j in range(count):
+            target[j] = bits[j]
+
+
+@njit(**_JIT)
+def _sparsify_rows(rows, count, sparsify, keys, offset, dare_threshold, dare_p, rescale, trim_threshold, trim_scale,
+                   ranks, rank_offset, top, step):
+    """rows[i, :count] = sparsify(rows[i, :count]) in place: one simple (vectorizable) loop per model.
+
+    Element j of the block is element ``offset + j`` of the tensor (its random draw) and
+    ``rank_offset + j`` of ``ranks[i]``.
+    """
     zero = np.float32(0.0)
-    for i in range(len(xs)):
-        x = xs[i]
+    for i in range(rows.shape[0]):
         row = rows[i]
-        if has_base:
-            for j in range(row.size):
-                row[j] = x[j] - base[j]
-        else:
-            row[:] = x
         if sparsify == DARE:
             key = keys[i]
-            for j in range(row.size):
+            for j in range(count):
                 kept = _draw53(key, offset + j) < np.uint64(dare_threshold)
                 row[j] = (row[j] / dare_p if rescale else row[j]) if kept else zero
         elif sparsify == TRIM:
             threshold, scale = trim_threshold[i], trim_scale[i]
-            for j in range(row.size):
+            for j in range(count):
                 t = row[j]
                 row[j] = (t * scale if scale != np.float32(1.0) else t) if abs(t) >= threshold else zero
         elif sparsify == MAGPRUNE:
-            key, rank = keys[i], ranks[i]
-            for j in range(row.size):
+            key, rank = keys[i], ranks[i][rank_offset : rank_offset + count]
+            for j in range(count):
                 keep_prob = top - np.float64(rank[j]) * step
                 kept = _draw53(key, offset + j) < np.uint64(math.floor(keep_prob * UNIT))
                 row[j] = (row[j] / np.float32(keep_prob) if rescale else row[j]) if kept else zero
 
 
 @njit(**_JIT)
-def _merge_rows(rows, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, out):
-    """out = merge(rows) (+ base), as whole-row loops in the generic path's operation order."""
+def _merge_rows(rows, count, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, out):
+    """out[:count] = merge(rows[:, :count]) (+ base), as whole-row loops in the generic path's operation order."""
     k = rows.shape[0]
     zero = np.float32(0.0)
     if merge == LINEAR:
-        for j in range(out.size):
+        for j in range(count):
             out[j] = rows[0, j] * weights[0]
         for i in range(1, k):
-            for j in range(out.size):
+            for j in range(count):
                 out[j] += rows[i, j] * weights[i]
         if normalize:
-            for j in range(out.size):
+            for j in range(count):
                 out[j] /= total_weight
     else:
         votes, divisor = scratch[0], scratch[1]
-        votes[:] = zero
+        for j in range(count):
+            votes[j] = zero
         for i in range(k):
             w = weights[i]
-            for j in range(out.size):
+            for j in range(count):
                 u = rows[i, j] * w
                 votes[j] += ((np.float32(1.0) if u > 0 else (np.float32(-1.0) if u < 0 else zero)) if by_count else u)
-        out[:] = zero
-        divisor[:] = zero
+        for j in range(count):
+            out[j] = zero
+            divisor[j] = zero
         for i in range(k):
             w = weights[i]
-            for j in range(out.size):
+            for j in range(count):
                 u = rows[i, j] * w
                 agrees = (u > 0) if votes[j] >= 0 else (u < 0)
                 out[j] += u if agrees else zero
                 divisor[j] += w if agrees else zero
         if normalize:
-            for j in range(out.size):
+            for j in range(count):
                 out[j] /= divisor[j] if divisor[j] != 0 else np.float32(1.0)
     if has_base:
-        for j in range(out.size):
+        for j in range(count):
             out[j] += base[j]
-    return out
+
+
+@njit(**_JIT)
+def _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite):
+    """rows[i, :m] = model i's elements s .. s+m as float32, minus the base's (kept in ``base``).
+
+    ``nonfinite[i]`` counts the NaN/Inf inputs of model i, ``nonfinite[k]`` those of the base.
+    """
+    k = len(raws)
+    if has_base:
+        nonfinite[k] += _widen_block(base_raw, s, m, base_bits)
+    for i in range(k):
+        nonfinite[i] += _widen_block(raws[i], s, m, rows_bits[i])
+        if has_base:
+            row = rows[i]
+            for j in range(m):
+                row[j] -= base[j]
+
+
+@njit(**_JIT)
+def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshold, dare_p, rescale, trim_threshold,
+                 trim_scale, ranks, top, step, merge, weights, normalize, total_weight, by_count,
+                 rows, rows_bits, base, base_bits, scratch, merged, merged_bits, out, nonfinite):
+    """One chunk, start to end: widen, task vectors, sparsify, merge, add the base, narrow into ``out``.
+
+    Works through the chunk in blocks of ``rows.shape[1]`` elements so the working set stays in cache.
+    """
+    block = rows.shape[1]
+    n = out.size
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
+        _sparsify_rows(rows, m, sparsify, keys, offset + s, dare_threshold, dare_p, rescale, trim_threshold, trim_scale,
+                       ranks, s, top, step)
+        _merge_rows(rows, m, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, merged)
+        _narrow_block(merged_bits, m, out, s)
+
+
+@njit(fastmath=True, **_JIT)
+def _abs_sum_above(row, bits, m, bucket):
+    """Σ |row[j]| (float64) over j < m whose |value| bits >> 16 exceed ``bucket`` (-1: every entry).
+
+    fastmath lets the sum vectorize; the summation order then depends only on ``m`` (the same for
+    every run, worker count and machine with the same vector width), not on the data's alignment.
+    """
+    total = 0.0
+    for j in range(m):
+        total += abs(np.float64(row[j])) if np.int64((bits[j] & np.uint32(0x7FFFFFFF)) >> 16) > bucket else 0.0
+    return total
+
+
+@njit(**_JIT)
+def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, counts, sums):
+    """Trim pass 1 over one chunk: counts[i, b] += #(|t_i| bits >> 16 == b); sums[i] += Σ|t_i|."""
+    nonfinite = np.zeros(len(raws) + 1, np.int64)
+    block = rows.shape[1]
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
+        for i in range(rows.shape[0]):
+            bits, histogram = rows_bits[i], counts[i]
+            for j in range(m):
+                histogram[(bits[j] & np.uint32(0x7FFFFFFF)) >> 16] += 1
+            sums[i] += _abs_sum_above(rows[i], bits, m, -1)
+
+
+#: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
+_OUTSIDE_SLOTS = 256
+
+
+@njit(**_JIT)
+def _magnitude_refine(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, high, counts, above):
+    """Trim pass 2 over one chunk: counts of the low 16 bits inside bucket high[i]; Σ|t| of the buckets above it.
+
+    Branch-free: entries outside the bucket count into spare slots past 65536.
+    """
+    nonfinite = np.zeros(len(raws) + 1, np.int64)
+    block = rows.shape[1]
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
+        for i in range(rows.shape[0]):
+            bits, histogram, h = rows_bits[i], counts[i], np.int64(high[i])
+            above[i] += _abs_sum_above(rows[i], bits, m, h)
+            for j in range(m):
+                low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
+                histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
+
+
+@njit(**_JIT)
+def _kth_bucket(counts, k):
+    """(bucket, rank inside it) of the k-th largest entry, from per-bucket counts (the last bucket the largest)."""
+    remaining = k
+    bucket = counts.size - 1
+    while counts[bucket] < remaining:
+        remaining -= counts[bucket]
+        bucket -= 1
+    return bucket, remaining
+
+
+class _Blocks:
+    """Float32 block buffers (and their bit views) for ``k`` task vectors and the base."""
+
+    def __init__(self, k: int, block: int) -> None:
+        self.rows = np.empty((k, block), np.float32)
+        self.base = np.empty(block, np.float32)
+
+    def args(self) -> tuple:
+        return self.rows, self.rows.view(np.uint32), self.base, self.base.view(np.uint32)
+
+
+class StreamingTrim:
+    """TIES trim statistics of k task vectors from two passes over raw input chunks (no full-size copies).
+
+    Pass 1 counts |t| by its top 16 bits and sums |t|; pass 2 resolves the low 16 bits inside the
+    bucket that holds the k-th largest value and sums |t| above the threshold. The threshold is the
+    exact k-th largest |t| (as ``select_kth_largest_bits``); sums are float64.
+    """
+
+    passes = 2
+
+    def __init__(self, k: int, numel: int, reserve_p: float, rescale: bool, block: int) -> None:
+        self.numel, self.rescale = numel, rescale
+        self.keep = trim_count(reserve_p, numel) if numel else 0
+        self.blocks = _Blocks(k, block)
+        self.counts = np.zeros((k, 65536 + _OUTSIDE_SLOTS), np.int64)
+        self.totals = np.zeros(k, np.float64)
+        self.high = np.zeros(k, np.uint32)
+        self.above = np.zeros(k, np.float64)
+
+    def feed(self, pass_index: int, raws, base_raw) -> None:
+        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
+        args = (tuple(raws), base_raw if base_raw is not None else raws[0], base_raw is not None, raws[0].size,
+                *self.blocks.args())
+        if pass_index == 0:
+            _magnitude_histogram(*args, self.counts, self.totals)
+        else:
+            _magnitude_refine(*args, self.high, self.counts, self.above)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            self._low_rank = []
+            for i, counts in enumerate(self.counts):
+                bucket, rank = _kth_bucket(counts[:32768], self.keep) if self.keep else (0, 0)
+                self.high[i] = bucket
+                self._low_rank.append(rank)
+            self.counts.fill(0)
+
+    def statistics(self) -> list[dict]:
+        """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them."""
+        if not self.keep:
+            return [{"threshold": 0.0, "scale": 1.0} for _ in self.high]
+        stats = []
+        for i, high in enumerate(self.high):
+            counts = self.counts[i, :65536]
+            low, _ = _kth_bucket(counts, self._low_rank[i])
+            low = int(low)
+            threshold_bits = (int(high) << 16) | low
+            # every entry with the same bits has the same |t|: the bucket's kept mass is Σ count * value
+            present = low + np.flatnonzero(counts[low:])
+            values = (present.astype(np.uint32) | np.uint32(int(high) << 16)).view(np.float32)
+            kept = float(self.above[i]) + math.fsum(counts[present].astype(np.float64) * values.astype(np.float64))
+            total = float(self.totals[i])
+            scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
+            stats.append({"threshold": _float_of_bits(threshold_bits), "scale": scale})
+        return stats
 
 
 class FusedChunks:
     """The fused apply pass of one tensor: constants bound once, then ``run`` per chunk.
 
     Covers every sparsifier with the linear and ties merges, and slerp's apply
-    pass (a linear merge with its two coefficients, not normalized).
+    pass (a linear merge with its two coefficients, not normalized). Inputs and
+    output are raw bits: bfloat16 (uint16) or float32 (uint32).
     """
+
+    #: Elements per cache block inside a chunk (k + 4 float32 rows of it stay in L2).
+    BLOCK = 1 << 14
 
     def __init__(self, *, sparsify_type, merge_type, keys, prepared, numel, options, coefficients=None):
         k = len(keys)
@@ -344,27 +545,28 @@ class FusedChunks:
         self.total_weight = np.float32(sum(options["weight_list"]))
         self.by_count = options["ties_elect_type"] == "count"
         self._no_ranks = np.zeros(0, np.uint32)
-        self._rows = np.empty((k, 0), np.float32)
-        self._scratch = np.empty((2, 0), np.float32)
+        self._blocks = _Blocks(k, self.BLOCK)
+        self._scratch = np.empty((2, self.BLOCK), np.float32)
+        self._merged = np.empty(self.BLOCK, np.float32)
 
-    def run(self, xs, base, start):
-        """The merged float32 chunk of inputs ``xs`` (and ``base``) starting at element ``start``."""
-        count = xs[0].size
+    def run(self, raws, base_raw, start, out) -> np.ndarray:
+        """Merge the chunk of raw inputs ``raws`` (and ``base_raw`` or None) at element ``start`` into ``out``.
+
+        ``raws``: one uint16 (bfloat16 bits) or uint32 (float32 bits) array per model, all of one
+        type; ``out``: uint16 or uint32, their length. Returns the NaN/Inf count of each input (base last).
+        """
+        count = out.size
         ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
-        has_base = base is not None
-        base = base if has_base else xs[0]
-        if self._rows.shape[1] != count:  # contiguous buffers keep the loops vectorized
-            self._rows = np.empty((len(xs), count), np.float32)
-            self._scratch = np.empty((2, count), np.float32)
-        rows, scratch = self._rows, self._scratch
-        _sparsify_rows(
-            tuple(xs), base, has_base, self.sparsify, self.keys, start, self.dare_threshold, self.dare_p, self.rescale,
-            self.trim_threshold, self.trim_scale, ranks, self.top, self.step, rows,
+        has_base = base_raw is not None
+        nonfinite = np.zeros(len(raws) + 1, np.int64)
+        _fused_chunk(
+            tuple(raws), base_raw if has_base else raws[0], has_base, start, self.sparsify, self.keys,
+            self.dare_threshold, self.dare_p, self.rescale, self.trim_threshold, self.trim_scale, ranks, self.top,
+            self.step, self.merge, self.weights, self.normalize, self.total_weight, self.by_count,
+            *self._blocks.args(), self._scratch,
+            self._merged, self._merged.view(np.uint32), out, nonfinite,
         )
-        return _merge_rows(
-            rows, base, has_base, self.merge, self.weights, self.normalize, self.total_weight, self.by_count,
-            scratch, np.empty(count, np.float32),
-        )
+        return nonfinite
 
 
 # -- drop-in replacements for registered methods (same keyword parameters) --------------

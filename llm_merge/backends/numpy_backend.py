@@ -102,6 +102,17 @@ class NumpyOps:
         ranks[order] = np.arange(n, dtype=ranks.dtype)
         return ranks
 
+    def streams_statistics(self, sparsify_type: str) -> bool:
+        """Whether ``streaming_prepare`` covers this sparsifier."""
+        return bool(self._kernels) and sparsify_type == "trim"
+
+    def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict):
+        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim``), or None."""
+        if not self.streams_statistics(sparsify_type):
+            return None
+        block = self._kernels.FusedChunks.BLOCK
+        return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
+
     def fused_chunks(self, **constants):
         """A fused apply pass (``numba_kernels.FusedChunks``) for one tensor, or None without numba."""
         return self._kernels.FusedChunks(**constants) if self._kernels else None
