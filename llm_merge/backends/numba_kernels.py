@@ -8,7 +8,10 @@ counter-based splitmix64 stream as ``llm_merge.methods.random``.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import math
+import sys
 
 import numpy as np
 from numba import njit
@@ -697,3 +700,35 @@ def _float_of_bits(bits) -> float:
 #: (kind, name) -> compiled replacement of the registered NumPy function.
 KERNELS = {("prepare", "trim"): trim_threshold, ("prepare", "magprune"): magnitude_ranks, ("sparsify", "dare"): dare, ("sparsify", "magprune"): magprune, ("sparsify", "trim"): trim,
            ("merge", "linear"): linear, ("merge", "ties"): ties}
+
+
+class _NoScipyLinalg(importlib.abc.MetaPathFinder):
+    """Makes ``import scipy.linalg...`` fail (while numba sets up its CPU target)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "scipy.linalg" or name.startswith("scipy.linalg."):
+            raise ModuleNotFoundError(f"{name} hidden while numba starts", name=name)
+        return None
+
+
+@contextlib.contextmanager
+def _scipy_linalg_hidden():
+    finder = None if "scipy.linalg" in sys.modules else _NoScipyLinalg()
+    if finder:
+        sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        if finder:
+            sys.meta_path.remove(finder)
+
+
+def initialize() -> None:
+    """Set up numba's CPU target now, once per process (before workers fork, they inherit it).
+
+    The first call of any kernel pays it. numba's set-up imports scipy.linalg (~0.3 s) only to
+    probe for BLAS, which no kernel here uses, so it is hidden meanwhile unless already loaded;
+    numba still imports it later where jitted code needs BLAS (np.dot).
+    """
+    with _scipy_linalg_hidden():
+        _kth_bucket(np.zeros(1, np.int64), 0)

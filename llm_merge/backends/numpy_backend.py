@@ -27,6 +27,7 @@ def _load_kernels(compiled: bool):
     except ImportError as exc:  # numba missing or broken: plain NumPy still gives the same results
         log.debug("numba kernels unavailable (%s); using NumPy", exc)
         return None
+    numba_kernels.initialize()
     return numba_kernels
 
 #: Largest tensor whose ranks are computed with one packed 64-bit sort key.
