@@ -170,8 +170,8 @@ class TensorMerger:
         prepared = None
         if self.sparsifier.prepare:
             prepared = self._streamed_prepare(task) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
-        reduced: dict[str, Any] = {}
-        if self.merger.reduce:
+        reduced: dict[str, Any] = self._streamed_reduce(task) if self.merger.reduce else {}
+        if self.merger.reduce and not reduced:
             for start in range(0, n, self.chunk):
                 count = min(self.chunk, n - start)
                 ys, _ = self._sparsified(task, start, count, prepared, keys)
@@ -254,7 +254,17 @@ class TensorMerger:
         """
         if not self._streams(self.options):
             return None
-        stats = self.host.streaming_prepare(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options)
+        return self._stream(task, self.host.streaming_prepare(
+            self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options))
+
+    def _streamed_reduce(self, task: TensorTask) -> dict[str, Any]:
+        """The merge's whole-tensor sums from one compiled pass over raw chunks ({} where there is none)."""
+        if not self._fusable() or self.cfg.sparsify_type != "none":
+            return {}
+        return self._stream(task, self.host.streaming_reduce(self.cfg.merge_type, k=len(task.inputs))) or {}
+
+    def _stream(self, task: TensorTask, stats: Any) -> Any:
+        """Run a streaming statistic's passes over the raw chunks of ``task``; None when ``stats`` is None."""
         if stats is None:
             return None
         for pass_index in range(stats.passes):

@@ -457,6 +457,11 @@ class _Blocks:
     def args(self) -> tuple:
         return self.rows, self.rows.view(np.uint32), self.base, self.base.view(np.uint32)
 
+    def chunk_args(self, raws, base_raw) -> tuple:
+        """Leading arguments of a streaming kernel for one chunk of raw bits (``base_raw`` may be None)."""
+        has_base = base_raw is not None
+        return (tuple(raws), base_raw if has_base else raws[0], has_base, raws[0].size, *self.args())
+
 
 class StreamingTrim:
     """TIES trim statistics of k task vectors from two passes over raw input chunks (no full-size copies).
@@ -479,8 +484,7 @@ class StreamingTrim:
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
-        args = (tuple(raws), base_raw if base_raw is not None else raws[0], base_raw is not None, raws[0].size,
-                *self.blocks.args())
+        args = self.blocks.chunk_args(raws, base_raw)
         if pass_index == 0:
             _magnitude_histogram(*args, self.counts, self.totals)
         else:
@@ -513,6 +517,49 @@ class StreamingTrim:
             scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
             stats.append({"threshold": _float_of_bits(threshold_bits), "scale": scale})
         return stats
+
+
+@njit(fastmath=True, **_JIT)
+def _dot_block(x, y, m):
+    """Σ x_j y_j over j < m in float64 (vectorized; the order depends only on ``m``)."""
+    total = 0.0
+    for j in range(m):
+        total += np.float64(x[j]) * np.float64(y[j])
+    return total
+
+
+@njit(**_JIT)
+def _slerp_sums(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, sums):
+    """Slerp's reduce pass over one chunk: sums += (|y0|², |y1|², y0·y1) of the two task vectors."""
+    nonfinite = np.zeros(len(raws) + 1, np.int64)
+    block = rows.shape[1]
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
+        sums[0] += _dot_block(rows[0], rows[0], m)
+        sums[1] += _dot_block(rows[1], rows[1], m)
+        sums[2] += _dot_block(rows[0], rows[1], m)
+
+
+class StreamingSlerpSums:
+    """Slerp's whole-tensor norms and dot product from one pass over raw chunks of both inputs."""
+
+    passes = 1
+
+    def __init__(self, block: int) -> None:
+        self.blocks = _Blocks(2, block)
+        self.sums = np.zeros(3, np.float64)
+
+    def feed(self, pass_index: int, raws, base_raw) -> None:
+        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
+        _slerp_sums(*self.blocks.chunk_args(raws, base_raw), self.sums)
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def statistics(self) -> dict:
+        """{"sums": (|y0|², |y1|², y0·y1)} as ``methods.merge.slerp_sums`` gives them, summed over the tensor."""
+        return {"sums": tuple(float(v) for v in self.sums)}
 
 
 class FusedChunks:

@@ -114,6 +114,12 @@ class NumpyOps:
         block = self._kernels.FusedChunks.BLOCK
         return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
 
+    def streaming_reduce(self, merge_type: str, *, k: int):
+        """The merge's whole-tensor sums fed raw chunks of all k inputs (``numba_kernels.StreamingSlerpSums``), or None."""
+        if not self._kernels or merge_type != "slerp" or k != 2:
+            return None
+        return self._kernels.StreamingSlerpSums(self._kernels.FusedChunks.BLOCK)
+
     def fused_chunks(self, **constants):
         """A fused apply pass (``numba_kernels.FusedChunks``) for one tensor, or None without numba."""
         return self._kernels.FusedChunks(**constants) if self._kernels else None
