@@ -267,10 +267,12 @@ class TensorMerger:
         """Run a streaming statistic's passes over the raw chunks of ``task``; None when ``stats`` is None."""
         if stats is None:
             return None
-        for pass_index in range(stats.passes):
+        pass_index = 0
+        while stats.wants(pass_index):
             for _, raws, base in self._raw_chunks(task):
                 stats.feed(pass_index, raws, base)
             stats.end_pass(pass_index)
+            pass_index += 1
         return stats.statistics()
 
     def _raw_chunks(self, task: TensorTask):

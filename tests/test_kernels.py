@@ -157,21 +157,31 @@ def test_grouped_ranks_match_stable_argsort(group):
 @pytest.mark.parametrize("reserve_p", [0.0001, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base):
-    """Two passes over raw bfloat16 chunks give every model's exact threshold and its L1 scale."""
+@pytest.mark.parametrize("stored", ["bf16", "f32"])
+def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base, stored):
+    """Passes over raw chunks give every model's exact threshold and its L1 scale.
+
+    bfloat16 weights give deltas with zero low bits (one pass suffices); float32 ones need pass 2.
+    """
     import ml_dtypes
 
     rng = np.random.default_rng(11)
     n, chunk = 30_000, 7_000
-    base = rng.normal(size=n).astype(ml_dtypes.bfloat16)
-    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(ml_dtypes.bfloat16) for seed in (1, 2, 3)]
+    dtype, lane = (ml_dtypes.bfloat16, np.uint16) if stored == "bf16" else (np.float32, np.uint32)
+    base = rng.normal(size=n).astype(dtype)
+    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(dtype) for seed in (1, 2, 3)]
     models[1][:500] = base[:500]  # zero deltas: ties at the bottom
+    models[2][::97] = (base[::97].astype(np.float32) * 3.1).astype(dtype)  # large deltas: nonzero low bits in bfloat16
     stream = kernels.StreamingTrim(3, n, reserve_p, rescale, block=96)
-    for pass_index in range(stream.passes):
+    passes = 0
+    while stream.wants(passes):
         for start in range(0, n, chunk):
-            raws = [m[start : start + chunk].view(np.uint16) for m in models]
-            stream.feed(pass_index, raws, base[start : start + chunk].view(np.uint16) if with_base else None)
-        stream.end_pass(pass_index)
+            raws = [m[start : start + chunk].view(lane) for m in models]
+            stream.feed(passes, raws, base[start : start + chunk].view(lane) if with_base else None)
+        stream.end_pass(passes)
+        passes += 1
+    if stored == "f32" and reserve_p < 1:
+        assert passes == 2
     plain = NumpyOps(compiled=False)
     for model, got in zip(models, stream.statistics()):
         t = model.astype(np.float32) - (base.astype(np.float32) if with_base else 0)

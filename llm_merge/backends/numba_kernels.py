@@ -12,6 +12,7 @@ import contextlib
 import importlib.abc
 import math
 import sys
+from typing import Optional
 
 import numpy as np
 from numba import njit
@@ -385,32 +386,28 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
         _narrow_block(merged_bits, m, out, s)
 
 
-@njit(fastmath=True, **_JIT)
-def _abs_sum_above(row, bits, m, bucket):
-    """Σ |row[j]| (float64) over j < m whose |value| bits >> 16 exceed ``bucket`` (-1: every entry).
-
-    fastmath lets the sum vectorize; the summation order then depends only on ``m`` (the same for
-    every run, worker count and machine with the same vector width), not on the data's alignment.
-    """
-    total = 0.0
-    for j in range(m):
-        total += abs(np.float64(row[j])) if np.int64((bits[j] & np.uint32(0x7FFFFFFF)) >> 16) > bucket else 0.0
-    return total
-
-
 @njit(**_JIT)
-def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, counts, sums):
-    """Trim pass 1 over one chunk: counts[i, b] += #(|t_i| bits >> 16 == b); sums[i] += Σ|t_i|."""
+def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, counts, mixed, mixed_sums):
+    """Trim pass 1 over one chunk, per model i and bucket b = |t| bits >> 16: counts[i, b] entries, of which
+    mixed[i, b] have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64).
+
+    The others are exactly the bucket's value, so no sum is needed for them; deltas of bfloat16
+    weights rarely have nonzero low bits, so the branch is rarely taken.
+    """
     nonfinite = np.zeros(len(raws) + 1, np.int64)
     block = rows.shape[1]
     for s in range(0, n, block):
         m = min(block, n - s)
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         for i in range(rows.shape[0]):
-            bits, histogram = rows_bits[i], counts[i]
+            bits, row, histogram = rows_bits[i], rows[i], counts[i]
             for j in range(m):
-                histogram[(bits[j] & np.uint32(0x7FFFFFFF)) >> 16] += 1
-            sums[i] += _abs_sum_above(rows[i], bits, m, -1)
+                magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
+                bucket = magnitude_bits >> 16
+                histogram[bucket] += 1
+                if magnitude_bits & np.uint32(0xFFFF):
+                    mixed[i, bucket] += 1
+                    mixed_sums[i, bucket] += abs(np.float64(row[j]))
 
 
 #: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
@@ -418,8 +415,8 @@ _OUTSIDE_SLOTS = 256
 
 
 @njit(**_JIT)
-def _magnitude_refine(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, high, counts, above):
-    """Trim pass 2 over one chunk: counts of the low 16 bits inside bucket high[i]; Σ|t| of the buckets above it.
+def _magnitude_refine(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, high, counts):
+    """Trim pass 2 over one chunk: counts of the low 16 bits of the entries inside bucket high[i].
 
     Branch-free: entries outside the bucket count into spare slots past 65536.
     """
@@ -430,7 +427,6 @@ def _magnitude_refine(raws, base_raw, has_base, n, rows, rows_bits, base, base_b
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         for i in range(rows.shape[0]):
             bits, histogram, h = rows_bits[i], counts[i], np.int64(high[i])
-            above[i] += _abs_sum_above(rows[i], bits, m, h)
             for j in range(m):
                 low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
                 histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
@@ -463,59 +459,91 @@ class _Blocks:
         return (tuple(raws), base_raw if has_base else raws[0], has_base, raws[0].size, *self.args())
 
 
+def _exact_sum(*parts: np.ndarray) -> float:
+    """Correctly rounded sum (math.fsum) of the nonzero entries of float64 arrays."""
+    values = np.concatenate(parts)
+    return math.fsum(values[values != 0].tolist())
+
+
+def _bits_value(bits: np.ndarray) -> np.ndarray:
+    """float64 values of float32 bit patterns."""
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 class StreamingTrim:
-    """TIES trim statistics of k task vectors from two passes over raw input chunks (no full-size copies).
+    """TIES trim statistics of k task vectors from passes over raw input chunks (no full-size copies).
 
-    Pass 1 counts |t| by its top 16 bits and sums |t|; pass 2 resolves the low 16 bits inside the
-    bucket that holds the k-th largest value and sums |t| above the threshold. The threshold is the
-    exact k-th largest |t| (as ``select_kth_largest_bits``); sums are float64.
+    Pass 1 counts |t| by its top 16 bits (and sums the few entries with nonzero low bits). The
+    k-th largest |t| lies in bucket h; unless it is one of h's entries with nonzero low bits (rare
+    for bfloat16 deltas, which mostly have zero low bits) it is exactly h << 16, else pass 2
+    counts the low 16 bits inside bucket h.
+    The threshold is the exact k-th largest |t| (as ``select_kth_largest_bits``); the L1 sums are
+    exact sums of count * value terms (math.fsum), so they are correctly rounded.
     """
-
-    passes = 2
 
     def __init__(self, k: int, numel: int, reserve_p: float, rescale: bool, block: int) -> None:
         self.numel, self.rescale = numel, rescale
         self.keep = trim_count(reserve_p, numel) if numel else 0
         self.blocks = _Blocks(k, block)
-        self.counts = np.zeros((k, 65536 + _OUTSIDE_SLOTS), np.int64)
-        self.totals = np.zeros(k, np.float64)
+        self.counts = np.zeros((k, 32768), np.int64)
+        self.mixed = np.zeros((k, 32768), np.int64)
+        self.mixed_sums = np.zeros((k, 32768), np.float64)
         self.high = np.zeros(k, np.uint32)
-        self.above = np.zeros(k, np.float64)
+        self.rank_in_high = np.zeros(k, np.int64)
+        self.low_counts: Optional[np.ndarray] = None
+
+    def wants(self, pass_index: int) -> bool:
+        """Whether pass ``pass_index`` is needed (pass 2 only where a threshold bucket has nonzero low bits)."""
+        if pass_index == 0:
+            return True
+        return pass_index == 1 and bool(self._refined().any())
+
+    def _refined(self) -> np.ndarray:
+        """Per model: whether the k-th largest |t| is one of its bucket's entries with nonzero low bits.
+
+        Those are larger than the bucket's plain entries (exactly high << 16), so otherwise the
+        threshold is high << 16 and pass 2 is not needed.
+        """
+        if not self.keep:
+            return np.zeros(len(self.high), bool)
+        return self.rank_in_high <= self.mixed[np.arange(len(self.high)), self.high]
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
         args = self.blocks.chunk_args(raws, base_raw)
         if pass_index == 0:
-            _magnitude_histogram(*args, self.counts, self.totals)
+            _magnitude_histogram(*args, self.counts, self.mixed, self.mixed_sums)
         else:
-            _magnitude_refine(*args, self.high, self.counts, self.above)
+            _magnitude_refine(*args, self.high, self.low_counts)
 
     def end_pass(self, pass_index: int) -> None:
-        if pass_index == 0:
-            self._low_rank = []
+        if pass_index == 0 and self.keep:
             for i, counts in enumerate(self.counts):
-                bucket, rank = _kth_bucket(counts[:32768], self.keep) if self.keep else (0, 0)
-                self.high[i] = bucket
-                self._low_rank.append(rank)
-            self.counts.fill(0)
+                self.high[i], self.rank_in_high[i] = _kth_bucket(counts, self.keep)
+            self.low_counts = np.zeros((len(self.high), 65536 + _OUTSIDE_SLOTS), np.int64)
 
     def statistics(self) -> list[dict]:
         """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them."""
         if not self.keep:
             return [{"threshold": 0.0, "scale": 1.0} for _ in self.high]
         stats = []
-        for i, high in enumerate(self.high):
-            counts = self.counts[i, :65536]
-            low, _ = _kth_bucket(counts, self._low_rank[i])
-            low = int(low)
-            threshold_bits = (int(high) << 16) | low
-            # every entry with the same bits has the same |t|: the bucket's kept mass is Σ count * value
-            present = low + np.flatnonzero(counts[low:])
-            values = (present.astype(np.uint32) | np.uint32(int(high) << 16)).view(np.float32)
-            kept = float(self.above[i]) + math.fsum(counts[present].astype(np.float64) * values.astype(np.float64))
-            total = float(self.totals[i])
+        for i, high in enumerate(self.high.astype(np.int64)):
+            plain = self.counts[i] - self.mixed[i]  # entries equal to their bucket's value
+            present = np.flatnonzero(plain)
+            mass = np.zeros(32768, np.float64)  # count * value: products exact to float64 rounding
+            mass[present] = plain[present] * _bits_value(present << 16)
+            if self._refined()[i]:
+                low_counts = self.low_counts[i, :65536]
+                low = int(_kth_bucket(low_counts, self.rank_in_high[i])[0])
+                present = low + np.flatnonzero(low_counts[low:])
+                bucket_kept = low_counts[present] * _bits_value((high << 16) | present)
+            else:  # every entry of bucket high is kept: its plain entries and its larger mixed ones
+                low = 0
+                bucket_kept = np.array([mass[high], self.mixed_sums[i, high]])
+            kept = _exact_sum(bucket_kept, mass[high + 1 :], self.mixed_sums[i, high + 1 :])
+            total = _exact_sum(mass, self.mixed_sums[i])
             scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
-            stats.append({"threshold": _float_of_bits(threshold_bits), "scale": scale})
+            stats.append({"threshold": _float_of_bits((int(high) << 16) | low), "scale": scale})
         return stats
 
 
@@ -544,8 +572,6 @@ def _slerp_sums(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, s
 class StreamingSlerpSums:
     """Slerp's whole-tensor norms and dot product from one pass over raw chunks of both inputs."""
 
-    passes = 1
-
     def __init__(self, block: int) -> None:
         self.blocks = _Blocks(2, block)
         self.sums = np.zeros(3, np.float64)
@@ -553,6 +579,9 @@ class StreamingSlerpSums:
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
         _slerp_sums(*self.blocks.chunk_args(raws, base_raw), self.sums)
+
+    def wants(self, pass_index: int) -> bool:
+        return pass_index == 0
 
     def end_pass(self, pass_index: int) -> None:
         pass
