@@ -386,13 +386,21 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
         _narrow_block(merged_bits, m, out, s)
 
 
-@njit(**_JIT)
-def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, counts, mixed, mixed_sums):
-    """Trim pass 1 over one chunk, per model i and bucket b = |t| bits >> 16: counts[i, b] entries, of which
-    mixed[i, b] have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64).
+#: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
+_OUTSIDE_SLOTS = 256
 
-    The others are exactly the bucket's value, so no sum is needed for them; deltas of bfloat16
-    weights rarely have nonzero low bits, so the branch is rarely taken.
+
+@njit(**_JIT)
+def _magnitude_pass(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, refine, high, counts, mixed, mixed_sums):
+    """One trim pass over one chunk of every model's task vector t_i.
+
+    Pass 1 (``refine`` false), per bucket b = |t_i| bits >> 16: counts[i, b] entries, of which mixed[i, b]
+    have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64). The others are exactly
+    the bucket's value, so no sum is needed for them; deltas of bfloat16 weights rarely have
+    nonzero low bits, so that branch is rarely taken.
+
+    Pass 2 (``refine``): counts[i, l] of the entries inside bucket high[i] with low 16 bits l,
+    branch-free: entries outside the bucket count into spare slots past 65536.
     """
     nonfinite = np.zeros(len(raws) + 1, np.int64)
     block = rows.shape[1]
@@ -401,6 +409,12 @@ def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, bas
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         for i in range(rows.shape[0]):
             bits, row, histogram = rows_bits[i], rows[i], counts[i]
+            if refine:
+                h = np.int64(high[i])
+                for j in range(m):
+                    low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
+                    histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
+                continue
             for j in range(m):
                 magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
                 bucket = magnitude_bits >> 16
@@ -408,28 +422,6 @@ def _magnitude_histogram(raws, base_raw, has_base, n, rows, rows_bits, base, bas
                 if magnitude_bits & np.uint32(0xFFFF):
                     mixed[i, bucket] += 1
                     mixed_sums[i, bucket] += abs(np.float64(row[j]))
-
-
-#: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
-_OUTSIDE_SLOTS = 256
-
-
-@njit(**_JIT)
-def _magnitude_refine(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, high, counts):
-    """Trim pass 2 over one chunk: counts of the low 16 bits of the entries inside bucket high[i].
-
-    Branch-free: entries outside the bucket count into spare slots past 65536.
-    """
-    nonfinite = np.zeros(len(raws) + 1, np.int64)
-    block = rows.shape[1]
-    for s in range(0, n, block):
-        m = min(block, n - s)
-        _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
-        for i in range(rows.shape[0]):
-            bits, histogram, h = rows_bits[i], counts[i], np.int64(high[i])
-            for j in range(m):
-                low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
-                histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
 
 
 @njit(**_JIT)
@@ -511,10 +503,8 @@ class StreamingTrim:
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
         args = self.blocks.chunk_args(raws, base_raw)
-        if pass_index == 0:
-            _magnitude_histogram(*args, self.counts, self.mixed, self.mixed_sums)
-        else:
-            _magnitude_refine(*args, self.high, self.low_counts)
+        refine = pass_index > 0
+        _magnitude_pass(*args, refine, self.high, self.low_counts if refine else self.counts, self.mixed, self.mixed_sums)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0 and self.keep:
