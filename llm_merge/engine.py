@@ -110,7 +110,7 @@ class TensorMerger:
             return 0
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
-            per_element += 20  # ranks being computed + sort buffers (earlier models' ranks are spilled when large)
+            per_element += 8  # ranks + the rank sort's buffer (earlier models' ranks are spilled when large)
         elif self.cfg.sparsify_type == "della_magprune":
             per_element += 4  # keep probabilities (spilled when large); rows are sorted in 1M-element blocks
         return per_element * task.numel

@@ -44,10 +44,10 @@ def test_compiled_and_numpy_paths_are_byte_identical(tmp_path, family, method, f
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_spilled_and_grouped_ranks_give_the_same_bytes(tmp_path, family, method, monkeypatch):
-    """Large-tensor paths (ranks parked on disk, grouped rank sort) write exactly the in-memory bytes."""
+def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, method, monkeypatch):
+    """Large-tensor paths (ranks parked on disk, ranks sorted in several bounded runs) write exactly the in-memory bytes."""
     from llm_merge.api import merge
-    from llm_merge.backends import numba_kernels
+    from llm_merge.backends import numba_ranks
     from llm_merge.config import MergeConfig
     from llm_merge.engine import TensorMerger
 
@@ -60,8 +60,9 @@ def test_spilled_and_grouped_ranks_give_the_same_bytes(tmp_path, family, method,
 
     plain = run(tmp_path / "plain")
     monkeypatch.setattr(TensorMerger, "SPILL_BYTES", 1)
-    monkeypatch.setattr(numba_kernels, "GROUPED_RANKS_MIN", 1)
-    monkeypatch.setattr(numba_kernels, "RANK_GROUP", 64)
+    monkeypatch.setattr(numba_ranks, "RANK_SMALL_MAX", 1)
+    monkeypatch.setattr(numba_ranks, "RANK_SUPER_MAX", 64)
+    monkeypatch.setattr(numba_ranks, "RANK_DIRECT_MIN", 16)
     spilled = run(tmp_path / "spilled")
     assert spilled == plain
     assert not list((tmp_path / "spilled").glob(".spill-*"))

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from numba import njit
 
+from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods.sparsify import trim_count
 
@@ -677,82 +678,14 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     return {"threshold": threshold, "scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
 
 
-@njit(**_JIT)
-def _bucket_counts(t):
-    """Count of each top-16-bit bucket of |t|'s float32 bits."""
-    bits = t.view(np.uint32)
-    counts = np.zeros(65536, np.int64)
-    for j in range(t.size):
-        counts[(bits[j] & np.uint32(0x7FFFFFFF)) >> 16] += 1
-    return counts
-
-
-@njit(**_JIT)
-def _gather_group(t, low_bucket, high_bucket, keys):
-    """Sort keys ``(~|t| bits) << 32 | index`` of the entries whose bucket is in [low, high]; returns their count."""
-    bits = t.view(np.uint32)
-    filled = 0
-    for j in range(t.size):
-        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-        bucket = magnitude_bits >> 16
-        if low_bucket <= bucket <= high_bucket:
-            keys[filled] = (np.uint64(~magnitude_bits & np.uint32(0x7FFFFFFF)) << np.uint64(32)) | np.uint64(j)
-            filled += 1
-    return filled
-
-
-@njit(**_JIT)
-def _scatter_ranks(keys, first_rank, ranks):
-    for r in range(keys.size):
-        ranks[keys[r] & np.uint64(0xFFFFFFFF)] = first_rank + r
-
-
-#: Entries sorted at once by ``grouped_ranks`` (128 MB of sort keys).
-RANK_GROUP = 1 << 24
-
-
-def grouped_ranks(t: np.ndarray, group: int | None = None) -> np.ndarray:
-    """Magnitude ranks (0 the largest, ties by lower index) in 4 bytes/element plus one small group.
-
-    Buckets of the top 16 bits of |t|, from the largest, are grouped into runs of at most
-    ``group`` entries; each run is gathered by one pass over ``t`` (in index order), sorted
-    with NumPy, and its ranks scattered. Same result as ``descending_ranks_kernel``, without
-    its 16 bytes/element of buffers; used for large tensors.
-    """
-    group = RANK_GROUP if group is None else group
-    flat = np.ascontiguousarray(t.ravel())
-    counts = _bucket_counts(flat)
-    ranks = np.empty(flat.size, np.uint32)
-    keys = np.empty(max(group, int(counts.max(initial=0))), np.uint64)
-    first_rank = 0
-    high = 65535
-    while high >= 0:
-        low, size = high, int(counts[high])
-        while low > 0 and size + counts[low - 1] <= group:
-            low -= 1
-            size += int(counts[low])
-        if size:
-            filled = _gather_group(flat, low, high, keys)
-            run = keys[:filled]
-            run.sort()
-            _scatter_ranks(run, first_rank, ranks)
-            first_rank += filled
-        high = low - 1
-    return ranks
-
-
-#: Tensors at least this large get their ranks from ``grouped_ranks`` (bounded memory).
-GROUPED_RANKS_MIN = 1 << 24
-
-
 def magnitude_ranks(t, *, ops):
-    """Compiled twin of ``methods.sparsify.magnitude_ranks`` (no |t| copy; bounded memory when large)."""
-    flat = np.ascontiguousarray(t.ravel())
-    return {"ranks": grouped_ranks(flat) if flat.size >= GROUPED_RANKS_MIN else descending_ranks_kernel(flat)}
+    """Compiled twin of ``methods.sparsify.magnitude_ranks`` (no |t| copy; bounded extra memory)."""
+    return {"ranks": magnitude_ranks_fast(np.ascontiguousarray(t.ravel(), dtype=np.float32))}
 
 
 def descending_ranks(x: np.ndarray) -> np.ndarray:
-    return descending_ranks_kernel(np.ascontiguousarray(x.ravel(), dtype=np.float32))
+    """Ranks of a non-negative float32 vector, 0 the largest, ties by lower index."""
+    return magnitude_ranks_fast(np.ascontiguousarray(x.ravel(), dtype=np.float32))
 
 
 def kth_largest(x: np.ndarray, k: int) -> float:
