@@ -114,55 +114,6 @@ def select_kth_largest_bits(t, k):
 
 
 @njit(**_JIT)
-def descending_ranks_kernel(magnitude):
-    """Rank of each float32 value by magnitude (the sign bit is ignored), 0 the largest, ties by lower index.
-
-    A stable LSD radix sort (3 passes of 11 bits) of the inverted bit patterns:
-    stability keeps equal values in index order. Peak memory 16 bytes/element;
-    the returned ranks reuse the first pass's key buffer.
-    """
-    n = magnitude.size
-    bits = magnitude.view(np.uint32)
-    starts = np.zeros((3, 2048), np.int64)
-    for j in range(n):
-        key = ~np.uint32(bits[j] & np.uint32(0x7FFFFFFF))
-        starts[0, key & 2047] += 1
-        starts[1, (key >> 11) & 2047] += 1
-        starts[2, key >> 22] += 1
-    for digit in range(3):
-        total = 0
-        for bucket in range(2048):
-            count = starts[digit, bucket]
-            starts[digit, bucket] = total
-            total += count
-    keys_a = np.empty(n, np.uint32)
-    index_a = np.empty(n, np.uint32)
-    for j in range(n):
-        key = ~np.uint32(bits[j] & np.uint32(0x7FFFFFFF))
-        bucket = key & 2047
-        pos = starts[0, bucket]
-        starts[0, bucket] = pos + 1
-        keys_a[pos] = key
-        index_a[pos] = j
-    keys_b = np.empty(n, np.uint32)
-    index_b = np.empty(n, np.uint32)
-    for j in range(n):
-        key = keys_a[j]
-        bucket = (key >> 11) & 2047
-        pos = starts[1, bucket]
-        starts[1, bucket] = pos + 1
-        keys_b[pos] = key
-        index_b[pos] = index_a[j]
-    ranks = keys_a
-    for j in range(n):
-        bucket = keys_b[j] >> 22
-        pos = starts[2, bucket]
-        starts[2, bucket] = pos + 1
-        ranks[index_b[j]] = pos
-    return ranks
-
-
-@njit(**_JIT)
 def dot64_kernel(x, y):
     """Σ x_j y_j accumulated in float64 (4 interleaved partial sums)."""
     partial = np.zeros(4, np.float64)

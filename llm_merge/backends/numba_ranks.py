@@ -2,30 +2,30 @@
 
 ``magnitude_ranks_fast(t)`` gives each element its position in the stable descending
 order of ``t.view(uint32) & 0x7FFFFFFF`` (0 the largest magnitude, ties by lower index,
-NaN patterns just large integers): the ranks of ``numba_kernels.magnitude_ranks``.
+NaN patterns just large integers): the ranks of the former ``numba_kernels`` LSD sort.
 
 Key = the 31 magnitude bits, bucket = its top 15 bits, low = its low 16 bits.
 
-1. One pass counts the 32768 buckets; a bucket's first rank is the count of all
-   larger buckets.
-2. A *direct* bucket (at least ``RANK_DIRECT_MIN`` entries) gets a table of 65536
-   counters, one per low value. The other buckets are cut into a few dozen *parts* of
-   adjacent buckets. One pass over ``t`` counts each direct entry in its table and
-   copies each other key into its part's slice of a buffer, in index order.
-3. Each part is ranked in place, in cache. A part larger than ``RANK_GROUP_MAX`` is
-   first scattered (in cache) into groups of adjacent buckets of at most that many
-   entries. A group is ranked by a stable LSD radix sort of the 32-bit words
-   ``(0xFFFF - low) << 16 | position`` (two 8-bit passes, constant bytes skipped)
-   and a stable counting pass over its buckets.
-4. Direct tables become first ranks (prefix sums); one pass over ``t`` replays step 2:
-   ``ranks[j]`` = the next rank of j's (bucket, low) counter, or buffer[position of j].
+1. One pass counts the 32768 buckets; a bucket's first rank is the count of all larger
+   buckets. Big buckets (at least ``RANK_DIRECT_MIN`` entries) whose lows are few in a
+   strided sample are *direct* when together they hold half the entries (bf16-derived
+   deltas): each gets a row of 65536 counters, one per low. The other buckets are cut
+   into a few dozen *parts* of adjacent buckets.
+2. One pass over ``t`` counts each direct entry in its (bucket, low) counter and copies
+   each other key to its part's next slot of a 4 bytes/entry buffer (index order).
+3. Each part is ranked in place, in cache (a part larger than ``RANK_GROUP_MAX`` is first
+   scattered into groups of adjacent buckets): few distinct lows -> count (bucket, low)
+   pairs; one big bucket -> count its 65536 lows; else a stable LSD radix sort of the
+   words ``(0xFFFF - low) << 16 | position`` and a counting pass over the buckets.
+   Direct counters become first ranks (prefix sums).
+4. One pass over ``t`` replays step 2: ``ranks[j]`` = the next rank of j's (bucket, low)
+   counter, or the rank left in j's buffer slot.
 
-Keys enter the buffer in index order and every pass is stable, so ties keep index
-order. Extra memory: a 4 bytes/entry buffer for at most ``RANK_SUPER_MAX`` non-direct
-entries and at most ``RANK_DIRECT_MAX`` tables of 256 KB; a tensor needing more is
-done in several runs of adjacent buckets (steps 2-4 per run). Counter updates are
-unrolled by two with an equality correction, so runs of one key do not serialize on
-one counter.
+Keys enter the buffer in index order and every pass is stable, so ties keep index order.
+At most ``RANK_SUPER_MAX`` keys are buffered and ``RANK_DIRECT_MAX`` rows are used at once:
+a bigger tensor is done in several runs of adjacent buckets (steps 2-4 per run). Vectors
+of at most ``RANK_SMALL_MAX`` entries take a plain LSD radix sort. Counter updates are
+unrolled with an equality correction, so runs of one key do not serialize on one counter.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def _count_bucket(region, rank0, table):
 def _rank_group(region, low, high, first, work_a, work_b, hist, cursor):
     """Overwrite ``region`` (the keys of buckets [low, high], index order; at most 65536) with their ranks.
 
-    ``first[bucket]`` is the bucket's first rank.
+    ``first[bucket]`` is the bucket's first rank. A stable LSD radix sort of the words
+    ``(0xFFFF - low) << 16 | position`` (two 8-bit passes, constant bytes skipped), then a
+    stable counting pass over the buckets that writes each rank at its position.
     """
     m = region.size
     a = work_a[:m]
@@ -411,6 +413,175 @@ def _rank_part(region, low, high, counts, first, group_max, count_min, max_disti
 
 
 @njit(**_JIT)
+def _scatter_simple(bits, route, table, buffer):
+    """Step 2 of ``_rank_run`` when every entry is buffered: copy each key to its part's next
+    buffer position (counter ``route[bucket] >> 8``)."""
+    n = bits.size
+    i = 0
+    while i + 2 <= n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
+        e0 = route[k0 >> 16] >> 8
+        e1 = route[k1 >> 16] >> 8
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        buffer[x0] = k0
+        buffer[x1] = k1
+        i += 2
+    if i < n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        e0 = route[k0 >> 16] >> 8
+        buffer[table[e0]] = k0
+
+
+@njit(**_JIT)
+def _scatter(bits, route, table, buffer, total):
+    """Step 2 of ``_rank_run``: count each direct entry in its (bucket, low) counter, copy each
+    buffered key to its part's next buffer position, the others to the trash slot buffer[total]."""
+    n = bits.size
+    i = 0
+    while i + 2 <= n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        f1 = route[k1 >> 16]
+        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
+        e1 = (f1 >> 8) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        b0 = -(f0 & 1)
+        b1 = -(f1 & 1)
+        buffer[(x0 & b0) | (total & ~b0)] = k0
+        buffer[(x1 & b1) | (total & ~b1)] = k1
+        i += 2
+    if i < n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
+        x0 = np.int64(table[e0])
+        table[e0] = x0 + 1
+        b0 = -(f0 & 1)
+        buffer[(x0 & b0) | (total & ~b0)] = k0
+
+
+@njit(**_JIT)
+def _scatter_some(bits, route, table, buffer, total):
+    """Step 2 of ``_rank_run`` with no direct bucket: copy each buffered key to its part's next
+    buffer position, the keys outside the run to the trash slot buffer[total]."""
+    n = bits.size
+    i = 0
+    while i + 2 <= n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        f1 = route[k1 >> 16]
+        e0 = f0 >> 8
+        e1 = f1 >> 8
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        b0 = -(f0 & 1)
+        b1 = -(f1 & 1)
+        buffer[(x0 & b0) | (total & ~b0)] = k0
+        buffer[(x1 & b1) | (total & ~b1)] = k1
+        i += 2
+    if i < n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        x0 = np.int64(table[f0 >> 8])
+        table[f0 >> 8] = x0 + 1
+        b0 = -(f0 & 1)
+        buffer[(x0 & b0) | (total & ~b0)] = k0
+
+
+@njit(**_JIT)
+def _gather_some(bits, route, table, buffer, ranks):
+    """Step 4 of ``_rank_run`` with no direct bucket: replay ``_scatter_some``; the entries
+    outside the run keep their ranks."""
+    n = bits.size
+    i = 0
+    while i + 2 <= n:
+        f0 = route[(np.int64(bits[i]) & _MAGNITUDE) >> 16]
+        f1 = route[(np.int64(bits[i + 1]) & _MAGNITUDE) >> 16]
+        e0 = f0 >> 8
+        e1 = f1 >> 8
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        b0 = -(f0 & 1)
+        b1 = -(f1 & 1)
+        ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (np.int64(ranks[i]) & ~b0)
+        ranks[i + 1] = (np.int64(buffer[x1 & b1]) & b1) | (np.int64(ranks[i + 1]) & ~b1)
+        i += 2
+    if i < n:
+        f0 = route[(np.int64(bits[i]) & _MAGNITUDE) >> 16]
+        x0 = np.int64(table[f0 >> 8])
+        b0 = -(f0 & 1)
+        ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (np.int64(ranks[i]) & ~b0)
+
+
+@njit(**_JIT)
+def _gather_simple(bits, route, table, buffer, ranks):
+    """Step 4 of ``_rank_run`` when every entry is buffered: replay ``_scatter_simple``,
+    ``ranks[j]`` = buffer[position of j]."""
+    n = bits.size
+    i = 0
+    while i + 2 <= n:
+        e0 = route[(np.int64(bits[i]) & _MAGNITUDE) >> 16] >> 8
+        e1 = route[(np.int64(bits[i + 1]) & _MAGNITUDE) >> 16] >> 8
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        ranks[i] = buffer[x0]
+        ranks[i + 1] = buffer[x1]
+        i += 2
+    if i < n:
+        ranks[i] = buffer[table[route[(np.int64(bits[i]) & _MAGNITUDE) >> 16] >> 8]]
+
+
+@njit(**_JIT)
+def _gather(bits, route, table, buffer, ranks, everything):
+    """Step 4 of ``_rank_run``: replay ``_scatter``, giving each entry the next rank of its
+    (bucket, low) counter (direct) or buffer[its position] (buffered); entries outside the run
+    keep their ranks unless ``everything``."""
+    n = bits.size
+    i = 0
+    while everything and i + 2 <= n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        f1 = route[k1 >> 16]
+        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
+        e1 = (f1 >> 8) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
+        x0 = np.int64(table[e0])
+        x1 = np.int64(table[e1]) + (e0 == e1)
+        table[e0] = x0 + 1
+        table[e1] = x1 + 1
+        b0 = -(f0 & 1)
+        b1 = -(f1 & 1)
+        ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (x0 & ~b0)
+        ranks[i + 1] = (np.int64(buffer[x1 & b1]) & b1) | (x1 & ~b1)
+        i += 2
+    while i < n:
+        k0 = np.int64(bits[i]) & _MAGNITUDE
+        f0 = route[k0 >> 16]
+        d0 = -((f0 >> 1) & 1)
+        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & d0)
+        x0 = np.int64(table[e0])
+        table[e0] = x0 + 1
+        b0 = -(f0 & 1)
+        ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (x0 & d0) | (np.int64(ranks[i]) & ~(b0 | d0))
+        i += 1
+
+
+@njit(**_JIT)
 def _rank_run(bits, counts, first, bottom, top, low, high, everything, is_direct, fanout, group_max, count_min,
               max_distinct, buffer, ranks):
     """Ranks of the entries of buckets [low, high] (every entry when ``everything``).
@@ -438,74 +609,34 @@ def _rank_run(bits, counts, first, bottom, top, low, high, everything, is_direct
     half = max(1, group_max // 2)  # parts of at most group_max entries when that makes few enough of them
     sizes, lows, highs = _cut(buffered, low, high, half if total <= fanout * half else -(-total // fanout), part_of)
     parts = sizes.size
-    # Each bucket has one route word: bit 0 = buffered here (its cursor steps), bit 1 = direct,
-    # bits 8-23 = its cursor (the parts, then one trash slot per direct bucket, then one trash
-    # slot for the buckets outside the run), bits 24+ = its table entry base: a direct bucket
-    # counts in row slot * _ROW + (0xFFFF - low), the others in a trash entry of their cursor.
-    cursors = parts + direct + 1
-    cur = np.empty(cursors, np.int64)
     starts = np.zeros(parts + 1, np.int64)
-    for c in range(cursors):
-        cur[c] = total + c - parts
     for g in range(parts):
         starts[g + 1] = starts[g] + sizes[g]
-        cur[g] = starts[g]
-    trash = direct * _ROW
+    # One table of counters: a row of 65536 per direct bucket (at slot * _ROW + 0xFFFF - low),
+    # then one per part (its next buffer position), then 1024 unused ones for the buckets
+    # outside the run (bucket % 1024: entries of different buckets do not chain on one counter).
+    # Each bucket has a route word: its counter base << 8 | 2 if direct | 1 if buffered here.
+    # Entries that are not buffered write their key to the trash slot buffer[total].
+    rows = direct * _ROW
+    table = np.zeros(rows + parts + 1024, np.uint32)
     route = np.empty(_BUCKETS, np.int64)
     for bucket in range(bottom, top + 1):
         if bucket < low or bucket > high:
-            route[bucket] = ((trash + cursors - 1) << 24) | ((cursors - 1) << 8)
+            route[bucket] = (rows + parts + (bucket & 1023)) << 8
         elif slot[bucket] >= 0:
-            c = parts + slot[bucket]
-            route[bucket] = ((slot[bucket] * _ROW) << 24) | (c << 8) | 2
+            route[bucket] = ((slot[bucket] * _ROW) << 8) | 2
         else:
-            c = part_of[bucket]
-            route[bucket] = ((trash + c) << 24) | (c << 8) | 1
-    table = np.zeros(trash + cursors, np.uint32)
+            route[bucket] = ((rows + part_of[bucket]) << 8) | 1
+    for g in range(parts):
+        table[rows + g] = starts[g]
 
-    # Step 2: one pass over t.
-    i = 0
-    if direct == 0:
-        while i + 2 <= n:
-            k0 = np.int64(bits[i]) & _MAGNITUDE
-            k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-            f0 = route[k0 >> 16]
-            f1 = route[k1 >> 16]
-            c0 = (f0 >> 8) & 0xFFFF
-            c1 = (f1 >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + ((c0 == c1) & f0)
-            cur[c0] = p0 + (f0 & 1)
-            cur[c1] = p1 + (f1 & 1)
-            buffer[p0] = k0
-            buffer[p1] = k1
-            i += 2
+    # Step 2: one pass over t: count direct entries, copy buffered keys to their part.
+    if everything and direct == 0:
+        _scatter_simple(bits, route, table, buffer)
+    elif direct == 0:
+        _scatter_some(bits, route, table, buffer, total)
     else:
-        while i + 2 <= n:
-            k0 = np.int64(bits[i]) & _MAGNITUDE
-            k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-            f0 = route[k0 >> 16]
-            f1 = route[k1 >> 16]
-            c0 = (f0 >> 8) & 0xFFFF
-            c1 = (f1 >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + ((c0 == c1) & f0)
-            cur[c0] = p0 + (f0 & 1)
-            cur[c1] = p1 + (f1 & 1)
-            buffer[p0] = k0
-            buffer[p1] = k1
-            e0 = (f0 >> 24) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
-            e1 = (f1 >> 24) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
-            x0 = table[e0]
-            x1 = table[e1] + (e0 == e1)
-            table[e0] = x0 + 1
-            table[e1] = x1 + 1
-            i += 2
-    if i < n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        buffer[cur[(f0 >> 8) & 0xFFFF]] = k0
-        table[(f0 >> 24) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))] += 1
+        _scatter(bits, route, table, buffer, total)
 
     # Step 3: rank the parts in place; direct tables become first ranks.
     if parts > 0:
@@ -535,91 +666,13 @@ def _rank_run(bits, counts, first, bottom, top, low, high, everything, is_direct
 
     # Step 4: replay step 2, handing out ranks (entries outside the run keep theirs).
     for g in range(parts):
-        cur[g] = starts[g]
-    i = 0
-    if direct == 0 and everything:
-        while i + 2 <= n:
-            c0 = (route[(np.int64(bits[i]) & _MAGNITUDE) >> 16] >> 8) & 0xFFFF
-            c1 = (route[(np.int64(bits[i + 1]) & _MAGNITUDE) >> 16] >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + (c0 == c1)
-            cur[c0] = p0 + 1
-            cur[c1] = p1 + 1
-            ranks[i] = buffer[p0]
-            ranks[i + 1] = buffer[p1]
-            i += 2
+        table[rows + g] = starts[g]
+    if everything and direct == 0:
+        _gather_simple(bits, route, table, buffer, ranks)
     elif direct == 0:
-        while i + 2 <= n:
-            f0 = route[(np.int64(bits[i]) & _MAGNITUDE) >> 16]
-            f1 = route[(np.int64(bits[i + 1]) & _MAGNITUDE) >> 16]
-            c0 = (f0 >> 8) & 0xFFFF
-            c1 = (f1 >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + ((c0 == c1) & f0)
-            cur[c0] = p0 + (f0 & 1)
-            cur[c1] = p1 + (f1 & 1)
-            m0 = -(f0 & 1)
-            m1 = -(f1 & 1)
-            ranks[i] = (np.int64(buffer[p0]) & m0) | (np.int64(ranks[i]) & ~m0)
-            ranks[i + 1] = (np.int64(buffer[p1]) & m1) | (np.int64(ranks[i + 1]) & ~m1)
-            i += 2
-    elif everything:
-        while i + 2 <= n:
-            k0 = np.int64(bits[i]) & _MAGNITUDE
-            k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-            f0 = route[k0 >> 16]
-            f1 = route[k1 >> 16]
-            c0 = (f0 >> 8) & 0xFFFF
-            c1 = (f1 >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + ((c0 == c1) & f0)
-            cur[c0] = p0 + (f0 & 1)
-            cur[c1] = p1 + (f1 & 1)
-            d0 = -((f0 >> 1) & 1)
-            d1 = -((f1 >> 1) & 1)
-            e0 = (f0 >> 24) + ((_LOW - (k0 & _LOW)) & d0)
-            e1 = (f1 >> 24) + ((_LOW - (k1 & _LOW)) & d1)
-            x0 = np.int64(table[e0])
-            x1 = np.int64(table[e1]) + (e0 == e1)
-            table[e0] = x0 + 1
-            table[e1] = x1 + 1
-            m0 = -(f0 & 1)
-            m1 = -(f1 & 1)
-            ranks[i] = (np.int64(buffer[p0]) & m0) | (x0 & d0)
-            ranks[i + 1] = (np.int64(buffer[p1]) & m1) | (x1 & d1)
-            i += 2
+        _gather_some(bits, route, table, buffer, ranks)
     else:
-        while i + 2 <= n:
-            k0 = np.int64(bits[i]) & _MAGNITUDE
-            k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-            f0 = route[k0 >> 16]
-            f1 = route[k1 >> 16]
-            c0 = (f0 >> 8) & 0xFFFF
-            c1 = (f1 >> 8) & 0xFFFF
-            p0 = cur[c0]
-            p1 = cur[c1] + ((c0 == c1) & f0)
-            cur[c0] = p0 + (f0 & 1)
-            cur[c1] = p1 + (f1 & 1)
-            d0 = -((f0 >> 1) & 1)
-            d1 = -((f1 >> 1) & 1)
-            e0 = (f0 >> 24) + ((_LOW - (k0 & _LOW)) & d0)
-            e1 = (f1 >> 24) + ((_LOW - (k1 & _LOW)) & d1)
-            x0 = np.int64(table[e0])
-            x1 = np.int64(table[e1]) + (e0 == e1)
-            table[e0] = x0 + 1
-            table[e1] = x1 + 1
-            m0 = -(f0 & 1)
-            m1 = -(f1 & 1)
-            ranks[i] = (np.int64(buffer[p0]) & m0) | (x0 & d0) | (np.int64(ranks[i]) & ~(m0 | d0))
-            ranks[i + 1] = (np.int64(buffer[p1]) & m1) | (x1 & d1) | (np.int64(ranks[i + 1]) & ~(m1 | d1))
-            i += 2
-    if i < n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        d0 = -((f0 >> 1) & 1)
-        m0 = -(f0 & 1)
-        x0 = np.int64(table[(f0 >> 24) + ((_LOW - (k0 & _LOW)) & d0)])
-        ranks[i] = (np.int64(buffer[cur[(f0 >> 8) & 0xFFFF]]) & m0) | (x0 & d0) | (np.int64(ranks[i]) & ~(m0 | d0))
+        _gather(bits, route, table, buffer, ranks, everything)
 
 
 @njit(inline="always", **_JIT)
@@ -787,7 +840,7 @@ def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
     direct_max = max(1, RANK_DIRECT_MAX)
     counts, first, is_direct, bottom, top, run_low, run_high, longest = _plan(
         bits, super_max, max(1, RANK_DIRECT_MIN), direct_max, RANK_SAMPLES)
-    buffer = np.empty(longest + direct_max + 2, np.uint32)  # + the trash slots of _rank_run
+    buffer = np.empty(longest + 1, np.uint32)  # + the trash slot of _scatter
     for low, high in zip(run_low.tolist(), run_high.tolist()):
         if first[low] - first[high] + counts[low] > 0:  # entries in [low, high]
             _rank_run(bits, counts, first, bottom, top, low, high, run_low.size == 1, is_direct, RANK_FANOUT,
