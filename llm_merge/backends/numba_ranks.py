@@ -63,6 +63,24 @@ _LOW = 0xFFFF
 
 
 @njit(inline="always", **_JIT)
+def _bump4(counts, s0, s1, s2, s3):
+    """Increment four counters (slots may repeat); returns each one's value before its own increment.
+
+    All four loads come first, corrected for earlier equal slots, so runs of one slot do not
+    serialize on a store-to-load chain.
+    """
+    x0 = counts[s0]
+    x1 = counts[s1] + (s1 == s0)
+    x2 = counts[s2] + (s2 == s0) + (s2 == s1)
+    x3 = counts[s3] + (s3 == s0) + (s3 == s1) + (s3 == s2)
+    counts[s0] = x0 + 1
+    counts[s1] = x1 + 1
+    counts[s2] = x2 + 1
+    counts[s3] = x3 + 1
+    return x0, x1, x2, x3
+
+
+@njit(inline="always", **_JIT)
 def _radix_pass(src, dst, shift, counts):
     """Stable scatter of src into dst by byte ``(v >> shift) & 255``; False (nothing done) when it is constant."""
     m = src.size
@@ -83,14 +101,7 @@ def _radix_pass(src, dst, shift, counts):
         b1 = (np.int64(v1) >> shift) & 255
         b2 = (np.int64(v2) >> shift) & 255
         b3 = (np.int64(v3) >> shift) & 255
-        p0 = counts[b0]
-        p1 = counts[b1] + (b1 == b0)
-        p2 = counts[b2] + (b2 == b0) + (b2 == b1)
-        p3 = counts[b3] + (b3 == b0) + (b3 == b1) + (b3 == b2)
-        counts[b0] = p0 + 1
-        counts[b1] = p1 + 1
-        counts[b2] = p2 + 1
-        counts[b3] = p3 + 1
+        p0, p1, p2, p3 = _bump4(counts, b0, b1, b2, b3)
         dst[p0] = v0
         dst[p1] = v1
         dst[p2] = v2
@@ -204,6 +215,35 @@ def _rank_group(region, low, high, first, work_a, work_b, hist, cursor):
 
 
 @njit(inline="always", **_JIT)
+def _bump_few(region, m, cursor, seen, table, write):
+    """table[slot] += 1 for the slot of every key of region[:m] (its bucket's row + its low's id).
+
+    Unrolled by four with an equality correction, so runs of one slot do not serialize on one
+    counter. With ``write``, each key is replaced by its slot's count before the increment.
+    """
+    i = 0
+    while i + 4 <= m:
+        e0 = cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]
+        e1 = cursor[np.int64(region[i + 1]) >> 16] + seen[_LOW - (np.int64(region[i + 1]) & _LOW)]
+        e2 = cursor[np.int64(region[i + 2]) >> 16] + seen[_LOW - (np.int64(region[i + 2]) & _LOW)]
+        e3 = cursor[np.int64(region[i + 3]) >> 16] + seen[_LOW - (np.int64(region[i + 3]) & _LOW)]
+        x0, x1, x2, x3 = _bump4(table, e0, e1, e2, e3)
+        if write:
+            region[i] = x0
+            region[i + 1] = x1
+            region[i + 2] = x2
+            region[i + 3] = x3
+        i += 4
+    while i < m:
+        e0 = cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]
+        x0 = table[e0]
+        table[e0] = x0 + 1
+        if write:
+            region[i] = x0
+        i += 1
+
+
+@njit(inline="always", **_JIT)
 def _shell_sort(values, count):
     """Sort ``values[:count]`` in place, ascending."""
     gap = 1
@@ -254,24 +294,7 @@ def _rank_few(region, low, high, counts, first, max_distinct, seen, ids, cursor,
         seen[ids[q]] = q
     for e in range(size):
         table[e] = 0
-    i = 0
-    while i + 4 <= m:
-        e0 = cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]
-        e1 = cursor[np.int64(region[i + 1]) >> 16] + seen[_LOW - (np.int64(region[i + 1]) & _LOW)]
-        e2 = cursor[np.int64(region[i + 2]) >> 16] + seen[_LOW - (np.int64(region[i + 2]) & _LOW)]
-        e3 = cursor[np.int64(region[i + 3]) >> 16] + seen[_LOW - (np.int64(region[i + 3]) & _LOW)]
-        x0 = table[e0]
-        x1 = table[e1] + (e1 == e0)
-        x2 = table[e2] + (e2 == e0) + (e2 == e1)
-        x3 = table[e3] + (e3 == e0) + (e3 == e1) + (e3 == e2)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        table[e2] = x2 + 1
-        table[e3] = x3 + 1
-        i += 4
-    while i < m:
-        table[cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]] += 1
-        i += 1
+    _bump_few(region, m, cursor, seen, table, False)
     for bucket in range(high, low - 1, -1):
         if counts[bucket] > 0:
             rank = first[bucket]
@@ -280,31 +303,7 @@ def _rank_few(region, low, high, counts, first, max_distinct, seen, ids, cursor,
                 c = np.int64(table[row + q])
                 table[row + q] = rank
                 rank += c
-    i = 0
-    while i + 4 <= m:
-        e0 = cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]
-        e1 = cursor[np.int64(region[i + 1]) >> 16] + seen[_LOW - (np.int64(region[i + 1]) & _LOW)]
-        e2 = cursor[np.int64(region[i + 2]) >> 16] + seen[_LOW - (np.int64(region[i + 2]) & _LOW)]
-        e3 = cursor[np.int64(region[i + 3]) >> 16] + seen[_LOW - (np.int64(region[i + 3]) & _LOW)]
-        x0 = table[e0]
-        x1 = table[e1] + (e1 == e0)
-        x2 = table[e2] + (e2 == e0) + (e2 == e1)
-        x3 = table[e3] + (e3 == e0) + (e3 == e1) + (e3 == e2)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        table[e2] = x2 + 1
-        table[e3] = x3 + 1
-        region[i] = x0
-        region[i + 1] = x1
-        region[i + 2] = x2
-        region[i + 3] = x3
-        i += 4
-    while i < m:
-        e0 = cursor[np.int64(region[i]) >> 16] + seen[_LOW - (np.int64(region[i]) & _LOW)]
-        x0 = table[e0]
-        table[e0] = x0 + 1
-        region[i] = x0
-        i += 1
+    _bump_few(region, m, cursor, seen, table, True)
     for q in range(distinct):
         seen[ids[q]] = 0
     return True
@@ -436,6 +435,23 @@ def _scatter_simple(bits, route, table, buffer):
         buffer[table[e0]] = k0
 
 
+@njit(inline="always", **_JIT)
+def _count_pair(bits, i, route, table):
+    """Entries i and i+1 of a run pass: their magnitude keys, their counters' values before this
+    increment (equal counters corrected) and their buffered masks (-1 buffered, 0 direct)."""
+    k0 = np.int64(bits[i]) & _MAGNITUDE
+    k1 = np.int64(bits[i + 1]) & _MAGNITUDE
+    f0 = route[k0 >> 16]
+    f1 = route[k1 >> 16]
+    e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
+    e1 = (f1 >> 8) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
+    x0 = np.int64(table[e0])
+    x1 = np.int64(table[e1]) + (e0 == e1)
+    table[e0] = x0 + 1
+    table[e1] = x1 + 1
+    return k0, k1, x0, x1, -(f0 & 1), -(f1 & 1)
+
+
 @njit(**_JIT)
 def _scatter(bits, route, table, buffer, total):
     """Step 2 of ``_rank_run``: count each direct entry in its (bucket, low) counter, copy each
@@ -443,18 +459,7 @@ def _scatter(bits, route, table, buffer, total):
     n = bits.size
     i = 0
     while i + 2 <= n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        f1 = route[k1 >> 16]
-        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
-        e1 = (f1 >> 8) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
-        x0 = np.int64(table[e0])
-        x1 = np.int64(table[e1]) + (e0 == e1)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        b0 = -(f0 & 1)
-        b1 = -(f1 & 1)
+        k0, k1, x0, x1, b0, b1 = _count_pair(bits, i, route, table)
         buffer[(x0 & b0) | (total & ~b0)] = k0
         buffer[(x1 & b1) | (total & ~b1)] = k1
         i += 2
@@ -475,18 +480,7 @@ def _scatter_some(bits, route, table, buffer, total):
     n = bits.size
     i = 0
     while i + 2 <= n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        f1 = route[k1 >> 16]
-        e0 = f0 >> 8
-        e1 = f1 >> 8
-        x0 = np.int64(table[e0])
-        x1 = np.int64(table[e1]) + (e0 == e1)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        b0 = -(f0 & 1)
-        b1 = -(f1 & 1)
+        k0, k1, x0, x1, b0, b1 = _count_pair(bits, i, route, table)  # no direct buckets here
         buffer[(x0 & b0) | (total & ~b0)] = k0
         buffer[(x1 & b1) | (total & ~b1)] = k1
         i += 2
@@ -506,16 +500,7 @@ def _gather_some(bits, route, table, buffer, ranks):
     n = bits.size
     i = 0
     while i + 2 <= n:
-        f0 = route[(np.int64(bits[i]) & _MAGNITUDE) >> 16]
-        f1 = route[(np.int64(bits[i + 1]) & _MAGNITUDE) >> 16]
-        e0 = f0 >> 8
-        e1 = f1 >> 8
-        x0 = np.int64(table[e0])
-        x1 = np.int64(table[e1]) + (e0 == e1)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        b0 = -(f0 & 1)
-        b1 = -(f1 & 1)
+        _, _, x0, x1, b0, b1 = _count_pair(bits, i, route, table)  # no direct buckets here
         ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (np.int64(ranks[i]) & ~b0)
         ranks[i + 1] = (np.int64(buffer[x1 & b1]) & b1) | (np.int64(ranks[i + 1]) & ~b1)
         i += 2
@@ -554,18 +539,7 @@ def _gather(bits, route, table, buffer, ranks, everything):
     n = bits.size
     i = 0
     while everything and i + 2 <= n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        k1 = np.int64(bits[i + 1]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        f1 = route[k1 >> 16]
-        e0 = (f0 >> 8) + ((_LOW - (k0 & _LOW)) & -((f0 >> 1) & 1))
-        e1 = (f1 >> 8) + ((_LOW - (k1 & _LOW)) & -((f1 >> 1) & 1))
-        x0 = np.int64(table[e0])
-        x1 = np.int64(table[e1]) + (e0 == e1)
-        table[e0] = x0 + 1
-        table[e1] = x1 + 1
-        b0 = -(f0 & 1)
-        b1 = -(f1 & 1)
+        k0, k1, x0, x1, b0, b1 = _count_pair(bits, i, route, table)
         ranks[i] = (np.int64(buffer[x0 & b0]) & b0) | (x0 & ~b0)
         ranks[i + 1] = (np.int64(buffer[x1 & b1]) & b1) | (x1 & ~b1)
         i += 2
