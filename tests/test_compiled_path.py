@@ -130,3 +130,16 @@ def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
         assert f"tensor w has 3 NaN/Inf value(s) in {tmp_path / 'a'}" in result.stderr
         assert f"tensor w has 1 NaN/Inf value(s) in {tmp_path / 'base'}" in result.stderr
     assert (tmp_path / "out1" / "model.safetensors").read_bytes() == (tmp_path / "out0" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["ties", "della", "dare_ties", "slerp"])
+def test_compiled_path_is_byte_identical_across_n_process(tmp_path, family, method):
+    outputs = []
+    for n in ("1", "2", "3"):
+        out = tmp_path / f"out{n}"
+        result = run_mergekit("--merge_method", method, "--model_path_list", *family.model_dirs, "--base_model_path",
+                              family.base_dir, "--output_path", out, "--n_process", n,
+                              env={**os.environ, "LLM_MERGE_NUMBA": "1"})
+        assert result.returncode == 0, result.stderr
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    assert outputs[0] == outputs[1] == outputs[2]
