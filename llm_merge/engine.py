@@ -305,10 +305,8 @@ class TensorMerger:
         bits = self._buffer(buffer, count, lane)
         if lane is np.uint16 or info.dtype == "F32":
             self.reader.read_stored(info, start, count, bits.view(dtypes.to_numpy(info.dtype)))
-        elif info.dtype == "BF16":
-            np.left_shift(self.reader.read_stored(info, start, count).view(np.uint16), 16, out=bits, dtype=np.uint32)
-        else:
-            np.copyto(bits.view(np.float32), self.reader.read_stored(info, start, count), casting="unsafe")
+        else:  # converted as the generic path converts (the kernel counts NaN/Inf itself)
+            self.host.widen(self.reader.read_stored(info, start, count), bits.view(np.float32))
         return bits
 
     def _fusable(self, options: Optional[dict[str, Any]] = None) -> bool:

@@ -113,17 +113,17 @@ def select_kth_largest_bits(t, k):
     return np.uint32((high << 16) | low)
 
 
-@njit(**_JIT)
+@njit(fastmath=True, **_JIT)
 def dot64_kernel(x, y):
-    """Σ x_j y_j accumulated in float64 (4 interleaved partial sums)."""
-    partial = np.zeros(4, np.float64)
-    n4 = x.size - x.size % 4
-    for j in range(0, n4, 4):
-        for lane in range(4):
-            partial[lane] += np.float64(x[j + lane]) * np.float64(y[j + lane])
-    for j in range(n4, x.size):
-        partial[0] += np.float64(x[j]) * np.float64(y[j])
-    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+    """Σ x_j y_j accumulated in float64.
+
+    fastmath lets the sum vectorize; the summation order then depends only on the length
+    (the same for every run and worker count on machines with the same vector width).
+    """
+    total = 0.0
+    for j in range(x.size):
+        total += np.float64(x[j]) * np.float64(y[j])
+    return total
 
 
 @njit(**_JIT)
@@ -164,35 +164,12 @@ def ties_kernel(ys, weights, normalize, by_count, out):
 
 
 @njit(**_JIT)
-def widen_bf16_kernel(raw, out):
-    """bfloat16 bits -> float32 (a 16-bit shift); returns the number of NaN/Inf values."""
-    bad = 0
-    for j in range(raw.size):
-        bits = np.uint32(raw[j])
-        out[j] = bits << np.uint32(16)
-        bad += (bits & np.uint32(0x7F80)) == np.uint32(0x7F80)
-    return bad
-
-
-@njit(**_JIT)
 def count_nonfinite_kernel(bits):
     """Number of NaN/Inf among float32 values given as their uint32 bits."""
     bad = 0
     for j in range(bits.size):
         bad += (bits[j] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
     return bad
-
-
-@njit(**_JIT)
-def narrow_bf16_kernel(bits, out):
-    """float32 bits -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN)."""
-    for j in range(bits.size):
-        b = bits[j]
-        if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-            out[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
-        else:
-            out[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-    return out
 
 
 NONE, DARE, TRIM, MAGPRUNE = 0, 1, 2, 3
@@ -426,7 +403,7 @@ class StreamingTrim:
     """
 
     def __init__(self, k: int, numel: int, reserve_p: float, rescale: bool, block: int) -> None:
-        self.numel, self.rescale = numel, rescale
+        self.rescale = rescale
         self.keep = trim_count(reserve_p, numel) if numel else 0
         self.blocks = _Blocks(k, block)
         self.counts = np.zeros((k, 32768), np.int64)
@@ -437,7 +414,7 @@ class StreamingTrim:
         self.low_counts: Optional[np.ndarray] = None
 
     def wants(self, pass_index: int) -> bool:
-        """Whether pass ``pass_index`` is needed (pass 2 only where a threshold bucket has nonzero low bits)."""
+        """Whether pass ``pass_index`` is needed (pass 2 only where a k-th value has nonzero low bits)."""
         if pass_index == 0:
             return True
         return pass_index == 1 and bool(self._refined().any())
@@ -489,15 +466,6 @@ class StreamingTrim:
         return stats
 
 
-@njit(fastmath=True, **_JIT)
-def _dot_block(x, y, m):
-    """Σ x_j y_j over j < m in float64 (vectorized; the order depends only on ``m``)."""
-    total = 0.0
-    for j in range(m):
-        total += np.float64(x[j]) * np.float64(y[j])
-    return total
-
-
 @njit(**_JIT)
 def _slerp_sums(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, sums):
     """Slerp's reduce pass over one chunk: sums += (|y0|², |y1|², y0·y1) of the two task vectors."""
@@ -506,9 +474,10 @@ def _slerp_sums(raws, base_raw, has_base, n, rows, rows_bits, base, base_bits, s
     for s in range(0, n, block):
         m = min(block, n - s)
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
-        sums[0] += _dot_block(rows[0], rows[0], m)
-        sums[1] += _dot_block(rows[1], rows[1], m)
-        sums[2] += _dot_block(rows[0], rows[1], m)
+        y0, y1 = rows[0][:m], rows[1][:m]
+        sums[0] += dot64_kernel(y0, y0)
+        sums[1] += dot64_kernel(y1, y1)
+        sums[2] += dot64_kernel(y0, y1)
 
 
 class StreamingSlerpSums:
@@ -588,6 +557,17 @@ class FusedChunks:
             self._merged, self._merged.view(np.uint32), out, nonfinite,
         )
         return nonfinite
+
+
+def widen_bits(raw: np.ndarray, out_bits: np.ndarray) -> int:
+    """float32 bits of a whole chunk of bfloat16 (uint16) or float32 (uint32) bits into ``out_bits``; the NaN/Inf count."""
+    return int(_widen_block(raw, 0, raw.size, out_bits))
+
+
+def narrow_bits(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float32 bits into ``out``: bfloat16 bits (uint16, round to nearest even) or float32 bits (uint32)."""
+    _narrow_block(bits, bits.size, out, 0)
+    return out
 
 
 # -- drop-in replacements for registered methods (same keyword parameters) --------------

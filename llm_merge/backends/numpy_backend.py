@@ -134,7 +134,7 @@ class NumpyOps:
                 return int(self._kernels.count_nonfinite_kernel(out.view(np.uint32)))
         elif stored.dtype == ml_dtypes.bfloat16:
             if self._kernels:
-                return int(self._kernels.widen_bf16_kernel(stored.view(np.uint16), out.view(np.uint32)))
+                return self._kernels.widen_bits(stored.view(np.uint16), out.view(np.uint32))
             # bfloat16 is the top half of a float32: widening is a 16-bit shift.
             np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
         else:
@@ -147,7 +147,7 @@ class NumpyOps:
         """Cast a float32 chunk to the output dtype (round to nearest even)."""
         if dtype == ml_dtypes.bfloat16 and self._kernels:
             out = np.empty(x.size, np.uint16)
-            return self._kernels.narrow_bf16_kernel(x.ravel().view(np.uint32), out).view(ml_dtypes.bfloat16)
+            return self._kernels.narrow_bits(x.ravel().view(np.uint32), out).view(ml_dtypes.bfloat16)
         return x.astype(dtype, copy=False)
 
     @staticmethod
