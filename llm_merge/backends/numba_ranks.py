@@ -63,6 +63,16 @@ _LOW = 0xFFFF
 
 
 @njit(inline="always", **_JIT)
+def _bump2(counts, s0, s1):
+    """Increment two counters (the slots may be equal); returns each one's value before its own increment."""
+    x0 = counts[s0]
+    x1 = counts[s1] + (s0 == s1)
+    counts[s0] = x0 + 1
+    counts[s1] = x1 + 1
+    return x0, x1
+
+
+@njit(inline="always", **_JIT)
 def _bump4(counts, s0, s1, s2, s3):
     """Increment four counters (slots may repeat); returns each one's value before its own increment.
 
@@ -142,10 +152,7 @@ def _count_bucket(region, rank0, table):
     while i + 2 <= m:
         d0 = _LOW - (np.int64(region[i]) & _LOW)
         d1 = _LOW - (np.int64(region[i + 1]) & _LOW)
-        r0 = table[d0]
-        r1 = table[d1] + (d0 == d1)
-        table[d0] = r0 + 1
-        table[d1] = r1 + 1
+        r0, r1 = _bump2(table, d0, d1)
         region[i] = r0
         region[i + 1] = r1
         i += 2
@@ -202,10 +209,7 @@ def _rank_group(region, low, high, first, work_a, work_b, hist, cursor):
         q1 = np.int64(src[i + 1]) & _LOW
         b0 = np.int64(region[q0]) >> 16
         b1 = np.int64(region[q1]) >> 16
-        r0 = cursor[b0]
-        r1 = cursor[b1] + (b0 == b1)
-        cursor[b0] = r0 + 1
-        cursor[b1] = r1 + 1
+        r0, r1 = _bump2(cursor, b0, b1)
         region[q0] = r0
         region[q1] = r1
         i += 2
@@ -376,10 +380,7 @@ def _rank_part(region, low, high, counts, first, group_max, count_min, max_disti
         v1 = region[i + 1]
         g0 = sub_of[np.int64(v0) >> 16]
         g1 = sub_of[np.int64(v1) >> 16]
-        p0 = cur[g0]
-        p1 = cur[g1] + (g0 == g1)
-        cur[g0] = p0 + 1
-        cur[g1] = p1 + 1
+        p0, p1 = _bump2(cur, g0, g1)
         scratch[p0] = v0
         scratch[p1] = v1
         i += 2
@@ -400,10 +401,7 @@ def _rank_part(region, low, high, counts, first, group_max, count_min, max_disti
     while split and i + 2 <= m:
         g0 = sub_of[np.int64(region[i]) >> 16]
         g1 = sub_of[np.int64(region[i + 1]) >> 16]
-        p0 = cur[g0]
-        p1 = cur[g1] + (g0 == g1)
-        cur[g0] = p0 + 1
-        cur[g1] = p1 + 1
+        p0, p1 = _bump2(cur, g0, g1)
         region[i] = scratch[p0]
         region[i + 1] = scratch[p1]
         i += 2
