@@ -106,7 +106,7 @@ class TensorMerger:
 
     def peak_bytes(self, task: TensorTask) -> int:
         """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
-        if not task.mergeable or self.sparsifier.prepare is None or self._streams(self._task_options(task)):
+        if not task.mergeable or self.sparsifier.prepare is None or self._streams(task, self._task_options(task)):
             return 0
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
@@ -249,10 +249,11 @@ class TensorMerger:
     def _streamed_prepare(self, task: TensorTask) -> Optional[list[dict[str, Any]]]:
         """Every model's whole-tensor statistics from passes over raw chunks of all inputs at once.
 
-        Only where the compiled backend streams this sparsifier's statistics (trim) and the fused
-        apply pass follows; None otherwise (the per-model ``_prepare`` runs instead).
+        Only where the compiled backend streams this sparsifier's statistics (trim; magnitude ranks
+        of bfloat16 inputs) and the fused apply pass follows; None otherwise, or where the streamed
+        statistics give up (the per-model ``_prepare`` runs instead).
         """
-        if not self._streams(self.options):
+        if not self._streams(task, self.options):
             return None
         return self._stream(task, self.host.streaming_prepare(
             self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options))
@@ -318,9 +319,10 @@ class TensorMerger:
             and all(options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
         )
 
-    def _streams(self, options: dict[str, Any]) -> bool:
-        """Whether this sparsifier's statistics are streamed (no full-size task vectors) for a task with ``options``."""
-        return self._fusable(options) and self.host.streams_statistics(self.cfg.sparsify_type)
+    def _streams(self, task: TensorTask, options: dict[str, Any]) -> bool:
+        """Whether this sparsifier's statistics are streamed (no full-size task vectors) for ``task`` with ``options``."""
+        dtypes_in = {info.dtype for info in task.inputs} | ({task.base.dtype} if task.base is not None else set())
+        return self._fusable(options) and self.host.streams_statistics(self.cfg.sparsify_type, dtypes_in)
 
     def _inputs(self, task: TensorTask, start: int, count: int) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
         """Float32 chunks of every model and of the base (or None)."""

@@ -47,11 +47,12 @@ def test_compiled_and_numpy_paths_are_byte_identical(tmp_path, family, method, f
 def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, method, monkeypatch):
     """Large-tensor paths (ranks parked on disk, ranks sorted in several bounded runs) write exactly the in-memory bytes."""
     from llm_merge.api import merge
-    from llm_merge.backends import numba_ranks
+    from llm_merge.backends import numba_kernels, numba_ranks
     from llm_merge.config import MergeConfig
     from llm_merge.engine import TensorMerger
 
     monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
+    monkeypatch.setattr(numba_kernels.StreamingRanks, "MIXED_FRACTION_MAX", -1.0)  # whole-tensor ranks
 
     def run(out):
         merge(MergeConfig(merge_method=method, model_path_list=[str(d) for d in family.model_dirs],
@@ -66,6 +67,36 @@ def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, metho
     spilled = run(tmp_path / "spilled")
     assert spilled == plain
     assert not list((tmp_path / "spilled").glob(".spill-*"))
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, family, monkeypatch, with_base):
+    """bfloat16 DELLA ranks chunk by chunk from rank tables (no full-size arrays), with the same result."""
+    from llm_merge.api import merge
+    from llm_merge.backends import numba_kernels
+    from llm_merge.config import MergeConfig
+    from llm_merge.engine import TensorMerger
+
+    monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
+    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 300)
+    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 40)
+    tables = []
+    real_statistics = numba_kernels.StreamingRanks.statistics
+    monkeypatch.setattr(numba_kernels.StreamingRanks, "statistics",
+                        lambda self: tables.append(real_statistics(self)) or tables[-1])
+
+    def run(out):
+        merge(MergeConfig(merge_method="della", model_path_list=[str(d) for d in family.model_dirs],
+                          base_model_path=str(family.base_dir) if with_base else None, output_path=str(out),
+                          reserve_p=0.4, quiet=True))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    streamed = run(tmp_path / "streamed")
+    assert tables and all(t is not None for t in tables)
+    monkeypatch.setattr(numba_kernels.StreamingRanks, "MIXED_FRACTION_MAX", -1.0)
+    tables.clear()
+    assert run(tmp_path / "whole") == streamed
+    assert tables and all(t is None for t in tables)
 
 
 DTYPES = {"bf16": "bfloat16", "f16": np.float16, "f32": np.float32}

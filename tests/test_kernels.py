@@ -129,6 +129,20 @@ def test_float32_nonfinite_count():
     assert monkeypatch_free.widen(x, out) == 3
 
 
+def delta_family(stored: str, n: int, seed: int):
+    """(base, three fine-tunes, raw lane) stored as bfloat16 or float32: small deltas, zero deltas
+    (ties at the bottom) and large ones (nonzero low 16 bits in bfloat16 too)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    dtype, lane = (ml_dtypes.bfloat16, np.uint16) if stored == "bf16" else (np.float32, np.uint32)
+    base = rng.normal(size=n).astype(dtype)
+    models = [(base.astype(np.float32) + 0.01 * data(n, s)).astype(dtype) for s in (1, 2, 3)]
+    models[1][:500] = base[:500]
+    models[2][::97] = (base[::97].astype(np.float32) * 3.1).astype(dtype)
+    return base, models, lane
+
+
 @pytest.mark.parametrize("reserve_p", [0.0001, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_trim_statistics_match_numpy(reserve_p, rescale):
@@ -154,15 +168,8 @@ def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base, stored):
 
     bfloat16 weights give deltas with zero low bits (one pass suffices); float32 ones need pass 2.
     """
-    import ml_dtypes
-
-    rng = np.random.default_rng(11)
     n, chunk = 30_000, 7_000
-    dtype, lane = (ml_dtypes.bfloat16, np.uint16) if stored == "bf16" else (np.float32, np.uint32)
-    base = rng.normal(size=n).astype(dtype)
-    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(dtype) for seed in (1, 2, 3)]
-    models[1][:500] = base[:500]  # zero deltas: ties at the bottom
-    models[2][::97] = (base[::97].astype(np.float32) * 3.1).astype(dtype)  # large deltas: nonzero low bits in bfloat16
+    base, models, lane = delta_family(stored, n, seed=11)
     stream = kernels.StreamingTrim(3, n, reserve_p, rescale, block=96)
     passes = 0
     while stream.wants(passes):
@@ -179,6 +186,55 @@ def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base, stored):
         expected = methods.get("sparsify", "trim").prepare(t, reserve_p=reserve_p, rescale=rescale, ops=plain)
         assert got["threshold"] == expected["threshold"]
         assert got["scale"] == pytest.approx(expected["scale"], rel=1e-13)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("stored", ["bf16", "f32"])
+def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, monkeypatch):
+    """MAGPRUNE with ranks counted from rank tables, chunk by chunk, equals it with whole-tensor ranks.
+
+    Output in float32 with rescale: a rank off by one changes the kept entries' divisor, visibly.
+    Covers plain entries (zero low bits, bfloat16 deltas), mixed ones (nonzero low bits: large
+    bfloat16 deltas, every float32 delta, here allowed), repeated mixed values, zero deltas and
+    NaN (a large key), and blocks that straddle chunks.
+    """
+    monkeypatch.setattr(kernels.StreamingRanks, "MIXED_FRACTION_MAX", 1.0)
+    monkeypatch.setattr(kernels.FusedChunks, "BLOCK", 96)
+    n, chunk = 30_000, 7_000
+    base, models, lane = delta_family(stored, n, seed=13)
+    models[2][5::97] = models[2][::97]  # some large deltas repeated
+    models[0][[3, 4000]] = np.nan
+
+    def chunks():
+        for start in range(0, n, chunk):
+            raws = [m[start : start + chunk].view(lane) for m in models]
+            yield start, raws, base[start : start + chunk].view(lane) if with_base else None
+
+    stream = kernels.StreamingRanks(3, n, block=96)
+    for _, raws, base_raw in chunks():
+        stream.feed(0, raws, base_raw)
+    task_vectors = [m.astype(np.float32) - (base.astype(np.float32) if with_base else 0) for m in models]
+    options = dict(reserve_p=0.5, epsilon=0.4, rescale=True, weight_list=[1.0] * 3, normalize=True,
+                   ties_elect_type="sum")
+    outputs = []
+    for prepared in (stream.statistics(), [{"ranks": kernels.magnitude_ranks_fast(t)} for t in task_vectors]):
+        fused = kernels.FusedChunks(sparsify_type="magprune", merge_type="linear", keys=[1, 2, 3], prepared=prepared,
+                                    numel=n, options=options)
+        out = np.empty(n, np.uint32)  # float32 bits
+        for start, raws, base_raw in chunks():
+            fused.run(raws, base_raw, start, out[start : start + chunk])
+        outputs.append(out)
+    assert prepared and fused.tables[0][0].size == 0  # the second run ranked whole tensors
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_streamed_ranks_give_up_when_most_entries_are_mixed():
+    """Float32 deltas are all mixed: past the limit the statistics are None (whole-tensor ranks instead)."""
+    rng = np.random.default_rng(14)
+    models = [rng.normal(size=5000).astype(np.float32) for _ in range(2)]
+    stream = kernels.StreamingRanks(2, 5000, block=64)
+    stream.feed(0, [m.view(np.uint32) for m in models], None)
+    assert stream.statistics() is None
 
 
 @pytest.mark.parametrize("with_base", [True, False])

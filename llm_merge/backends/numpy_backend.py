@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import ml_dtypes
 import numpy as np
@@ -103,15 +103,22 @@ class NumpyOps:
         ranks[order] = np.arange(n, dtype=ranks.dtype)
         return ranks
 
-    def streams_statistics(self, sparsify_type: str) -> bool:
-        """Whether ``streaming_prepare`` covers this sparsifier."""
-        return bool(self._kernels) and sparsify_type == "trim"
+    def streams_statistics(self, sparsify_type: str, dtypes: Collection[str]) -> bool:
+        """Whether ``streaming_prepare`` covers this sparsifier for inputs (models and base) of these dtypes.
+
+        Trim streams for any dtype. Magnitude ranks stream for bfloat16 inputs only: their
+        deltas mostly have zero low 16 bits, which keeps the rank tables small.
+        """
+        if not self._kernels:
+            return False
+        return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) == {"BF16"})
 
     def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict):
-        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim``), or None."""
-        if not self.streams_statistics(sparsify_type):
-            return None
+        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim`` /
+        ``StreamingRanks``); the engine asks ``streams_statistics`` first."""
         block = self._kernels.FusedChunks.BLOCK
+        if sparsify_type == "magprune":
+            return self._kernels.StreamingRanks(k, numel, block)
         return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
 
     def streaming_reduce(self, merge_type: str, *, k: int):
