@@ -106,8 +106,10 @@ class TensorMerger:
 
     def peak_bytes(self, task: TensorTask) -> int:
         """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
-        if not task.mergeable or self.sparsifier.prepare is None or self._streams(task, self._task_options(task)):
+        if not task.mergeable or self.sparsifier.prepare is None:
             return 0
+        if self._streams(task, self._task_options(task)):
+            return self.host.streaming_peak_bytes(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel)
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
             per_element += 8  # ranks + the rank sort's buffer (earlier models' ranks are spilled when large)

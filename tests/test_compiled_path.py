@@ -80,6 +80,7 @@ def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, family, 
     monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
     monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 300)
     monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 40)
+    monkeypatch.setattr(numba_kernels.StreamingRanks, "MIXED_FRACTION_MAX", 1.0)  # this family's deltas are large
     tables = []
     real_statistics = numba_kernels.StreamingRanks.statistics
     monkeypatch.setattr(numba_kernels.StreamingRanks, "statistics",
@@ -174,3 +175,25 @@ def test_compiled_path_is_byte_identical_across_n_process(tmp_path, family, meth
         assert result.returncode == 0, result.stderr
         outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("models, method, per_element", [
+    ("bf16", "della", 2 * 28 / 8),  # streamed: rank tables of 2 models, at most 1/8 of the entries mixed
+    ("f32", "della", 12),  # whole-tensor ranks: task vector + ranks + the sort's buffer
+    ("bf16", "ties", 0),  # streamed trim: histograms only
+    ("f32", "ties", 0),
+    ("bf16", "linear", 0),
+])
+def test_memory_estimate_of_whole_tensor_statistics(tmp_path, families, family, models, method, per_element):
+    """What decides that a task runs alone across workers (``exclusive``) follows the statistics' real footprint."""
+    from llm_merge.config import MergeConfig, resolve
+    from llm_merge.engine import MergerFactory
+    from llm_merge.plan import build_plan
+
+    source = family if models == "bf16" else families["f32"]
+    cfg = resolve(MergeConfig(merge_method=method, model_path_list=[str(d) for d in source.model_dirs[:2]],
+                              base_model_path=str(source.base_dir), output_path=str(tmp_path / "out")))
+    merger = MergerFactory(cfg, compiled=True).bind(tmp_path)()
+    for task in build_plan(cfg).tasks:
+        if task.mergeable:
+            assert merger.peak_bytes(task) == int(per_element * task.numel)

@@ -590,11 +590,15 @@ class StreamingRanks(_MagnitudeHistogram):
     """DELLA's magnitude ranks of k task vectors without full-size arrays: one pass builds each
     model's ``RankTable``; the apply pass (``FusedChunks``) then ranks each chunk as it goes.
 
-    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for bfloat16 deltas. Past
-    ``MIXED_FRACTION_MAX`` of the elements the statistics are None (the engine ranks whole tensors).
+    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for bfloat16 deltas (~0.5%
+    in the benchmark family). Past ``MIXED_FRACTION_MAX`` of the elements the statistics are None
+    (the engine ranks whole tensors instead).
     """
 
-    MIXED_FRACTION_MAX = 0.25
+    MIXED_FRACTION_MAX = 1 / 8
+    #: Most bytes per element and model while the tables are built: 4 per collected value, then
+    #: 24 per distinct one (first rank, count so far, bucket start), at most MIXED_FRACTION_MAX of them.
+    PEAK_BYTES_PER_ELEMENT = 28 * MIXED_FRACTION_MAX
 
     def __init__(self, k: int, numel: int, block: int) -> None:
         super().__init__(k, block)

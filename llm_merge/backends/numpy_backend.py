@@ -113,6 +113,12 @@ class NumpyOps:
             return False
         return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) == {"BF16"})
 
+    def streaming_peak_bytes(self, sparsify_type: str, *, k: int, numel: int) -> int:
+        """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables)."""
+        if sparsify_type != "magprune":
+            return 0
+        return int(k * numel * self._kernels.StreamingRanks.PEAK_BYTES_PER_ELEMENT)
+
     def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict):
         """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim`` /
         ``StreamingRanks``); the engine asks ``streams_statistics`` first."""
