@@ -190,7 +190,8 @@ def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base, stored):
 
 @pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("stored", ["bf16", "f32"])
-def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, monkeypatch):
+@pytest.mark.parametrize("rank_bits", [32, 64])
+def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, rank_bits, monkeypatch):
     """MAGPRUNE with ranks counted from rank tables, chunk by chunk, equals it with whole-tensor ranks.
 
     Output in float32 with rescale: a rank off by one changes the kept entries' divisor, visibly.
@@ -200,6 +201,8 @@ def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, monkeypatch)
     """
     monkeypatch.setattr(kernels.StreamingRanks, "MIXED_FRACTION_MAX", 1.0)
     monkeypatch.setattr(kernels.FusedChunks, "BLOCK", 96)
+    if rank_bits == 64:  # the ranks of tensors of 2^31 elements or more
+        monkeypatch.setattr(kernels.RankTable, "INT32_MAX_ELEMENTS", 0)
     n, chunk = 30_000, 7_000
     base, models, lane = delta_family(stored, n, seed=13)
     models[2][5::97] = models[2][::97]  # some large deltas repeated
@@ -225,6 +228,7 @@ def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, monkeypatch)
             fused.run(raws, base_raw, start, out[start : start + chunk])
         outputs.append(out)
     assert prepared and fused.tables[0][0].size == 0  # the second run ranked whole tensors
+    assert stream.statistics()[0]["rank_table"].plain_next.dtype == np.dtype(f"int{rank_bits}")
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 

@@ -309,7 +309,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
     block = rows.shape[1]
     n = out.size
     streamed_ranks = tables[0][0].size > 0
-    block_ranks = np.empty((rows.shape[0], block if streamed_ranks else 0), np.int64)
+    block_ranks = np.empty((rows.shape[0], block if streamed_ranks else 0), tables[0][0].dtype)
     listed = np.empty(block if streamed_ranks else 0, np.int64)
     for s in range(0, n, block):
         m = min(block, n - s)
@@ -530,22 +530,21 @@ class StreamingTrim(_MagnitudeHistogram):
 def _rank_block(bits, m, tables, i, listed, out):
     """out[:m] = the magnitude ranks of the next m elements of model i's task vector (float32 ``bits``).
 
-    ``tables``: (plain_first, plain_seen, mixed_values, mixed_starts, mixed_first, mixed_seen), a
-    tuple per model each (``RankTable.arrays``). Elements must come in index order: the ``*_seen``
-    count the equal magnitudes met so far. A plain entry (low 16 bits zero) of bucket h ranks
-    plain_first[h] + the plain entries of h before it; a mixed one ranks mixed_first[u] + the
-    earlier entries equal to it, u its index in the sorted distinct ``mixed_values`` (those of
-    bucket h start at mixed_starts[h]).
+    ``tables``: (plain_next, mixed_values, mixed_starts, mixed_next), a tuple per model each
+    (``RankTable.arrays``). Elements must come in index order. A plain entry (low 16 bits zero)
+    of bucket h takes rank plain_next[h], which then moves on by one (equal entries rank by
+    index); a mixed one takes mixed_next[u], u its index in the sorted distinct ``mixed_values``
+    (those of bucket h start at mixed_starts[h]).
     """
-    first, seen = tables[0][i], tables[1][i]
-    values, starts, value_first, value_seen = tables[2][i], tables[3][i], tables[4][i], tables[5][i]
+    plain_next, values, starts, mixed_next = tables[0][i], tables[1][i], tables[2][i], tables[3][i]
     n_mixed = 0
     for j in range(m):  # branch-free; the mixed entries' ranks are overwritten below
         magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
         bucket = magnitude_bits >> 16
         plain = (magnitude_bits & np.uint32(0xFFFF)) == 0
-        out[j] = first[bucket] + seen[bucket]
-        seen[bucket] += plain
+        rank = plain_next[bucket]
+        plain_next[bucket] = rank + plain
+        out[j] = rank
         listed[n_mixed] = j
         n_mixed += not plain
     for q in range(n_mixed):
@@ -554,36 +553,37 @@ def _rank_block(bits, m, tables, i, listed, out):
         bucket = magnitude_bits >> 16
         low, high = starts[bucket], starts[bucket + 1]
         u = low + np.searchsorted(values[low:high], magnitude_bits)
-        out[j] = value_first[u] + value_seen[u]
-        value_seen[u] += 1
+        out[j] = mixed_next[u]
+        mixed_next[u] += 1
 
 
 class RankTable:
-    """What the magnitude ranks of one task vector need besides its elements, in index order.
+    """The next magnitude rank of every distinct |t| of one task vector, as a pass in index order goes.
 
     Built from the bucket counts and the sorted magnitudes of the mixed entries (nonzero low
     bits). Entries larger than a plain entry of bucket h: those of larger buckets and the mixed
     ones of h. Entries larger than a mixed value v of bucket h: those of larger buckets and the
-    mixed ones of h above v. Equal entries rank by index, counted as the pass goes.
+    mixed ones of h above v. Equal entries rank by index: each next rank moves on as it is taken.
     """
+
+    #: Ranks are int32 up to this many elements (smaller tables and rank blocks: ~10% faster), else int64.
+    INT32_MAX_ELEMENTS = (1 << 31) - 1
 
     def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_values: np.ndarray) -> None:
         above = counts.sum() - np.cumsum(counts)  # entries in larger buckets
-        self.plain_first = above + mixed
+        rank = np.int32 if counts.sum() <= self.INT32_MAX_ELEMENTS else np.int64
+        self.plain_next = (above + mixed).astype(rank)
         values = np.sort(mixed_values)
         self.mixed_values, value_start, value_count = np.unique(values, return_index=True, return_counts=True)
         bucket = (self.mixed_values >> 16).astype(np.int64)
         bucket_end = np.searchsorted(values, (bucket + 1) << 16)
-        self.mixed_first = above[bucket] + (bucket_end - (value_start + value_count))
+        self.mixed_next = (above[bucket] + (bucket_end - (value_start + value_count))).astype(rank)
         self.mixed_starts = np.searchsorted(self.mixed_values, np.arange(len(counts) + 1, dtype=np.int64) << 16)
-        self.plain_seen = np.zeros_like(self.plain_first)
-        self.mixed_seen = np.zeros_like(self.mixed_first)
 
     @property
     def arrays(self) -> tuple:
-        """What ``_rank_block`` reads (and counts in), in its order."""
-        return (self.plain_first, self.plain_seen, self.mixed_values, self.mixed_starts, self.mixed_first,
-                self.mixed_seen)
+        """What ``_rank_block`` reads (and moves on), in its order."""
+        return self.plain_next, self.mixed_values, self.mixed_starts, self.mixed_next
 
 
 class StreamingRanks(_MagnitudeHistogram):
@@ -596,9 +596,10 @@ class StreamingRanks(_MagnitudeHistogram):
     """
 
     MIXED_FRACTION_MAX = 1 / 8
-    #: Most bytes per element and model while the tables are built: 4 per collected value, then
-    #: 24 per distinct one (first rank, count so far, bucket start), at most MIXED_FRACTION_MAX of them.
-    PEAK_BYTES_PER_ELEMENT = 28 * MIXED_FRACTION_MAX
+    #: Bytes per element and model the tables may take, at most MIXED_FRACTION_MAX of the entries
+    #: mixed: 4 per collected value and 12 per distinct one (value, next rank), plus the sort and
+    #: unique temporaries while one model's table is built (rounded up to 32).
+    PEAK_BYTES_PER_ELEMENT = 32 * MIXED_FRACTION_MAX
 
     def __init__(self, k: int, numel: int, block: int) -> None:
         super().__init__(k, block)
@@ -676,7 +677,7 @@ class StreamingSlerpSums:
 
 
 #: ``FusedChunks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
-_NO_TABLES = tuple((np.zeros(0, dtype),) for dtype in (np.int64, np.int64, np.uint32, np.int64, np.int64, np.int64))
+_NO_TABLES = tuple((np.zeros(0, dtype),) for dtype in (np.int32, np.uint32, np.int64, np.int32))
 
 
 class FusedChunks:
