@@ -121,10 +121,10 @@ def test_stale_staging_directory_is_removed(tmp_path, pair):
 
 @pytest.fixture(scope="module")
 def big_family(tmp_path_factory):
-    """Base + 3 fp32 models of 4 x 4M elements (64 MB each): della takes seconds."""
+    """Base + 3 fp32 models of 8 x 4M elements (128 MB each): della without numba takes seconds."""
     root = tmp_path_factory.mktemp("big")
     rng = np.random.default_rng(0)
-    base = {f"layer{i}.weight": rng.normal(size=(2048, 2048)).astype(np.float32) for i in range(4)}
+    base = {f"layer{i}.weight": rng.normal(size=(2048, 2048)).astype(np.float32) for i in range(8)}
     write_checkpoint(root / "base", base, extra_files=False)
     dirs = []
     for m in range(3):
@@ -137,7 +137,9 @@ def start_merge(family, out, n_process):
     root, dirs = family
     cmd = [sys.executable, str(REPO / "tools" / "mergekit.py"), "--merge_method", "della", "--base_model_path", root / "base",
            "--model_path_list", *dirs, "--output_path", out, "--n_process", str(n_process)]
-    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # plain NumPy (whole-tensor argsort ranks): seconds of work, so signals land mid-merge
+    env = {**os.environ, "LLM_MERGE_NUMBA": "0"}
+    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_for_work(proc, out, workers):
