@@ -3,7 +3,9 @@
 Each kernel follows the float32 operation order of its NumPy twin in
 ``llm_merge.methods`` (IEEE semantics, no fastmath), so both give the same
 bits; ``tests/test_kernels.py`` holds them to that. Random draws use the same
-counter-based splitmix64 stream as ``llm_merge.methods.random``.
+counter-based splitmix64 stream as ``llm_merge.methods.random``. The streamed
+whole-tensor statistics live in ``numba_streaming`` and are re-exported here,
+so that the backend finds every compiled piece in this module.
 """
 
 from __future__ import annotations
@@ -12,12 +14,21 @@ import contextlib
 import importlib.abc
 import math
 import sys
-from typing import Optional
 
 import numpy as np
 from numba import njit
 
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
+from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
+    RankTable,
+    StreamingRanks,
+    StreamingSlerpSums,
+    StreamingTrim,
+    dot64_kernel,
+    float_of_bits,
+    kth_bucket,
+    rank_block,
+)
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods.sparsify import trim_count
 
@@ -111,19 +122,6 @@ def select_kth_largest_bits(t, k):
         remaining -= counts[low]
         low -= 1
     return np.uint32((high << 16) | low)
-
-
-@njit(fastmath=True, **_JIT)
-def dot64_kernel(x, y):
-    """Σ x_j y_j accumulated in float64.
-
-    fastmath lets the sum vectorize; the summation order then depends only on the length
-    (the same for every run and worker count on machines with the same vector width).
-    """
-    total = 0.0
-    for j in range(x.size):
-        total += np.float64(x[j]) * np.float64(y[j])
-    return total
 
 
 @njit(**_JIT)
@@ -316,7 +314,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         if streamed_ranks:
             for i in range(rows.shape[0]):
-                _rank_block(rows_bits[i], m, tables, i, listed, block_ranks[i])
+                rank_block(rows_bits[i], m, tables, i, listed, block_ranks[i])
             _sparsify_rows(rows, m, sparsify, keys, offset + s, dare_threshold, dare_p, rescale, trim_threshold,
                            trim_scale, block_ranks, 0, top, step)
         else:
@@ -324,83 +322,6 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
                            trim_scale, ranks, s, top, step)
         _merge_rows(rows, m, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, merged)
         _narrow_block(merged_bits, m, out, s)
-
-
-#: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
-_OUTSIDE_SLOTS = 256
-
-
-@njit(**_JIT)
-def _task_vector_row(raw, s, m, base, has_base, out):
-    """out[:m] = the float32 task vector of ``raw[s:s+m]`` (raw bits, as ``_widen_block`` takes them) against ``base``."""
-    shift = np.uint32(32 - 8 * raw.itemsize)
-    source, bits = raw[s : s + m], out.view(np.uint32)
-    for j in range(m):
-        bits[j] = np.uint32(source[j]) << shift
-    if has_base:
-        for j in range(m):
-            out[j] -= base[j]
-
-
-@njit(**_JIT)
-def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts, mixed, mixed_sums, collected,
-                    n_collected):
-    """One trim pass over one chunk of every model's task vector t_i.
-
-    Pass 1 (``refine`` false), per bucket b = |t_i| bits >> 16: counts[i, b] entries, of which mixed[i, b]
-    have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64). The others are exactly
-    the bucket's value, so no sum is needed for them; deltas of bfloat16 weights rarely have
-    nonzero low bits, so they are listed branch-free and summed (in order) after each block.
-
-    When ``collected`` has columns, the mixed entries' magnitude bits are also appended to
-    ``collected[i]`` (``n_collected[i]`` of them).
-
-    Pass 2 (``refine``): counts[i, l] of the entries inside bucket high[i] with low 16 bits l,
-    branch-free: entries outside the bucket count into spare slots past 65536.
-    """
-    collect = collected.shape[1] > 0
-    block = row.size
-    bits = row.view(np.uint32)
-    listed = np.empty(block, np.int64)
-    for s in range(0, n, block):
-        m = min(block, n - s)
-        if has_base:
-            _task_vector_row(base_raw, s, m, base, False, base)
-        for i in range(len(raws)):
-            _task_vector_row(raws[i], s, m, base, has_base, row)
-            histogram = counts[i]
-            if refine:
-                h = np.int64(high[i])
-                for j in range(m):
-                    low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
-                    histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
-                continue
-            n_mixed = 0
-            for j in range(m):
-                magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-                histogram[magnitude_bits >> 16] += 1
-                listed[n_mixed] = j
-                n_mixed += (magnitude_bits & np.uint32(0xFFFF)) != 0
-            for q in range(n_mixed):
-                j = listed[q]
-                magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-                bucket = magnitude_bits >> 16
-                mixed[i, bucket] += 1
-                mixed_sums[i, bucket] += abs(np.float64(row[j]))
-                if collect:
-                    collected[i, n_collected[i]] = magnitude_bits
-                    n_collected[i] += 1
-
-
-@njit(**_JIT)
-def _kth_bucket(counts, k):
-    """(bucket, rank inside it) of the k-th largest entry, from per-bucket counts (the last bucket the largest)."""
-    remaining = k
-    bucket = counts.size - 1
-    while counts[bucket] < remaining:
-        remaining -= counts[bucket]
-        bucket -= 1
-    return bucket, remaining
 
 
 class _Blocks:
@@ -413,268 +334,6 @@ class _Blocks:
     def args(self) -> tuple:
         return self.rows, self.rows.view(np.uint32), self.base, self.base.view(np.uint32)
 
-
-
-def _chunk_inputs(raws, base_raw) -> tuple:
-    """Leading arguments of a streaming kernel for one chunk of raw bits: (raws, base, has_base, length).
-
-    Without a base (``base_raw`` None) the first input stands in for it, unused.
-    """
-    has_base = base_raw is not None
-    return tuple(raws), base_raw if has_base else raws[0], has_base, raws[0].size
-
-
-def _exact_sum(*parts: np.ndarray) -> float:
-    """Correctly rounded sum (math.fsum) of the nonzero entries of float64 arrays."""
-    values = np.concatenate(parts)
-    return math.fsum(values[values != 0].tolist())
-
-
-def _bits_value(bits: np.ndarray) -> np.ndarray:
-    """float64 values of float32 bit patterns."""
-    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-
-
-class _MagnitudeHistogram:
-    """Per model, counts of |t| by its top 16 bits (bucket), and of the bucket's entries with nonzero low bits."""
-
-    def __init__(self, k: int, block: int) -> None:
-        self.row = np.empty(block, np.float32)
-        self.base = np.empty(block, np.float32)
-        self.counts = np.zeros((k, 32768), np.int64)
-        self.mixed = np.zeros((k, 32768), np.int64)
-        self.mixed_sums = np.zeros((k, 32768), np.float64)
-        self._no_collection = np.zeros((k, 0), np.uint32)
-
-    def _pass(self, raws, base_raw, refine: bool, high: np.ndarray, counts: np.ndarray,
-              collected: Optional[np.ndarray] = None) -> np.ndarray:
-        """One ``_magnitude_pass`` over a chunk; returns how many mixed entries each model added to ``collected``."""
-        n_collected = np.zeros(len(counts), np.int64)
-        _magnitude_pass(*_chunk_inputs(raws, base_raw), self.row, self.base, refine, high, counts, self.mixed,
-                        self.mixed_sums, self._no_collection if collected is None else collected, n_collected)
-        return n_collected
-
-
-class StreamingTrim(_MagnitudeHistogram):
-    """TIES trim statistics of k task vectors from passes over raw input chunks (no full-size copies).
-
-    Pass 1 counts |t| by its top 16 bits (and sums the few entries with nonzero low bits). The
-    k-th largest |t| lies in bucket h; unless it is one of h's entries with nonzero low bits (rare
-    for bfloat16 deltas, which mostly have zero low bits) it is exactly h << 16, else pass 2
-    counts the low 16 bits inside bucket h.
-    The threshold is the exact k-th largest |t| (as ``select_kth_largest_bits``); the L1 sums are
-    exact sums of count * value terms (math.fsum), so they are correctly rounded.
-    """
-
-    def __init__(self, k: int, numel: int, reserve_p: float, rescale: bool, block: int) -> None:
-        super().__init__(k, block)
-        self.rescale = rescale
-        self.keep = trim_count(reserve_p, numel) if numel else 0
-        self.high = np.zeros(k, np.uint32)
-        self.rank_in_high = np.zeros(k, np.int64)
-        self.low_counts: Optional[np.ndarray] = None
-
-    def wants(self, pass_index: int) -> bool:
-        """Whether pass ``pass_index`` is needed (pass 2 only where a k-th value has nonzero low bits)."""
-        if pass_index == 0:
-            return True
-        return pass_index == 1 and bool(self._refined().any())
-
-    def _refined(self) -> np.ndarray:
-        """Per model: whether the k-th largest |t| is one of its bucket's entries with nonzero low bits.
-
-        Those are larger than the bucket's plain entries (exactly high << 16), so otherwise the
-        threshold is high << 16 and pass 2 is not needed.
-        """
-        if not self.keep:
-            return np.zeros(len(self.high), bool)
-        return self.rank_in_high <= self.mixed[np.arange(len(self.high)), self.high]
-
-    def feed(self, pass_index: int, raws, base_raw) -> None:
-        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
-        refine = pass_index > 0
-        self._pass(raws, base_raw, refine, self.high, self.low_counts if refine else self.counts)
-
-    def end_pass(self, pass_index: int) -> None:
-        if pass_index == 0 and self.keep:
-            for i, counts in enumerate(self.counts):
-                self.high[i], self.rank_in_high[i] = _kth_bucket(counts, self.keep)
-            self.low_counts = np.zeros((len(self.high), 65536 + _OUTSIDE_SLOTS), np.int64)
-
-    def statistics(self) -> list[dict]:
-        """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them."""
-        if not self.keep:
-            return [{"threshold": 0.0, "scale": 1.0} for _ in self.high]
-        stats = []
-        for i, high in enumerate(self.high.astype(np.int64)):
-            plain = self.counts[i] - self.mixed[i]  # entries equal to their bucket's value
-            present = np.flatnonzero(plain)
-            mass = np.zeros(32768, np.float64)  # count * value: products exact to float64 rounding
-            mass[present] = plain[present] * _bits_value(present << 16)
-            if self._refined()[i]:
-                low_counts = self.low_counts[i, :65536]
-                low = int(_kth_bucket(low_counts, self.rank_in_high[i])[0])
-                present = low + np.flatnonzero(low_counts[low:])
-                bucket_kept = low_counts[present] * _bits_value((high << 16) | present)
-            else:  # every entry of bucket high is kept: its plain entries and its larger mixed ones
-                low = 0
-                bucket_kept = np.array([mass[high], self.mixed_sums[i, high]])
-            kept = _exact_sum(bucket_kept, mass[high + 1 :], self.mixed_sums[i, high + 1 :])
-            total = _exact_sum(mass, self.mixed_sums[i])
-            scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
-            stats.append({"threshold": _float_of_bits((int(high) << 16) | low), "scale": scale})
-        return stats
-
-
-@njit(**_JIT)
-def _rank_block(bits, m, tables, i, listed, out):
-    """out[:m] = the magnitude ranks of the next m elements of model i's task vector (float32 ``bits``).
-
-    ``tables``: (plain_next, mixed_values, mixed_starts, mixed_next), a tuple per model each
-    (``RankTable.arrays``). Elements must come in index order. A plain entry (low 16 bits zero)
-    of bucket h takes rank plain_next[h], which then moves on by one (equal entries rank by
-    index); a mixed one takes mixed_next[u], u its index in the sorted distinct ``mixed_values``
-    (those of bucket h start at mixed_starts[h]).
-    """
-    plain_next, values, starts, mixed_next = tables[0][i], tables[1][i], tables[2][i], tables[3][i]
-    n_mixed = 0
-    for j in range(m):  # branch-free; the mixed entries' ranks are overwritten below
-        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-        bucket = magnitude_bits >> 16
-        plain = (magnitude_bits & np.uint32(0xFFFF)) == 0
-        rank = plain_next[bucket]
-        plain_next[bucket] = rank + plain
-        out[j] = rank
-        listed[n_mixed] = j
-        n_mixed += not plain
-    for q in range(n_mixed):
-        j = listed[q]
-        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-        bucket = magnitude_bits >> 16
-        low, high = starts[bucket], starts[bucket + 1]
-        u = low + np.searchsorted(values[low:high], magnitude_bits)
-        out[j] = mixed_next[u]
-        mixed_next[u] += 1
-
-
-class RankTable:
-    """The next magnitude rank of every distinct |t| of one task vector, as a pass in index order goes.
-
-    Built from the bucket counts and the sorted magnitudes of the mixed entries (nonzero low
-    bits). Entries larger than a plain entry of bucket h: those of larger buckets and the mixed
-    ones of h. Entries larger than a mixed value v of bucket h: those of larger buckets and the
-    mixed ones of h above v. Equal entries rank by index: each next rank moves on as it is taken.
-    """
-
-    #: Ranks are int32 up to this many elements (smaller tables and rank blocks: ~10% faster), else int64.
-    INT32_MAX_ELEMENTS = (1 << 31) - 1
-
-    def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_values: np.ndarray) -> None:
-        above = counts.sum() - np.cumsum(counts)  # entries in larger buckets
-        rank = np.int32 if counts.sum() <= self.INT32_MAX_ELEMENTS else np.int64
-        self.plain_next = (above + mixed).astype(rank)
-        values = np.sort(mixed_values)
-        self.mixed_values, value_start, value_count = np.unique(values, return_index=True, return_counts=True)
-        bucket = (self.mixed_values >> 16).astype(np.int64)
-        bucket_end = np.searchsorted(values, (bucket + 1) << 16)
-        self.mixed_next = (above[bucket] + (bucket_end - (value_start + value_count))).astype(rank)
-        self.mixed_starts = np.searchsorted(self.mixed_values, np.arange(len(counts) + 1, dtype=np.int64) << 16)
-
-    @property
-    def arrays(self) -> tuple:
-        """What ``_rank_block`` reads (and moves on), in its order."""
-        return self.plain_next, self.mixed_values, self.mixed_starts, self.mixed_next
-
-
-class StreamingRanks(_MagnitudeHistogram):
-    """DELLA's magnitude ranks of k task vectors without full-size arrays: one pass builds each
-    model's ``RankTable``; the apply pass (``FusedChunks``) then ranks each chunk as it goes.
-
-    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for bfloat16 deltas (~0.5%
-    in the benchmark family). Past ``MIXED_FRACTION_MAX`` of the elements the statistics are None
-    (the engine ranks whole tensors instead). The cap keeps the tables' worst case (1 byte per
-    element and model) small enough that a 49M-element embedding of 3 models need not run alone.
-    """
-
-    MIXED_FRACTION_MAX = 1 / 32
-    #: Bytes per element and model the tables may take, at most MIXED_FRACTION_MAX of the entries
-    #: mixed: 4 per collected value and 12 per distinct one (value, next rank), plus the sort and
-    #: unique temporaries while one model's table is built (rounded up to 32).
-    PEAK_BYTES_PER_ELEMENT = 32 * MIXED_FRACTION_MAX
-
-    def __init__(self, k: int, numel: int, block: int) -> None:
-        super().__init__(k, block)
-        self.limit = int(numel * self.MIXED_FRACTION_MAX)
-        self.collected: Optional[list[list[np.ndarray]]] = [[] for _ in range(k)]
-        self.n_mixed = np.zeros(k, np.int64)
-        self._buffer = np.empty((k, 0), np.uint32)
-        self._unused_high = np.zeros(k, np.uint32)
-
-    def wants(self, pass_index: int) -> bool:
-        return pass_index == 0
-
-    def feed(self, pass_index: int, raws, base_raw) -> None:
-        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        if self.collected is None:
-            return
-        if self._buffer.shape[1] < raws[0].size:
-            self._buffer = np.empty((len(self.counts), raws[0].size), np.uint32)
-        added = self._pass(raws, base_raw, False, self._unused_high, self.counts, self._buffer)
-        self.n_mixed += added
-        if self.n_mixed.max() > self.limit:
-            self.collected = None
-            return
-        for i, count in enumerate(added):
-            self.collected[i].append(self._buffer[i, :count].copy())
-
-    def end_pass(self, pass_index: int) -> None:
-        pass
-
-    def statistics(self) -> Optional[list[dict]]:
-        """Per model {"rank_table": RankTable}, or None where too many entries are mixed."""
-        if self.collected is None:
-            return None
-        return [{"rank_table": RankTable(self.counts[i], self.mixed[i], np.concatenate(chunks or [self._buffer[i, :0]]))}
-                for i, chunks in enumerate(self.collected)]
-
-
-@njit(**_JIT)
-def _slerp_sums(raws, base_raw, has_base, n, rows, base, sums):
-    """Slerp's reduce pass over one chunk: sums += (|y0|², |y1|², y0·y1) of the two task vectors."""
-    block = rows.shape[1]
-    for s in range(0, n, block):
-        m = min(block, n - s)
-        if has_base:
-            _task_vector_row(base_raw, s, m, base, False, base)
-        for i in range(2):
-            _task_vector_row(raws[i], s, m, base, has_base, rows[i])
-        y0, y1 = rows[0][:m], rows[1][:m]
-        sums[0] += dot64_kernel(y0, y0)
-        sums[1] += dot64_kernel(y1, y1)
-        sums[2] += dot64_kernel(y0, y1)
-
-
-class StreamingSlerpSums:
-    """Slerp's whole-tensor norms and dot product from one pass over raw chunks of both inputs."""
-
-    def __init__(self, block: int) -> None:
-        self.rows = np.empty((2, block), np.float32)
-        self.base = np.empty(block, np.float32)
-        self.sums = np.zeros(3, np.float64)
-
-    def feed(self, pass_index: int, raws, base_raw) -> None:
-        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        _slerp_sums(*_chunk_inputs(raws, base_raw), self.rows, self.base, self.sums)
-
-    def wants(self, pass_index: int) -> bool:
-        return pass_index == 0
-
-    def end_pass(self, pass_index: int) -> None:
-        pass
-
-    def statistics(self) -> dict:
-        """{"sums": (|y0|², |y1|², y0·y1)} as ``methods.merge.slerp_sums`` gives them, summed over the tensor."""
-        return {"sums": tuple(float(v) for v in self.sums)}
 
 
 #: ``FusedChunks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
@@ -789,7 +448,7 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     flat = np.ascontiguousarray(t.ravel())
     bits = select_kth_largest_bits(flat, trim_count(reserve_p, t.size))
     total, kept = _abs_sums(flat, bits)
-    threshold = _float_of_bits(bits)
+    threshold = float_of_bits(bits)
     return {"threshold": threshold, "scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
 
 
@@ -804,11 +463,7 @@ def descending_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def kth_largest(x: np.ndarray, k: int) -> float:
-    return _float_of_bits(select_kth_largest_bits(np.ascontiguousarray(x.ravel(), dtype=np.float32), k))
-
-
-def _float_of_bits(bits) -> float:
-    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return float_of_bits(select_kth_largest_bits(np.ascontiguousarray(x.ravel(), dtype=np.float32), k))
 
 
 #: (kind, name) -> compiled replacement of the registered NumPy function.
@@ -845,4 +500,4 @@ def initialize() -> None:
     numba still imports it later where jitted code needs BLAS (np.dot).
     """
     with _scipy_linalg_hidden():
-        _kth_bucket(np.zeros(1, np.int64), 0)
+        kth_bucket(np.zeros(1, np.int64), 0)
