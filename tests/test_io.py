@@ -114,3 +114,46 @@ def test_no_checkpoint_for_prefix(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"w": np.zeros(2, np.float32)})
     with pytest.raises(MergeError, match="no checkpoint for prefix 'master_weights'.*model.safetensors"):
         open_checkpoint(tmp_path, "master_weights")
+
+
+def test_shard_writer_releases_written_pages_without_changing_bytes(tmp_path, monkeypatch):
+    """Writes at unaligned offsets, released from the page cache almost at once, land byte for byte."""
+    import os
+
+    from llm_merge.io import writer
+
+    released = []
+    real_release = writer.release_written
+    monkeypatch.setattr(writer, "release_written", lambda fd, offset, n: released.append((offset, n)) or real_release(fd, offset, n))
+    monkeypatch.setattr(writer.ShardWriter, "CACHED_BYTES", 10_000)
+    size = 300_001
+    (tmp_path / "shard").write_bytes(b"\0" * size)
+    expected = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    out = writer.ShardWriter(tmp_path)
+    cuts = [0, 1, 4095, 4097, 20_000, 100_003, 200_000, size]
+    for start, end in reversed(list(zip(cuts, cuts[1:]))):  # out of order, like workers
+        out.write("shard", start, expected[start:end])
+    out.close()
+    with open(tmp_path / "shard", "rb") as handle:
+        os.fsync(handle.fileno())
+        assert handle.read() == expected.tobytes()
+    assert released  # the large early writes left the cache
+
+
+@pytest.mark.parametrize("n_process", [1, 2])
+def test_released_output_pages_leave_the_merged_bytes_unchanged(tmp_path, monkeypatch, n_process):
+    from checkpoints import make_llama_family
+    from llm_merge.api import merge
+    from llm_merge.config import MergeConfig
+    from llm_merge.io import writer
+
+    family = make_llama_family(tmp_path / "family", n_models=2, dtype=ml_dtypes.bfloat16, shards=2)
+
+    def run(out):
+        merge(MergeConfig(merge_method="ties", model_path_list=[str(d) for d in family.model_dirs],
+                          base_model_path=str(family.base_dir), output_path=str(out), n_process=n_process, quiet=True))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    kept = run(tmp_path / "kept")
+    monkeypatch.setattr(writer.ShardWriter, "CACHED_BYTES", 0)  # every write released at once (workers fork: inherited)
+    assert run(tmp_path / "released") == kept

