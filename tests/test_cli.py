@@ -80,3 +80,20 @@ def test_merge_config_json_replays_the_merge(tmp_path, pair, mergekit):
     replay = mergekit(first / "merge_config.json", "--output_path", second)
     assert replay.returncode == 0, replay.stderr
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("4", "4")])
+def test_cli_runs_one_blas_thread_unless_told_otherwise(preset, expected):
+    """Workers are the parallelism: a fresh CLI process keeps OpenBLAS to one thread (a user's setting wins)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    code = "import os; from llm_merge import cli; cli._one_blas_thread(); print(os.environ['OPENBLAS_NUM_THREADS'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == expected, result.stderr
