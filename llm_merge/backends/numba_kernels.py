@@ -35,9 +35,18 @@ from llm_merge.methods.sparsify import trim_count
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
-@njit(**_JIT)
-def _draw53(key, index):
-    z = np.uint64(key) + np.uint64(index + 1) * np.uint64(GAMMA)
+@njit(inline="always", **_JIT)
+def _draw_state(key, index):
+    """splitmix64's state for element ``index`` of stream ``key``; element index + 1's is this + GAMMA.
+
+    Loops step the state by GAMMA instead of multiplying per element: draws ~25% faster.
+    """
+    return np.uint64(key) + np.uint64(index + 1) * np.uint64(GAMMA)
+
+
+@njit(inline="always", **_JIT)
+def _mix53(z):
+    """The 53-bit draw of splitmix64 state ``z`` (as ``llm_merge.methods.random``)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
     z = z ^ (z >> np.uint64(31))
@@ -47,20 +56,25 @@ def _draw53(key, index):
 @njit(**_JIT)
 def dare_kernel(t, key, offset, threshold, divisor, rescale, out):
     """out = t (/ divisor) where the draw keeps it, else 0."""
+    z = _draw_state(key, offset)
     for j in range(t.size):
-        if _draw53(key, offset + j) < np.uint64(threshold):
+        if _mix53(z) < np.uint64(threshold):
             out[j] = t[j] / divisor if rescale else t[j]
         else:
             out[j] = np.float32(0.0)
+        z += np.uint64(GAMMA)
     return out
 
 
 @njit(**_JIT)
 def magprune_kernel(t, ranks, key, offset, top, step, rescale, out):
     """Keep rank r with probability top - r*step; divide kept entries by it when rescale."""
+    z = _draw_state(key, offset)
     for j in range(t.size):
         keep_prob = top - np.float64(ranks[j]) * step
-        if _draw53(key, offset + j) < np.uint64(math.floor(keep_prob * UNIT)):
+        draw = _mix53(z)
+        z += np.uint64(GAMMA)
+        if draw < np.uint64(math.floor(keep_prob * UNIT)):
             out[j] = t[j] / np.float32(keep_prob) if rescale else t[j]
         else:
             out[j] = np.float32(0.0)
@@ -219,20 +233,22 @@ def _sparsify_rows(rows, count, sparsify, keys, offset, dare_threshold, dare_p, 
     for i in range(rows.shape[0]):
         row = rows[i]
         if sparsify == DARE:
-            key = keys[i]
+            z = _draw_state(keys[i], offset)
             for j in range(count):
-                kept = _draw53(key, offset + j) < np.uint64(dare_threshold)
+                kept = _mix53(z) < np.uint64(dare_threshold)
                 row[j] = (row[j] / dare_p if rescale else row[j]) if kept else zero
+                z += np.uint64(GAMMA)
         elif sparsify == TRIM:
             threshold, scale = trim_threshold[i], trim_scale[i]
             for j in range(count):
                 t = row[j]
                 row[j] = (t * scale if scale != np.float32(1.0) else t) if abs(t) >= threshold else zero
         elif sparsify == MAGPRUNE:
-            key, rank = keys[i], ranks[i][rank_offset : rank_offset + count]
+            z, rank = _draw_state(keys[i], offset), ranks[i][rank_offset : rank_offset + count]
             for j in range(count):
                 keep_prob = top - np.float64(rank[j]) * step
-                kept = _draw53(key, offset + j) < np.uint64(math.floor(keep_prob * UNIT))
+                kept = _mix53(z) < np.uint64(math.floor(keep_prob * UNIT))
+                z += np.uint64(GAMMA)
                 row[j] = (row[j] / np.float32(keep_prob) if rescale else row[j]) if kept else zero
 
 
