@@ -252,9 +252,19 @@ def _sparsify_rows(rows, count, sparsify, keys, offset, dare_threshold, dare_p, 
                 row[j] = (row[j] / np.float32(keep_prob) if rescale else row[j]) if kept else zero
 
 
+@njit(inline="always", **_JIT)
+def _vote(u, by_count):
+    """A model's TIES vote for a weighted entry u: its sign (count election) or u itself (sum election)."""
+    zero = np.float32(0.0)
+    return (np.float32(1.0) if u > 0 else (np.float32(-1.0) if u < 0 else zero)) if by_count else u
+
+
 @njit(**_JIT)
 def _merge_rows(rows, count, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, out):
-    """out[:count] = merge(rows[:, :count]) (+ base), as whole-row loops in the generic path's operation order."""
+    """out[:count] = merge(rows[:, :count]) (+ base), as whole-row loops in the generic path's operation order.
+
+    Sums start from +0.0 as the generic path's do (0 + -0.0 is +0.0), folded into the first model's loop.
+    """
     k = rows.shape[0]
     zero = np.float32(0.0)
     if merge == LINEAR:
@@ -268,23 +278,24 @@ def _merge_rows(rows, count, base, has_base, merge, weights, normalize, total_we
                 out[j] /= total_weight
     else:
         votes, divisor = scratch[0], scratch[1]
+        w = weights[0]
         for j in range(count):
-            votes[j] = zero
-        for i in range(k):
+            votes[j] = zero + _vote(rows[0, j] * w, by_count)
+        for i in range(1, k):
             w = weights[i]
             for j in range(count):
-                u = rows[i, j] * w
-                votes[j] += ((np.float32(1.0) if u > 0 else (np.float32(-1.0) if u < 0 else zero)) if by_count else u)
-        for j in range(count):
-            out[j] = zero
-            divisor[j] = zero
+                votes[j] += _vote(rows[i, j] * w, by_count)
         for i in range(k):
             w = weights[i]
             for j in range(count):
                 u = rows[i, j] * w
                 agrees = (u > 0) if votes[j] >= 0 else (u < 0)
-                out[j] += u if agrees else zero
-                divisor[j] += w if agrees else zero
+                if i == 0:
+                    out[j] = zero + (u if agrees else zero)
+                    divisor[j] = zero + (w if agrees else zero)
+                else:
+                    out[j] += u if agrees else zero
+                    divisor[j] += w if agrees else zero
         if normalize:
             for j in range(count):
                 out[j] /= divisor[j] if divisor[j] != 0 else np.float32(1.0)
