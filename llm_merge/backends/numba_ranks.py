@@ -134,12 +134,7 @@ def _count_bucket(region, rank0, table):
         table[d] = 0
     i = 0
     while i + 2 <= m:
-        d0 = _LOW - (np.int64(region[i]) & _LOW)
-        d1 = _LOW - (np.int64(region[i + 1]) & _LOW)
-        c0 = table[d0]
-        c1 = table[d1]
-        table[d0] = c0 + 1
-        table[d1] = c1 + 1 + (d0 == d1)
+        _bump2(table, _LOW - (np.int64(region[i]) & _LOW), _LOW - (np.int64(region[i + 1]) & _LOW))
         i += 2
     if i < m:
         table[_LOW - (np.int64(region[i]) & _LOW)] += 1
@@ -747,12 +742,7 @@ def _plan(bits, super_max, direct_min, direct_max, samples):
     counts = np.zeros(_BUCKETS, np.int64)
     i = 0
     while i + 2 <= n:
-        b0 = (np.int64(bits[i]) & _MAGNITUDE) >> 16
-        b1 = (np.int64(bits[i + 1]) & _MAGNITUDE) >> 16
-        c0 = counts[b0]
-        c1 = counts[b1]
-        counts[b0] = c0 + 1
-        counts[b1] = c1 + 1 + (b0 == b1)
+        _bump2(counts, (np.int64(bits[i]) & _MAGNITUDE) >> 16, (np.int64(bits[i + 1]) & _MAGNITUDE) >> 16)
         i += 2
     if i < n:
         counts[(np.int64(bits[i]) & _MAGNITUDE) >> 16] += 1
