@@ -24,6 +24,7 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     StreamingRanks,
     StreamingSlerpSums,
     StreamingTrim,
+    chunk_inputs,
     dot64_kernel,
     float_of_bits,
     kth_bucket,
@@ -362,7 +363,6 @@ class _Blocks:
         return self.rows, self.rows.view(np.uint32), self.base, self.base.view(np.uint32)
 
 
-
 #: ``FusedChunks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
 _NO_TABLES = tuple((np.zeros(0, dtype),) for dtype in (np.int32, np.uint32, np.int64, np.int32))
 
@@ -416,14 +416,12 @@ class FusedChunks:
         """
         count = out.size
         ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
-        has_base = base_raw is not None
+        raws, base_raw, has_base, _ = chunk_inputs(raws, base_raw)
         nonfinite = np.zeros(len(raws) + 1, np.int64)
         _fused_chunk(
-            tuple(raws), base_raw if has_base else raws[0], has_base, start, self.sparsify, self.keys,
-            self.dare_threshold, self.dare_p, self.rescale, self.trim_threshold, self.trim_scale, ranks, self.tables,
-            self.top,
-            self.step, self.merge, self.weights, self.normalize, self.total_weight, self.by_count,
-            *self._blocks.args(), self._scratch,
+            raws, base_raw, has_base, start, self.sparsify, self.keys, self.dare_threshold, self.dare_p, self.rescale,
+            self.trim_threshold, self.trim_scale, ranks, self.tables, self.top, self.step, self.merge, self.weights,
+            self.normalize, self.total_weight, self.by_count, *self._blocks.args(), self._scratch,
             self._merged, self._merged.view(np.uint32), out, nonfinite,
         )
         return nonfinite

@@ -114,7 +114,7 @@ def kth_bucket(counts, k):
     return bucket, remaining
 
 
-def _chunk_inputs(raws, base_raw) -> tuple:
+def chunk_inputs(raws, base_raw) -> tuple:
     """Leading arguments of a streaming kernel for one chunk of raw bits: (raws, base, has_base, length).
 
     Without a base (``base_raw`` None) the first input stands in for it, unused.
@@ -149,7 +149,7 @@ class _MagnitudeHistogram:
               collected: Optional[np.ndarray] = None) -> np.ndarray:
         """One ``_magnitude_pass`` over a chunk; returns how many mixed entries each model added to ``collected``."""
         n_collected = np.zeros(len(counts), np.int64)
-        _magnitude_pass(*_chunk_inputs(raws, base_raw), self.row, self.base, refine, high, counts, self.mixed,
+        _magnitude_pass(*chunk_inputs(raws, base_raw), self.row, self.base, refine, high, counts, self.mixed,
                         self.mixed_sums, self._no_collection if collected is None else collected, n_collected)
         return n_collected
 
@@ -363,7 +363,7 @@ class StreamingSlerpSums:
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        _slerp_sums(*_chunk_inputs(raws, base_raw), self.rows, self.base, self.sums)
+        _slerp_sums(*chunk_inputs(raws, base_raw), self.rows, self.base, self.sums)
 
     def wants(self, pass_index: int) -> bool:
         return pass_index == 0
