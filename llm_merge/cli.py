@@ -153,7 +153,6 @@ def _one_blas_thread() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a merge from command-line flags, or a mergekit YAML recipe; returns the process exit code."""
-    _one_blas_thread()
     from llm_merge import recipes
 
     if recipes.is_recipe_invocation(sys.argv[1:] if argv is None else argv):
@@ -164,9 +163,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def main_entry() -> None:
     """Console-script entry point (``llm-merge``, ``tools/mergekit.py``): run ``main`` and exit with its code.
 
-    The heap is frozen before exiting: the interpreter's last garbage collection would otherwise
-    walk every object numba made (~0.1 s of every run).
+    Process-wide settings live here, not in ``main`` (which callers may run in their own process):
+    one BLAS thread, and a heap frozen before exiting, since the interpreter's last garbage
+    collection would otherwise walk every object numba made (~0.1 s of every run).
     """
+    _one_blas_thread()
     code = main()
     gc.freeze()
     sys.exit(code)
