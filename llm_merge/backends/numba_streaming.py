@@ -37,6 +37,8 @@ def float_of_bits(bits) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+#: Buckets of |t| by its top 16 bits (the sign bit is clear), and low 16-bit values inside one.
+_BUCKETS, _LOWS = 1 << 15, 1 << 16
 #: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
 _OUTSIDE_SLOTS = 256
 
@@ -84,7 +86,7 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
                 h = np.int64(high[i])
                 for j in range(m):
                     low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
-                    histogram[low if 0 <= low < 65536 else 65536 + (j & (_OUTSIDE_SLOTS - 1))] += 1
+                    histogram[low if 0 <= low < _LOWS else _LOWS + (j & (_OUTSIDE_SLOTS - 1))] += 1
                 continue
             n_mixed = 0
             for j in range(m):
@@ -140,9 +142,9 @@ class _MagnitudeHistogram:
     def __init__(self, k: int, block: int) -> None:
         self.row = np.empty(block, np.float32)
         self.base = np.empty(block, np.float32)
-        self.counts = np.zeros((k, 32768), np.int64)
-        self.mixed = np.zeros((k, 32768), np.int64)
-        self.mixed_sums = np.zeros((k, 32768), np.float64)
+        self.counts = np.zeros((k, _BUCKETS), np.int64)
+        self.mixed = np.zeros((k, _BUCKETS), np.int64)
+        self.mixed_sums = np.zeros((k, _BUCKETS), np.float64)
         self._no_collection = np.zeros((k, 0), np.uint32)
 
     def _pass(self, raws, base_raw, refine: bool, high: np.ndarray, counts: np.ndarray,
@@ -198,7 +200,7 @@ class StreamingTrim(_MagnitudeHistogram):
         if pass_index == 0 and self.keep:
             for i, counts in enumerate(self.counts):
                 self.high[i], self.rank_in_high[i] = kth_bucket(counts, self.keep)
-            self.low_counts = np.zeros((len(self.high), 65536 + _OUTSIDE_SLOTS), np.int64)
+            self.low_counts = np.zeros((len(self.high), _LOWS + _OUTSIDE_SLOTS), np.int64)
 
     def statistics(self) -> list[dict]:
         """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them."""
@@ -208,10 +210,10 @@ class StreamingTrim(_MagnitudeHistogram):
         for i, high in enumerate(self.high.astype(np.int64)):
             plain = self.counts[i] - self.mixed[i]  # entries equal to their bucket's value
             present = np.flatnonzero(plain)
-            mass = np.zeros(32768, np.float64)  # count * value: products exact to float64 rounding
+            mass = np.zeros(_BUCKETS, np.float64)  # count * value: products exact to float64 rounding
             mass[present] = plain[present] * _bits_value(present << 16)
             if self._refined()[i]:
-                low_counts = self.low_counts[i, :65536]
+                low_counts = self.low_counts[i, :_LOWS]
                 low = int(kth_bucket(low_counts, self.rank_in_high[i])[0])
                 present = low + np.flatnonzero(low_counts[low:])
                 bucket_kept = low_counts[present] * _bits_value((high << 16) | present)
