@@ -304,13 +304,22 @@ class TensorMerger:
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, out)
 
     def _read_bits(self, info, start: int, count: int, buffer: str, lane: type) -> np.ndarray:
-        """A chunk as bfloat16 bits (lane uint16, BF16 tensors only) or float32 bits (lane uint32, any float)."""
+        """A read-only chunk as bfloat16 bits (lane uint16, BF16 tensors only) or float32 bits (lane uint32, any float).
+
+        Stored bits are mapped from the file, not copied, where they are aligned (``TensorReader.map_stored``).
+        """
+        if lane is np.uint16 or info.dtype == "F32":
+            mapped = self.reader.map_stored(info, start, count)
+            if mapped is not None:
+                return mapped.view(lane)
         bits = self._buffer(buffer, count, lane)
         if lane is np.uint16 or info.dtype == "F32":
             self.reader.read_stored(info, start, count, bits.view(dtypes.to_numpy(info.dtype)))
         else:  # converted as the generic path converts (the kernel counts NaN/Inf itself)
             self.host.widen(self.reader.read_stored(info, start, count), bits.view(np.float32))
-        return bits
+        frozen = bits.view()
+        frozen.flags.writeable = False  # as mapped chunks are: one compiled signature for both
+        return frozen
 
     def _fusable(self, options: Optional[dict[str, Any]] = None) -> bool:
         """Whether the compiled one-pass apply covers this task (built-in methods, one value per option)."""

@@ -1,6 +1,8 @@
 """Checkpoint I/O: dtype round trips, sharded indexes, header validation, layout."""
 
+import dataclasses
 import json
+import os
 import struct
 
 import ml_dtypes
@@ -23,6 +25,70 @@ def test_reader_upcasts_every_float_dtype(tmp_path, dtype):
     with TensorReader() as reader:
         reader.read_f32(info, 10, out)
     np.testing.assert_array_equal(out, values.astype(np.float32).ravel()[10:30])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_mapped_chunks_hold_the_bytes_of_read_chunks(tmp_path, dtype):
+    """map_stored views the file's bytes (read-only, any start, across pages) exactly as read_stored copies them."""
+    rng = np.random.default_rng(2)
+    tensors = {"a": rng.normal(size=37).astype(dtype), "b": rng.normal(size=(300, 41)).astype(dtype)}
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    info = open_checkpoint(tmp_path, "model").tensors["b"]
+    with TensorReader() as reader:
+        for start, count in ((0, 1), (0, info.numel), (1, 5000), (4093, 3000), (info.numel - 7, 7)):
+            mapped = reader.map_stored(info, start, count)
+            assert not mapped.flags.writeable
+            np.testing.assert_array_equal(mapped.view(np.uint8), reader.read_stored(info, start, count).view(np.uint8))
+        assert reader.map_stored(info, 0, 0) is None
+
+
+def test_misaligned_tensors_are_read_not_mapped(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.arange(64, dtype=np.float32)})
+    info = open_checkpoint(tmp_path, "model").tensors["w"]
+    with TensorReader() as reader:
+        assert reader.map_stored(dataclasses.replace(info, start=info.start + 2), 0, 8) is None
+
+
+def test_mapping_past_the_end_of_a_truncated_file_is_a_merge_error(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.arange(5000, dtype=np.float32)})
+    info = open_checkpoint(tmp_path, "model").tensors["w"]
+    os.truncate(info.file, info.start + 400)
+    with TensorReader() as reader, pytest.raises(MergeError, match="truncated"):
+        reader.map_stored(info, 0, 5000)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_a_mapping_is_released_with_its_last_view(tmp_path):
+    """Only chunks still in use stay mapped, so input pages do not pile up in resident memory."""
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.arange(1 << 16, dtype=np.float32)})
+    info = open_checkpoint(tmp_path, "model").tensors["w"]
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return str(info.file) in maps.read()
+
+    with TensorReader() as reader:
+        chunk = reader.map_stored(info, 100, 20000).view(np.uint32)
+        assert mapped() and chunk[0] == np.float32(100).view(np.uint32)
+        del chunk
+        assert not mapped()
+
+
+def test_merge_of_tensors_stored_off_element_alignment(tmp_path, mergekit):
+    """A float32 tensor stored 2 bytes off 4-byte alignment cannot be mapped: it is read instead, same result."""
+    rng = np.random.default_rng(3)
+    models = []
+    for name in ("ft1", "ft2"):
+        tensors = {"odd": rng.normal(size=3).astype(ml_dtypes.bfloat16), "w": rng.normal(size=(64, 3)).astype(np.float32)}
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "model.safetensors", tensors)
+        models.append(tensors)
+    assert open_checkpoint(tmp_path / "ft1", "model").tensors["w"].start % 4 == 2
+    result = mergekit("--merge_method", "linear", "--model_path_list", tmp_path / "ft1", tmp_path / "ft2",
+                      "--output_path", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    expected = (models[0]["w"] + models[1]["w"]) / np.float32(2)
+    np.testing.assert_array_equal(read_checkpoint(tmp_path / "out")["w"], expected)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])

@@ -1,20 +1,26 @@
-"""Positioned reads of tensor data into reusable float32 buffers.
+"""Positioned reads of tensor data: copies into reusable buffers, or chunk-sized mappings.
 
-Reads use ``os.preadv`` into caller-owned buffers instead of mmap, so pages of
-the input files never count towards the process's resident memory and each
-file is opened once per process.
+``read_stored`` copies with ``os.preadv`` into caller-owned buffers. ``map_stored`` maps just
+one chunk (pre-faulted, read-only) instead: no copy, and the mapping goes away with the last
+array that views it, so at most a few chunks of input pages count towards resident memory.
+Each file is opened once per process.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.safetensors_format import TensorInfo
+
+#: Pre-fault a chunk's pages in the mmap call itself (Linux): one system call instead of a fault per page.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
@@ -63,6 +69,27 @@ class TensorReader:
             out = self._scratch_view(count * stored.itemsize).view(stored)
         read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * stored.itemsize, info.file)
         return out
+
+    def map_stored(self, info: TensorInfo, start: int, count: int) -> Optional[np.ndarray]:
+        """Elements ``[start, start+count)`` in the stored dtype as a read-only view of the file (no copy).
+
+        The view maps just these bytes (from the page below them); the mapping is released with the
+        last array viewing it. None where the bytes are not aligned to the element size (use
+        ``read_stored``).
+        """
+        stored = dtypes.to_numpy(info.dtype)
+        offset = info.start + start * stored.itemsize
+        if offset % stored.itemsize or count <= 0:
+            return None
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
+        length = offset - page + count * stored.itemsize
+        try:
+            mapping = mmap.mmap(self._fd(info.file), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
+                                offset=page)
+        except (OSError, ValueError) as exc:
+            raise MergeError(f"{info.file}: cannot map bytes {offset}..{page + length}: {exc} "
+                             "(file truncated?)") from exc
+        return np.frombuffer(mapping, dtype=stored, count=count, offset=offset - page)
 
     def read_f32(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
         """Fill the float32 vector ``out`` with elements ``[start, start+len(out))`` upcast to float32."""
