@@ -336,13 +336,12 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
     n = out.size
     streamed_ranks = tables[0][0].size > 0
     block_ranks = np.empty((rows.shape[0], block if streamed_ranks else 0), tables[0][0].dtype)
-    listed = np.empty(block if streamed_ranks else 0, np.int64)
     for s in range(0, n, block):
         m = min(block, n - s)
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         if streamed_ranks:
             for i in range(rows.shape[0]):
-                rank_block(rows_bits[i], m, tables, i, listed, block_ranks[i])
+                rank_block(rows_bits[i], m, tables, i, block_ranks[i])
             _sparsify_rows(rows, m, sparsify, keys, offset + s, dare_threshold, dare_p, rescale, trim_threshold,
                            trim_scale, block_ranks, 0, top, step)
         else:

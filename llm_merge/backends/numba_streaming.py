@@ -228,34 +228,35 @@ class StreamingTrim(_MagnitudeHistogram):
 
 
 @njit(**_JIT)
-def rank_block(bits, m, tables, i, listed, out):
+def rank_block(bits, m, tables, i, out):
     """out[:m] = the magnitude ranks of the next m elements of model i's task vector (float32 ``bits``).
 
     ``tables``: (plain_next, mixed_values, mixed_starts, mixed_next), a tuple per model each
     (``RankTable.arrays``). Elements must come in index order. A plain entry (low 16 bits zero)
     of bucket h takes rank plain_next[h], which then moves on by one (equal entries rank by
     index); a mixed one takes mixed_next[u], u its index in the sorted distinct ``mixed_values``
-    (those of bucket h start at mixed_starts[h]).
+    (those of bucket h start at mixed_starts[h]; found by binary search). The counter updates
+    chain through memory, so the loop cannot vectorize anyway: the rare mixed entries take a
+    branch (20% faster than listing them branch-free and ranking them after the block).
     """
     plain_next, values, starts, mixed_next = tables[0][i], tables[1][i], tables[2][i], tables[3][i]
-    n_mixed = 0
-    for j in range(m):  # branch-free; the mixed entries' ranks are overwritten below
+    for j in range(m):
         magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
         bucket = magnitude_bits >> 16
-        plain = (magnitude_bits & np.uint32(0xFFFF)) == 0
-        rank = plain_next[bucket]
-        plain_next[bucket] = rank + plain
-        out[j] = rank
-        listed[n_mixed] = j
-        n_mixed += not plain
-    for q in range(n_mixed):
-        j = listed[q]
-        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-        bucket = magnitude_bits >> 16
-        low, high = starts[bucket], starts[bucket + 1]
-        u = low + np.searchsorted(values[low:high], magnitude_bits)
-        out[j] = mixed_next[u]
-        mixed_next[u] += 1
+        if magnitude_bits & np.uint32(0xFFFF):
+            low, high = starts[bucket], starts[bucket + 1]
+            while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
+                middle = (low + high) >> 1
+                if values[middle] < magnitude_bits:
+                    low = middle + 1
+                else:
+                    high = middle
+            out[j] = mixed_next[low]
+            mixed_next[low] += 1
+        else:
+            rank = plain_next[bucket]
+            plain_next[bucket] = rank + 1
+            out[j] = rank
 
 
 class RankTable:
