@@ -61,9 +61,10 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
     """One trim pass over one chunk of every model's task vector t_i.
 
     Pass 1 (``refine`` false), per bucket b = |t_i| bits >> 16: counts[i, b] entries, of which mixed[i, b]
-    have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64). The others are exactly
-    the bucket's value, so no sum is needed for them; deltas of bfloat16 weights rarely have
-    nonzero low bits, so they are listed branch-free and summed (in order) after each block.
+    have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64, in index order). The
+    others are exactly the bucket's value, so no sum is needed for them; deltas of bfloat16
+    weights rarely have nonzero low bits, so they take a branch (the counter increments chain
+    through memory: the loop cannot vectorize anyway).
 
     When ``collected`` has columns, the mixed entries' magnitude bits are also appended to
     ``collected[i]`` (``n_collected[i]`` of them).
@@ -74,7 +75,6 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
     collect = collected.shape[1] > 0
     block = row.size
     bits = row.view(np.uint32)
-    listed = np.empty(block, np.int64)
     for s in range(0, n, block):
         m = min(block, n - s)
         if has_base:
@@ -88,21 +88,16 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
                     low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
                     histogram[low if 0 <= low < _LOWS else _LOWS + (j & (_OUTSIDE_SLOTS - 1))] += 1
                 continue
-            n_mixed = 0
             for j in range(m):
                 magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-                histogram[magnitude_bits >> 16] += 1
-                listed[n_mixed] = j
-                n_mixed += (magnitude_bits & np.uint32(0xFFFF)) != 0
-            for q in range(n_mixed):
-                j = listed[q]
-                magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
                 bucket = magnitude_bits >> 16
-                mixed[i, bucket] += 1
-                mixed_sums[i, bucket] += abs(np.float64(row[j]))
-                if collect:
-                    collected[i, n_collected[i]] = magnitude_bits
-                    n_collected[i] += 1
+                histogram[bucket] += 1
+                if magnitude_bits & np.uint32(0xFFFF):
+                    mixed[i, bucket] += 1
+                    mixed_sums[i, bucket] += abs(np.float64(row[j]))
+                    if collect:
+                        collected[i, n_collected[i]] = magnitude_bits
+                        n_collected[i] += 1
 
 
 @njit(**_JIT)
