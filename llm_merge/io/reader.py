@@ -3,7 +3,9 @@
 ``read_stored`` copies with ``os.preadv`` into caller-owned buffers. ``map_stored`` maps just
 one chunk (pre-faulted, read-only) instead: no copy, and the mapping goes away with the last
 array that views it, so at most a few chunks of input pages count towards resident memory.
-Each file is opened once per process.
+An input truncated while one of its chunks is mapped kills the process (SIGBUS) where a copy
+would raise MergeError; as after any crash, nothing is published and the next run removes the
+staging directory. Each file is opened once per process.
 """
 
 from __future__ import annotations
