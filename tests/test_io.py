@@ -49,12 +49,43 @@ def test_misaligned_tensors_are_read_not_mapped(tmp_path):
         assert reader.map_stored(dataclasses.replace(info, start=info.start + 2), 0, 8) is None
 
 
-def test_mapping_past_the_end_of_a_truncated_file_is_a_merge_error(tmp_path):
+def test_a_truncated_file_is_left_to_the_read_which_names_the_truncation(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"w": np.arange(5000, dtype=np.float32)})
     info = open_checkpoint(tmp_path, "model").tensors["w"]
     os.truncate(info.file, info.start + 400)
-    with TensorReader() as reader, pytest.raises(MergeError, match="truncated"):
-        reader.map_stored(info, 0, 5000)
+    with TensorReader() as reader:
+        assert reader.map_stored(info, 0, 5000) is None
+        with pytest.raises(MergeError, match="truncated"):
+            reader.read_stored(info, 0, 5000)
+
+
+def test_files_that_cannot_be_mapped_are_copied_with_the_same_result(tmp_path, monkeypatch):
+    """A file system that refuses mmap (ENODEV: some FUSE mounts) costs speed, not the merge."""
+    import errno
+    import ml_dtypes
+    from checkpoints import make_llama_family
+    from llm_merge.api import merge
+    from llm_merge.config import MergeConfig
+    from llm_merge.io import reader as reader_module
+
+    family = make_llama_family(tmp_path / "family", n_models=2, dtype=ml_dtypes.bfloat16, shards=2)
+    monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
+
+    def run(out):
+        merge(MergeConfig(merge_method="dare_ties", model_path_list=[str(d) for d in family.model_dirs],
+                          base_model_path=str(family.base_dir), output_path=str(out), quiet=True))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    mapped = run(tmp_path / "mapped")
+    attempts = []
+
+    def refuse(fd, *args, **kwargs):
+        attempts.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    monkeypatch.setattr(reader_module.mmap, "mmap", refuse)
+    assert run(tmp_path / "copied") == mapped
+    assert attempts and len(attempts) == len(set(attempts))  # one try per file, then copies
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")

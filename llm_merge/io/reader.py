@@ -10,6 +10,7 @@ staging directory. Each file is opened once per process.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.safetensors_format import TensorInfo
+
+log = logging.getLogger(__name__)
 
 #: Pre-fault a chunk's pages in the mmap call itself (Linux): one system call instead of a fault per page.
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -41,6 +44,7 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._unmappable: set[Path] = set()
         self._scratch = np.empty(0, dtype=np.uint8)
 
     def _fd(self, path: Path) -> int:
@@ -76,21 +80,25 @@ class TensorReader:
         """Elements ``[start, start+count)`` in the stored dtype as a read-only view of the file (no copy).
 
         The view maps just these bytes (from the page below them); the mapping is released with the
-        last array viewing it. None where the bytes are not aligned to the element size (use
-        ``read_stored``).
+        last array viewing it. None where ``read_stored`` must copy them instead: bytes not aligned
+        to the element size, bytes past the end of the file (the read names the truncation), or a
+        file system that refuses to map the file (then no chunk of that file is mapped again).
         """
         stored = dtypes.to_numpy(info.dtype)
         offset = info.start + start * stored.itemsize
-        if offset % stored.itemsize or count <= 0:
+        if offset % stored.itemsize or count <= 0 or info.file in self._unmappable:
             return None
+        fd = self._fd(info.file)
         page = offset - offset % mmap.ALLOCATIONGRANULARITY
         length = offset - page + count * stored.itemsize
         try:
-            mapping = mmap.mmap(self._fd(info.file), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                                offset=page)
-        except (OSError, ValueError) as exc:
-            raise MergeError(f"{info.file}: cannot map bytes {offset}..{page + length}: {exc} "
-                             "(file truncated?)") from exc
+            mapping = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=page)
+        except ValueError:  # past the end of the file
+            return None
+        except OSError as exc:
+            log.info("%s: cannot be mapped (%s); its chunks are copied instead", info.file, exc.strerror or exc)
+            self._unmappable.add(info.file)
+            return None
         return np.frombuffer(mapping, dtype=stored, count=count, offset=offset - page)
 
     def read_f32(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
