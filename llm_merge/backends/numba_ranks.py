@@ -467,29 +467,9 @@ def _scatter(bits, route, table, buffer, total):
 
 
 @njit(**_JIT)
-def _scatter_some(bits, route, table, buffer, total):
-    """Step 2 of ``_rank_run`` with no direct bucket: copy each buffered key to its part's next
-    buffer position, the keys outside the run to the trash slot buffer[total]."""
-    n = bits.size
-    i = 0
-    while i + 2 <= n:
-        k0, k1, x0, x1, b0, b1 = _count_pair(bits, i, route, table)  # no direct buckets here
-        buffer[(x0 & b0) | (total & ~b0)] = k0
-        buffer[(x1 & b1) | (total & ~b1)] = k1
-        i += 2
-    if i < n:
-        k0 = np.int64(bits[i]) & _MAGNITUDE
-        f0 = route[k0 >> 16]
-        x0 = np.int64(table[f0 >> 8])
-        table[f0 >> 8] = x0 + 1
-        b0 = -(f0 & 1)
-        buffer[(x0 & b0) | (total & ~b0)] = k0
-
-
-@njit(**_JIT)
 def _gather_some(bits, route, table, buffer, ranks):
-    """Step 4 of ``_rank_run`` with no direct bucket: replay ``_scatter_some``; the entries
-    outside the run keep their ranks."""
+    """Step 4 of ``_rank_run`` with no direct bucket: replay ``_scatter`` (whose direct branch
+    is then never taken); the entries outside the run keep their ranks."""
     n = bits.size
     i = 0
     while i + 2 <= n:
@@ -600,8 +580,6 @@ def _rank_run(bits, counts, first, bottom, top, low, high, everything, is_direct
     # Step 2: one pass over t: count direct entries, copy buffered keys to their part.
     if everything and direct == 0:
         _scatter_simple(bits, route, table, buffer)
-    elif direct == 0:
-        _scatter_some(bits, route, table, buffer, total)
     else:
         _scatter(bits, route, table, buffer, total)
 
