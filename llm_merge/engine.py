@@ -308,12 +308,13 @@ class TensorMerger:
 
         Stored bits are mapped from the file, not copied, where they are aligned (``TensorReader.map_stored``).
         """
-        if lane is np.uint16 or info.dtype == "F32":
+        as_stored = lane is np.uint16 or info.dtype == "F32"  # the lane holds the stored bits unconverted
+        if as_stored:
             mapped = self.reader.map_stored(info, start, count)
             if mapped is not None:
                 return mapped.view(lane)
         bits = self._buffer(buffer, count, lane)
-        if lane is np.uint16 or info.dtype == "F32":
+        if as_stored:
             self.reader.read_stored(info, start, count, bits.view(dtypes.to_numpy(info.dtype)))
         else:  # converted as the generic path converts (the kernel counts NaN/Inf itself)
             self.host.widen(self.reader.read_stored(info, start, count), bits.view(np.float32))
