@@ -254,6 +254,42 @@ def rank_block(bits, m, tables, i, out):
             out[j] = rank
 
 
+@njit(**_JIT)
+def _rank_table(counts, mixed, values):
+    """``RankTable``'s arrays in int64, in one compiled pass over the buckets and the sorted mixed ``values``."""
+    buckets = counts.size
+    above = np.empty(buckets, np.int64)  # entries in larger buckets
+    total = 0
+    for b in range(buckets - 1, -1, -1):
+        above[b] = total
+        total += counts[b]
+    plain_next = above + mixed
+    distinct = 0
+    for j in range(values.size):
+        distinct += j == 0 or values[j] != values[j - 1]
+    mixed_values = np.empty(distinct, values.dtype)
+    mixed_next = np.empty(distinct, np.int64)
+    mixed_starts = np.zeros(buckets + 1, np.int64)
+    u = distinct
+    bucket_end = values.size  # end of the current bucket's run in ``values``, walking down
+    j = values.size
+    while j > 0:  # from the largest value down: each distinct value's run [first, j)
+        first = j - 1
+        while first > 0 and values[first - 1] == values[j - 1]:
+            first -= 1
+        bucket = np.int64(values[j - 1] >> 16)
+        if j == values.size or np.int64(values[j] >> 16) != bucket:
+            bucket_end = j
+        u -= 1
+        mixed_values[u] = values[j - 1]
+        mixed_next[u] = above[bucket] + (bucket_end - j)  # larger buckets, then larger mixed values of this one
+        mixed_starts[bucket + 1] += 1
+        j = first
+    for b in range(buckets):
+        mixed_starts[b + 1] += mixed_starts[b]
+    return plain_next, mixed_values, mixed_starts, mixed_next
+
+
 class RankTable:
     """The next magnitude rank of every distinct |t| of one task vector, as a pass in index order goes.
 
@@ -267,15 +303,9 @@ class RankTable:
     INT32_MAX_ELEMENTS = (1 << 31) - 1
 
     def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_values: np.ndarray) -> None:
-        above = counts.sum() - np.cumsum(counts)  # entries in larger buckets
         rank = np.int32 if counts.sum() <= self.INT32_MAX_ELEMENTS else np.int64
-        self.plain_next = (above + mixed).astype(rank)
-        values = np.sort(mixed_values)
-        self.mixed_values, value_start, value_count = np.unique(values, return_index=True, return_counts=True)
-        bucket = (self.mixed_values >> 16).astype(np.int64)
-        bucket_end = np.searchsorted(values, (bucket + 1) << 16)
-        self.mixed_next = (above[bucket] + (bucket_end - (value_start + value_count))).astype(rank)
-        self.mixed_starts = np.searchsorted(self.mixed_values, np.arange(len(counts) + 1, dtype=np.int64) << 16)
+        plain_next, self.mixed_values, self.mixed_starts, mixed_next = _rank_table(counts, mixed, np.sort(mixed_values))
+        self.plain_next, self.mixed_next = plain_next.astype(rank), mixed_next.astype(rank)
 
     @property
     def arrays(self) -> tuple:
