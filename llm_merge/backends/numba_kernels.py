@@ -29,6 +29,7 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     float_of_bits,
     kth_bucket,
     rank_block,
+    widen_block,
 )
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods.sparsify import trim_count
@@ -191,32 +192,21 @@ LINEAR, TIES = 0, 1
 
 
 @njit(**_JIT)
-def _widen_block(raw, start, count, out_bits):
-    """float32 bits of ``raw[start:start+count]`` into ``out_bits``; returns the NaN/Inf count.
-
-    ``raw`` holds bfloat16 bits (uint16: a 16-bit shift) or float32 bits (uint32).
-    """
-    shift = np.uint32(32 - 8 * raw.itemsize)
-    source = raw[start : start + count]  # plain indices below: no negative-index checks, so the loop vectorizes
-    bad = 0
-    for j in range(count):
-        bits = np.uint32(source[j]) << shift
-        out_bits[j] = bits
-        bad += (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-    return bad
-
-
-@njit(**_JIT)
 def _narrow_block(bits, count, out, start):
-    """float32 ``bits[:count]`` into ``out[start:]``: bfloat16 bits (round to nearest even) when ``out`` is uint16."""
+    """float32 ``bits[:count]`` into ``out[start:]``: bfloat16 bits (round to nearest even) when ``out`` is uint16.
+
+    Every step is cast back to uint32 (numba would compute in 64 bits: half the vector lanes);
+    no step overflows 32 bits, so the result is the same.
+    """
     target = out[start : start + count]
     if out.itemsize == 2:
         for j in range(count):
             b = bits[j]
-            if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                target[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
-            else:
-                target[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            odd = np.uint32(np.uint32(b >> 16) & np.uint32(1))
+            rounded = np.uint32(np.uint32(b + np.uint32(0x7FFF)) + odd)
+            quiet = np.uint32(np.uint32(b >> 16) | np.uint32(0x40))
+            nan = np.uint32(b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            target[j] = np.uint16(quiet if nan else np.uint32(rounded >> 16))
     else:
         for j in range(count):
             target[j] = bits[j]
@@ -313,9 +303,9 @@ def _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, ba
     """
     k = len(raws)
     if has_base:
-        nonfinite[k] += _widen_block(base_raw, s, m, base_bits)
+        nonfinite[k] += widen_block(base_raw, s, m, base_bits)
     for i in range(k):
-        nonfinite[i] += _widen_block(raws[i], s, m, rows_bits[i])
+        nonfinite[i] += widen_block(raws[i], s, m, rows_bits[i])
         if has_base:
             row = rows[i]
             for j in range(m):
@@ -428,7 +418,7 @@ class FusedChunks:
 
 def widen_bits(raw: np.ndarray, out_bits: np.ndarray) -> int:
     """float32 bits of a whole chunk of bfloat16 (uint16) or float32 (uint32) bits into ``out_bits``; the NaN/Inf count."""
-    return int(_widen_block(raw, 0, raw.size, out_bits))
+    return int(widen_block(raw, 0, raw.size, out_bits))
 
 
 def narrow_bits(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
