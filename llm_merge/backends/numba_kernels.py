@@ -29,6 +29,7 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     float_of_bits,
     kth_bucket,
     rank_block,
+    prefetch_inputs,
     widen_block,
 )
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
@@ -328,6 +329,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
     block_ranks = np.empty((rows.shape[0], block if streamed_ranks else 0), tables[0][0].dtype)
     for s in range(0, n, block):
         m = min(block, n - s)
+        prefetch_inputs(raws, base_raw, has_base, s, block)
         _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         if streamed_ranks:
             for i in range(rows.shape[0]):

@@ -13,7 +13,10 @@ import math
 from typing import Optional
 
 import numpy as np
-from numba import njit
+from llvmlite import binding as llvm_binding, ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from llm_merge.methods.sparsify import trim_count
 
@@ -41,6 +44,53 @@ def float_of_bits(bits) -> float:
 _BUCKETS, _LOWS = 1 << 15, 1 << 16
 #: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
 _OUTSIDE_SLOTS = 256
+
+
+#: llvm.prefetch's name for an i8 pointer: LLVM 17 and later have opaque pointers only (and read
+#: ``i8*`` as ``ptr``); earlier LLVMs, as numba's llvmlite builds them, have typed pointers.
+_PREFETCH = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 17 else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to fetch the cache line of ``array[index]`` (llvm.prefetch: read, all cache levels)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), _PREFETCH)
+        builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+#: How far ahead of the block being processed its inputs are prefetched, in blocks. Mapped page-cache
+#: pages are 4 KB and the hardware prefetchers stop at each page's end; without this hint every
+#: new page starts with cache misses (mapped chunks: linear's kernel 2.3 -> 1.9 ns per element).
+PREFETCH_BLOCKS = 4
+
+
+@njit(**_JIT)
+def _prefetch_range(raw, start, count):
+    """Prefetch the cache lines of ``raw[start:start+count]`` (clipped to the array)."""
+    end = min(start + count, raw.size)
+    for j in range(start, end, 64 // raw.itemsize):
+        _prefetch(raw, j)
+
+
+@njit(**_JIT)
+def prefetch_inputs(raws, base_raw, has_base, s, block):
+    """Prefetch the inputs of the block ``PREFETCH_BLOCKS`` blocks after the one at element ``s``."""
+    ahead = s + PREFETCH_BLOCKS * block
+    for i in range(len(raws)):
+        _prefetch_range(raws[i], ahead, block)
+    if has_base:
+        _prefetch_range(base_raw, ahead, block)
 
 
 _EXPONENT = np.uint32(0x7F800000)
@@ -107,6 +157,7 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
     bits = row.view(np.uint32)
     for s in range(0, n, block):
         m = min(block, n - s)
+        prefetch_inputs(raws, base_raw, has_base, s, block)
         if has_base:
             _task_vector_row(base_raw, s, m, base, False, base)
         for i in range(len(raws)):
@@ -401,6 +452,7 @@ def _slerp_sums(raws, base_raw, has_base, n, rows, base, sums):
     block = rows.shape[1]
     for s in range(0, n, block):
         m = min(block, n - s)
+        prefetch_inputs(raws, base_raw, has_base, s, block)
         if has_base:
             _task_vector_row(base_raw, s, m, base, False, base)
         for i in range(2):
