@@ -18,6 +18,8 @@ import sys
 import numpy as np
 from numba import njit
 
+from llm_merge.backends import numba_ranks, numba_streaming
+from llm_merge.backends.numba_cache import touch_if_older
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     RankTable,
@@ -33,7 +35,12 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     widen_block,
 )
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+from llm_merge.methods import random as _random
 from llm_merge.methods.sparsify import trim_count
+
+# Before any kernel below is decorated: they inline kernels of numba_streaming and numba_ranks and
+# the draw constants of methods.random, which numba's cache does not track.
+touch_if_older(__file__, [numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 
