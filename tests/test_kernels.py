@@ -75,6 +75,33 @@ def test_ties(normalize, elect, weights):
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize("merge, elect", [("linear", "sum"), ("ties", "sum"), ("ties", "count")])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("k, with_base", [(2, True), (3, True), (4, False)])
+def test_fused_chunk_merges_match_numpy(merge, elect, normalize, k, with_base):
+    """The fused chunk pass (float32 lanes, no sparsifier) gives the generic merge plus the base, bit for bit.
+
+    Covers the per-element linear merge and TIES with its election specialized by type, for several
+    model counts (compile-time constants there), zeros, -0.0, sign conflicts and a block tail.
+    """
+    n = 3000  # not a multiple of the block
+    base = data(n, seed=20) if with_base else np.zeros(n, np.float32)
+    models = [data(n, seed=s) + (base if with_base else 0) for s in range(k)]
+    weights = [0.6, 0.2, 1.3, -0.4][:k] if merge == "linear" else [0.6, 0.2, 1.3, 0.9][:k]
+    options = dict(reserve_p=1.0, epsilon=0.0, rescale=False, weight_list=weights, normalize=normalize,
+                   ties_elect_type=elect)
+    fused = kernels.FusedChunks(sparsify_type="none", merge_type=merge, keys=list(range(1, k + 1)), prepared=None,
+                                numel=n, options=options)
+    out = np.empty(n, np.uint32)
+    fused.run([m.view(np.uint32) for m in models], base.view(np.uint32) if with_base else None, 0, out)
+    ys = [m - base for m in models] if with_base else models
+    kwargs = {"ties_elect_type": elect} if merge == "ties" else {}
+    merged = methods.get("merge", merge).fn(ys, weight_list=weights, normalize=normalize, ops=NumpyOps(compiled=False),
+                                            **kwargs)
+    expected = merged + base if with_base else merged
+    np.testing.assert_array_equal(out, expected.view(np.uint32))
+
+
 def test_engine_uses_kernels_unless_disabled(monkeypatch):
     assert NumpyOps().kernel("merge", "ties") is kernels.ties
     monkeypatch.setenv("LLM_MERGE_NUMBA", "0")

@@ -259,48 +259,50 @@ def _vote(u, by_count):
 
 
 @njit(**_JIT)
-def _merge_rows(rows, count, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, out):
-    """out[:count] = merge(rows[:, :count]) (+ base), as whole-row loops in the generic path's operation order.
+def _merge_rows(models, rows, count, base, has_base, merge, weights, normalize, total_weight, by_count, out):
+    """out[:count] = merge(rows[:, :count]) (+ base), element by element in the generic path's operation order.
 
-    Sums start from +0.0 as the generic path's do (0 + -0.0 is +0.0), folded into the first model's loop.
+    ``models``: the tuple of inputs; only its length is used, a compile-time constant, so the loops
+    over models unroll and the loop over elements vectorizes with the sums in registers (the
+    whole-row loops this replaces stored and reloaded them: chunk pass 2.5 -> 1.8-1.9 ns per element
+    for TIES, 1.9 -> 1.45 for linear, on L2-resident chunks).
     """
-    k = rows.shape[0]
-    zero = np.float32(0.0)
     if merge == LINEAR:
         for j in range(count):
-            out[j] = rows[0, j] * weights[0]
-        for i in range(1, k):
-            for j in range(count):
-                out[j] += rows[i, j] * weights[i]
-        if normalize:
-            for j in range(count):
-                out[j] /= total_weight
+            total = rows[0, j] * weights[0]
+            for i in range(1, len(models)):
+                total += rows[i, j] * weights[i]
+            if normalize:
+                total /= total_weight
+            out[j] = total + base[j] if has_base else total
+    elif by_count:  # two call sites: each is specialized on its constant election (a run-time choice in the loop defeats vectorization)
+        _ties_elements(models, rows, count, base, has_base, weights, normalize, True, out)
     else:
-        votes, divisor = scratch[0], scratch[1]
-        w = weights[0]
-        for j in range(count):
-            votes[j] = zero + _vote(rows[0, j] * w, by_count)
-        for i in range(1, k):
+        _ties_elements(models, rows, count, base, has_base, weights, normalize, False, out)
+
+
+@njit(**_JIT)
+def _ties_elements(models, rows, count, base, has_base, weights, normalize, by_count, out):
+    """The TIES merge of ``_merge_rows``: elected sign, agreeing entries' sum, divided by their weights when ``normalize``.
+
+    Sums start from +0.0 as the generic path's do (0 + -0.0 is +0.0).
+    """
+    zero = np.float32(0.0)
+    for j in range(count):
+        votes = zero
+        for i in range(len(models)):
+            votes += _vote(rows[i, j] * weights[i], by_count)
+        total = zero
+        divisor = zero
+        for i in range(len(models)):
             w = weights[i]
-            for j in range(count):
-                votes[j] += _vote(rows[i, j] * w, by_count)
-        for i in range(k):
-            w = weights[i]
-            for j in range(count):
-                u = rows[i, j] * w
-                agrees = (u > 0) if votes[j] >= 0 else (u < 0)
-                if i == 0:
-                    out[j] = zero + (u if agrees else zero)
-                    divisor[j] = zero + (w if agrees else zero)
-                else:
-                    out[j] += u if agrees else zero
-                    divisor[j] += w if agrees else zero
+            u = rows[i, j] * w
+            agrees = (u > 0) if votes >= 0 else (u < 0)
+            total += u if agrees else zero
+            divisor += w if agrees else zero
         if normalize:
-            for j in range(count):
-                out[j] /= divisor[j] if divisor[j] != 0 else np.float32(1.0)
-    if has_base:
-        for j in range(count):
-            out[j] += base[j]
+            total /= divisor if divisor != 0 else np.float32(1.0)
+        out[j] = total + base[j] if has_base else total
 
 
 @njit(**_JIT)
@@ -323,7 +325,7 @@ def _task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, ba
 @njit(**_JIT)
 def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshold, dare_p, rescale, trim_threshold,
                  trim_scale, ranks, tables, top, step, merge, weights, normalize, total_weight, by_count,
-                 rows, rows_bits, base, base_bits, scratch, merged, merged_bits, out, nonfinite):
+                 rows, rows_bits, base, base_bits, merged, merged_bits, out, nonfinite):
     """One chunk, start to end: widen, task vectors, sparsify, merge, add the base, narrow into ``out``.
 
     Works through the chunk in blocks of ``rows.shape[1]`` elements so the working set stays in cache.
@@ -346,7 +348,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
         else:
             _sparsify_rows(rows, m, sparsify, keys, offset + s, dare_threshold, dare_p, rescale, trim_threshold,
                            trim_scale, ranks, s, top, step)
-        _merge_rows(rows, m, base, has_base, merge, weights, normalize, total_weight, by_count, scratch, merged)
+        _merge_rows(raws, rows, m, base, has_base, merge, weights, normalize, total_weight, by_count, merged)
         _narrow_block(merged_bits, m, out, s)
 
 
@@ -403,7 +405,6 @@ class FusedChunks:
         self.by_count = options["ties_elect_type"] == "count"
         self._no_ranks = np.zeros(0, np.uint32)
         self._blocks = _Blocks(k, self.BLOCK)
-        self._scratch = np.empty((2, self.BLOCK), np.float32)
         self._merged = np.empty(self.BLOCK, np.float32)
 
     def run(self, raws, base_raw, start, out) -> np.ndarray:
@@ -419,7 +420,7 @@ class FusedChunks:
         _fused_chunk(
             raws, base_raw, has_base, start, self.sparsify, self.keys, self.dare_threshold, self.dare_p, self.rescale,
             self.trim_threshold, self.trim_scale, ranks, self.tables, self.top, self.step, self.merge, self.weights,
-            self.normalize, self.total_weight, self.by_count, *self._blocks.args(), self._scratch,
+            self.normalize, self.total_weight, self.by_count, *self._blocks.args(),
             self._merged, self._merged.view(np.uint32), out, nonfinite,
         )
         return nonfinite
