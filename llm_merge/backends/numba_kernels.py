@@ -5,7 +5,8 @@ Each kernel follows the float32 operation order of its NumPy twin in
 bits; ``tests/test_kernels.py`` holds them to that. Random draws use the same
 counter-based splitmix64 stream as ``llm_merge.methods.random``. The streamed
 whole-tensor statistics live in ``numba_streaming`` and are re-exported here,
-so that the backend finds every compiled piece in this module.
+so that the backend finds every compiled piece in this module; the block helpers
+both use (widening raw bits, prefetching inputs) live in ``numba_blocks``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sys
 import numpy as np
 from numba import njit
 
-from llm_merge.backends import numba_ranks, numba_streaming
+from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
+from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
 from llm_merge.backends.numba_cache import touch_if_older
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
@@ -31,18 +33,16 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     float_of_bits,
     kth_bucket,
     rank_block,
-    prefetch_inputs,
-    widen_block,
 )
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods import random as _random
 from llm_merge.methods.sparsify import trim_count
 
-# Before any kernel below is decorated: they inline kernels of numba_streaming and numba_ranks and
-# the draw constants of methods.random, which numba's cache does not track.
-touch_if_older(__file__, [numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
+# Before any kernel below is decorated: they inline kernels of numba_blocks, numba_streaming and
+# numba_ranks and the draw constants of methods.random, which numba's cache does not track.
+touch_if_older(__file__, [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_JIT = JIT_OPTIONS
 
 
 @njit(inline="always", **_JIT)

@@ -33,7 +33,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+from llm_merge.backends.numba_blocks import JIT_OPTIONS
+
+_JIT = JIT_OPTIONS
 
 #: Vectors of at most this many entries are ranked by a plain LSD radix sort (16 bytes/entry of scratch).
 RANK_SMALL_MAX = 1 << 16
