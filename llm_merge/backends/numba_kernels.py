@@ -34,8 +34,8 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     kth_bucket,
     rank_block,
 )
-from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods import random as _random
+from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods.sparsify import trim_count
 
 # Before any kernel below is decorated: they inline kernels of numba_blocks, numba_streaming and
