@@ -198,28 +198,36 @@ class StreamingTrim(_MagnitudeHistogram):
         if pass_index == 0 and self.keep:
             for i, counts in enumerate(self.counts):
                 self.high[i], self.rank_in_high[i] = kth_bucket(counts, self.keep)
-            self.low_counts = np.zeros((len(self.high), _LOWS + _OUTSIDE_SLOTS), np.int64)
+            if self._refined().any():
+                self.low_counts = np.zeros((len(self.high), _LOWS + _OUTSIDE_SLOTS), np.int64)
 
     def statistics(self) -> list[dict]:
-        """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them."""
+        """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them.
+
+        Works on the occupied buckets only (a few thousand for bfloat16 deltas): the fixed cost
+        per tensor stays far below a millisecond, which small tensors (norms, biases) notice.
+        """
         if not self.keep:
             return [{"threshold": 0.0, "scale": 1.0} for _ in self.high]
         stats = []
+        refined = self._refined()
         for i, high in enumerate(self.high.astype(np.int64)):
-            plain = self.counts[i] - self.mixed[i]  # entries equal to their bucket's value
-            present = np.flatnonzero(plain)
-            mass = np.zeros(_BUCKETS, np.float64)  # count * value: products exact to float64 rounding
-            mass[present] = plain[present] * _bits_value(present << 16)
-            if self._refined()[i]:
+            occupied = np.flatnonzero(self.counts[i])
+            plain = self.counts[i, occupied] - self.mixed[i, occupied]  # entries equal to their bucket's value
+            mass = plain * _bits_value(occupied << 16)  # count * value: products exact to float64 rounding
+            mixed_sums = self.mixed_sums[i, occupied]
+            above = occupied > high
+            if refined[i]:
                 low_counts = self.low_counts[i, :_LOWS]
                 low = int(kth_bucket(low_counts, self.rank_in_high[i])[0])
                 present = low + np.flatnonzero(low_counts[low:])
                 bucket_kept = low_counts[present] * _bits_value((high << 16) | present)
             else:  # every entry of bucket high is kept: its plain entries and its larger mixed ones
                 low = 0
-                bucket_kept = np.array([mass[high], self.mixed_sums[i, high]])
-            kept = _exact_sum(bucket_kept, mass[high + 1 :], self.mixed_sums[i, high + 1 :])
-            total = _exact_sum(mass, self.mixed_sums[i])
+                at_high = occupied == high
+                bucket_kept = np.concatenate([mass[at_high], mixed_sums[at_high]])
+            kept = _exact_sum(bucket_kept, mass[above], mixed_sums[above])
+            total = _exact_sum(mass, mixed_sums)
             scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
             stats.append({"threshold": float_of_bits((int(high) << 16) | low), "scale": scale})
         return stats
