@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Per-pass kernel costs of the compiled backend on one tensor of the benchmark family.
+
+Loads one tensor of the base and every fine-tune into memory (bfloat16 bits, read-only,
+1M-element chunks as the engine passes them) and times, best of ``--repeat``, the
+statistics passes (TIES trim threshold, DELLA rank tables) and the fused apply pass of
+each method. Prints nanoseconds per element and model: the numbers behind the "where
+the time goes" notes in README.md, without the I/O, start-up and scheduling around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import llm_merge  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(REPO))
+from llm_merge.backends import numba_kernels, numba_streaming  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import N_FINE_TUNES, ensure_family  # noqa: E402
+
+DEFAULT_TENSOR = "model.layers.3.mlp.gate_proj.weight"
+CHUNK = 1 << 20  # elements per chunk, as the engine's FUSED_CHUNK
+BLOCK = numba_kernels.FusedChunks.BLOCK
+#: (label, sparsify_type, merge_type, statistics pass or None)
+APPLY_PASSES = [
+    ("linear", "none", "linear", None),
+    ("ties", "trim", "ties", "trim"),
+    ("dare_linear", "dare", "linear", None),
+    ("dare_ties", "dare", "ties", None),
+    ("della", "magprune", "ties", "ranks"),
+    ("della_linear", "magprune", "linear", "ranks"),
+]
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(header size, header) of one safetensors file."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return size, json.loads(handle.read(size))
+
+
+def tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file of a checkpoint: sharded (with its index) or a single ``model.safetensors``."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = model_dir / "model.safetensors"
+    return {name: single for name in _header(single)[1] if name != "__metadata__"}
+
+
+def default_tensor(model_dir: Path) -> str:
+    """``DEFAULT_TENSOR`` where the checkpoint has it, else its first MLP gate projection."""
+    names = tensor_files(model_dir)
+    return DEFAULT_TENSOR if DEFAULT_TENSOR in names else sorted(n for n in names if n.endswith("mlp.gate_proj.weight"))[0]
+
+
+def load_bits(model_dir: Path, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a checkpoint as read-only uint16 bits."""
+    path = tensor_files(model_dir)[name]
+    header_size, header = _header(path)
+    entry = header[name]
+    if entry["dtype"] != "BF16":
+        raise SystemExit(f"{name}: {entry['dtype']}; this benchmark takes bfloat16 tensors")
+    start, end = entry["data_offsets"]
+    bits = np.fromfile(path, dtype=np.uint16, count=(end - start) // 2, offset=8 + header_size + start)
+    bits.flags.writeable = False
+    return bits
+
+
+def chunks(raws: list[np.ndarray], base: np.ndarray):
+    """(start, raw chunks, base chunk) as the engine feeds the kernels."""
+    for start in range(0, base.size, CHUNK):
+        yield start, [r[start:start + CHUNK] for r in raws], base[start:start + CHUNK]
+
+
+def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dict) -> list[dict]:
+    """Every pass of one streamed statistic over the tensor; the per-model results."""
+    k, n = len(raws), base.size
+    if kind == "trim":
+        stats = numba_streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
+    else:
+        stats = numba_streaming.StreamingRanks(k, n, BLOCK)
+    pass_index = 0
+    while stats.wants(pass_index):
+        for _, chunk, base_chunk in chunks(raws, base):
+            stats.feed(pass_index, chunk, base_chunk)
+        stats.end_pass(pass_index)
+        pass_index += 1
+    return stats.statistics()
+
+
+def apply(sparsify: str, merge: str, prepared, raws, base, options: dict, out: np.ndarray) -> None:
+    """The fused apply pass over the whole tensor."""
+    fused = numba_kernels.FusedChunks(sparsify_type=sparsify, merge_type=merge, keys=list(range(1, len(raws) + 1)),
+                                      prepared=prepared, numel=base.size, options=options)
+    for start, chunk, base_chunk in chunks(raws, base):
+        fused.run(chunk, base_chunk, start, out[start:start + base_chunk.size])
+
+
+def best_ns(run: Callable[[], object], repeat: int, per: int) -> float:
+    """Best-of-``repeat`` nanoseconds per ``per`` units (after one warm-up call)."""
+    run()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e9 / per
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_dir = Path(tempfile.gettempdir()) / "llm_merge_bench"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family_dir", type=Path, default=None,
+                   help=f"benchmark family (default: {default_dir}/family_<params>, generated if missing)")
+    p.add_argument("--params", type=float, default=5.2e8, help="parameters per model of the family (default: 5.2e8)")
+    p.add_argument("--tensor", default=None,
+                   help=f"tensor to time (default: {DEFAULT_TENSOR}, or the first layer's where the family is smaller)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure, the best is shown (default: 5)")
+    args = p.parse_args(argv)
+    family = args.family_dir or default_dir / f"family_{int(args.params)}"
+    ensure_family(family, args.params, 200, 0)
+    name = args.tensor or default_tensor(family / "base")
+    base = load_bits(family / "base", name)
+    raws = [load_bits(family / f"ft{i}", name) for i in range(1, N_FINE_TUNES + 1)]
+    k, n = len(raws), base.size
+    options = dict(reserve_p=0.7, rescale=True, epsilon=0.14, weight_list=[1.0] * k, normalize=True,
+                   ties_elect_type="sum")
+    numba_kernels.initialize()
+    out = np.empty(n, np.uint16)
+    print(f"{name}: {n} elements, {k} fine-tunes + base, bfloat16; ns per element and model, "
+          f"best of {args.repeat}")
+    print(f"{'pass':44s} {'ns':>6s}")
+    prepared = {}
+    for kind in ("trim", "ranks"):
+        prepared[kind] = statistics(kind, raws, base, options)
+        ns = best_ns(lambda: statistics(kind, raws, base, options), args.repeat, n * k)
+        print(f"{'statistics: ' + kind:44s} {ns:6.2f}")
+    for label, sparsify, merge, stats in APPLY_PASSES:
+        # rank tables are consumed as the apply pass counts: fresh ones per run (their build is timed above)
+        def run(stats=stats, sparsify=sparsify, merge=merge):
+            ready = statistics(stats, raws, base, options) if stats == "ranks" else prepared.get(stats)
+            apply(sparsify, merge, ready, raws, base, options, out)
+        ns = best_ns(run, args.repeat, n * k)
+        if stats == "ranks":
+            ns -= best_ns(lambda: statistics("ranks", raws, base, options), args.repeat, n * k)
+            label += " (statistics subtracted)"
+        print(f"{'apply: ' + label:44s} {ns:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmark scripts on a tiny family (their figures are not checked, their plumbing is)."""
+
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_kernels  # noqa: E402
+import bench_merge  # noqa: E402
+
+
+def test_bench_merge_writes_a_row_per_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--methods", "linear", "della",
+                             "--n_process", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kind"], r["method"], r["n_process"]) for r in rows] == [
+        ("io_floor", "io_floor[4 models]", 1), ("merge", "linear", 1), ("merge", "della", 1)]
+    assert all(r["seconds"] > 0 and r["input_bytes"] > 0 for r in rows)
+    assert all(r["peak_rss_bytes"] > 0 for r in rows if r["kind"] == "merge")
+
+
+def test_bench_kernels_times_every_pass(tmp_path, capsys):
+    assert bench_kernels.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    timed = {line.rsplit(None, 1)[0]: float(line.rsplit(None, 1)[1]) for line in lines
+             if line.startswith(("statistics:", "apply:"))}
+    assert set(timed) == {"statistics: trim", "statistics: ranks", "apply: linear", "apply: ties",
+                          "apply: dare_linear", "apply: dare_ties", "apply: della (statistics subtracted)",
+                          "apply: della_linear (statistics subtracted)"}
+    assert all(timed[name] > 0 for name in timed if name.startswith("statistics"))
