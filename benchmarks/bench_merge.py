@@ -57,6 +57,7 @@ class Row:
     input_bytes: int
     floor_seconds: float
     peak_rss_bytes: int | None
+    speedup: float | None = None  # the same row's seconds at n_process 1 / these seconds
 
     @property
     def input_gbps(self) -> float:
@@ -251,10 +252,19 @@ def input_models(method: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- report
 
+def add_row(rows: list[Row], row: Row) -> None:
+    """Append ``row``, with its speed-up over the same measurement at n_process 1 when that was taken."""
+    single = [r for r in rows if r.method == row.method and r.n_process == 1]
+    if single and row.n_process != 1:
+        row.speedup = single[0].seconds / row.seconds
+    rows.append(row)
+    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+
+
 def format_table(rows: list[Row]) -> str:
-    header = ["method", "n_process", "seconds", "input GB/s", "x I/O floor", "peak RSS (MB)"]
+    header = ["method", "n_process", "seconds", "input GB/s", "x I/O floor", "speed-up", "peak RSS (MB)"]
     lines = [[r.method, str(r.n_process), f"{r.seconds:.2f}", f"{r.input_gbps:.2f}",
-              f"{r.x_floor:.2f}",
+              f"{r.x_floor:.2f}", "-" if r.speedup is None else f"{r.speedup:.2f}",
               "-" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}"]
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -334,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                     inputs = [f for m in s for f in files[m]]
                     floors[s] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor",
                                                  pool, n_process, max(FLOOR_REPEAT, args.repeat))
-                    rows.append(Row("io_floor", f"io_floor[{len(s)} models]", n_process,
-                                    floors[s], input_bytes[s], floors[s], None))
-                    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                    add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process,
+                                      floors[s], input_bytes[s], floors[s], None))
             for method in args.methods:
                 s = tuple(input_models(method))
                 out_dir = work_dir / f"out_{method}_{n_process}"
@@ -347,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds, rss = run_and_measure(cmd, work_dir / "logs")
                     best, peak = min(best, seconds), max(peak, rss)
                     shutil.rmtree(out_dir, ignore_errors=True)
-                rows.append(Row("merge", method, n_process, best, input_bytes[s],
-                                floors[s], peak))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+                add_row(rows, Row("merge", method, n_process, best, input_bytes[s], floors[s], peak))
     finally:
         if own_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -360,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "io_floor: read every input byte + write one model's bytes, files split over "
         "n_process processes, each output file fsynced (as the merge does before its rename)",
         "input GB/s = input bytes / wall seconds; x I/O floor = seconds / io_floor seconds "
-        "for the same inputs and n_process",
+        "for the same inputs and n_process; speed-up = the same row's seconds at n_process 1 / seconds",
         "peak RSS = max over ~20 ms polls of the summed RSS (incl. file-backed pages) of the "
         "merge process tree; shared pages are counted once per process",
     ]

@@ -14,12 +14,17 @@ import bench_merge  # noqa: E402
 def test_bench_merge_writes_a_row_per_measurement(tmp_path):
     out = tmp_path / "bench.json"
     assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--methods", "linear", "della",
-                             "--n_process", "1", "--json", str(out)]) == 0
+                             "--n_process", "1", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["kind"], r["method"], r["n_process"]) for r in rows] == [
-        ("io_floor", "io_floor[4 models]", 1), ("merge", "linear", 1), ("merge", "della", 1)]
+        ("io_floor", "io_floor[4 models]", 1), ("merge", "linear", 1), ("merge", "della", 1),
+        ("io_floor", "io_floor[4 models]", 2), ("merge", "linear", 2), ("merge", "della", 2)]
     assert all(r["seconds"] > 0 and r["input_bytes"] > 0 for r in rows)
     assert all(r["peak_rss_bytes"] > 0 for r in rows if r["kind"] == "merge")
+    single = {r["method"]: r["seconds"] for r in rows if r["n_process"] == 1}
+    for row in rows:
+        expected = None if row["n_process"] == 1 else single[row["method"]] / row["seconds"]
+        assert row["speedup"] == expected
 
 
 def test_bench_kernels_times_every_pass(tmp_path, capsys):
