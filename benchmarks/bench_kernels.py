@@ -11,7 +11,6 @@ the time goes" notes in README.md, without the I/O, start-up and scheduling arou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 from llm_merge.backends import numba_kernels, numba_streaming  # noqa: E402
+from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
+from llm_merge.io.reader import TensorReader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import N_FINE_TUNES, ensure_family  # noqa: E402
@@ -44,37 +45,22 @@ APPLY_PASSES = [
 ]
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    """(header size, header) of one safetensors file."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return size, json.loads(handle.read(size))
-
-
-def tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> file of a checkpoint: sharded (with its index) or a single ``model.safetensors``."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = model_dir / "model.safetensors"
-    return {name: single for name in _header(single)[1] if name != "__metadata__"}
-
-
-def default_tensor(model_dir: Path) -> str:
+def default_tensor(checkpoint: Checkpoint) -> str:
     """``DEFAULT_TENSOR`` where the checkpoint has it, else its first MLP gate projection."""
-    names = tensor_files(model_dir)
+    names = checkpoint.tensors
     return DEFAULT_TENSOR if DEFAULT_TENSOR in names else sorted(n for n in names if n.endswith("mlp.gate_proj.weight"))[0]
 
 
-def load_bits(model_dir: Path, name: str) -> np.ndarray:
+def load_bits(checkpoint: Checkpoint, name: str) -> np.ndarray:
     """One bfloat16 tensor of a checkpoint as read-only uint16 bits."""
-    path = tensor_files(model_dir)[name]
-    header_size, header = _header(path)
-    entry = header[name]
-    if entry["dtype"] != "BF16":
-        raise SystemExit(f"{name}: {entry['dtype']}; this benchmark takes bfloat16 tensors")
-    start, end = entry["data_offsets"]
-    bits = np.fromfile(path, dtype=np.uint16, count=(end - start) // 2, offset=8 + header_size + start)
+    info = checkpoint.tensors[name]
+    if info.dtype != "BF16":
+        raise SystemExit(f"{name}: {info.dtype}; this benchmark takes bfloat16 tensors")
+    reader = TensorReader()
+    try:
+        bits = reader.read_raw(info).view(np.uint16)
+    finally:
+        reader.close()
     bits.flags.writeable = False
     return bits
 
@@ -132,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     family = args.family_dir or default_dir / f"family_{int(args.params)}"
     ensure_family(family, args.params, 200, 0)
-    name = args.tensor or default_tensor(family / "base")
-    base = load_bits(family / "base", name)
-    raws = [load_bits(family / f"ft{i}", name) for i in range(1, N_FINE_TUNES + 1)]
+    checkpoints = [open_checkpoint(family / model, "model") for model in ["base", *(f"ft{i}" for i in range(1, N_FINE_TUNES + 1))]]
+    name = args.tensor or default_tensor(checkpoints[0])
+    base, *raws = (load_bits(checkpoint, name) for checkpoint in checkpoints)
     k, n = len(raws), base.size
     options = dict(reserve_p=0.7, rescale=True, epsilon=0.14, weight_list=[1.0] * k, normalize=True,
                    ties_elect_type="sum")
@@ -143,19 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}: {n} elements, {k} fine-tunes + base, bfloat16; ns per element and model, "
           f"best of {args.repeat}")
     print(f"{'pass':44s} {'ns':>6s}")
-    prepared = {}
+    statistics_ns = {}
     for kind in ("trim", "ranks"):
-        prepared[kind] = statistics(kind, raws, base, options)
-        ns = best_ns(lambda: statistics(kind, raws, base, options), args.repeat, n * k)
-        print(f"{'statistics: ' + kind:44s} {ns:6.2f}")
+        statistics_ns[kind] = best_ns(lambda: statistics(kind, raws, base, options), args.repeat, n * k)
+        print(f"{'statistics: ' + kind:44s} {statistics_ns[kind]:6.2f}")
+    trim = statistics("trim", raws, base, options)
     for label, sparsify, merge, stats in APPLY_PASSES:
-        # rank tables are consumed as the apply pass counts: fresh ones per run (their build is timed above)
+        # rank tables are consumed as the apply pass counts: fresh ones per run, their pass's time subtracted
         def run(stats=stats, sparsify=sparsify, merge=merge):
-            ready = statistics(stats, raws, base, options) if stats == "ranks" else prepared.get(stats)
+            ready = statistics(stats, raws, base, options) if stats == "ranks" else (trim if stats else None)
             apply(sparsify, merge, ready, raws, base, options, out)
         ns = best_ns(run, args.repeat, n * k)
         if stats == "ranks":
-            ns -= best_ns(lambda: statistics("ranks", raws, base, options), args.repeat, n * k)
+            ns -= statistics_ns["ranks"]
             label += " (statistics subtracted)"
         print(f"{'apply: ' + label:44s} {ns:6.2f}")
     return 0
