@@ -131,8 +131,8 @@ def _worker(worker_id: int, tasks, make_worker, todo, results, big_task_lock) ->
             else:
                 written = merger.run(tasks[index])
             results.put(("done", worker_id, index, written))
-        closing, merger = merger, None
-        closing.close()  # before reporting: the main process may stop a worker once it has exited
+        merger.close()  # before reporting: the main process may stop a worker once it has exited
+        merger = None  # closed: the finally clause has nothing left to close
         results.put(("exit", worker_id, None))
     except BaseException as exc:  # report everything, including MemoryError
         cause = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
