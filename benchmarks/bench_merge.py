@@ -4,7 +4,8 @@
 For each n_process it measures (a) the I/O floor: reading every input byte a merge is
 given and writing one model's worth of output, split over n_process processes, and
 (b) every merge method run as a subprocess: wall seconds, input GB/s, ratio to the
-floor, and peak RSS of the process tree. All files are page-cache warm (a warm-up read
+floor, and peak RSS of the process tree (a method's runs alternate between the
+n_process values, so a drift of the machine's speed does not bias the speed-up). All files are page-cache warm (a warm-up read
 precedes the measurements and nothing is dropped from the cache). See README.md.
 """
 
@@ -258,7 +259,6 @@ def add_row(rows: list[Row], row: Row) -> None:
     if single and row.n_process != 1:
         row.speedup = single[0].seconds / row.seconds
     rows.append(row)
-    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -294,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="process counts to measure (default: 1 2)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per measurement; the fastest is reported, peak RSS is the "
-                        "max over runs (default: 1; the I/O floor always uses at least 5)")
+                        "max over runs; a method's runs alternate between the n_process "
+                        "values (default: 1; the I/O floor always uses at least 5)")
     p.add_argument("--work_dir", type=Path, default=None,
                    help="where merge outputs go (each is deleted after its run; default: "
                         "a fresh temporary directory, removed at the end)")
@@ -337,26 +338,39 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     try:
+        floors: dict[tuple[tuple[str, ...], int], float] = {}
         for n_process in args.n_process:
-            floors: dict[tuple[str, ...], float] = {}
             with multiprocessing.get_context("fork").Pool(n_process) as pool:
                 for s in sorted(input_sets, key=len, reverse=True):
                     inputs = [f for m in s for f in files[m]]
-                    floors[s] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor",
-                                                 pool, n_process, max(FLOOR_REPEAT, args.repeat))
-                    add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process,
-                                      floors[s], input_bytes[s], floors[s], None))
-            for method in args.methods:
-                s = tuple(input_models(method))
-                out_dir = work_dir / f"out_{method}_{n_process}"
-                cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
-                best, peak = float("inf"), 0
-                for _ in range(args.repeat):
+                    floors[s, n_process] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor", pool,
+                                                            n_process, max(FLOOR_REPEAT, args.repeat))
+                    print(f"io_floor[{len(s)} models], n_process {n_process}: {floors[s, n_process]:.2f} s",
+                          flush=True)
+        # (seconds, peak RSS) of every run; a method's runs alternate between the process counts,
+        # so a drift of the machine's speed (a shared VM) hits each count alike and spares the speed-up
+        runs: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        for method in args.methods:
+            for repeat in range(args.repeat):
+                for n_process in args.n_process:
+                    out_dir = work_dir / f"out_{method}_{n_process}"
+                    cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
                     os.sync()
                     seconds, rss = run_and_measure(cmd, work_dir / "logs")
-                    best, peak = min(best, seconds), max(peak, rss)
+                    runs.setdefault((method, n_process), []).append((seconds, rss))
                     shutil.rmtree(out_dir, ignore_errors=True)
-                add_row(rows, Row("merge", method, n_process, best, input_bytes[s], floors[s], peak))
+                    print(f"{method}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
+                          f"peak RSS {rss / 1e6:.0f} MB", flush=True)
+        for n_process in args.n_process:
+            for s in sorted(input_sets, key=len, reverse=True):
+                floor = floors[s, n_process]
+                add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process, floor, input_bytes[s],
+                                  floor, None))
+            for method in args.methods:
+                s = tuple(input_models(method))
+                seconds, peaks = zip(*runs[method, n_process])
+                add_row(rows, Row("merge", method, n_process, min(seconds), input_bytes[s], floors[s, n_process],
+                                  max(peaks)))
     finally:
         if own_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -367,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "io_floor: read every input byte + write one model's bytes, files split over "
         "n_process processes, each output file fsynced (as the merge does before its rename)",
         "input GB/s = input bytes / wall seconds; x I/O floor = seconds / io_floor seconds "
-        "for the same inputs and n_process; speed-up = the same row's seconds at n_process 1 / seconds",
+        "for the same inputs and n_process; speed-up = the same row's seconds at n_process 1 / seconds "
+        "(a method's runs alternate between the n_process values, so both see the machine alike)",
         "peak RSS = max over ~20 ms polls of the summed RSS (incl. file-backed pages) of the "
         "merge process tree; shared pages are counted once per process",
     ]
