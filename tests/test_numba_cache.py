@@ -1,46 +1,83 @@
-"""numba's cache is invalidated when a module that compiled kernels inline changes."""
+"""numba's cache goes stale when a module that compiled kernels inline changes, and only then."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-from llm_merge.backends.numba_cache import touch_if_older
+import pytest
 
+from llm_merge.backends.numba_cache import bind_to_dependencies, content_digest
 
-def _file(path, mtime):
-    path.write_text("x = 1\n")
-    os.utime(path, (mtime, mtime))
-    return path
+REPO = Path(__file__).resolve().parents[1]
 
+KERNEL_MODULE = """
+import dep
+from numba import njit
+from llm_merge.backends.numba_cache import bind_to_dependencies
 
-def test_source_older_than_a_dependency_is_touched(tmp_path):
-    source = _file(tmp_path / "kernels.py", 1_000_000)
-    dependencies = [_file(tmp_path / "a.py", 900_000), _file(tmp_path / "b.py", 1_000_500)]
-    assert touch_if_older(source, dependencies)
-    assert source.stat().st_mtime > 1_000_500  # now, so numba's stamp for its kernels changes
-    assert not touch_if_older(source, dependencies)  # once newest, left alone
+@njit(cache=True)
+def value():
+    return dep.VALUE  # a global: numba compiles its value into the kernel
 
-
-def test_source_newer_than_its_dependencies_is_left_alone(tmp_path):
-    source = _file(tmp_path / "kernels.py", 1_000_000)
-    assert not touch_if_older(source, [_file(tmp_path / "a.py", 999_999)])
-    assert source.stat().st_mtime == 1_000_000
-
-
-def test_unreadable_or_missing_files_are_skipped(tmp_path):
-    source = _file(tmp_path / "kernels.py", 1_000_000)
-    assert not touch_if_older(source, [tmp_path / "missing.py"])
-    assert not touch_if_older(tmp_path / "missing.py", [source])
-    assert not touch_if_older(source, [])
-    assert source.stat().st_mtime == 1_000_000
+bind_to_dependencies(globals(), [dep.__file__])
+print(value())
+"""
 
 
-def test_the_kernels_module_is_not_older_than_what_it_inlines():
-    """After import, numba_kernels.py is at least as new as the modules its kernels inline."""
-    import pytest
+def test_content_digest_follows_contents_not_paths(tmp_path):
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    c.write_text("x = 1\n")
+    assert content_digest([a, b]) == content_digest([c, b])
+    assert content_digest([a, b]) != content_digest([b, a])
+    before = content_digest([a, b])
+    a.write_text("x = 3\n")
+    assert content_digest([a, b]) != before
 
-    kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
-    from llm_merge.backends import numba_ranks, numba_streaming
+
+def test_unreadable_dependencies_bind_nothing(tmp_path):
+    assert bind_to_dependencies({"__name__": "nothing_here"}, [tmp_path / "missing.py"]) == 0
+
+
+def _run_kernel(directory: Path) -> tuple[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]), PYTHONDONTWRITEBYTECODE="1",
+               NUMBA_DEBUG_CACHE="1")
+    env.pop("NUMBA_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", "import kern"], cwd=directory, env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    lines = done.stdout.splitlines()
+    return lines[-1], "\n".join(lines[:-1])
+
+
+def test_a_changed_dependency_recompiles_and_an_unchanged_one_loads_the_cache(tmp_path):
+    pytest.importorskip("numba")
+    (tmp_path / "kern.py").write_text(KERNEL_MODULE)
+    dependency = tmp_path / "dep.py"
+    dependency.write_text("VALUE = 1\n")
+    assert _run_kernel(tmp_path)[0] == "1"
+    dependency.write_text("VALUE = 22\n")  # kern.py itself is unchanged: numba alone would load value() == 1
+    value, log = _run_kernel(tmp_path)
+    assert value == "22"
+    assert "data saved" in log
+    value, log = _run_kernel(tmp_path)
+    assert value == "22"
+    assert "data loaded" in log and "data saved" not in log
+
+
+def test_the_kernel_modules_are_bound_to_what_they_inline():
+    numba_kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
+    from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
     from llm_merge.methods import random
 
-    newest = max(os.stat(m.__file__).st_mtime for m in (numba_streaming, numba_ranks, random))
-    if os.access(kernels.__file__, os.W_OK):
-        assert os.stat(kernels.__file__).st_mtime >= newest
+    expected = {
+        numba_kernels._fused_chunk: [numba_blocks, numba_streaming, numba_ranks, random],
+        numba_streaming.rank_block: [numba_blocks],
+        numba_ranks._small_ranks: [numba_blocks],
+    }
+    for kernel, modules in expected.items():
+        stamp = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+        if stamp is None:  # no on-disk cache in this environment
+            continue
+        assert stamp._source_stamp[1] == content_digest(m.__file__ for m in modules)

@@ -21,7 +21,7 @@ from numba import njit
 
 from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
 from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import touch_if_older
+from llm_merge.backends.numba_cache import bind_to_dependencies
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     RankTable,
@@ -37,10 +37,6 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
 from llm_merge.methods import random as _random
 from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 from llm_merge.methods.sparsify import trim_count
-
-# Before any kernel below is decorated: they inline kernels of numba_blocks, numba_streaming and
-# numba_ranks and the draw constants of methods.random, which numba's cache does not track.
-touch_if_older(__file__, [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
 
 _JIT = JIT_OPTIONS
 
@@ -525,3 +521,8 @@ def initialize() -> None:
     """
     with _scipy_linalg_hidden():
         kth_bucket(np.zeros(1, np.int64), 0)
+
+
+# The kernels above inline kernels of numba_blocks, numba_streaming and numba_ranks and the draw
+# constants of methods.random: numba's cache must go stale when any of those changes.
+bind_to_dependencies(globals(), [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])

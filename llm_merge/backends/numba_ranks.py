@@ -33,7 +33,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from llm_merge.backends import numba_blocks
 from llm_merge.backends.numba_blocks import JIT_OPTIONS
+from llm_merge.backends.numba_cache import bind_to_dependencies
 
 _JIT = JIT_OPTIONS
 
@@ -789,3 +791,6 @@ def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
                       max(1, min(RANK_GROUP_MAX, _LOWS)), RANK_COUNT_MIN, min(max(0, RANK_FEW_MAX), _LOWS - 1),
                       buffer, ranks)
     return ranks
+
+
+bind_to_dependencies(globals(), [numba_blocks.__file__])  # the kernels above take numba_blocks' JIT options

@@ -17,10 +17,8 @@ from numba import njit
 
 from llm_merge.backends import numba_blocks
 from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import touch_if_older
+from llm_merge.backends.numba_cache import bind_to_dependencies
 from llm_merge.methods.sparsify import trim_count
-
-touch_if_older(__file__, [numba_blocks.__file__])  # before the kernels below, which inline numba_blocks', are decorated
 
 _JIT = JIT_OPTIONS
 
@@ -414,3 +412,6 @@ class StreamingSlerpSums:
     def statistics(self) -> dict:
         """{"sums": (|y0|², |y1|², y0·y1)} as ``methods.merge.slerp_sums`` gives them, summed over the tensor."""
         return {"sums": tuple(float(v) for v in self.sums)}
+
+
+bind_to_dependencies(globals(), [numba_blocks.__file__])  # the kernels above inline numba_blocks' (and take its JIT options)
