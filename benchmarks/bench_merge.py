@@ -5,8 +5,9 @@ For each n_process it measures (a) the I/O floor: reading every input byte a mer
 given and writing one model's worth of output, split over n_process processes, and
 (b) every merge method run as a subprocess: wall seconds, input GB/s, ratio to the
 floor, and peak RSS of the process tree (a method's runs alternate between the
-n_process values, so a drift of the machine's speed does not bias the speed-up). All files are page-cache warm (a warm-up read
-precedes the measurements and nothing is dropped from the cache). See README.md.
+n_process values, so a drift of the machine's speed does not bias the speed-up). All
+files are page-cache warm (a warm-up read precedes the measurements and nothing is
+dropped from the cache). See README.md.
 """
 
 from __future__ import annotations
@@ -338,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     try:
+        floor_sets = sorted(input_sets, key=len, reverse=True)
         floors: dict[tuple[tuple[str, ...], int], float] = {}
         for n_process in args.n_process:
             with multiprocessing.get_context("fork").Pool(n_process) as pool:
-                for s in sorted(input_sets, key=len, reverse=True):
+                for s in floor_sets:
                     inputs = [f for m in s for f in files[m]]
                     floors[s, n_process] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor", pool,
                                                             n_process, max(FLOOR_REPEAT, args.repeat))
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{method}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
                           f"peak RSS {rss / 1e6:.0f} MB", flush=True)
         for n_process in args.n_process:
-            for s in sorted(input_sets, key=len, reverse=True):
+            for s in floor_sets:
                 floor = floors[s, n_process]
                 add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process, floor, input_bytes[s],
                                   floor, None))

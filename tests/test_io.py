@@ -62,7 +62,7 @@ def test_a_truncated_file_is_left_to_the_read_which_names_the_truncation(tmp_pat
 def test_files_that_cannot_be_mapped_are_copied_with_the_same_result(tmp_path, monkeypatch):
     """A file system that refuses mmap (ENODEV: some FUSE mounts) costs speed, not the merge."""
     import errno
-    import ml_dtypes
+
     from checkpoints import make_llama_family
     from llm_merge.api import merge
     from llm_merge.config import MergeConfig
