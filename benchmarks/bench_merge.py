@@ -7,7 +7,8 @@ given and writing one model's worth of output, split over n_process processes, a
 floor, and peak RSS of the process tree (a method's runs alternate between the
 n_process values, so a drift of the machine's speed does not bias the speed-up). All
 files are page-cache warm (a warm-up read precedes the measurements and nothing is
-dropped from the cache). See README.md.
+dropped from the cache), and each method first runs an untimed warm-up merge, so that
+a fresh install's one-time kernel compilation is not timed. See README.md.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _balance(items: list[tuple[object, int]], n: int) -> list[list[object]]:
     return bins
 
 
-def warm_up(files: list[Path]) -> None:
+def warm_page_cache(files: list[Path]) -> None:
     """Read every file once so that all later measurements are page-cache warm."""
     _io_worker([str(f) for f in files], [])
 
@@ -297,6 +298,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="runs per measurement; the fastest is reported, peak RSS is the "
                         "max over runs; a method's runs alternate between the n_process "
                         "values (default: 1; the I/O floor always uses at least 5)")
+    p.add_argument("--warmup_runs", type=int, default=1,
+                   help="untimed runs of each method before its timed ones, at the largest "
+                        "--n_process: on a fresh install they compile the kernels into numba's "
+                        "cache, a one-time cost a timed run would otherwise include (default: 1)")
     p.add_argument("--work_dir", type=Path, default=None,
                    help="where merge outputs go (each is deleted after its run; default: "
                         "a fresh temporary directory, removed at the end)")
@@ -307,7 +312,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra mergekit arguments appended to every run, shell-quoted "
                         "(default: none)")
     p.add_argument("--json", type=Path, default=None, help="also write results to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.warmup_runs < 0:
+        p.error("--warmup_runs must be at least 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="llm_merge_bench_")) if own_work_dir else args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     print("warming the page cache (all measurements below are page-cache warm) ...", flush=True)
-    warm_up([f for fs in files.values() for f in fs])
+    warm_page_cache([f for fs in files.values() for f in fs])
 
     rows: list[Row] = []
     try:
@@ -352,15 +362,27 @@ def main(argv: list[str] | None = None) -> int:
         # (seconds, peak RSS) of every run; a method's runs alternate between the process counts,
         # so a drift of the machine's speed (a shared VM) hits each count alike and spares the speed-up
         runs: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        warmups: dict[str, list[float]] = {}
+
+        def run_merge(method: str, n_process: int) -> tuple[float, int]:
+            out_dir = work_dir / f"out_{method}_{n_process}"
+            cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
+            os.sync()
+            try:
+                return run_and_measure(cmd, work_dir / "logs")
+            finally:
+                shutil.rmtree(out_dir, ignore_errors=True)
+
         for method in args.methods:
+            for warmup in range(args.warmup_runs):
+                seconds, _ = run_merge(method, max(args.n_process))
+                warmups.setdefault(method, []).append(seconds)
+                print(f"{method}, n_process {max(args.n_process)}, warm-up {warmup + 1}/{args.warmup_runs} "
+                      f"(untimed): {seconds:.2f} s", flush=True)
             for repeat in range(args.repeat):
                 for n_process in args.n_process:
-                    out_dir = work_dir / f"out_{method}_{n_process}"
-                    cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
-                    os.sync()
-                    seconds, rss = run_and_measure(cmd, work_dir / "logs")
+                    seconds, rss = run_merge(method, n_process)
                     runs.setdefault((method, n_process), []).append((seconds, rss))
-                    shutil.rmtree(out_dir, ignore_errors=True)
                     print(f"{method}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
                           f"peak RSS {rss / 1e6:.0f} MB", flush=True)
         for n_process in args.n_process:
@@ -387,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "(a method's runs alternate between the n_process values, so both see the machine alike)",
         "peak RSS = max over ~20 ms polls of the summed RSS (incl. file-backed pages) of the "
         "merge process tree; shared pages are counted once per process",
+        f"each method ran {args.warmup_runs} untimed warm-up merge(s) at n_process {max(args.n_process)} "
+        "before its timed runs (a cold numba cache compiles the kernels in the first run of a fresh install)",
     ]
     print(f"\nfamily: {family_dir} ({args.params:.3g} params/model, {DTYPE}, "
           f"{len(files['ft1'])} shards/model)")
@@ -396,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(
             {"machine": machine, "family": family | {"dir": str(family_dir)},
              "command": prefix, "extra_args": extra, "notes": notes,
-             "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+             "warmup_seconds": warmups, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -15,7 +17,10 @@ def test_bench_merge_writes_a_row_per_measurement(tmp_path):
     out = tmp_path / "bench.json"
     assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--methods", "linear", "della",
                              "--n_process", "1", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert set(result["warmup_seconds"]) == {"linear", "della"}
+    assert all(len(times) == 1 and times[0] > 0 for times in result["warmup_seconds"].values())
+    rows = result["rows"]
     assert [(r["kind"], r["method"], r["n_process"]) for r in rows] == [
         ("io_floor", "io_floor[4 models]", 1), ("merge", "linear", 1), ("merge", "della", 1),
         ("io_floor", "io_floor[4 models]", 2), ("merge", "linear", 2), ("merge", "della", 2)]
@@ -36,3 +41,11 @@ def test_bench_kernels_times_every_pass(tmp_path, capsys):
                           "apply: dare_linear", "apply: dare_ties", "apply: della (statistics subtracted)",
                           "apply: della_linear (statistics subtracted)"}
     assert all(timed[name] > 0 for name in timed if name.startswith("statistics"))
+
+
+def test_bench_merge_checks_its_run_counts():
+    assert bench_merge.parse_args([]).warmup_runs == 1
+    assert bench_merge.parse_args(["--warmup_runs", "0"]).warmup_runs == 0
+    for bad in (["--warmup_runs", "-1"], ["--repeat", "0"]):
+        with pytest.raises(SystemExit):
+            bench_merge.parse_args(bad)
