@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_merge.backends.numba_cache import bind_to_dependencies, content_digest
+from llm_merge.backends.numba_cache import LOCK_NAME, bind_to_dependencies, content_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,55 @@ def test_the_kernel_modules_are_bound_to_what_they_inline():
         if stamp is None:  # no on-disk cache in this environment
             continue
         assert stamp._source_stamp[1] == content_digest(m.__file__ for m in modules)
+
+
+RACING_MODULE = """
+import sys, time
+from numba import njit
+from llm_merge.backends.numba_cache import configure_kernel_caches
+
+@njit(cache=True)
+def twice(x):
+    return x * 2
+
+if GUARD:
+    configure_kernel_caches(globals())
+# numba's save: read the index, pick a free data file name, write the index, write the data.
+# The delays make both racers read the index before either writes it, the float racer write
+# the index last and the int racer its data last: unguarded, both pick one data file and the
+# index maps twice(float) to the int machine code.
+kind = sys.argv[1]
+index_delay, data_delay = {"int": (0.5, 1.0), "float": (0.8, 0.0)}[kind]
+cache_file = twice._cache._cache_file
+write_index, write_data = cache_file._save_index, cache_file._save_data
+cache_file._save_index = lambda overloads: (time.sleep(index_delay), write_index(overloads))
+cache_file._save_data = lambda name, data: (time.sleep(data_delay), write_data(name, data))
+print(repr(twice({"int": 1, "float": 1.5}[kind])))
+"""
+
+
+def _race_two_signatures(directory: Path, guard: bool) -> str:
+    """Compile twice(int) and twice(float) in two processes at once; return what a third then logs."""
+    (directory / "racing.py").write_text(RACING_MODULE.replace("GUARD", repr(guard)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]), PYTHONDONTWRITEBYTECODE="1",
+               NUMBA_DEBUG_CACHE="1")
+    env.pop("NUMBA_CACHE_DIR", None)
+    racers = [subprocess.Popen([sys.executable, str(directory / "racing.py"), kind], cwd=directory, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for kind in ("int", "float")]
+    outputs = [racer.communicate(timeout=300)[0].splitlines()[-1] for racer in racers]
+    assert outputs == ["2", "3.0"]
+    check = "import sys; sys.argv.append('int'); from racing import twice; print(repr(twice(7)), repr(twice(0.25)))"
+    done = subprocess.run([sys.executable, "-c", check], cwd=directory, env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    return done.stdout
+
+
+def test_concurrent_compilations_keep_every_cache_entry(tmp_path):
+    pytest.importorskip("numba")
+    pytest.importorskip("fcntl")
+    log = _race_two_signatures(tmp_path, guard=True)
+    # the third process finds both signatures in the cache, each with its own machine code
+    # (unguarded: "14 0", twice(0.25) runs the int kernel)
+    assert log.splitlines()[-1] == "14 0.5"
+    assert log.count("data loaded") == 2 and "data saved" not in log
+    assert (tmp_path / "__pycache__" / LOCK_NAME).exists()

@@ -12,6 +12,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from llm_merge.backends.numba_cache import configure_kernel_caches
+
 #: The options of every compiled kernel: cached on disk, GIL released, NumPy's division semantics.
 JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")
 
@@ -94,3 +96,6 @@ def widen_block(raw, start, count, out_bits):
                 part = np.int32(part + np.int32((bits & _EXPONENT) == _EXPONENT))
         bad += part
     return bad
+
+
+configure_kernel_caches(globals())  # no dependencies: only the cache writes are serialized

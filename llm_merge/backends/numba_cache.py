@@ -1,4 +1,5 @@
-"""Keep numba's on-disk cache honest about kernels that inline other modules' kernels.
+"""Keep numba's on-disk kernel cache honest: stale when a module a kernel inlines changes, and
+safe when several worker processes write it at once.
 
 numba checks a cached kernel against its own source file only: the file's modification time in
 older releases, a hash of its content in newer ones (0.68 here). A kernel that inlines kernels
@@ -10,15 +11,29 @@ once did, no longer helps once the stamp is a content hash.
 ``bind_to_dependencies`` adds a digest of the dependencies' contents to the freshness stamp of
 every cached kernel of a module, so numba compiles them afresh whenever one of those modules
 changes, and loads them from its cache otherwise.
+
+numba also updates a kernel's cache index by reading it, adding the new entry and writing it
+back, with no lock: worker processes that compile two signatures of one kernel at the same time
+(a cold cache, tensors of two dtypes) can drop an entry (compiled again by the next run) or
+give both entries one data file, so that the index maps a signature to another signature's
+machine code (shown: ``twice(0.25)`` returning 0). ``serialize_cache_writes`` holds an exclusive ``flock`` on a lock file in the cache
+directory around each such update (POSIX; elsewhere numba's own behaviour stays).
+``configure_kernel_caches`` applies both to a module's kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: numba's unlocked index updates stay
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +48,16 @@ def content_digest(paths: Iterable[str | os.PathLike]) -> str:
     return digest.hexdigest()
 
 
+def _cache_files(namespace: dict) -> Iterator[Any]:
+    """The on-disk cache (numba's ``IndexDataCacheFile``) of every cached kernel defined in ``namespace``."""
+    module = namespace["__name__"]
+    for value in list(namespace.values()):
+        py_func = getattr(value, "py_func", None)
+        cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)
+        if py_func is not None and py_func.__module__ == module and hasattr(cache_file, "_source_stamp"):
+            yield cache_file
+
+
 def bind_to_dependencies(namespace: dict, dependencies: Iterable[str | os.PathLike]) -> int:
     """Make the cached kernels defined in ``namespace`` (a module's ``globals()``) depend on ``dependencies``.
 
@@ -43,18 +68,63 @@ def bind_to_dependencies(namespace: dict, dependencies: Iterable[str | os.PathLi
     an on-disk cache are skipped, and so is everything when a dependency cannot be read
     (an install numba itself cannot cache from).
     """
-    module = namespace["__name__"]
     try:
         digest = content_digest(dependencies)
     except OSError as exc:
-        log.debug("numba cache of %s not bound to its dependencies: %s", module, exc)
+        log.debug("numba cache of %s not bound to its dependencies: %s", namespace["__name__"], exc)
         return 0
     bound = 0
-    for value in list(namespace.values()):
-        py_func = getattr(value, "py_func", None)
-        cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)
-        if py_func is None or py_func.__module__ != module or not hasattr(cache_file, "_source_stamp"):
-            continue
+    for cache_file in _cache_files(namespace):
         cache_file._source_stamp = (cache_file._source_stamp, digest)
         bound += 1
     return bound
+
+
+#: The lock file ``serialize_cache_writes`` takes, one per cache directory.
+LOCK_NAME = "llm_merge-numba-cache.lock"
+
+
+def _locked(save: Callable[[Any, Any], None], lock_path: str) -> Callable[[Any, Any], None]:
+    @functools.wraps(save)
+    def locked_save(key: Any, data: Any) -> None:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # a read-only cache directory: numba fails to save (and says so) anyway
+            log.debug("numba cache lock %s unavailable: %s", lock_path, exc)
+            return save(key, data)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return save(key, data)
+        finally:
+            os.close(fd)  # releases the lock
+
+    return locked_save
+
+
+def serialize_cache_writes(namespace: dict) -> int:
+    """Make every index update of the cached kernels defined in ``namespace`` exclusive across processes.
+
+    numba's ``save`` (read the index, pick a free data file name, write the data, write the
+    index) then runs under an exclusive ``flock`` of ``LOCK_NAME`` in the cache directory, so
+    concurrent compilations in several workers keep every entry, each in its own data file.
+    Returns how many kernels were guarded (none where ``fcntl`` or numba's internals are missing).
+    """
+    if fcntl is None:
+        return 0
+    guarded = 0
+    for cache_file in _cache_files(namespace):
+        cache_path = getattr(cache_file, "_cache_path", None)
+        if cache_path is None or not callable(getattr(cache_file, "save", None)):
+            continue
+        cache_file.save = _locked(cache_file.save, os.path.join(cache_path, LOCK_NAME))
+        guarded += 1
+    return guarded
+
+
+def configure_kernel_caches(namespace: dict, dependencies: Iterable[str | os.PathLike] = ()) -> None:
+    """For a kernel module (its ``globals()``, after its kernels): bind their caches to the modules
+    they inline (``dependencies``, if any) and serialize their cache writes across processes."""
+    dependencies = list(dependencies)
+    if dependencies:
+        bind_to_dependencies(namespace, dependencies)
+    serialize_cache_writes(namespace)

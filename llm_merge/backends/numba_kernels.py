@@ -21,7 +21,7 @@ from numba import njit
 
 from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
 from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import bind_to_dependencies
+from llm_merge.backends.numba_cache import configure_kernel_caches
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     RankTable,
@@ -525,4 +525,4 @@ def initialize() -> None:
 
 # The kernels above inline kernels of numba_blocks, numba_streaming and numba_ranks and the draw
 # constants of methods.random: numba's cache must go stale when any of those changes.
-bind_to_dependencies(globals(), [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
+configure_kernel_caches(globals(), [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])

@@ -35,7 +35,7 @@ from numba import njit
 
 from llm_merge.backends import numba_blocks
 from llm_merge.backends.numba_blocks import JIT_OPTIONS
-from llm_merge.backends.numba_cache import bind_to_dependencies
+from llm_merge.backends.numba_cache import configure_kernel_caches
 
 _JIT = JIT_OPTIONS
 
@@ -793,4 +793,4 @@ def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
     return ranks
 
 
-bind_to_dependencies(globals(), [numba_blocks.__file__])  # the kernels above take numba_blocks' JIT options
+configure_kernel_caches(globals(), [numba_blocks.__file__])  # the kernels above take numba_blocks' JIT options

@@ -17,7 +17,7 @@ from numba import njit
 
 from llm_merge.backends import numba_blocks
 from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import bind_to_dependencies
+from llm_merge.backends.numba_cache import configure_kernel_caches
 from llm_merge.methods.sparsify import trim_count
 
 _JIT = JIT_OPTIONS
@@ -414,4 +414,4 @@ class StreamingSlerpSums:
         return {"sums": tuple(float(v) for v in self.sums)}
 
 
-bind_to_dependencies(globals(), [numba_blocks.__file__])  # the kernels above inline numba_blocks' (and take its JIT options)
+configure_kernel_caches(globals(), [numba_blocks.__file__])  # the kernels above inline numba_blocks' (and take its JIT options)
