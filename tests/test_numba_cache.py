@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -133,3 +134,20 @@ def test_concurrent_compilations_keep_every_cache_entry(tmp_path):
     assert log.splitlines()[-1] == "14 0.5"
     assert log.count("data loaded") == 2 and "data saved" not in log
     assert (tmp_path / "__pycache__" / LOCK_NAME).exists()
+
+
+def test_a_lock_that_cannot_be_taken_still_saves(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    from llm_merge.backends import numba_cache
+
+    saved = []
+    cache_file = SimpleNamespace(_source_stamp=1, _cache_path=str(tmp_path), save=lambda key, data: saved.append((key, data)))
+    kernel = SimpleNamespace(py_func=SimpleNamespace(__module__="m"), _cache=SimpleNamespace(_cache_file=cache_file))
+    assert numba_cache.serialize_cache_writes({"__name__": "m", "kernel": kernel}) == 1
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cache_file.save("key", "data")
+    assert saved == [("key", "data")]

@@ -89,11 +89,14 @@ def _locked(save: Callable[[Any, Any], None], lock_path: str) -> Callable[[Any, 
     def locked_save(key: Any, data: Any) -> None:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:  # a read-only cache directory: numba fails to save (and says so) anyway
+        except OSError as exc:  # e.g. a read-only cache directory, where numba's own save fails and says so
             log.debug("numba cache lock %s unavailable: %s", lock_path, exc)
             return save(key, data)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # e.g. a network file system without locks: save as numba would
+                log.debug("numba cache lock %s not taken: %s", lock_path, exc)
             return save(key, data)
         finally:
             os.close(fd)  # releases the lock
