@@ -238,13 +238,25 @@ def run_and_measure(cmd: list[str], log_dir: Path) -> tuple[float, int]:
 
 
 def merge_command(prefix: list[str], method: str, family_dir: Path, out_dir: Path,
-                  n_process: int, extra: list[str]) -> list[str]:
-    """The mergekit command line for one benchmark run."""
+                  n_process: int, extra: list[str], quiet: bool = True) -> list[str]:
+    """The mergekit command line for one benchmark run (``--quiet`` only where ``quiet``: other tools lack it)."""
     n = 2 if method in TWO_MODEL_METHODS else N_FINE_TUNES
     fine_tunes = [str(family_dir / f"ft{k}") for k in range(1, n + 1)]
     return [*prefix, "--merge_method", method, "--model_path_list", *fine_tunes,
             "--base_model_path", str(family_dir / "base"), "--output_path", str(out_dir),
-            "--n_process", str(n_process), "--quiet", *extra]
+            "--n_process", str(n_process), *(["--quiet"] if quiet else []), *extra]
+
+
+@dataclass
+class Tool:
+    """A merge command the benchmark times: this project's, or one given with ``--compare``."""
+
+    label: str  # prefix of its rows' method names ("" for this project's)
+    prefix: list[str]
+    quiet: bool
+
+    def row_name(self, method: str) -> str:
+        return f"{self.label}:{method}" if self.label else method
 
 
 def input_models(method: str) -> list[str]:
@@ -308,6 +320,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mergekit_cmd", default=None,
                    help=f"command prefix to run the merge, shell-quoted "
                         f"(default: '{sys.executable} {REPO / 'tools' / 'mergekit.py'}')")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=COMMAND",
+                   help="another merge tool to time side by side, on the same family and I/O "
+                        "floor: a shell-quoted command prefix taking the same flags (PaddleNLP's "
+                        "mergekit names; no --quiet is added); its rows are labelled NAME:method. "
+                        "Repeatable")
     p.add_argument("--extra_args", default="",
                    help="extra mergekit arguments appended to every run, shell-quoted "
                         "(default: none)")
@@ -317,6 +334,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeat must be at least 1")
     if args.warmup_runs < 0:
         p.error("--warmup_runs must be at least 0")
+    for spec in args.compare:
+        name, _, command = spec.partition("=")
+        if not name or ":" in name or not shlex.split(command):
+            p.error(f"--compare {spec!r}: expected NAME=COMMAND (a name without ':', then the command)")
     return args
 
 
@@ -327,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = (shlex.split(args.mergekit_cmd) if args.mergekit_cmd
               else [sys.executable, str(REPO / "tools" / "mergekit.py")])
     extra = shlex.split(args.extra_args)
+    tools = [Tool("", prefix, True)] + [Tool(name, shlex.split(command), False)
+                                        for name, _, command in (c.partition("=") for c in args.compare)]
 
     machine = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
@@ -364,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[tuple[str, int], list[tuple[float, int]]] = {}
         warmups: dict[str, list[float]] = {}
 
-        def run_merge(method: str, n_process: int) -> tuple[float, int]:
+        def run_merge(tool: Tool, method: str, n_process: int) -> tuple[float, int]:
             out_dir = work_dir / f"out_{method}_{n_process}"
-            cmd = merge_command(prefix, method, family_dir, out_dir, n_process, extra)
+            cmd = merge_command(tool.prefix, method, family_dir, out_dir, n_process, extra, tool.quiet)
             os.sync()
             try:
                 return run_and_measure(cmd, work_dir / "logs")
@@ -374,17 +397,19 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out_dir, ignore_errors=True)
 
         for method in args.methods:
-            for warmup in range(args.warmup_runs):
-                seconds, _ = run_merge(method, max(args.n_process))
-                warmups.setdefault(method, []).append(seconds)
-                print(f"{method}, n_process {max(args.n_process)}, warm-up {warmup + 1}/{args.warmup_runs} "
-                      f"(untimed): {seconds:.2f} s", flush=True)
-            for repeat in range(args.repeat):
-                for n_process in args.n_process:
-                    seconds, rss = run_merge(method, n_process)
-                    runs.setdefault((method, n_process), []).append((seconds, rss))
-                    print(f"{method}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
-                          f"peak RSS {rss / 1e6:.0f} MB", flush=True)
+            for tool in tools:
+                name = tool.row_name(method)
+                for warmup in range(args.warmup_runs):
+                    seconds, _ = run_merge(tool, method, max(args.n_process))
+                    warmups.setdefault(name, []).append(seconds)
+                    print(f"{name}, n_process {max(args.n_process)}, warm-up {warmup + 1}/{args.warmup_runs} "
+                          f"(untimed): {seconds:.2f} s", flush=True)
+                for repeat in range(args.repeat):
+                    for n_process in args.n_process:
+                        seconds, rss = run_merge(tool, method, n_process)
+                        runs.setdefault((name, n_process), []).append((seconds, rss))
+                        print(f"{name}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
+                              f"peak RSS {rss / 1e6:.0f} MB", flush=True)
         for n_process in args.n_process:
             for s in floor_sets:
                 floor = floors[s, n_process]
@@ -392,9 +417,10 @@ def main(argv: list[str] | None = None) -> int:
                                   floor, None))
             for method in args.methods:
                 s = tuple(input_models(method))
-                seconds, peaks = zip(*runs[method, n_process])
-                add_row(rows, Row("merge", method, n_process, min(seconds), input_bytes[s], floors[s, n_process],
-                                  max(peaks)))
+                for tool in tools:
+                    seconds, peaks = zip(*runs[tool.row_name(method), n_process])
+                    add_row(rows, Row("merge", tool.row_name(method), n_process, min(seconds), input_bytes[s],
+                                      floors[s, n_process], max(peaks)))
     finally:
         if own_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -419,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(
             {"machine": machine, "family": family | {"dir": str(family_dir)},
-             "command": prefix, "extra_args": extra, "notes": notes,
+             "command": prefix, "compare": {t.label: t.prefix for t in tools[1:]}, "extra_args": extra, "notes": notes,
              "warmup_seconds": warmups, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

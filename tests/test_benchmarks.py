@@ -49,3 +49,18 @@ def test_bench_merge_checks_its_run_counts():
     for bad in (["--warmup_runs", "-1"], ["--repeat", "0"]):
         with pytest.raises(SystemExit):
             bench_merge.parse_args(bad)
+
+
+def test_bench_merge_times_other_tools_side_by_side(tmp_path):
+    out = tmp_path / "bench.json"
+    other = f"{sys.executable} {BENCHMARKS.parent / 'tools' / 'mergekit.py'}"  # this tool under another name
+    assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--methods", "linear",
+                             "--n_process", "1", "--warmup_runs", "0", "--compare", f"again={other}",
+                             "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["kind"], r["method"]) for r in result["rows"]] == [
+        ("io_floor", "io_floor[4 models]"), ("merge", "linear"), ("merge", "again:linear")]
+    assert result["compare"] == {"again": [sys.executable, str(BENCHMARKS.parent / "tools" / "mergekit.py")]}
+    assert result["warmup_seconds"] == {}
+    with pytest.raises(SystemExit):
+        bench_merge.parse_args(["--compare", "no-command"])
