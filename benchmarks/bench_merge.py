@@ -398,18 +398,18 @@ def main(argv: list[str] | None = None) -> int:
 
         for method in args.methods:
             for tool in tools:
-                name = tool.row_name(method)
                 for warmup in range(args.warmup_runs):
                     seconds, _ = run_merge(tool, method, max(args.n_process))
-                    warmups.setdefault(name, []).append(seconds)
-                    print(f"{name}, n_process {max(args.n_process)}, warm-up {warmup + 1}/{args.warmup_runs} "
-                          f"(untimed): {seconds:.2f} s", flush=True)
-                for repeat in range(args.repeat):
-                    for n_process in args.n_process:
+                    warmups.setdefault(tool.row_name(method), []).append(seconds)
+                    print(f"{tool.row_name(method)}, n_process {max(args.n_process)}, warm-up "
+                          f"{warmup + 1}/{args.warmup_runs} (untimed): {seconds:.2f} s", flush=True)
+            for repeat in range(args.repeat):  # tools and process counts take turns: drift hits all alike
+                for n_process in args.n_process:
+                    for tool in tools:
                         seconds, rss = run_merge(tool, method, n_process)
-                        runs.setdefault((name, n_process), []).append((seconds, rss))
-                        print(f"{name}, n_process {n_process}, run {repeat + 1}/{args.repeat}: {seconds:.2f} s, "
-                              f"peak RSS {rss / 1e6:.0f} MB", flush=True)
+                        runs.setdefault((tool.row_name(method), n_process), []).append((seconds, rss))
+                        print(f"{tool.row_name(method)}, n_process {n_process}, run {repeat + 1}/{args.repeat}: "
+                              f"{seconds:.2f} s, peak RSS {rss / 1e6:.0f} MB", flush=True)
         for n_process in args.n_process:
             for s in floor_sets:
                 floor = floors[s, n_process]
