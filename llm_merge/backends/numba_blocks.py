@@ -67,7 +67,7 @@ def prefetch_inputs(raws, base_raw, has_base, s, block):
 
 _EXPONENT = np.uint32(0x7F800000)
 #: Elements per int32 partial count in ``widen_block`` (far below 2^31).
-_COUNT_SPAN = 1 << 20
+COUNT_SPAN = 1 << 20
 
 
 @njit(**JIT_OPTIONS)
@@ -77,11 +77,11 @@ def widen_block(raw, start, count, out_bits):
     ``raw`` holds bfloat16 bits (uint16: a 16-bit shift) or float32 bits (uint32). Written to
     stay in 32-bit vector lanes: numba types integer arithmetic as 64-bit, and a variable shift
     or an int64 count makes the loop run on half as many lanes (2.2x slower). So the shift is
-    a constant and the count an int32 partial sum per ``_COUNT_SPAN`` elements.
+    a constant and the count an int32 partial sum per ``COUNT_SPAN`` elements.
     """
     bad = 0
-    for s in range(start, start + count, _COUNT_SPAN):
-        m = min(_COUNT_SPAN, start + count - s)
+    for s in range(start, start + count, COUNT_SPAN):
+        m = min(COUNT_SPAN, start + count - s)
         source, target = raw[s : s + m], out_bits[s - start : s - start + m]  # indices from 0: no negative-index checks, so the loops vectorize
         part = np.int32(0)
         if raw.itemsize == 2:
