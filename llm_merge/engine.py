@@ -252,7 +252,7 @@ class TensorMerger:
         """Every model's whole-tensor statistics from passes over raw chunks of all inputs at once.
 
         Only where the compiled backend streams this sparsifier's statistics (trim; magnitude ranks
-        of bfloat16 inputs) and the fused apply pass follows; None otherwise, or where the streamed
+        of bfloat16 and float16 inputs) and the fused apply pass follows; None otherwise, or where the streamed
         statistics give up (the per-model ``_prepare`` runs instead).
         """
         if not self._streams(task, self.options):
@@ -274,6 +274,8 @@ class TensorMerger:
         while stats.wants(pass_index):
             for _, raws, base in self._raw_chunks(task):
                 stats.feed(pass_index, raws, base)
+                if not stats.wants(pass_index):  # gave up: the rest of the pass would be wasted
+                    break
             stats.end_pass(pass_index)
             pass_index += 1
         return stats.statistics()

@@ -69,9 +69,10 @@ def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, metho
     assert not list((tmp_path / "spilled").glob(".spill-*"))
 
 
+@pytest.mark.parametrize("stored", ["bf16", "f16"])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, family, monkeypatch, with_base):
-    """bfloat16 DELLA ranks chunk by chunk from rank tables (no full-size arrays), with the same result."""
+def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, families, monkeypatch, with_base, stored):
+    """bfloat16 and float16 DELLA ranks chunk by chunk from rank tables (no full-size arrays), with the same result."""
     from llm_merge.api import merge
     from llm_merge.backends import numba_kernels
     from llm_merge.config import MergeConfig
@@ -87,6 +88,7 @@ def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, family, 
                         lambda self: tables.append(real_statistics(self)) or tables[-1])
 
     def run(out):
+        family = families[stored]
         merge(MergeConfig(merge_method="della", model_path_list=[str(d) for d in family.model_dirs],
                           base_model_path=str(family.base_dir) if with_base else None, output_path=str(out),
                           reserve_p=0.4, quiet=True))

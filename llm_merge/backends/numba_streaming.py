@@ -347,7 +347,7 @@ class StreamingRanks(_MagnitudeHistogram):
         self._unused_high = np.zeros(k, np.uint32)
 
     def wants(self, pass_index: int) -> bool:
-        return pass_index == 0
+        return pass_index == 0 and self.collected is not None  # no more chunks once given up
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""

@@ -106,12 +106,14 @@ class NumpyOps:
     def streams_statistics(self, sparsify_type: str, dtypes: Collection[str]) -> bool:
         """Whether ``streaming_prepare`` covers this sparsifier for inputs (models and base) of these dtypes.
 
-        Trim streams for any dtype. Magnitude ranks stream for bfloat16 inputs only: their
-        deltas mostly have zero low 16 bits, which keeps the rank tables small.
+        Trim streams for any dtype. Magnitude ranks stream for 16-bit float inputs (bfloat16,
+        float16): their deltas have few significant bits, so most have zero low 16 bits, which
+        keeps the rank tables small (where too many do not, the statistics give up early and
+        whole-tensor ranks follow). float32 deltas almost never do.
         """
         if not self._kernels:
             return False
-        return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) == {"BF16"})
+        return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) <= {"BF16", "F16"})
 
     def streaming_peak_bytes(self, sparsify_type: str, *, k: int, numel: int) -> int:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables)."""
