@@ -283,8 +283,8 @@ class TensorMerger:
     def _raw_chunks(self, task: TensorTask):
         """(start, raw chunks of every model, raw chunk of the base or None), FUSED_CHUNK elements at a time.
 
-        Raw chunks are bfloat16 bits (uint16) when every model is bfloat16, else float32 bits (uint32);
-        the base's lane is chosen on its own. The buffers are reused: each chunk is valid until the next.
+        Raw chunks are the stored bits when every model has one 16-bit dtype (bfloat16 as uint16,
+        float16 as int16), else float32 bits (uint32); the base's lane is chosen on its own. The buffers are reused: each chunk is valid until the next.
         """
         lane = _lane(task.inputs)
         base_lane = _lane([task.base]) if task.base is not None else None
@@ -301,16 +301,16 @@ class TensorMerger:
             out = self._buffer("raw-out", raws[0].size, out_lane)
             for slot, bad in enumerate(fused.run(raws, base, start, out)):
                 self._nonfinite[slot] += int(bad)
-            if task.out.dtype not in ("BF16", "F32"):
+            if out_lane is np.uint32 and task.out.dtype != "F32":  # e.g. float64: the kernel wrote float32 bits
                 out = self.host.narrow(out.view(np.float32), out_dtype)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, out)
 
     def _read_bits(self, info, start: int, count: int, buffer: str, lane: type) -> np.ndarray:
-        """A read-only chunk as bfloat16 bits (lane uint16, BF16 tensors only) or float32 bits (lane uint32, any float).
+        """A read-only chunk as stored 16-bit bits (lane uint16 or int16, ``_lane``) or float32 bits (lane uint32, any float).
 
         Stored bits are mapped from the file, not copied, where they are aligned (``TensorReader.map_stored``).
         """
-        as_stored = lane is np.uint16 or info.dtype == "F32"  # the lane holds the stored bits unconverted
+        as_stored = lane is not np.uint32 or info.dtype == "F32"  # the lane holds the stored bits unconverted
         if as_stored:
             mapped = self.reader.map_stored(info, start, count)
             if mapped is not None:
@@ -413,9 +413,16 @@ class TensorMerger:
         return buffer[:count]
 
 
+#: Raw lanes the fused kernel reads and writes as stored: bfloat16 bits as uint16, float16 bits as int16
+#: (``numba_blocks.is_half_lane``); anything else goes through float32 bits (uint32).
+_STORED_LANES = {"BF16": np.uint16, "F16": np.int16}
+
+
 def _lane(infos) -> type:
-    """Raw element type the fused kernel reads or writes: uint16 when every tensor is bfloat16, else uint32 (float32 bits)."""
-    return np.uint16 if all(info.dtype == "BF16" for info in infos) else np.uint32
+    """Raw element type the fused kernel reads or writes: the stored 16-bit lane when every tensor has that
+    dtype (bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
+    lanes = {_STORED_LANES.get(info.dtype, np.uint32) for info in infos}
+    return lanes.pop() if len(lanes) == 1 else np.uint32
 
 
 def _slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:

@@ -118,8 +118,8 @@ def families(tmp_path_factory):
 
 
 @pytest.mark.parametrize("models, base, output_dtype", [
-    ("bf16", "bf16", None), ("f32", "f32", None), ("bf16", "f32", "float16"), ("f16", "bf16", "float32"),
-    ("f32", "bf16", "bfloat16"), ("bf16", None, None),
+    ("bf16", "bf16", None), ("f32", "f32", None), ("f16", "f16", None), ("bf16", "f32", "float16"),
+    ("f16", "bf16", "float32"), ("f32", "bf16", "bfloat16"), ("f16", None, "bfloat16"), ("bf16", None, None),
 ])
 @pytest.mark.parametrize("method", ["linear", "ties", "della", "dare_ties", "slerp"])
 def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, families, monkeypatch, method, models,

@@ -1,7 +1,10 @@
 """Raw-bit block helpers shared by the streamed statistics and the fused chunk pass (numba).
 
-``widen_block`` turns bfloat16 (uint16) or float32 (uint32) bits into float32 bits and counts NaN/Inf;
-``prefetch_inputs`` asks the CPU for the inputs of a block a few blocks ahead.
+Raw lanes: bfloat16 bits as uint16, float16 bits as int16 (numba has no float16 arrays; the
+signedness only tells the two apart, ``is_half_lane``), float32 bits as uint32.
+``widen_block`` turns any of them into float32 bits and counts NaN/Inf; ``half_to_float_bits`` and
+``float_bits_to_half`` convert one float16 value exactly as NumPy does; ``prefetch_inputs`` asks
+the CPU for the inputs of a block a few blocks ahead.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import numpy as np
 from llvmlite import binding as llvm_binding, ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from llm_merge.backends.numba_cache import configure_kernel_caches
 
@@ -65,26 +68,89 @@ def prefetch_inputs(raws, base_raw, has_base, s, block):
         _prefetch_range(base_raw, ahead, block)
 
 
+def is_half_lane(raw: np.ndarray) -> bool:
+    """Whether a raw lane holds float16 bits (int16); in a kernel, a compile-time constant."""
+    return raw.dtype == np.int16
+
+
+@overload(is_half_lane)
+def _is_half_lane(raw):
+    half = isinstance(raw, types.Array) and raw.dtype == types.int16
+    return lambda raw: half
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def half_to_float_bits(h):
+    """float32 bits (uint32) of the float16 bits ``h`` (int16 or uint16): exact, NaN payloads kept, as NumPy.
+
+    Branch-free, so loops over it vectorize: normal halves rebias their exponent, subnormal ones
+    are their significand times 2^-24 (exact in float32), Inf/NaN keep their payload.
+    """
+    h = np.uint32(np.uint16(h))
+    sign = np.uint32(np.uint32(h & np.uint32(0x8000)) << 16)
+    exponent = np.uint32(h & np.uint32(0x7C00))
+    significand = np.uint32(h & np.uint32(0x03FF))
+    normal = np.uint32(np.uint32(np.uint32(h & np.uint32(0x7FFF)) + np.uint32(0x1C000)) << 13)
+    special = np.uint32(np.uint32(0x7F800000) | np.uint32(significand << 13))
+    tiny = np.float32(np.float32(np.int32(significand)) * np.float32(2.0**-24)).view(np.uint32)
+    bits = special if exponent == np.uint32(0x7C00) else (tiny if exponent == np.uint32(0) else normal)
+    return np.uint32(bits | sign)
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def float_bits_to_half(f):
+    """float16 bits (uint32, low 16 bits) of the float32 bits ``f``, rounded to nearest even: NumPy's
+    ``astype(float16)`` bit for bit (checked on all 2^32 patterns: NaN payloads, subnormals, overflow).
+
+    Each case is computed and one selected, so loops over it vectorize.
+    """
+    sign = np.uint32(np.uint32(f & np.uint32(0x80000000)) >> 16)
+    f_exp = np.uint32(f & np.uint32(0x7F800000))
+    f_sig = np.uint32(f & np.uint32(0x007FFFFF))
+    # NaN keeps the top of its payload (and stays a NaN); Inf and overflow give Inf
+    nan = np.uint32(np.uint32(0x7C00) + np.uint32(f_sig >> 13))
+    nan = np.uint32(nan + np.uint32(nan == np.uint32(0x7C00)))
+    huge = nan if (f_exp == np.uint32(0x7F800000)) & (f_sig != np.uint32(0)) else np.uint32(0x7C00)
+    # subnormal half: the significand with its implicit bit shifted right by 1 to 11 places, rounded;
+    # below 2^-25 (exponent field under 0x33000000) a signed zero
+    shift = min(np.uint32(np.uint32(113) - min(np.uint32(f_exp >> 23), np.uint32(112))), np.uint32(31))
+    sub = np.uint32(np.uint32(np.uint32(0x00800000) + f_sig) >> shift)
+    round_up = (np.uint32(sub & np.uint32(0x3FFF)) != np.uint32(0x1000)) | (np.uint32(f & np.uint32(0x7FF)) != np.uint32(0))
+    sub = np.uint32(np.uint32(sub + (np.uint32(0x1000) if round_up else np.uint32(0))) >> 13)
+    sub = sub if f_exp >= np.uint32(0x33000000) else np.uint32(0)
+    # normal half: rebiased exponent plus the rounded significand (a carry moves into the exponent, up to Inf)
+    rounded = np.uint32(f_sig + (np.uint32(0x1000) if np.uint32(f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000) else np.uint32(0)))
+    normal = np.uint32(np.uint32(np.uint32(f_exp - np.uint32(0x38000000)) >> 13) + np.uint32(rounded >> 13))
+    half = huge if f_exp >= np.uint32(0x47800000) else (sub if f_exp <= np.uint32(0x38000000) else normal)
+    return np.uint32(sign + half)
+
+
 _EXPONENT = np.uint32(0x7F800000)
 #: Elements per int32 partial count in ``widen_block`` (far below 2^31).
-COUNT_SPAN = 1 << 20
+_COUNT_SPAN = 1 << 20
 
 
 @njit(**JIT_OPTIONS)
 def widen_block(raw, start, count, out_bits):
     """float32 bits of ``raw[start:start+count]`` into ``out_bits``; returns the NaN/Inf count.
 
-    ``raw`` holds bfloat16 bits (uint16: a 16-bit shift) or float32 bits (uint32). Written to
+    ``raw`` holds bfloat16 bits (uint16: a 16-bit shift), float16 bits (int16: ``half_to_float_bits``)
+    or float32 bits (uint32). Written to
     stay in 32-bit vector lanes: numba types integer arithmetic as 64-bit, and a variable shift
     or an int64 count makes the loop run on half as many lanes (2.2x slower). So the shift is
-    a constant and the count an int32 partial sum per ``COUNT_SPAN`` elements.
+    a constant and the count an int32 partial sum per ``_COUNT_SPAN`` elements.
     """
     bad = 0
-    for s in range(start, start + count, COUNT_SPAN):
-        m = min(COUNT_SPAN, start + count - s)
+    for s in range(start, start + count, _COUNT_SPAN):
+        m = min(_COUNT_SPAN, start + count - s)
         source, target = raw[s : s + m], out_bits[s - start : s - start + m]  # indices from 0: no negative-index checks, so the loops vectorize
         part = np.int32(0)
-        if raw.itemsize == 2:
+        if is_half_lane(raw):
+            for j in range(m):
+                bits = half_to_float_bits(source[j])
+                target[j] = bits
+                part = np.int32(part + np.int32((bits & _EXPONENT) == _EXPONENT))
+        elif raw.itemsize == 2:
             for j in range(m):
                 bits = np.uint32(np.uint32(source[j]) << 16)
                 target[j] = bits

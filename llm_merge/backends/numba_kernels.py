@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
-from llm_merge.backends.numba_blocks import COUNT_SPAN, JIT_OPTIONS, prefetch_inputs, widen_block
+from llm_merge.backends.numba_blocks import JIT_OPTIONS, float_bits_to_half, is_half_lane, prefetch_inputs, widen_block
 from llm_merge.backends.numba_cache import configure_kernel_caches
 from llm_merge.backends.numba_ranks import magnitude_ranks_fast
 from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
@@ -190,67 +190,6 @@ def count_nonfinite_kernel(bits):
     return bad
 
 
-@njit(**_JIT)
-def _widen_half_kernel(half, out_bits):
-    """float32 bits of float16 bits (exact: NumPy's conversion bit for bit, NaN payloads included); the NaN/Inf count.
-
-    Branch-free per element so the loop vectorizes (NumPy's own cast: ~1.3 ns per element here,
-    this ~0.35): normal halves rebias their exponent, subnormal ones are their significand times
-    2^-24 (exact in float32), Inf/NaN keep their payload. Counts go to int32 partial sums, as in
-    ``widen_block``.
-    """
-    bad = 0
-    for s in range(0, half.size, COUNT_SPAN):
-        m = min(COUNT_SPAN, half.size - s)
-        source, target = half[s : s + m], out_bits[s : s + m]
-        part = np.int32(0)
-        for j in range(m):
-            h = np.uint32(source[j])
-            sign = np.uint32(np.uint32(h & np.uint32(0x8000)) << 16)
-            exponent = np.uint32(h & np.uint32(0x7C00))
-            significand = np.uint32(h & np.uint32(0x03FF))
-            normal = np.uint32(np.uint32(np.uint32(h & np.uint32(0x7FFF)) + np.uint32(0x1C000)) << 13)
-            special = np.uint32(np.uint32(0x7F800000) | np.uint32(significand << 13))
-            tiny = np.float32(np.float32(np.int32(significand)) * np.float32(2.0**-24)).view(np.uint32)
-            bits = special if exponent == np.uint32(0x7C00) else (tiny if exponent == np.uint32(0) else normal)
-            target[j] = np.uint32(bits | sign)
-            part = np.int32(part + np.int32(exponent == np.uint32(0x7C00)))
-        bad += part
-    return bad
-
-
-@njit(**_JIT)
-def _narrow_half_kernel(bits, out):
-    """float16 bits of float32 bits, rounded to nearest even: NumPy's ``astype(float16)`` bit for bit.
-
-    Checked against NumPy on all 2^32 float32 patterns (NaN payloads, subnormals, overflow to
-    Inf included). Each case is computed and one selected, so the loop vectorizes (NumPy's own
-    cast: ~3.2 ns per element here, this ~0.8).
-    """
-    for j in range(bits.size):
-        f = bits[j]
-        sign = np.uint32(np.uint32(f & np.uint32(0x80000000)) >> 16)
-        f_exp = np.uint32(f & np.uint32(0x7F800000))
-        f_sig = np.uint32(f & np.uint32(0x007FFFFF))
-        # NaN keeps the top of its payload (and stays a NaN); Inf and overflow give Inf
-        nan = np.uint32(np.uint32(0x7C00) + np.uint32(f_sig >> 13))
-        nan = np.uint32(nan + np.uint32(nan == np.uint32(0x7C00)))
-        huge = nan if (f_exp == np.uint32(0x7F800000)) & (f_sig != np.uint32(0)) else np.uint32(0x7C00)
-        # subnormal half: the significand with its implicit bit shifted right by 1 to 11 places, rounded;
-        # below 2^-25 (exponent field under 0x33000000) a signed zero
-        shift = min(np.uint32(np.uint32(113) - min(np.uint32(f_exp >> 23), np.uint32(112))), np.uint32(31))
-        sub = np.uint32(np.uint32(np.uint32(0x00800000) + f_sig) >> shift)
-        round_up = (np.uint32(sub & np.uint32(0x3FFF)) != np.uint32(0x1000)) | (np.uint32(f & np.uint32(0x7FF)) != np.uint32(0))
-        sub = np.uint32(np.uint32(sub + (np.uint32(0x1000) if round_up else np.uint32(0))) >> 13)
-        sub = sub if f_exp >= np.uint32(0x33000000) else np.uint32(0)
-        # normal half: rebiased exponent plus the rounded significand (a carry moves into the exponent, up to Inf)
-        rounded = np.uint32(f_sig + (np.uint32(0x1000) if np.uint32(f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000) else np.uint32(0)))
-        normal = np.uint32(np.uint32(np.uint32(f_exp - np.uint32(0x38000000)) >> 13) + np.uint32(rounded >> 13))
-        half = huge if f_exp >= np.uint32(0x47800000) else (sub if f_exp <= np.uint32(0x38000000) else normal)
-        out[j] = np.uint16(sign + half)
-    return out
-
-
 NONE, DARE, TRIM, MAGPRUNE = 0, 1, 2, 3
 SPARSIFY_CODES = {"none": NONE, "dare": DARE, "trim": TRIM, "magprune": MAGPRUNE}
 LINEAR, TIES = 0, 1
@@ -258,13 +197,17 @@ LINEAR, TIES = 0, 1
 
 @njit(**_JIT)
 def _narrow_block(bits, count, out, start):
-    """float32 ``bits[:count]`` into ``out[start:]``: bfloat16 bits (round to nearest even) when ``out`` is uint16.
+    """float32 ``bits[:count]`` into ``out[start:]``, rounded to nearest even: bfloat16 bits when ``out`` is
+    uint16, float16 bits when it is int16 (``float_bits_to_half``), else the float32 bits.
 
     Every step is cast back to uint32 (numba would compute in 64 bits: half the vector lanes);
     no step overflows 32 bits, so the result is the same.
     """
     target = out[start : start + count]
-    if out.itemsize == 2:
+    if is_half_lane(out):
+        for j in range(count):
+            target[j] = np.int16(np.uint16(float_bits_to_half(bits[j])))
+    elif out.itemsize == 2:
         for j in range(count):
             b = bits[j]
             odd = np.uint32(np.uint32(b >> 16) & np.uint32(1))
@@ -429,7 +372,7 @@ class FusedChunks:
 
     Covers every sparsifier with the linear and ties merges, and slerp's apply
     pass (a linear merge with its two coefficients, not normalized). Inputs and
-    output are raw bits: bfloat16 (uint16) or float32 (uint32).
+    output are raw bits: bfloat16 (uint16), float16 (int16) or float32 (uint32).
     """
 
     #: Elements per cache block inside a chunk: k + 4 float32 rows of it stay in L1 for up to
@@ -467,8 +410,8 @@ class FusedChunks:
     def run(self, raws, base_raw, start, out) -> np.ndarray:
         """Merge the chunk of raw inputs ``raws`` (and ``base_raw`` or None) at element ``start`` into ``out``.
 
-        ``raws``: one uint16 (bfloat16 bits) or uint32 (float32 bits) array per model, all of one
-        type; ``out``: uint16 or uint32, their length. Returns the NaN/Inf count of each input (base last).
+        ``raws``: one uint16 (bfloat16 bits), int16 (float16 bits) or uint32 (float32 bits) array per model, all of one
+        type; ``out``: a lane of the output dtype (uint16, int16 or uint32), their length. Returns the NaN/Inf count of each input (base last).
         """
         count = out.size
         ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
@@ -484,24 +427,17 @@ class FusedChunks:
 
 
 def widen_bits(raw: np.ndarray, out_bits: np.ndarray) -> int:
-    """float32 bits of a whole chunk of bfloat16 (uint16) or float32 (uint32) bits into ``out_bits``; the NaN/Inf count."""
+    """float32 bits of a whole chunk of raw bits (a lane: bfloat16 uint16, float16 int16 or float32 uint32)
+    into ``out_bits``; the NaN/Inf count."""
     return int(widen_block(raw, 0, raw.size, out_bits))
 
 
 def narrow_bits(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float32 bits into ``out``: bfloat16 bits (uint16, round to nearest even) or float32 bits (uint32)."""
+    """float32 bits into ``out``'s lane, rounded to nearest even: bfloat16 (uint16), float16 (int16, as NumPy) or float32 (uint32)."""
     _narrow_block(bits, bits.size, out, 0)
     return out
 
 
-def widen_half_bits(half: np.ndarray, out_bits: np.ndarray) -> int:
-    """float32 bits of float16 bits (uint16) into ``out_bits`` (uint32), exactly; the NaN/Inf count."""
-    return int(_widen_half_kernel(half, out_bits))
-
-
-def narrow_half_bits(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float16 bits (uint16, round to nearest even, as NumPy) of float32 bits (uint32) into ``out``."""
-    return _narrow_half_kernel(bits, out)
 
 
 # -- drop-in replacements for registered methods (same keyword parameters) --------------

@@ -3,7 +3,7 @@
 ``StreamingTrim`` (TIES trim threshold and L1 scale), ``StreamingRanks`` (DELLA's magnitude
 ranks, as rank tables that ``numba_kernels.FusedChunks`` counts from) and ``StreamingSlerpSums``
 (slerp's norms and dot product). Each takes ``feed(pass_index, raws, base_raw)`` per chunk (raw
-bits: bfloat16 as uint16 or float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
+bits: bfloat16 as uint16, float16 as int16, float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
 and ``statistics()``. Same results as the NumPy methods in ``llm_merge.methods``.
 """
 

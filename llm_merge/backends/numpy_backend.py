@@ -153,7 +153,7 @@ class NumpyOps:
             # bfloat16 is the top half of a float32: widening is a 16-bit shift.
             np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
         elif stored.dtype == np.float16 and self._kernels:
-            return self._kernels.widen_half_bits(stored.view(np.uint16), out.view(np.uint32))
+            return self._kernels.widen_bits(stored.view(np.int16), out.view(np.uint32))
         else:
             np.copyto(out, stored, casting="unsafe")
         if np.isfinite(out.sum()):  # cheap screen; exact count only when needed
@@ -166,8 +166,8 @@ class NumpyOps:
             out = np.empty(x.size, np.uint16)
             return self._kernels.narrow_bits(x.ravel().view(np.uint32), out).view(ml_dtypes.bfloat16)
         if dtype == np.float16 and self._kernels:
-            out = np.empty(x.size, np.uint16)
-            return self._kernels.narrow_half_bits(x.ravel().view(np.uint32), out).view(np.float16)
+            out = np.empty(x.size, np.int16)
+            return self._kernels.narrow_bits(x.ravel().view(np.uint32), out).view(np.float16)
         return x.astype(dtype, copy=False)
 
     @staticmethod
