@@ -284,7 +284,8 @@ class TensorMerger:
         """(start, raw chunks of every model, raw chunk of the base or None), FUSED_CHUNK elements at a time.
 
         Raw chunks are the stored bits when every model has one 16-bit dtype (bfloat16 as uint16,
-        float16 as int16), else float32 bits (uint32); the base's lane is chosen on its own. The buffers are reused: each chunk is valid until the next.
+        float16 as int16), else float32 bits (uint32); the base's lane is chosen on its own. The
+        buffers are reused: each chunk is valid until the next.
         """
         lane = _lane(task.inputs)
         base_lane = _lane([task.base]) if task.base is not None else None
@@ -306,7 +307,8 @@ class TensorMerger:
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, out)
 
     def _read_bits(self, info, start: int, count: int, buffer: str, lane: type) -> np.ndarray:
-        """A read-only chunk as stored 16-bit bits (lane uint16 or int16, ``_lane``) or float32 bits (lane uint32, any float).
+        """A read-only chunk as stored 16-bit bits (lane uint16 or int16: ``_lane``) or float32 bits
+        (lane uint32, any float).
 
         Stored bits are mapped from the file, not copied, where they are aligned (``TensorReader.map_stored``).
         """

@@ -141,7 +141,8 @@ def test_a_lock_that_cannot_be_taken_still_saves(tmp_path, monkeypatch):
     from llm_merge.backends import numba_cache
 
     saved = []
-    cache_file = SimpleNamespace(_source_stamp=1, _cache_path=str(tmp_path), save=lambda key, data: saved.append((key, data)))
+    cache_file = SimpleNamespace(_source_stamp=1, _cache_path=str(tmp_path),
+                                 save=lambda key, data: saved.append((key, data)))
     kernel = SimpleNamespace(py_func=SimpleNamespace(__module__="m"), _cache=SimpleNamespace(_cache_file=cache_file))
     assert numba_cache.serialize_cache_writes({"__name__": "m", "kernel": kernel}) == 1
 

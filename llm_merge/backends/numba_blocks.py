@@ -115,11 +115,13 @@ def float_bits_to_half(f):
     # below 2^-25 (exponent field under 0x33000000) a signed zero
     shift = min(np.uint32(np.uint32(113) - min(np.uint32(f_exp >> 23), np.uint32(112))), np.uint32(31))
     sub = np.uint32(np.uint32(np.uint32(0x00800000) + f_sig) >> shift)
-    round_up = (np.uint32(sub & np.uint32(0x3FFF)) != np.uint32(0x1000)) | (np.uint32(f & np.uint32(0x7FF)) != np.uint32(0))
+    not_tie = np.uint32(sub & np.uint32(0x3FFF)) != np.uint32(0x1000)  # not exactly halfway to an even half
+    round_up = not_tie | (np.uint32(f & np.uint32(0x7FF)) != np.uint32(0))  # or nonzero bits shifted out below
     sub = np.uint32(np.uint32(sub + (np.uint32(0x1000) if round_up else np.uint32(0))) >> 13)
     sub = sub if f_exp >= np.uint32(0x33000000) else np.uint32(0)
     # normal half: rebiased exponent plus the rounded significand (a carry moves into the exponent, up to Inf)
-    rounded = np.uint32(f_sig + (np.uint32(0x1000) if np.uint32(f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000) else np.uint32(0)))
+    not_tie = np.uint32(f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000)
+    rounded = np.uint32(f_sig + (np.uint32(0x1000) if not_tie else np.uint32(0)))
     normal = np.uint32(np.uint32(np.uint32(f_exp - np.uint32(0x38000000)) >> 13) + np.uint32(rounded >> 13))
     half = huge if f_exp >= np.uint32(0x47800000) else (sub if f_exp <= np.uint32(0x38000000) else normal)
     return np.uint32(sign + half)

@@ -16,8 +16,9 @@ numba also updates a kernel's cache index by reading it, adding the new entry an
 back, with no lock: worker processes that compile two signatures of one kernel at the same time
 (a cold cache, tensors of two dtypes) can drop an entry (compiled again by the next run) or
 give both entries one data file, so that the index maps a signature to another signature's
-machine code (shown: ``twice(0.25)`` returning 0). ``serialize_cache_writes`` holds an exclusive ``flock`` on a lock file in the cache
-directory around each such update (POSIX; elsewhere numba's own behaviour stays).
+machine code (shown: ``twice(0.25)`` returning 0). ``serialize_cache_writes`` holds an exclusive
+``flock`` on a lock file in the cache directory around each such update (POSIX; elsewhere
+numba's own behaviour stays).
 ``configure_kernel_caches`` applies both to a module's kernels.
 """
 
@@ -107,8 +108,8 @@ def _locked(save: Callable[[Any, Any], None], lock_path: str) -> Callable[[Any, 
 def serialize_cache_writes(namespace: dict) -> int:
     """Make every index update of the cached kernels defined in ``namespace`` exclusive across processes.
 
-    numba's ``save`` (read the index, pick a free data file name, write the data, write the
-    index) then runs under an exclusive ``flock`` of ``LOCK_NAME`` in the cache directory, so
+    numba's ``save`` (read the index, pick a free data file name, write the index, write the
+    data) then runs under an exclusive ``flock`` of ``LOCK_NAME`` in the cache directory, so
     concurrent compilations in several workers keep every entry, each in its own data file.
     Returns how many kernels were guarded (none where ``fcntl`` or numba's internals are missing).
     """

@@ -410,8 +410,9 @@ class FusedChunks:
     def run(self, raws, base_raw, start, out) -> np.ndarray:
         """Merge the chunk of raw inputs ``raws`` (and ``base_raw`` or None) at element ``start`` into ``out``.
 
-        ``raws``: one uint16 (bfloat16 bits), int16 (float16 bits) or uint32 (float32 bits) array per model, all of one
-        type; ``out``: a lane of the output dtype (uint16, int16 or uint32), their length. Returns the NaN/Inf count of each input (base last).
+        ``raws``: one uint16 (bfloat16 bits), int16 (float16 bits) or uint32 (float32 bits) array per
+        model, all of one type; ``out``: a lane of the output dtype (uint16, int16 or uint32), their
+        length. Returns the NaN/Inf count of each input (base last).
         """
         count = out.size
         ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
@@ -433,11 +434,10 @@ def widen_bits(raw: np.ndarray, out_bits: np.ndarray) -> int:
 
 
 def narrow_bits(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """float32 bits into ``out``'s lane, rounded to nearest even: bfloat16 (uint16), float16 (int16, as NumPy) or float32 (uint32)."""
+    """float32 bits into ``out``'s lane, rounded to nearest even: bfloat16 (uint16), float16 (int16,
+    as NumPy) or float32 (uint32)."""
     _narrow_block(bits, bits.size, out, 0)
     return out
-
-
 
 
 # -- drop-in replacements for registered methods (same keyword parameters) --------------
