@@ -25,6 +25,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 from llm_merge.backends import numba_kernels, numba_streaming  # noqa: E402
+from llm_merge.engine import run_statistic  # noqa: E402
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from llm_merge.io.reader import TensorReader  # noqa: E402
 
@@ -78,13 +79,7 @@ def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dic
         stats = numba_streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
     else:
         stats = numba_streaming.StreamingRanks(k, n, BLOCK)
-    pass_index = 0
-    while stats.wants(pass_index):
-        for _, chunk, base_chunk in chunks(raws, base):
-            stats.feed(pass_index, chunk, base_chunk)
-        stats.end_pass(pass_index)
-        pass_index += 1
-    return stats.statistics()
+    return run_statistic(stats, lambda: ((chunk, base_chunk) for _, chunk, base_chunk in chunks(raws, base)))
 
 
 def apply(sparsify: str, merge: str, prepared, raws, base, options: dict, out: np.ndarray) -> None:

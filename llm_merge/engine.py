@@ -15,13 +15,13 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
 from llm_merge import methods
 from llm_merge.backends import get_ops
-from llm_merge.backends.numpy_backend import NumpyOps
+from llm_merge.backends.numpy_backend import HALF_LANES, NumpyOps
 from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
@@ -270,15 +270,7 @@ class TensorMerger:
         """Run a streaming statistic's passes over the raw chunks of ``task``; None when ``stats`` is None."""
         if stats is None:
             return None
-        pass_index = 0
-        while stats.wants(pass_index):
-            for _, raws, base in self._raw_chunks(task):
-                stats.feed(pass_index, raws, base)
-                if not stats.wants(pass_index):  # gave up: the rest of the pass would be wasted
-                    break
-            stats.end_pass(pass_index)
-            pass_index += 1
-        return stats.statistics()
+        return run_statistic(stats, lambda: ((raws, base) for _, raws, base in self._raw_chunks(task)))
 
     def _raw_chunks(self, task: TensorTask):
         """(start, raw chunks of every model, raw chunk of the base or None), FUSED_CHUNK elements at a time.
@@ -415,15 +407,25 @@ class TensorMerger:
         return buffer[:count]
 
 
-#: Raw lanes the fused kernel reads and writes as stored: bfloat16 bits as uint16, float16 bits as int16
-#: (``numba_blocks.is_half_lane``); anything else goes through float32 bits (uint32).
-_STORED_LANES = {"BF16": np.uint16, "F16": np.int16}
+def run_statistic(stats: Any, chunks: Callable[[], Iterable[tuple[list[np.ndarray], Optional[np.ndarray]]]]) -> Any:
+    """Feed a streamed statistic (``numba_streaming``: ``wants``, ``feed``, ``end_pass``, ``statistics``)
+    every pass it wants over ``chunks()`` (raw chunks of the models, and of the base or None); a pass
+    stops at the chunk where the statistic gives up. Returns its ``statistics()``."""
+    pass_index = 0
+    while stats.wants(pass_index):
+        for raws, base in chunks():
+            stats.feed(pass_index, raws, base)
+            if not stats.wants(pass_index):  # gave up: the rest of the pass would be wasted
+                break
+        stats.end_pass(pass_index)
+        pass_index += 1
+    return stats.statistics()
 
 
 def _lane(infos) -> type:
     """Raw element type the fused kernel reads or writes: the stored 16-bit lane when every tensor has that
-    dtype (bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
-    lanes = {_STORED_LANES.get(info.dtype, np.uint32) for info in infos}
+    dtype (``HALF_LANES``: bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
+    lanes = {HALF_LANES.get(dtypes.to_numpy(info.dtype), np.uint32) for info in infos}
     return lanes.pop() if len(lanes) == 1 else np.uint32
 
 

@@ -42,10 +42,16 @@ def test_unreadable_dependencies_bind_nothing(tmp_path):
     assert bind_to_dependencies({"__name__": "nothing_here"}, [tmp_path / "missing.py"]) == 0
 
 
-def _run_kernel(directory: Path) -> tuple[str, str]:
+def _kernel_env(directory: Path) -> dict:
+    """Environment of a subprocess that imports kernel modules from ``directory``, caching beside them and logging it."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]), PYTHONDONTWRITEBYTECODE="1",
                NUMBA_DEBUG_CACHE="1")
     env.pop("NUMBA_CACHE_DIR", None)
+    return env
+
+
+def _run_kernel(directory: Path) -> tuple[str, str]:
+    env = _kernel_env(directory)
     done = subprocess.run([sys.executable, "-c", "import kern"], cwd=directory, env=env, capture_output=True,
                           text=True, timeout=300, check=True)
     lines = done.stdout.splitlines()
@@ -112,9 +118,7 @@ print(repr(twice({"int": 1, "float": 1.5}[kind])))
 def _race_two_signatures(directory: Path, guard: bool) -> str:
     """Compile twice(int) and twice(float) in two processes at once; return what a third then logs."""
     (directory / "racing.py").write_text(RACING_MODULE.replace("GUARD", repr(guard)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), str(REPO)]), PYTHONDONTWRITEBYTECODE="1",
-               NUMBA_DEBUG_CACHE="1")
-    env.pop("NUMBA_CACHE_DIR", None)
+    env = _kernel_env(directory)
     racers = [subprocess.Popen([sys.executable, str(directory / "racing.py"), kind], cwd=directory, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for kind in ("int", "float")]
     outputs = [racer.communicate(timeout=300)[0].splitlines()[-1] for racer in racers]

@@ -33,6 +33,11 @@ def _load_kernels(compiled: bool):
 #: Largest tensor whose ranks are computed with one packed 64-bit sort key.
 _PACKED_RANK_LIMIT = 1 << 32
 
+#: Raw lanes of the compiled kernels for 16-bit floats, read and written as stored: bfloat16 bits as
+#: uint16, float16 bits as int16 (numba has no float16; ``numba_blocks.is_half_lane``). Other floats
+#: pass through float32 bits (uint32).
+HALF_LANES = {np.dtype(ml_dtypes.bfloat16): np.uint16, np.dtype(np.float16): np.int16}
+
 
 class NumpyOps:
     """Array operations on float32 NumPy arrays."""
@@ -142,18 +147,17 @@ class NumpyOps:
     # -- host conversions (used by the engine whatever the backend) --------------------
     def widen(self, stored: np.ndarray, out: np.ndarray) -> int:
         """Upcast a chunk in its stored float dtype into the float32 ``out``; returns the NaN/Inf count."""
+        lane = HALF_LANES.get(stored.dtype) if self._kernels else None
+        if lane is not None:
+            return self._kernels.widen_bits(stored.view(lane), out.view(np.uint32))
         if stored.dtype == np.float32:
             if stored is not out:
                 np.copyto(out, stored)
             if self._kernels:
                 return int(self._kernels.count_nonfinite_kernel(out.view(np.uint32)))
         elif stored.dtype == ml_dtypes.bfloat16:
-            if self._kernels:
-                return self._kernels.widen_bits(stored.view(np.uint16), out.view(np.uint32))
             # bfloat16 is the top half of a float32: widening is a 16-bit shift.
             np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-        elif stored.dtype == np.float16 and self._kernels:
-            return self._kernels.widen_bits(stored.view(np.int16), out.view(np.uint32))
         else:
             np.copyto(out, stored, casting="unsafe")
         if np.isfinite(out.sum()):  # cheap screen; exact count only when needed
@@ -162,12 +166,9 @@ class NumpyOps:
 
     def narrow(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Cast a float32 chunk to the output dtype (round to nearest even)."""
-        if dtype == ml_dtypes.bfloat16 and self._kernels:
-            out = np.empty(x.size, np.uint16)
-            return self._kernels.narrow_bits(x.ravel().view(np.uint32), out).view(ml_dtypes.bfloat16)
-        if dtype == np.float16 and self._kernels:
-            out = np.empty(x.size, np.int16)
-            return self._kernels.narrow_bits(x.ravel().view(np.uint32), out).view(np.float16)
+        lane = HALF_LANES.get(np.dtype(dtype)) if self._kernels else None
+        if lane is not None:
+            return self._kernels.narrow_bits(x.ravel().view(np.uint32), np.empty(x.size, lane)).view(dtype)
         return x.astype(dtype, copy=False)
 
     @staticmethod
