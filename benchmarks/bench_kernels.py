@@ -30,7 +30,7 @@ from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from llm_merge.io.reader import TensorReader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import N_FINE_TUNES, ensure_family  # noqa: E402
+from bench_merge import ensure_family  # noqa: E402
 
 DEFAULT_TENSOR = "model.layers.3.mlp.gate_proj.weight"
 CHUNK = 1 << 20  # elements per chunk, as the engine's FUSED_CHUNK
@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"tensor to time (default: {DEFAULT_TENSOR}, or the first layer's where the family is smaller)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per figure, the best is shown (default: 5)")
     args = p.parse_args(argv)
-    family = args.family_dir or default_dir / f"family_{int(args.params)}"
-    ensure_family(family, args.params, 200, 0)
-    checkpoints = [open_checkpoint(family / model, "model") for model in ["base", *(f"ft{i}" for i in range(1, N_FINE_TUNES + 1))]]
+    family = ensure_family(args.family_dir or default_dir / f"family_{int(args.params)}", args.params, 200, 0)
+    checkpoints = [open_checkpoint(model, "model") for model in [family.base, *family.fine_tunes]]
     name = args.tensor or default_tensor(checkpoints[0])
     base, *raws = (load_bits(checkpoint, name) for checkpoint in checkpoints)
     k, n = len(raws), base.size

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark `tools/mergekit.py` against the machine's I/O floor on a toy Llama family.
+"""Benchmark `tools/mergekit.py` against the machine's I/O floor on a toy Llama family
+(generated once and cached) or on a family made elsewhere (``--base_model_path`` with
+``--model_path_list``, used as it is).
 
 For each n_process it measures (a) the I/O floor: reading every input byte a merge is
 given and writing one model's worth of output, split over n_process processes, and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing.pool
 import os
 import platform
@@ -36,6 +39,7 @@ try:
     import llm_merge  # noqa: F401
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
+from llm_merge.io.safetensors_format import read_header  # noqa: E402
 from llm_merge.toy import family_size_for_params, make_family  # noqa: E402
 
 ALL_METHODS = ["linear", "slerp", "ties", "della", "della_linear", "dare_linear", "dare_ties"]
@@ -101,25 +105,96 @@ def machine_info() -> dict:
     }
 
 
-def ensure_family(family_dir: Path, params: float, shard_size_mb: float, seed: int) -> dict:
-    """Generate the benchmark family unless ``family_dir`` already holds a matching one."""
+@dataclass
+class Family:
+    """The checkpoints a benchmark merges: a base and its fine-tunes, made here or given."""
+
+    base: Path
+    fine_tunes: list[Path]
+    spec: dict  # how it was made, or {"given": True}, plus its dtypes and parameter count
+
+    def inputs(self, method: str) -> list[Path]:
+        """The model directories ``method`` is given: the base, then its fine-tunes."""
+        return [self.base, *self.fine_tunes[: 2 if method in TWO_MODEL_METHODS else None]]
+
+    def describe(self) -> str:
+        made = "given" if self.spec.get("given") else "generated"
+        return (f"{made}, {len(self.fine_tunes)} fine-tunes + base, {self.spec['params_per_model']:.3g} params/model, "
+                f"{'/'.join(self.spec['dtypes'])}")
+
+
+def _model_summary(model_dir: Path) -> tuple[int, set[str]]:
+    """(parameter count, dtypes) of one checkpoint, from its safetensors headers."""
+    tensors = [t for f in weight_files(model_dir) for t in read_header(f).tensors.values()]
+    return sum(math.prod(t.shape) for t in tensors), {t.dtype for t in tensors}
+
+
+def _family(base: Path, fine_tunes: list[Path], spec: dict) -> Family:
+    """A Family whose spec also records what its files hold (checked: every model has weights)."""
+    if len(fine_tunes) < 2:
+        raise SystemExit(f"a benchmark family needs a base and at least 2 fine-tunes, got {len(fine_tunes)}")
+    params, dtypes = _model_summary(base)
+    for model in fine_tunes:
+        dtypes |= _model_summary(model)[1]
+    return Family(base, fine_tunes, spec | {"params_per_model": params, "dtypes": sorted(dtypes)})
+
+
+def given_family(base: Path, fine_tunes: list[Path]) -> Family:
+    """A family made elsewhere, named model by model: used as it is, never written to."""
+    try:
+        return _family(base, list(fine_tunes), {"given": True, "base": str(base),
+                                                "fine_tunes": [str(f) for f in fine_tunes]})
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--base_model_path / --model_path_list: {exc}") from None
+
+
+def _family_layout(family_dir: Path) -> list[Path] | None:
+    """``family_dir/ft1 .. ftK`` when ``family_dir/base`` and at least ``ft1`` hold weights, else None."""
+    def has_weights(model: Path) -> bool:
+        return any(model.glob("*.safetensors"))
+
+    fine_tunes = []
+    while has_weights(family_dir / f"ft{len(fine_tunes) + 1}"):
+        fine_tunes.append(family_dir / f"ft{len(fine_tunes) + 1}")
+    return fine_tunes if fine_tunes and has_weights(family_dir / "base") else None
+
+
+def ensure_family(family_dir: Path, params: float, shard_size_mb: float, seed: int) -> Family:
+    """The family in ``family_dir``: this script's cached one, one made elsewhere, or a new one.
+
+    A directory with this script's marker holds a family it generated: used when the marker matches
+    these parameters, generated again otherwise. A directory without the marker that holds ``base``
+    and ``ft1 .. ftK`` checkpoints was made elsewhere: used as it is and never written to. Anything
+    else that is not empty is refused rather than overwritten.
+    """
     spec = {"params": params, "shard_size_mb": shard_size_mb, "seed": seed,
             "dtype": DTYPE, "n_models": N_FINE_TUNES,
             "sizes": family_size_for_params(int(params))}
     marker = family_dir / MARKER
-    if marker.exists() and json.loads(marker.read_text()) == spec:
-        print(f"using cached family in {family_dir}")
-        return spec
+    fine_tunes = [family_dir / f"ft{k}" for k in range(1, N_FINE_TUNES + 1)]
+    if marker.exists():
+        if json.loads(marker.read_text()) == spec:
+            print(f"using cached family in {family_dir}")
+            return _family(family_dir / "base", fine_tunes, spec)
+        for model in [family_dir / "base", *family_dir.glob("ft*")]:  # ours: no stale shards of other sizes
+            shutil.rmtree(model, ignore_errors=True)
+    elif (found := _family_layout(family_dir)) is not None:
+        print(f"using the family in {family_dir} as given (made elsewhere: no {MARKER}; never regenerated)")
+        return _family(family_dir / "base", found, {"given": True, "dir": str(family_dir)})
+    elif family_dir.is_dir() and any(family_dir.iterdir()):
+        raise SystemExit(f"{family_dir} is not empty and holds no benchmark family (base/ and ft1/ .. with "
+                         f"*.safetensors): refusing to generate one into it")
     print(f"generating family in {family_dir} ({params:.3g} params/model, {DTYPE}) ...",
           flush=True)
-    marker.unlink(missing_ok=True)
+    family_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"generating": True}) + "\n")  # ours from now on, even if interrupted
     start = time.perf_counter()
     make_family(family_dir, n_models=N_FINE_TUNES, dtype=DTYPE, seed=seed,
                 max_shard_bytes=int(shard_size_mb * 1e6),
                 progress=lambda msg: print(f"  {msg}", flush=True), **spec["sizes"])
     print(f"  done in {time.perf_counter() - start:.1f}s")
     marker.write_text(json.dumps(spec, indent=2) + "\n")
-    return spec
+    return _family(family_dir / "base", fine_tunes, spec)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -237,13 +312,12 @@ def run_and_measure(cmd: list[str], log_dir: Path) -> tuple[float, int]:
     return seconds, peak
 
 
-def merge_command(prefix: list[str], method: str, family_dir: Path, out_dir: Path,
+def merge_command(prefix: list[str], method: str, family: Family, out_dir: Path,
                   n_process: int, extra: list[str], quiet: bool = True) -> list[str]:
     """The mergekit command line for one benchmark run (``--quiet`` only where ``quiet``: other tools lack it)."""
-    n = 2 if method in TWO_MODEL_METHODS else N_FINE_TUNES
-    fine_tunes = [str(family_dir / f"ft{k}") for k in range(1, n + 1)]
-    return [*prefix, "--merge_method", method, "--model_path_list", *fine_tunes,
-            "--base_model_path", str(family_dir / "base"), "--output_path", str(out_dir),
+    base, *fine_tunes = family.inputs(method)
+    return [*prefix, "--merge_method", method, "--model_path_list", *map(str, fine_tunes),
+            "--base_model_path", str(base), "--output_path", str(out_dir),
             "--n_process", str(n_process), *(["--quiet"] if quiet else []), *extra]
 
 
@@ -257,12 +331,6 @@ class Tool:
 
     def row_name(self, method: str) -> str:
         return f"{self.label}:{method}" if self.label else method
-
-
-def input_models(method: str) -> list[str]:
-    """Model directories a method is given: the base plus its fine-tunes."""
-    n = 2 if method in TWO_MODEL_METHODS else N_FINE_TUNES
-    return ["base"] + [f"ft{k}" for k in range(1, n + 1)]
 
 
 # ----------------------------------------------------------------------------- report
@@ -296,7 +364,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family_dir", type=Path, default=None,
                    help=f"toy family cache; generated once if missing or made with other "
-                        f"parameters (default: {default_dir}/family_<params>)")
+                        f"parameters (default: {default_dir}/family_<params>). A directory "
+                        f"without this script's marker that holds base/ and ft1/ .. ftK/ "
+                        f"checkpoints (made elsewhere) is used as it is, never regenerated")
+    p.add_argument("--base_model_path", type=Path, default=None,
+                   help="with --model_path_list: benchmark this family made elsewhere instead "
+                        "(checkpoint directories of any names; used as they are)")
+    p.add_argument("--model_path_list", type=Path, nargs="+", default=None, metavar="PATH",
+                   help="the fine-tunes of that family, 2 or more (slerp merges the first two)")
     p.add_argument("--params", type=float, default=5e8,
                    help="parameters per model, Llama proportions, bf16 (default: 5e8)")
     p.add_argument("--shard_size_mb", type=float, default=200,
@@ -332,6 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if (args.base_model_path is None) != (args.model_path_list is None):
+        p.error("--base_model_path and --model_path_list go together")
+    if args.model_path_list is not None and args.family_dir is not None:
+        p.error("--family_dir or --base_model_path/--model_path_list, not both")
+    if args.model_path_list is not None and len(args.model_path_list) < 2:
+        p.error("--model_path_list needs at least 2 fine-tunes")
     if args.warmup_runs < 0:
         p.error("--warmup_runs must be at least 0")
     for spec in args.compare:
@@ -343,8 +424,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    family_dir = args.family_dir or (Path(tempfile.gettempdir()) / "llm_merge_bench"
-                                     / f"family_{int(args.params)}")
     prefix = (shlex.split(args.mergekit_cmd) if args.mergekit_cmd
               else [sys.executable, str(REPO / "tools" / "mergekit.py")])
     extra = shlex.split(args.extra_args)
@@ -353,20 +432,32 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    family = ensure_family(family_dir, args.params, args.shard_size_mb, args.seed)
+    if args.model_path_list is not None:
+        family = given_family(args.base_model_path, args.model_path_list)
+        where = f"{args.base_model_path} + {len(args.model_path_list)} fine-tunes"
+    else:
+        family_dir = args.family_dir or (Path(tempfile.gettempdir()) / "llm_merge_bench"
+                                         / f"family_{int(args.params)}")
+        family = ensure_family(family_dir, args.params, args.shard_size_mb, args.seed)
+        where = str(family_dir)
 
-    files = {m: weight_files(family_dir / m) for m in input_models(ALL_METHODS[0])}
-    input_sets = {tuple(input_models(m)) for m in args.methods}
+    files = {m: weight_files(m) for m in [family.base, *family.fine_tunes]}
+    input_sets = {tuple(family.inputs(m)) for m in args.methods}
     input_bytes = {s: sum(total_bytes(files[m]) for m in s) for s in input_sets}
-    output_sizes = [f.stat().st_size for f in files["ft1"]]
+    output_sizes = [f.stat().st_size for f in files[family.fine_tunes[0]]]
     for s, nbytes in sorted(input_bytes.items()):
-        users = [m for m in args.methods if tuple(input_models(m)) == s]
-        print(f"inputs of {', '.join(users)}: {'+'.join(s)} = {nbytes / GB:.3f} GB; "
+        users = [m for m in args.methods if tuple(family.inputs(m)) == s]
+        print(f"inputs of {', '.join(users)}: {' + '.join(str(m) for m in s)} = {nbytes / GB:.3f} GB; "
               f"output ~ {sum(output_sizes) / GB:.3f} GB")
 
     own_work_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="llm_merge_bench_")) if own_work_dir else args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
+    all_inputs = sum(total_bytes(fs) for fs in files.values())
+    if all_inputs > psutil.virtual_memory().available:
+        print(f"warning: the family's {all_inputs / GB:.1f} GB exceed the {psutil.virtual_memory().available / GB:.1f} "
+              f"GB of available memory: the page cache cannot hold them, so merges and floor read from disk",
+              file=sys.stderr, flush=True)
     print("warming the page cache (all measurements below are page-cache warm) ...", flush=True)
     warm_page_cache([f for fs in files.values() for f in fs])
 
@@ -389,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_merge(tool: Tool, method: str, n_process: int) -> tuple[float, int]:
             out_dir = work_dir / f"out_{method}_{n_process}"
-            cmd = merge_command(tool.prefix, method, family_dir, out_dir, n_process, extra, tool.quiet)
+            cmd = merge_command(tool.prefix, method, family, out_dir, n_process, extra, tool.quiet)
             os.sync()
             try:
                 return run_and_measure(cmd, work_dir / "logs")
@@ -416,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process, floor, input_bytes[s],
                                   floor, None))
             for method in args.methods:
-                s = tuple(input_models(method))
+                s = tuple(family.inputs(method))
                 for tool in tools:
                     seconds, peaks = zip(*runs[tool.row_name(method), n_process])
                     add_row(rows, Row("merge", tool.row_name(method), n_process, min(seconds), input_bytes[s],
@@ -438,13 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         f"each method ran {args.warmup_runs} untimed warm-up merge(s) at n_process {max(args.n_process)} "
         "before its timed runs (a cold numba cache compiles the kernels in the first run of a fresh install)",
     ]
-    print(f"\nfamily: {family_dir} ({args.params:.3g} params/model, {DTYPE}, "
-          f"{len(files['ft1'])} shards/model)")
+    print(f"\nfamily: {where} ({family.describe()}, {len(files[family.fine_tunes[0]])} shards/model)")
     print(format_table(rows))
     print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes))
     if args.json:
         args.json.write_text(json.dumps(
-            {"machine": machine, "family": family | {"dir": str(family_dir)},
+            {"machine": machine, "family": family.spec | {"base": str(family.base), "fine_tunes": [str(f) for f in family.fine_tunes]},
              "command": prefix, "compare": {t.label: t.prefix for t in tools[1:]}, "extra_args": extra, "notes": notes,
              "warmup_seconds": warmups, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
         print(f"wrote {args.json}")

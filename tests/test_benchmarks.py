@@ -64,3 +64,77 @@ def test_bench_merge_times_other_tools_side_by_side(tmp_path):
     assert result["warmup_seconds"] == {}
     with pytest.raises(SystemExit):
         bench_merge.parse_args(["--compare", "no-command"])
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(directory)): f.read_bytes() for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_bench_merge_runs_on_a_family_made_elsewhere_and_leaves_it_alone(tmp_path):
+    from llm_merge.toy import make_family
+
+    made = tmp_path / "theirs"
+    make_family(made, n_models=2, dtype="float16", seed=7)  # not this script's family: 2 fine-tunes, float16
+    models = tmp_path / "named"
+    models.mkdir()
+    for old, new in (("base", "original"), ("ft1", "chat"), ("ft2", "code")):
+        (made / old).rename(models / new)
+    before = _snapshot(models)
+    out = tmp_path / "bench.json"
+    assert bench_merge.main(["--base_model_path", str(models / "original"), "--model_path_list",
+                             str(models / "chat"), str(models / "code"), "--methods", "linear", "slerp",
+                             "--n_process", "1", "--warmup_runs", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["family"]["given"] is True and result["family"]["dtypes"] == ["F16"]
+    assert result["family"]["fine_tunes"] == [str(models / "chat"), str(models / "code")]
+    # both methods merge base + the 2 fine-tunes: one floor for the 3 models
+    assert [(r["kind"], r["method"]) for r in result["rows"]] == [
+        ("io_floor", "io_floor[3 models]"), ("merge", "linear"), ("merge", "slerp")]
+    assert _snapshot(models) == before
+
+
+def test_bench_merge_uses_an_unmarked_family_dir_as_given(tmp_path):
+    from llm_merge.toy import make_family
+
+    family = tmp_path / "family"
+    make_family(family, n_models=2, seed=3)  # base/, ft1/, ft2/ but no marker: made elsewhere
+    before = _snapshot(family)
+    out = tmp_path / "bench.json"
+    assert bench_merge.main(["--family_dir", str(family), "--params", "2e6", "--methods", "linear",
+                             "--n_process", "1", "--warmup_runs", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["family"]["fine_tunes"] == [str(family / "ft1"), str(family / "ft2")]
+    assert _snapshot(family) == before  # not regenerated at 2e6 params, no marker written
+
+
+def test_bench_merge_refuses_to_generate_into_a_foreign_directory(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="refusing"):
+        bench_merge.main(["--family_dir", str(busy), "--params", "2e6", "--methods", "linear", "--n_process", "1"])
+    assert _snapshot(busy) == {"notes.txt": b"mine"}
+
+
+def test_bench_merge_regenerates_its_own_family_when_interrupted(tmp_path):
+    family = tmp_path / "family"
+    family.mkdir()
+    (family / bench_merge.MARKER).write_text('{"generating": true}\n')  # a generation that was cut short
+    (family / "base").mkdir()
+    (family / "base" / "model-00001-of-00009.safetensors").write_bytes(b"stale shard of another size")
+    result = bench_merge.ensure_family(family, 2e6, 200, 0)
+    assert not result.spec.get("given") and len(result.fine_tunes) == 3
+    assert json.loads((family / bench_merge.MARKER).read_text())["params"] == 2e6
+    assert [f.name for f in bench_merge.weight_files(family / "base")] == ["model.safetensors"]
+
+
+def test_bench_merge_names_a_given_model_without_weights(tmp_path):
+    with pytest.raises(SystemExit, match="no \\*.safetensors"):
+        bench_merge.given_family(tmp_path / "missing", [tmp_path / "a", tmp_path / "b"])
+
+
+@pytest.mark.parametrize("argv", [["--base_model_path", "b"], ["--model_path_list", "a", "b"],
+                                  ["--base_model_path", "b", "--model_path_list", "a"],
+                                  ["--base_model_path", "b", "--model_path_list", "a", "c", "--family_dir", "f"]])
+def test_bench_merge_checks_a_given_family_s_flags(argv):
+    with pytest.raises(SystemExit):
+        bench_merge.parse_args(argv)
