@@ -21,6 +21,7 @@ import math
 import multiprocessing.pool
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -321,16 +322,42 @@ def merge_command(prefix: list[str], method: str, family: Family, out_dir: Path,
             "--n_process", str(n_process), *(["--quiet"] if quiet else []), *extra]
 
 
+#: What a ``--compare`` command template may name; ``{models}`` as a whole word becomes one word per fine-tune.
+PLACEHOLDERS = ("method", "base", "models", "output", "n_process")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
 @dataclass
 class Tool:
-    """A merge command the benchmark times: this project's, or one given with ``--compare``."""
+    """A merge command the benchmark times: this project's, or one given with ``--compare``.
+
+    Either a prefix that takes PaddleNLP mergekit's flags (they are appended), or, when the command
+    names a placeholder such as ``{output}``, a template filled in for each run with nothing appended.
+    """
 
     label: str  # prefix of its rows' method names ("" for this project's)
     prefix: list[str]
     quiet: bool
 
+    @property
+    def template(self) -> bool:
+        return any(_PLACEHOLDER.search(word) for word in self.prefix)
+
     def row_name(self, method: str) -> str:
         return f"{self.label}:{method}" if self.label else method
+
+    def command(self, method: str, family: Family, out_dir: Path, n_process: int, extra: list[str]) -> list[str]:
+        """The command line of one run."""
+        if not self.template:
+            return merge_command(self.prefix, method, family, out_dir, n_process, extra, self.quiet)
+        base, *fine_tunes = family.inputs(method)
+        values = {"method": method, "base": str(base), "models": " ".join(map(str, fine_tunes)),
+                  "output": str(out_dir), "n_process": str(n_process)}
+        words: list[str] = []
+        for word in self.prefix:
+            words += (list(map(str, fine_tunes)) if word == "{models}"
+                      else [_PLACEHOLDER.sub(lambda m: values[m.group(1)], word)])
+        return words
 
 
 # ----------------------------------------------------------------------------- report
@@ -397,9 +424,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default: '{sys.executable} {REPO / 'tools' / 'mergekit.py'}')")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=COMMAND",
                    help="another merge tool to time side by side, on the same family and I/O "
-                        "floor: a shell-quoted command prefix taking the same flags (PaddleNLP's "
-                        "mergekit names; no --quiet is added); its rows are labelled NAME:method. "
-                        "Repeatable")
+                        "floor; its rows are labelled NAME:method. Repeatable. COMMAND is a "
+                        "shell-quoted command prefix taking the same flags (PaddleNLP's mergekit "
+                        "names; no --quiet is added), or a template naming {output} and any of "
+                        "{method} {base} {models} {n_process}, filled in for each run with nothing "
+                        "added (e.g. 'mytool --out {output} {base} {models}')")
     p.add_argument("--extra_args", default="",
                    help="extra mergekit arguments appended to every run, shell-quoted "
                         "(default: none)")
@@ -419,6 +448,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         name, _, command = spec.partition("=")
         if not name or ":" in name or not shlex.split(command):
             p.error(f"--compare {spec!r}: expected NAME=COMMAND (a name without ':', then the command)")
+        if _PLACEHOLDER.search(command) and "{output}" not in command:
+            p.error(f"--compare {spec!r}: a command template must name {{output}}, where the merge goes")
     return args
 
 
@@ -480,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_merge(tool: Tool, method: str, n_process: int) -> tuple[float, int]:
             out_dir = work_dir / f"out_{method}_{n_process}"
-            cmd = merge_command(tool.prefix, method, family, out_dir, n_process, extra, tool.quiet)
+            cmd = tool.command(method, family, out_dir, n_process, extra)
             os.sync()
             try:
                 return run_and_measure(cmd, work_dir / "logs")

@@ -138,3 +138,28 @@ def test_bench_merge_names_a_given_model_without_weights(tmp_path):
 def test_bench_merge_checks_a_given_family_s_flags(argv):
     with pytest.raises(SystemExit):
         bench_merge.parse_args(argv)
+
+
+def test_bench_merge_fills_in_a_compare_template(tmp_path):
+    from llm_merge.toy import make_family
+
+    make_family(tmp_path / "family", n_models=3, seed=1)
+    family = bench_merge.ensure_family(tmp_path / "family", 2e6, 200, 0)  # unmarked: used as given
+    tool = bench_merge.Tool("t", ["merge", "--into={output}", "{base}", "{models}", "-j", "{n_process}", "{method}"],
+                            False)
+    assert tool.template
+    ft = [str(tmp_path / "family" / f"ft{k}") for k in (1, 2, 3)]
+    assert tool.command("slerp", family, tmp_path / "o", 2, ["--ignored"]) == [
+        "merge", f"--into={tmp_path / 'o'}", str(tmp_path / "family" / "base"), *ft[:2], "-j", "2", "slerp"]
+    plain = bench_merge.Tool("p", ["merge"], False)
+    assert not plain.template and plain.command("ties", family, tmp_path / "o", 1, ["--x"])[-1] == "--x"
+
+    out = tmp_path / "bench.json"
+    mergekit = f"{sys.executable} {BENCHMARKS.parent / 'tools' / 'mergekit.py'}"
+    template = (f"{mergekit} --merge_method {{method}} --model_path_list {{models}} --base_model_path {{base}} "
+                f"--output_path {{output}} --n_process {{n_process}}")
+    assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--methods", "linear", "--n_process", "1",
+                             "--warmup_runs", "0", "--compare", f"tmpl={template}", "--json", str(out)]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["io_floor[4 models]", "linear", "tmpl:linear"]
+    with pytest.raises(SystemExit):
+        bench_merge.parse_args(["--compare", "t=merge {base} {models}"])  # a template must name {output}
