@@ -288,6 +288,31 @@ def test_streamed_ranks_give_up_when_most_entries_are_mixed():
     assert stream.statistics() is None
 
 
+def test_streamed_ranks_take_larger_bfloat16_deltas_within_a_memory_budget():
+    """Up to MIXED_FRACTION_MAX of the entries may be mixed, less where the tables would outgrow the budget."""
+    import ml_dtypes
+
+    ranks = kernels.StreamingRanks
+    assert ranks.mixed_fraction_limit(3, 6_291_456) == ranks.MIXED_FRACTION_MAX  # a 6.3M-element projection
+    assert ranks.mixed_fraction_limit(3, 1 << 40) == ranks.MIXED_FRACTION_MIN
+    middle = ranks.mixed_fraction_limit(3, 49_152_000)  # a 49M-element embedding
+    assert ranks.MIXED_FRACTION_MIN < middle < ranks.MIXED_FRACTION_MAX
+    assert ranks.peak_bytes(3, 49_152_000) == int(ranks.BYTES_PER_MIXED * middle * 3 * 49_152_000)
+    assert ranks.peak_bytes(3, 49_152_000) <= ranks.TABLE_BUDGET_BYTES
+
+    rng = np.random.default_rng(15)
+    n = 20_000
+    base = rng.normal(size=n).astype(ml_dtypes.bfloat16)
+    for scale, streams in ((0.2, True), (1.0, False)):  # about 10% and 37% of the deltas are mixed
+        model = (base.astype(np.float32) + scale * rng.normal(size=n)).astype(ml_dtypes.bfloat16)
+        delta = model.astype(np.float32) - base.astype(np.float32)
+        mixed = np.mean(delta.view(np.uint32) & 0xFFFF != 0)
+        assert (mixed < ranks.MIXED_FRACTION_MAX) == streams and mixed > 1 / 32
+        stream = ranks(1, n, block=64)
+        stream.feed(0, [model.view(np.uint16)], base.view(np.uint16))
+        assert (stream.statistics() is not None) == streams
+
+
 @pytest.mark.parametrize("with_base", [True, False])
 def test_streaming_slerp_sums_match_numpy(with_base):
     import ml_dtypes

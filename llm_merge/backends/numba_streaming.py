@@ -326,21 +326,41 @@ class StreamingRanks(_MagnitudeHistogram):
     """DELLA's magnitude ranks of k task vectors without full-size arrays: one pass builds each
     model's ``RankTable``; the apply pass (``FusedChunks``) then ranks each chunk as it goes.
 
-    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for bfloat16 deltas (~0.5%
-    in the benchmark family). Past ``MIXED_FRACTION_MAX`` of the elements the statistics are None
-    (the engine ranks whole tensors instead). The cap keeps the tables' worst case (1 byte per
-    element and model) small enough that a 49M-element embedding of 3 models need not run alone.
+    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for small bfloat16 deltas
+    (~0.5% in the benchmark family), more for larger ones (2.7% at 5 times its delta scale, 10% at
+    20 times). Past ``mixed_fraction_limit`` of the elements the statistics are None and the engine
+    ranks whole tensors instead, which is as fast once about a fifth of the entries are mixed (the
+    apply pass then spends most of its time searching the mixed values) and needs no tables.
     """
 
-    MIXED_FRACTION_MAX = 1 / 32
-    #: Bytes per element and model the tables may take, at most MIXED_FRACTION_MAX of the entries
-    #: mixed: 4 per collected value and 12 per distinct one (value, next rank), plus the sort and
-    #: unique temporaries while one model's table is built (rounded up to 32).
-    PEAK_BYTES_PER_ELEMENT = 32 * MIXED_FRACTION_MAX
+    #: Mixed entries, as a fraction of the elements, past which ranking whole tensors is about as fast
+    #: (della at n_process 2 on bfloat16 families with 10% / 16% / 23% / 36% mixed entries ran 1.75x /
+    #: 1.3x / 1.0x / 0.75x as fast with these tables as with whole-tensor ranks).
+    MIXED_FRACTION_MAX = 1 / 6
+    #: A large tensor's tables stay within ``TABLE_BUDGET_BYTES`` (the engine's ``EXCLUSIVE_BYTES``: so that
+    #: it need not run alone across workers), but may always take this fraction of its elements (a
+    #: 49M-element embedding of 3 models: 5.7%).
+    MIXED_FRACTION_MIN = 1 / 32
+    TABLE_BUDGET_BYTES = 256 << 20
+    #: Bytes per mixed entry and model the tables may take: 4 per collected value and 12 per distinct
+    #: one (value, next rank), plus the sort and unique temporaries while one model's table is built
+    #: (rounded up to 32).
+    BYTES_PER_MIXED = 32
+
+    @classmethod
+    def mixed_fraction_limit(cls, k: int, numel: int) -> float:
+        """The most mixed entries of k task vectors of ``numel`` elements, as a fraction of ``numel``."""
+        within_budget = cls.TABLE_BUDGET_BYTES / (cls.BYTES_PER_MIXED * k * max(numel, 1))
+        return min(cls.MIXED_FRACTION_MAX, max(cls.MIXED_FRACTION_MIN, within_budget))
+
+    @classmethod
+    def peak_bytes(cls, k: int, numel: int) -> int:
+        """Most memory the tables of k task vectors of ``numel`` elements take."""
+        return int(cls.BYTES_PER_MIXED * max(cls.mixed_fraction_limit(k, numel), 0.0) * k * numel)
 
     def __init__(self, k: int, numel: int, block: int) -> None:
         super().__init__(k, block)
-        self.limit = int(numel * self.MIXED_FRACTION_MAX)
+        self.limit = int(numel * self.mixed_fraction_limit(k, numel))
         self.collected: Optional[list[list[np.ndarray]]] = [[] for _ in range(k)]
         self.n_mixed = np.zeros(k, np.int64)
         self._buffer = np.empty((k, 0), np.uint32)

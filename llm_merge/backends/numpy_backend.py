@@ -124,7 +124,7 @@ class NumpyOps:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables)."""
         if sparsify_type != "magprune":
             return 0
-        return int(k * numel * self._kernels.StreamingRanks.PEAK_BYTES_PER_ELEMENT)
+        return self._kernels.StreamingRanks.peak_bytes(k, numel)
 
     def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict):
         """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim`` /
