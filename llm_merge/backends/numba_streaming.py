@@ -336,16 +336,16 @@ class StreamingRanks(_MagnitudeHistogram):
     #: Mixed entries, as a fraction of the elements, past which ranking whole tensors is about as fast
     #: (della at n_process 2 on bfloat16 families with 10% / 16% / 23% / 36% mixed entries ran 1.75x /
     #: 1.3x / 1.0x / 0.75x as fast with these tables as with whole-tensor ranks).
-    MIXED_FRACTION_MAX = 1 / 6
+    MIXED_FRACTION_MAX = 1 / 5
     #: A large tensor's tables stay within ``TABLE_BUDGET_BYTES`` (the engine's ``EXCLUSIVE_BYTES``: so that
     #: it need not run alone across workers), but may always take this fraction of its elements (a
-    #: 49M-element embedding of 3 models: 5.7%).
+    #: 49M-element embedding of 3 models: 11.4%).
     MIXED_FRACTION_MIN = 1 / 32
     TABLE_BUDGET_BYTES = 256 << 20
-    #: Bytes per mixed entry and model the tables may take: 4 per collected value and 12 per distinct
-    #: one (value, next rank), plus the sort and unique temporaries while one model's table is built
-    #: (rounded up to 32).
-    BYTES_PER_MIXED = 32
+    #: Bytes per mixed entry and model the tables may take: 4 per collected value, 12 per distinct one
+    #: (value, next rank) and the sort and unique temporaries while one model's table is built; 10.3 at
+    #: the peak measured (tracemalloc; a 24.6M-element embedding, 3 models, 16.5% of the entries mixed).
+    BYTES_PER_MIXED = 16
 
     @classmethod
     def mixed_fraction_limit(cls, k: int, numel: int) -> float:
