@@ -16,6 +16,7 @@ a fresh install's one-time kernel compilation is not timed. See README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing.pool
@@ -24,11 +25,13 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -236,6 +239,24 @@ def _balance(items: list[tuple[object, int]], n: int) -> list[list[object]]:
         bins[i].append(item)
         loads[i] += size
     return bins
+
+
+@contextlib.contextmanager
+def floor_pool(n_process: int) -> Iterator[multiprocessing.pool.Pool]:
+    """Forked processes for the I/O floor, closed and joined when done (never terminated).
+
+    Terminating sends SIGTERM, and a forked worker inherits its parent's handlers: where the parent
+    had imported paddle (a test process), paddle's failure handler caught it, and a worker it hit
+    inside malloc hung in that handler's own malloc (seen in a clean-clone CI run; the test process
+    waited on it for good). So workers get SIGTERM's default action, and are never sent it.
+    """
+    pool = multiprocessing.get_context("fork").Pool(n_process, initializer=signal.signal,
+                                                    initargs=(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
 
 
 def warm_page_cache(files: list[Path]) -> None:
@@ -497,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_sets = sorted(input_sets, key=len, reverse=True)
         floors: dict[tuple[tuple[str, ...], int], float] = {}
         for n_process in args.n_process:
-            with multiprocessing.get_context("fork").Pool(n_process) as pool:
+            with floor_pool(n_process) as pool:
                 for s in floor_sets:
                     inputs = [f for m in s for f in files[m]]
                     floors[s, n_process] = io_floor_seconds(inputs, output_sizes, work_dir / "io_floor", pool,
