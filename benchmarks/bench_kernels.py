@@ -25,7 +25,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
 from llm_merge.backends import numba_kernels, numba_streaming  # noqa: E402
-from llm_merge.engine import run_statistic  # noqa: E402
+from llm_merge.engine import TensorMerger, run_statistic  # noqa: E402
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from llm_merge.io.reader import TensorReader  # noqa: E402
 
@@ -78,7 +78,7 @@ def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dic
     if kind == "trim":
         stats = numba_streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
     else:
-        stats = numba_streaming.StreamingRanks(k, n, BLOCK)
+        stats = numba_streaming.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
     return run_statistic(stats, lambda: ((chunk, base_chunk) for _, chunk, base_chunk in chunks(raws, base)))
 
 

@@ -115,7 +115,7 @@ class Family:
 
     base: Path
     fine_tunes: list[Path]
-    spec: dict  # how it was made, or {"given": True}, plus its dtypes and parameter count
+    spec: dict  # how it was made, or {"given": True}, plus its dtypes and parameter count (paths: base, fine_tunes)
 
     def inputs(self, method: str) -> list[Path]:
         """The model directories ``method`` is given: the base, then its fine-tunes."""
@@ -146,8 +146,7 @@ def _family(base: Path, fine_tunes: list[Path], spec: dict) -> Family:
 def given_family(base: Path, fine_tunes: list[Path]) -> Family:
     """A family made elsewhere, named model by model: used as it is, never written to."""
     try:
-        return _family(base, list(fine_tunes), {"given": True, "base": str(base),
-                                                "fine_tunes": [str(f) for f in fine_tunes]})
+        return _family(base, list(fine_tunes), {"given": True})
     except FileNotFoundError as exc:
         raise SystemExit(f"--base_model_path / --model_path_list: {exc}") from None
 
@@ -505,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     own_work_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="llm_merge_bench_")) if own_work_dir else args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
-    all_inputs = sum(total_bytes(fs) for fs in files.values())
-    if all_inputs > psutil.virtual_memory().available:
-        print(f"warning: the family's {all_inputs / GB:.1f} GB exceed the {psutil.virtual_memory().available / GB:.1f} "
+    all_inputs, available = sum(total_bytes(fs) for fs in files.values()), psutil.virtual_memory().available
+    if all_inputs > available:
+        print(f"warning: the family's {all_inputs / GB:.1f} GB exceed the {available / GB:.1f} "
               f"GB of available memory: the page cache cannot hold them, so merges and floor read from disk",
               file=sys.stderr, flush=True)
     print("warming the page cache (all measurements below are page-cache warm) ...", flush=True)

@@ -109,7 +109,8 @@ class TensorMerger:
         if not task.mergeable or self.sparsifier.prepare is None:
             return 0
         if self._streams(task, self._task_options(task)):
-            return self.host.streaming_peak_bytes(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel)
+            return self.host.streaming_peak_bytes(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel,
+                                                  budget=self.EXCLUSIVE_BYTES)
         per_element = 4  # the full task vector of one model
         if self.cfg.sparsify_type == "magprune":
             per_element += 8  # ranks + the rank sort's buffer (earlier models' ranks are spilled when large)
@@ -258,7 +259,8 @@ class TensorMerger:
         if not self._streams(task, self.options):
             return None
         return self._stream(task, self.host.streaming_prepare(
-            self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options))
+            self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options,
+            budget=self.EXCLUSIVE_BYTES))
 
     def _streamed_reduce(self, task: TensorTask) -> dict[str, Any]:
         """The merge's whole-tensor sums from one compiled pass over raw chunks ({} where there is none)."""

@@ -200,6 +200,6 @@ def test_memory_estimate_of_whole_tensor_statistics(tmp_path, families, family, 
     merger = MergerFactory(cfg, compiled=True).bind(tmp_path)()
     for task in build_plan(cfg).tasks:
         if task.mergeable:
-            expected = (numba_kernels.StreamingRanks.peak_bytes(2, task.numel) if per_element == "rank tables"
+            expected = (numba_kernels.StreamingRanks.peak_bytes(2, task.numel, merger.EXCLUSIVE_BYTES) if per_element == "rank tables"
                         else int(per_element * task.numel))
             assert merger.peak_bytes(task) == expected

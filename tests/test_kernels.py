@@ -5,10 +5,12 @@ import pytest
 
 from llm_merge import methods
 from llm_merge.backends.numpy_backend import NumpyOps
+from llm_merge.engine import TensorMerger
 from llm_merge.methods.random import CounterRNG
 
 kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
 OPS = NumpyOps()
+TABLE_BUDGET = TensorMerger.EXCLUSIVE_BYTES  # what the engine gives the rank tables
 
 
 def data(n=5000, seed=0):
@@ -260,7 +262,7 @@ def test_streamed_ranks_match_whole_tensor_ranks(with_base, stored, rank_bits, m
             raws = [m[start : start + chunk].view(lane) for m in models]
             yield start, raws, base[start : start + chunk].view(lane) if with_base else None
 
-    stream = kernels.StreamingRanks(3, n, block=96)
+    stream = kernels.StreamingRanks(3, n, block=96, budget=TABLE_BUDGET)
     for _, raws, base_raw in chunks():
         stream.feed(0, raws, base_raw)
     task_vectors = [m.astype(np.float32) - (base.astype(np.float32) if with_base else 0) for m in models]
@@ -283,7 +285,7 @@ def test_streamed_ranks_give_up_when_most_entries_are_mixed():
     """Float32 deltas are all mixed: past the limit the statistics are None (whole-tensor ranks instead)."""
     rng = np.random.default_rng(14)
     models = [rng.normal(size=5000).astype(np.float32) for _ in range(2)]
-    stream = kernels.StreamingRanks(2, 5000, block=64)
+    stream = kernels.StreamingRanks(2, 5000, block=64, budget=TABLE_BUDGET)
     stream.feed(0, [m.view(np.uint32) for m in models], None)
     assert stream.statistics() is None
 
@@ -292,13 +294,13 @@ def test_streamed_ranks_take_larger_bfloat16_deltas_within_a_memory_budget():
     """Up to MIXED_FRACTION_MAX of the entries may be mixed, less where the tables would outgrow the budget."""
     import ml_dtypes
 
-    ranks = kernels.StreamingRanks
-    assert ranks.mixed_fraction_limit(3, 6_291_456) == ranks.MIXED_FRACTION_MAX  # a 6.3M-element projection
-    assert ranks.mixed_fraction_limit(3, 1 << 40) == ranks.MIXED_FRACTION_MIN
-    middle = ranks.mixed_fraction_limit(3, 49_152_000)  # a 49M-element embedding
+    ranks, budget = kernels.StreamingRanks, TABLE_BUDGET
+    assert ranks.mixed_fraction_limit(3, 6_291_456, budget) == ranks.MIXED_FRACTION_MAX  # a 6.3M-element projection
+    assert ranks.mixed_fraction_limit(3, 1 << 40, budget) == ranks.MIXED_FRACTION_MIN
+    middle = ranks.mixed_fraction_limit(3, 49_152_000, budget)  # a 49M-element embedding
     assert ranks.MIXED_FRACTION_MIN < middle < ranks.MIXED_FRACTION_MAX
-    assert ranks.peak_bytes(3, 49_152_000) == int(ranks.BYTES_PER_MIXED * middle * 3 * 49_152_000)
-    assert ranks.peak_bytes(3, 49_152_000) <= ranks.TABLE_BUDGET_BYTES
+    assert ranks.peak_bytes(3, 49_152_000, budget) == int(ranks.BYTES_PER_MIXED * middle * 3 * 49_152_000)
+    assert ranks.peak_bytes(3, 49_152_000, budget) <= budget
 
     rng = np.random.default_rng(15)
     n = 20_000
@@ -308,7 +310,7 @@ def test_streamed_ranks_take_larger_bfloat16_deltas_within_a_memory_budget():
         delta = model.astype(np.float32) - base.astype(np.float32)
         mixed = np.mean(delta.view(np.uint32) & 0xFFFF != 0)
         assert (mixed < ranks.MIXED_FRACTION_MAX) == streams and mixed > 1 / 32
-        stream = ranks(1, n, block=64)
+        stream = ranks(1, n, block=64, budget=budget)
         stream.feed(0, [model.view(np.uint16)], base.view(np.uint16))
         assert (stream.statistics() is not None) == streams
 

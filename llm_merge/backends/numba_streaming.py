@@ -337,30 +337,30 @@ class StreamingRanks(_MagnitudeHistogram):
     #: (della at n_process 2 on bfloat16 families with 10% / 16% / 23% / 36% mixed entries ran 1.75x /
     #: 1.3x / 1.0x / 0.75x as fast with these tables as with whole-tensor ranks).
     MIXED_FRACTION_MAX = 1 / 5
-    #: A large tensor's tables stay within ``TABLE_BUDGET_BYTES`` (the engine's ``EXCLUSIVE_BYTES``: so that
+    #: A large tensor's tables stay within the caller's ``budget`` (the engine's ``EXCLUSIVE_BYTES``: so that
     #: it need not run alone across workers), but may always take this fraction of its elements (a
-    #: 49M-element embedding of 3 models: 11.4%).
+    #: 49M-element embedding of 3 models, 256 MB: 11.4%).
     MIXED_FRACTION_MIN = 1 / 32
-    TABLE_BUDGET_BYTES = 256 << 20
     #: Bytes per mixed entry and model the tables may take: 4 per collected value, 12 per distinct one
     #: (value, next rank) and the sort and unique temporaries while one model's table is built; 10.3 at
     #: the peak measured (tracemalloc; a 24.6M-element embedding, 3 models, 16.5% of the entries mixed).
     BYTES_PER_MIXED = 16
 
     @classmethod
-    def mixed_fraction_limit(cls, k: int, numel: int) -> float:
-        """The most mixed entries of k task vectors of ``numel`` elements, as a fraction of ``numel``."""
-        within_budget = cls.TABLE_BUDGET_BYTES / (cls.BYTES_PER_MIXED * k * max(numel, 1))
+    def mixed_fraction_limit(cls, k: int, numel: int, budget: int) -> float:
+        """The most mixed entries of k task vectors of ``numel`` elements, as a fraction of ``numel``,
+        where the tables may take ``budget`` bytes (more only up to ``MIXED_FRACTION_MIN``)."""
+        within_budget = budget / (cls.BYTES_PER_MIXED * k * max(numel, 1))
         return min(cls.MIXED_FRACTION_MAX, max(cls.MIXED_FRACTION_MIN, within_budget))
 
     @classmethod
-    def peak_bytes(cls, k: int, numel: int) -> int:
-        """Most memory the tables of k task vectors of ``numel`` elements take."""
-        return int(cls.BYTES_PER_MIXED * max(cls.mixed_fraction_limit(k, numel), 0.0) * k * numel)
+    def peak_bytes(cls, k: int, numel: int, budget: int) -> int:
+        """Most memory the tables of k task vectors of ``numel`` elements take (``budget``: as above)."""
+        return int(cls.BYTES_PER_MIXED * max(cls.mixed_fraction_limit(k, numel, budget), 0.0) * k * numel)
 
-    def __init__(self, k: int, numel: int, block: int) -> None:
+    def __init__(self, k: int, numel: int, block: int, budget: int) -> None:
         super().__init__(k, block)
-        self.limit = int(numel * self.mixed_fraction_limit(k, numel))
+        self.limit = int(numel * self.mixed_fraction_limit(k, numel, budget))
         self.collected: Optional[list[list[np.ndarray]]] = [[] for _ in range(k)]
         self.n_mixed = np.zeros(k, np.int64)
         self._buffer = np.empty((k, 0), np.uint32)

@@ -120,18 +120,20 @@ class NumpyOps:
             return False
         return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) <= {"BF16", "F16"})
 
-    def streaming_peak_bytes(self, sparsify_type: str, *, k: int, numel: int) -> int:
-        """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables)."""
+    def streaming_peak_bytes(self, sparsify_type: str, *, k: int, numel: int, budget: int) -> int:
+        """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables,
+        which keep within ``budget`` bytes where they can: ``StreamingRanks.mixed_fraction_limit``)."""
         if sparsify_type != "magprune":
             return 0
-        return self._kernels.StreamingRanks.peak_bytes(k, numel)
+        return self._kernels.StreamingRanks.peak_bytes(k, numel, budget)
 
-    def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict):
+    def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict, budget: int):
         """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim`` /
-        ``StreamingRanks``); the engine asks ``streams_statistics`` first."""
+        ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can); the engine asks
+        ``streams_statistics`` first."""
         block = self._kernels.FusedChunks.BLOCK
         if sparsify_type == "magprune":
-            return self._kernels.StreamingRanks(k, numel, block)
+            return self._kernels.StreamingRanks(k, numel, block, budget)
         return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
 
     def streaming_reduce(self, merge_type: str, *, k: int):
