@@ -24,10 +24,24 @@ writes the index, config files and merge_config.json, and renames the
 directory into place. On any failure (its own, a ``.failed`` marker, the
 timeout, SIGTERM) it removes the staging directory and nothing is published.
 The other ranks stay until rank 0 has published (exit 0) or aborted (exit 1).
+
+Liveness: every rank rewrites ``rank-{r}`` in the heartbeat directory
+``.{output}.llm_merge-heartbeat-{plan hash}`` (beside the staging directory, not
+in it, so that no heartbeat can land in the published output) from a daemon
+thread, at least every ``HEARTBEAT_SECONDS``. An observer records, on its own
+monotonic clock, when it last saw a rank's file change (no remote timestamp is
+compared, so clock skew between nodes does not matter). Rank 0, while waiting,
+aborts as above once a pending rank's file has not changed for
+``--dist_heartbeat_timeout`` (a rank that never beat gets that grace from when
+rank 0 began waiting). The other ranks, while waiting for the shards or for the
+publish, exit 1 once rank 0's file has not changed for as long; they leave the
+staging directory as it is, for ``--resume`` (without it, the next run's rank 0
+discards it). Rank 0 removes the heartbeat directory when it finishes or aborts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -36,12 +50,13 @@ import logging
 import os
 import signal
 import shutil
+import threading
 import time
 import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from llm_merge.config import MergeConfig
 from llm_merge.errors import MergeError
@@ -51,13 +66,29 @@ from llm_merge.runner import run_tasks
 log = logging.getLogger(__name__)
 
 STAGING_TAG = ".llm_merge-dist-"
+HEARTBEAT_TAG = ".llm_merge-heartbeat-"
 SHARDS_CREATED = "shards-created"
 POLL_SECONDS = 0.25
+#: Longest interval between two heartbeats of a rank, in seconds.
+HEARTBEAT_SECONDS = 2.0
+#: At least this many heartbeats fit in --dist_heartbeat_timeout (a short timeout beats faster).
+HEARTBEATS_PER_TIMEOUT = 4
+#: Shortest interval between two heartbeats, in seconds (bounds the thread's work for tiny timeouts).
+HEARTBEAT_MIN_SECONDS = 0.05
+#: How long stopping waits for the heartbeat thread to finish a write in progress, in seconds.
+HEARTBEAT_JOIN_SECONDS = 5.0
 _CRC_BLOCK = 16 << 20
 #: Options that change neither the plan nor the output bytes (left out of the plan hash).
-_RUN_ONLY = ("rank", "world_size", "resume", "dist_timeout", "n_process", "quiet", "overwrite")
+_RUN_ONLY = ("rank", "world_size", "resume", "dist_timeout", "dist_heartbeat_timeout", "n_process", "quiet", "overwrite")
+#: Options that merge_config.json records at their defaults (so that it matches a single-process merge).
+_RANK_OPTIONS = ("rank", "world_size", "resume", "dist_timeout", "dist_heartbeat_timeout")
 #: Test hook: ``N`` or ``N:TERM`` makes a rank kill itself (SIGKILL, or SIGTERM) after journaling N tensors.
 _KILL_AFTER_ENV = "LLM_MERGE_TEST_KILL_AFTER"
+#: Test hook: ``start`` (heartbeat running, before the shards exist) or ``waiting`` (own share done)
+#: makes a rank SIGKILL itself at that point.
+_KILL_AT_ENV = "LLM_MERGE_TEST_KILL_AT"
+#: Test hook: a rank sleeps this many seconds after journaling its first tensor.
+_SLOW_ENV = "LLM_MERGE_TEST_SLOW_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -141,6 +172,10 @@ def staging_path(output: Path, digest: str) -> Path:
     return output.parent / f".{output.name}{STAGING_TAG}{digest[:20]}"
 
 
+def heartbeat_path(output: Path, digest: str) -> Path:
+    return output.parent / f".{output.name}{HEARTBEAT_TAG}{digest[:20]}"
+
+
 # -- small file helpers --------------------------------------------------------------------
 def _write_atomically(path: Path, value: object) -> None:
     """Write JSON to a temporary name, fsync, and rename it into place (readers never see half a file)."""
@@ -167,6 +202,14 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _identity(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _fsync_files(paths: Sequence[Path]) -> None:
@@ -207,6 +250,7 @@ class JournalingWorker:
         hook = os.environ.get(_KILL_AFTER_ENV, "")
         self._kill_after, _, how = hook.partition(":")
         self._kill_signal = signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL
+        self._slow_seconds = float(os.environ.get(_SLOW_ENV) or 0)
 
     def run(self, task: Any) -> int:
         written = self.inner.run(task)
@@ -221,6 +265,8 @@ class JournalingWorker:
         self._count += 1
         if self._kill_after.isdigit() and self._count >= int(self._kill_after):
             os.kill(os.getpid(), self._kill_signal)
+        if self._count == 1 and self._slow_seconds > 0:
+            time.sleep(self._slow_seconds)
         return written
 
     def close(self) -> None:
@@ -272,6 +318,125 @@ def verified_tensors(staging: Path, tasks: Sequence[Any]) -> set[str]:
         for fd in fds.values():
             os.close(fd)
     return good
+
+
+# -- liveness ------------------------------------------------------------------------------
+def heartbeat_period(timeout: float) -> float:
+    """Seconds between two heartbeats: HEARTBEAT_SECONDS, or less so that HEARTBEATS_PER_TIMEOUT fit in ``timeout``."""
+    return max(HEARTBEAT_MIN_SECONDS, min(HEARTBEAT_SECONDS, timeout / HEARTBEATS_PER_TIMEOUT))
+
+
+class Heartbeat:
+    """Rewrites ``rank-{rank}`` in ``directory`` every ``period`` seconds from a daemon thread.
+
+    The file holds a nonce of this process and a counter of fixed width, overwritten in
+    place; observers compare its bytes, never a timestamp. The thread does no merge work and
+    holds the GIL only for a few system calls (the numba kernels run without the GIL, a pool
+    is waited on in C), so it beats however long the main thread is busy. It writes only by
+    path and only while that path is still the directory it started in (same device and
+    inode): a directory renamed away or replaced by another run is never written into.
+    Write errors are ignored; the observers judge the silence.
+    """
+
+    def __init__(self, directory: Path, rank: int, period: float) -> None:
+        self.directory, self.period = Path(directory), period
+        self.path = self.directory / f"rank-{rank}"
+        self._identity = _identity(self.directory)
+        self._nonce = uuid.uuid4().hex[:12]
+        self._count = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"llm_merge heartbeat of rank {rank}", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(HEARTBEAT_JOIN_SECONDS)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.period):
+            self.beat()
+
+    def beat(self) -> None:
+        self._count += 1
+        payload = f"{self._nonce} {self._count:020d}\n".encode()
+        try:
+            if self._identity is None or _identity(self.directory) != self._identity:
+                return
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, payload, 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+class Silence:
+    """How long each watched rank's heartbeat has not changed, by this process's monotonic clock.
+
+    The clock of a rank starts when the watch is made (a rank that has not beaten yet gets
+    the full ``timeout`` from then) and restarts whenever its file reads differently from
+    the last look. A file that cannot be read counts as unchanged. Each look reads the file
+    before reading the clock, so a pause of this process is never mistaken for silence.
+    """
+
+    def __init__(self, directory: Path, ranks: Iterable[int], timeout: float) -> None:
+        self.directory, self.timeout = Path(directory), timeout
+        now = time.monotonic()
+        self._seen = {rank: (self._read(rank), now) for rank in ranks}
+
+    def _read(self, rank: int) -> Optional[bytes]:
+        try:
+            return (self.directory / f"rank-{rank}").read_bytes()
+        except OSError:
+            return None
+
+    def dead(self, ranks: Iterable[int]) -> list[int]:
+        """The ranks among ``ranks`` whose heartbeat has not changed for more than ``timeout`` seconds."""
+        silent = []
+        for rank in ranks:
+            value = self._read(rank)
+            now = time.monotonic()
+            last, since = self._seen[rank]
+            if value is not None and value != last:
+                self._seen[rank] = (value, now)
+            elif now - since > self.timeout:
+                silent.append(rank)
+        return silent
+
+
+@contextlib.contextmanager
+def _beating(directory: Path, ctx: DistContext, timeout: float) -> Iterator[None]:
+    """This rank heartbeats while the block runs; rank 0 then removes the heartbeat directory.
+
+    A world of one has nobody to watch it and beats not at all.
+    """
+    if ctx.world_size == 1:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    heartbeat = Heartbeat(directory, ctx.rank, heartbeat_period(timeout)).start()
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+        if ctx.rank == 0:
+            _remove_staging(directory)
+
+
+def _presumed_dead(ranks: Sequence[int], timeout: float) -> str:
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+    return f"{who} sent no heartbeat for {timeout:g} s (--dist_heartbeat_timeout); presumed dead; nothing was published"
+
+
+def _test_kill_at(phase: str) -> None:
+    if os.environ.get(_KILL_AT_ENV) == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- one rank's share -----------------------------------------------------------------------
@@ -343,7 +508,7 @@ def _prepare(staging: Path, plan: Any, digest: str, resume: bool, world_size: in
     return token
 
 
-def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, timeout: float) -> None:
+def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, timeout: float, silence: Silence) -> None:
     pending = set(range(1, ctx.world_size))
     deadline = time.monotonic() + timeout
     if pending:
@@ -357,6 +522,9 @@ def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, ti
             if done and done.get("plan") == digest and done.get("token") == token:
                 pending.discard(rank)
         if pending:
+            dead = silence.dead(sorted(pending))
+            if dead:
+                raise MergeError(_presumed_dead(dead, silence.timeout))
             if time.monotonic() > deadline:
                 raise MergeError(
                     f"timed out after {timeout:g} s (--dist_timeout) waiting for rank(s) "
@@ -365,17 +533,21 @@ def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, ti
             time.sleep(POLL_SECONDS)
 
 
-def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str) -> None:
+def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str,
+          heartbeats: Path) -> None:
     try:
         os.makedirs(staging, exist_ok=True)
         _unlink(staging / "rank-0.failed")
+        _test_kill_at("start")
         token = _prepare(staging, plan, digest, cfg.resume, ctx.world_size)
         run_share(cfg, plan, factory, ctx, staging, cfg.resume)
-        _wait_for_ranks(staging, ctx, digest, token, cfg.dist_timeout)
+        _test_kill_at("waiting")
+        silence = Silence(heartbeats, range(1, ctx.world_size), cfg.dist_heartbeat_timeout)
+        _wait_for_ranks(staging, ctx, digest, token, cfg.dist_timeout, silence)
         for item in staging.iterdir():
             if item.name not in {shard.file for shard in plan.shards}:
                 _unlink(item)
-        defaults = {f.name: f.default for f in dataclasses.fields(MergeConfig) if f.name in ("rank", "world_size", "resume", "dist_timeout")}
+        defaults = {f.name: f.default for f in dataclasses.fields(MergeConfig) if f.name in _RANK_OPTIONS}
         writer.finish_and_publish(
             staging, output, plan, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, model_files_from=plan.models[0].path,
             records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(dataclasses.replace(cfg, **defaults))},
@@ -397,22 +569,18 @@ def _remove_staging(staging: Path) -> None:
 
 
 # -- ranks 1 .. world_size-1 -----------------------------------------------------------------
-def _identity(path: Path) -> Optional[tuple[int, int]]:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str) -> None:
+def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str,
+            heartbeats: Path) -> None:
     os.makedirs(staging, exist_ok=True)
     identity = _identity(staging)
     _unlink(staging / f"rank-{ctx.rank}.done")
     _unlink(staging / f"rank-{ctx.rank}.failed")
+    leader = Silence(heartbeats, [0], cfg.dist_heartbeat_timeout)
     done_token = working = None
+    leader_dead = False  # then no failed marker: nobody would read it, and it would fail the next run's rank 0
     deadline = time.monotonic() + cfg.dist_timeout
     try:
+        _test_kill_at("start")
         while True:
             if _identity(staging) != identity:
                 if done_token is None:
@@ -428,13 +596,18 @@ def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output:
                 run_share(cfg, plan, factory, ctx, staging, cfg.resume)
                 _write_atomically(staging / f"rank-{ctx.rank}.done", {"plan": digest, "token": token})
                 done_token = token
+                _test_kill_at("waiting")
                 deadline = time.monotonic() + cfg.dist_timeout
+            if leader.dead([0]):
+                leader_dead = True
+                kept = f"; {staging} is kept for --resume" if (staging / SHARDS_CREATED).exists() else ""
+                raise MergeError(_presumed_dead([0], leader.timeout) + kept)
             if time.monotonic() > deadline:
                 waiting = "rank 0 to create the shards" if done_token is None else "rank 0 to publish"
                 raise MergeError(f"timed out after {cfg.dist_timeout:g} s (--dist_timeout) waiting for {waiting}")
             time.sleep(POLL_SECONDS)
     except BaseException as exc:
-        if _identity(staging) == identity:
+        if not leader_dead and _identity(staging) == identity:
             try:
                 _write_atomically(staging / f"rank-{ctx.rank}.failed", {"error": f"{exc}" or type(exc).__name__, "token": working})
             except OSError:
@@ -449,12 +622,13 @@ def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContex
     digest = plan_hash(cfg, plan, ctx.world_size)
     staging = staging_path(output, digest)
     log.info("rank %d of %d (%s); staging %s", ctx.rank, ctx.world_size, ctx.source, staging)
+    heartbeats = heartbeat_path(output, digest)
     started = time.perf_counter()
-    with writer._sigterm_raises():
+    with writer._sigterm_raises(), _beating(heartbeats, ctx, cfg.dist_heartbeat_timeout):
         if ctx.rank == 0:
-            _lead(cfg, plan, factory, ctx, output, staging, digest)
+            _lead(cfg, plan, factory, ctx, output, staging, digest, heartbeats)
             log.info("merged %d tensors (%.2f GB) from %d model(s) on %d rank(s) into %s in %.1f s", len(plan.tasks),
                      plan.total_size / 1e9, len(plan.models), ctx.world_size, output, time.perf_counter() - started)
         else:
-            _follow(cfg, plan, factory, ctx, output, staging, digest)
+            _follow(cfg, plan, factory, ctx, output, staging, digest, heartbeats)
     return output
