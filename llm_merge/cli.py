@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 import typing
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from llm_merge import __version__
 from llm_merge.config import METHOD_TABLE, MergeConfig, config_from_dict, load_config_file, resolve
@@ -31,6 +31,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError (one line, exit 2) instead of usage text and SystemExit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
 def _unwrap_optional(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
@@ -38,7 +45,7 @@ def _unwrap_optional(hint: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per MergeConfig field (defaults suppressed to track what was given)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="llm_merge",
         description=(
             "Merge fine-tuned checkpoints of one base model (safetensors, HF / PaddleNLP layout) "
@@ -100,30 +107,60 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[MergeConfig, arg
 def run_command(argv: Optional[Sequence[str]], command: Callable[[Optional[Sequence[str]]], Any]) -> int:
     """Run ``command(argv)`` with the CLI's logging and error contract; returns the exit code.
 
-    MergeError -> one ``llm_merge: error:`` line and its exit code (2 config, 1 runtime);
-    OSError (disk full, permissions) -> one line, exit 1;
-    with the traceback under ``--debug``; Ctrl-C -> 130. Other exceptions are bugs and
-    keep their traceback. ``command`` returns the config it ran (for ``--quiet``).
+    Every failure is one ``llm_merge: error:`` line, control characters escaped, with the
+    traceback only under ``--debug``: MergeError exits with its code (2 config, 1 runtime),
+    OSError (disk full, permissions) and any other exception with 1, Ctrl-C with 130.
     """
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
+    _log_escaped()
     try:
         command(argv)
         return 0
-    except MergeError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
+        code, message = _failure(exc)
         if debug:
-            traceback.print_exc()
-        print(f"llm_merge: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:  # the environment failed (disk full, permissions), not the code
-        if debug:
-            traceback.print_exc()
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+    print(f"llm_merge: error: {escape_controls(message)}", file=sys.stderr)
+    return code
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) of an exception that ended a command."""
+    if isinstance(exc, MergeError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, OSError):  # the environment failed (disk full, permissions), not the code
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"llm_merge: error: {where}{exc.strerror or exc}; no output was written", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llm_merge: error: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 1, f"{where}{exc.strerror or exc}; no output was written"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted; no output was written"
+    if isinstance(exc, RecursionError):
+        return 1, "input nested too deeply; no output was written"
+    if isinstance(exc, MemoryError):
+        return 1, "out of memory; no output was written"
+    # a bug: still one line, the traceback with --debug
+    return 1, f"internal error {type(exc).__name__}: {exc}; no output was written (--debug shows the traceback)"
+
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters (escape sequences, carriage returns, newlines) shown as ``\\xNN``,
+    so a tensor or file name cannot rewrite the terminal or forge a second message line."""
+    return text.translate(_CONTROLS)
+
+
+class _EscapingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
+def _log_escaped() -> None:
+    """Log lines as ``llm_merge: message`` on stderr, control characters escaped."""
+    logging.basicConfig(level=logging.INFO, format="llm_merge: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _EscapingFormatter):
+            handler.setFormatter(_EscapingFormatter("llm_merge: %(message)s"))
 
 
 def quiet_logging(quiet: bool) -> None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from llm_merge import option_types
 from llm_merge.errors import ConfigError
+from llm_merge.io import side_files
 from llm_merge.names import DEFAULT_LAYER_PATTERN, compile_layer_pattern
 
 #: merge_method -> (sparsify_type, merge_type). A new combination is one line here.
@@ -174,6 +176,9 @@ class MergeConfig:
         False, "multi-rank merge: reuse the interrupted run's staging directory and skip tensors already written and verified (crc32)"
     )
     dist_timeout: float = _opt(86400.0, "multi-rank merge: seconds a rank waits for the others (rank 0 for every rank's done marker), > 0")
+    dist_heartbeat_timeout: float = _opt(
+        60.0, "multi-rank merge: seconds without a heartbeat after which a rank is declared dead, > 0 (give every rank the same value)"
+    )
 
     @property
     def weights(self) -> list[float]:
@@ -185,25 +190,82 @@ class MergeConfig:
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(MergeConfig))
+FIELD_TYPES = option_types.hints_of(MergeConfig)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> MergeConfig:
-    """Build a MergeConfig from a dict, rejecting unknown keys by name."""
+    """Build a MergeConfig from a dict, rejecting unknown keys and values of the wrong type by name."""
     unknown = sorted(set(values) - FIELD_NAMES)
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(FIELD_NAMES))}")
+    check_types(values, source)
     return MergeConfig(**values)
+
+
+def check_types(values: dict[str, Any], source: str) -> None:
+    """Every value has its option's type (no truthiness, no numbers in strings), or ConfigError naming it."""
+    for name, value in values.items():
+        problem = option_types.type_problem(name, value, FIELD_TYPES[name])
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
+    for name in ("tensor_parameters",):
+        if isinstance(values.get(name), dict):
+            for option, setting in values[name].items():
+                if option in TENSOR_OPTIONS:
+                    check_setting(setting, _setting_kind(option), f"{source}: tensor_parameters.{option}",
+                                  per_model=option.endswith("_list"))
+
+
+def _setting_kind(option: str) -> str:
+    """``bool`` or ``number``: the type of every value a per-tensor setting of ``option`` may hold."""
+    hint = FIELD_TYPES.get(option.removesuffix("_list") if option != "weight_list" else option)
+    return "bool" if hint is bool else "number"
+
+
+def check_setting(setting: Any, kind: str, where: str, per_model: bool = False) -> None:
+    """A per-tensor setting (scalar, gradient list, ``{filter, value}`` entries; ``per_model``: one per model)
+    holds only values of ``kind`` (``bool`` or ``number``), or ConfigError naming ``where``."""
+    if per_model:
+        if not isinstance(setting, list):
+            raise ConfigError(f"{where}: got {option_types.kind_of(setting)}, expected a list with one setting per model")
+        for k, item in enumerate(setting):
+            check_setting(item, kind, f"{where}[{k}]")
+        return
+    fits = isinstance(setting, bool) if kind == "bool" else option_types.is_number(setting)
+    if fits:
+        if kind == "number" and not math.isfinite(setting):
+            raise ConfigError(f"{where}: {setting} is not a finite number")
+        return
+    if isinstance(setting, dict):
+        if "value" not in setting or set(setting) - {"filter", "value"}:
+            raise ConfigError(f"{where}: expected {{filter: ..., value: ...}}, got keys {', '.join(map(str, setting))}")
+        if setting.get("filter") is not None and not isinstance(setting["filter"], str):
+            raise ConfigError(f"{where}.filter: got {option_types.kind_of(setting['filter'])}, expected a string or null")
+        check_setting(setting["value"], kind, f"{where}.value")
+    elif isinstance(setting, list) and setting:
+        for i, item in enumerate(setting):
+            check_setting(item, kind, f"{where}[{i}]")
+    else:
+        wanted = "true or false" if kind == "bool" else "a number"
+        raise ConfigError(f"{where}: got {option_types.kind_of(setting)}, expected {wanted}, a list of them or filter entries")
 
 
 def read_mapping_file(path: str | os.PathLike, parse, parse_error: type[Exception], label: str, fmt: str,
                       expected: str, error: type[Exception] = ConfigError) -> dict:
-    """``parse`` of a file's text, which must be a mapping; ``error`` starting with ``label`` otherwise."""
+    """``parse`` of a file's text (a bounded read: ``side_files``), which must be a mapping;
+    ``error`` starting with ``label`` otherwise."""
+    return parse_mapping(side_files.read_text(path, label, error=error), parse, parse_error, label, fmt, expected, error)
+
+
+def parse_mapping(text: str, parse, parse_error: type[Exception], label: str, fmt: str, expected: str,
+                  error: type[Exception] = ConfigError) -> dict:
+    """``parse(text)``, which must be a mapping; ``error`` starting with ``label`` otherwise."""
     try:
-        values = parse(Path(path).read_text())
-    except OSError as exc:
-        raise error(f"{label}: cannot read: {exc.strerror}") from None
+        values = parse(text)
     except parse_error as exc:
         raise error(f"{label}: not valid {fmt} ({exc})") from None
+    except RecursionError:
+        raise error(f"{label}: nested too deeply") from None
     if not isinstance(values, dict):
         raise error(f"{label}: expected {expected}")
     return values
@@ -231,6 +293,7 @@ def parse_size(text: str | int) -> int:
 
 def resolve(cfg: MergeConfig) -> MergeConfig:
     """Validate ``cfg`` and return a resolved copy (method pairing and weights filled in)."""
+    check_types({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "options")
     _check_choices(cfg)
     sparsify_type, merge_type, merge_method = _resolve_method(cfg)
     n_models = len(cfg.model_path_list)
@@ -241,8 +304,7 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     weights = [float(w) for w in cfg.weights]
     if len(weights) != n_models:
         raise ConfigError(f"--weight_list: {len(weights)} weight(s) given for {n_models} model(s); give one per model")
-    if not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"--weight_list: {weights} contains a non-finite value")
+    _check_float32("--weight_list", weights)
     if merge_type in ("slerp", "nuslerp") and n_models != 2:
         raise ConfigError(f"--model_path_list: {merge_type} merges exactly 2 models, got {n_models}")
     if cfg.slices is not None:
@@ -259,8 +321,7 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
         for value in values or []:
             _check_option(name, value, sparsify_type, cfg.epsilon)
     _check_range("gamma", cfg.gamma, 0.0, 1.0)
-    if not (isinstance(cfg.scale, (int, float)) and math.isfinite(cfg.scale)):
-        raise ConfigError(f"--scale: {cfg.scale} must be a finite number")
+    _check_float32("--scale", [cfg.scale])
     if cfg.tensor_parameters is not None:
         if not isinstance(cfg.tensor_parameters, dict):
             raise ConfigError("tensor_parameters: expected an object of {option: value}")
@@ -336,6 +397,8 @@ def _check_slices(cfg: MergeConfig) -> None:
             unknown = sorted(set(params) - set(SLICE_OPTIONS))
             if unknown:
                 raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(SLICE_OPTIONS)}")
+            for option, setting in params.items():
+                check_setting(setting, _setting_kind(option), f"{where}.{option}")
 
 
 def _check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: float) -> None:
@@ -346,8 +409,19 @@ def _check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: 
         _check_range(name, value, 0.0, 1.0, high_open=True)
     elif name in ("gamma", "slerp_alpha"):
         _check_range(name, value, 0.0, 1.0)
-    elif name in ("scale",) or name == "weight":
-        _check_range(name, value, -math.inf, math.inf, low_open=True, high_open=True)
+    elif name in ("scale", "weight"):
+        _check_float32(name, [value])
+
+
+def _check_float32(flag: str, values: list[float]) -> None:
+    """Weights and factors stay finite in float32, where merges use them, and so does their absolute sum
+    (a linear or TIES merge adds weighted values: 1e38 + 1e38 overflows)."""
+    for value in values:
+        if not option_types.finite_float32(value):
+            raise ConfigError(f"--{flag.lstrip('-')}: {value} is non-finite in float32, where merges use it "
+                              f"(|value| must be <= {option_types.FLOAT32_MAX:.4g})")
+    if not option_types.finite_float32(math.fsum(abs(v) for v in values)):
+        raise ConfigError(f"--{flag.lstrip('-')}: {values} sum past the float32 range ({option_types.FLOAT32_MAX:.4g})")
 
 
 def _check_choices(cfg: MergeConfig) -> None:
@@ -384,10 +458,22 @@ def _check_range(flag: str, value: float, low: float, high: float, low_open: boo
         raise ConfigError(f"--{flag}: {value} out of range {interval}")
 
 
+def input_paths(cfg: MergeConfig) -> list[str]:
+    """Every directory a merge reads: models, base, slice sources and a tokenizer source given as a path."""
+    from llm_merge.slices import check_slices
+
+    paths = [*cfg.model_path_list, *([cfg.base_model_path] if cfg.base_model_path else [])]
+    if cfg.slices is not None:
+        paths += [src.model for s in check_slices(cfg.slices) for src in s.sources]
+    if cfg.tokenizer_source not in (None, "base", "union"):
+        paths.append(cfg.tokenizer_source)
+    return list(dict.fromkeys(paths))
+
+
 def _check_output_path(cfg: MergeConfig) -> None:
+    """The output is none of the inputs, inside none and holds none: ``--overwrite`` can never replace an input."""
     output = Path(os.path.realpath(cfg.output_path))
-    inputs = [*cfg.model_path_list, *([cfg.base_model_path] if cfg.base_model_path else [])]
-    for given in inputs:
+    for given in input_paths(cfg):
         source = Path(os.path.realpath(given))
         if output == source or source in output.parents:
             raise ConfigError(f"--output_path: {cfg.output_path} is {'the same as' if output == source else 'inside'} input {given}; choose another directory")
@@ -405,3 +491,6 @@ def _check_distributed(cfg: MergeConfig) -> None:
             raise ConfigError(f"--rank: {cfg.rank} out of range [0, {cfg.world_size})")
     if not (isinstance(cfg.dist_timeout, (int, float)) and math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise ConfigError(f"--dist_timeout: {cfg.dist_timeout} must be > 0 seconds")
+    heartbeat_timeout = cfg.dist_heartbeat_timeout
+    if not (option_types.is_number(heartbeat_timeout) and math.isfinite(heartbeat_timeout) and heartbeat_timeout > 0):
+        raise ConfigError(f"--dist_heartbeat_timeout: {heartbeat_timeout} must be a finite number of seconds > 0")

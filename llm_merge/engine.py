@@ -89,7 +89,8 @@ class TensorMerger:
         self.writer = ShardWriter(output_dir)
         self._buffers: dict[str, np.ndarray] = {}
         self._params: dict[Any, tuple[str, ...]] = {}
-        self._nonfinite: list[int] = []
+        self._nonfinite: list[int] = []  # NaN/Inf values read, per input (the base last)
+        self._out_nonfinite = 0  # NaN/Inf values written
         self._spilled: list[SpilledArray] = []
         self._engine_values: dict[str, Any] = {}
 
@@ -122,12 +123,16 @@ class TensorMerger:
         return self.peak_bytes(task) > self.EXCLUSIVE_BYTES
 
     def run(self, task: TensorTask) -> int:
-        """Merge (or copy) one tensor into its output slot; returns the output bytes."""
+        """Merge (or copy) one tensor into its output slot; returns the output bytes.
+
+        NumPy's overflow warnings are off: NaN/Inf values are counted and judged per tensor instead.
+        """
         try:
-            if task.mergeable:
-                self._merge(task)
-            else:
-                self._copy(task)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                if task.mergeable:
+                    self._merge(task)
+                else:
+                    self._copy(task)
         finally:
             for spilled in self._spilled:
                 spilled.release()
@@ -154,11 +159,15 @@ class TensorMerger:
 
     def _convert(self, task: TensorTask) -> None:
         out_dtype = dtypes.to_numpy(task.out.dtype)
+        self._nonfinite, self._out_nonfinite = [0], 0
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             chunk = self._buffer("x0", count)
-            self._read_f32(task.inputs[0], start, chunk)
-            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, self.host.narrow(chunk, out_dtype))
+            self._nonfinite[0] += self._read_f32(task.inputs[0], start, chunk)
+            result = self.host.narrow(chunk, out_dtype)
+            self._out_nonfinite += self.host.count_nonfinite(result)
+            self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
+        self._check_output_finite(task)
 
     # -- float tensors ----------------------------------------------------------------
     def _merge(self, task: TensorTask) -> None:
@@ -183,6 +192,7 @@ class TensorMerger:
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
         out_dtype = dtypes.to_numpy(task.out.dtype)
         self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
+        self._out_nonfinite = 0
         fused = self._fused(keys, prepared, reduced, n)
         if fused is not None:
             self._apply_fused(task, fused, out_dtype)
@@ -192,6 +202,17 @@ class TensorMerger:
             if count:
                 info = task.inputs[index] if index < len(task.inputs) else task.base
                 log.warning("tensor %s has %d NaN/Inf value(s) in %s", task.name, count, info.file)
+        self._check_output_finite(task)
+
+    def _check_output_finite(self, task: TensorTask) -> None:
+        """MergeError when the output holds more NaN/Inf values than all the inputs together: some came from
+        finite inputs (a weight or factor overflowed float32, or a value the output dtype cannot hold)."""
+        made = self._out_nonfinite - sum(self._nonfinite)
+        if made > 0:
+            raise MergeError(
+                f"tensor {task.name}: the merge made {made} NaN/Inf value(s) from finite inputs (overflow in float32 "
+                f"or in the output dtype {task.out.dtype}: check --weight_list, --scale and per-tensor parameters)"
+            )
 
     def _prepare(self, task: TensorTask, index: int, key: int) -> dict[str, Any]:
         """Whole-tensor statistics of model ``index``'s task vector (``key``: its random stream)."""
@@ -247,6 +268,7 @@ class TensorMerger:
             if base is not None:
                 merged += base
             result = self.host.narrow(self.ops.to_numpy(merged), out_dtype)
+            self._out_nonfinite += self.host.count_nonfinite(result)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
 
     def _streamed_prepare(self, task: TensorTask) -> Optional[list[dict[str, Any]]]:
@@ -294,8 +316,10 @@ class TensorMerger:
         out_lane = _lane([task.out])
         for start, raws, base in self._raw_chunks(task):
             out = self._buffer("raw-out", raws[0].size, out_lane)
-            for slot, bad in enumerate(fused.run(raws, base, start, out)):
-                self._nonfinite[slot] += int(bad)
+            counts = fused.run(raws, base, start, out)
+            for slot in range(len(self._nonfinite)):
+                self._nonfinite[slot] += int(counts[slot])
+            self._out_nonfinite += int(counts[-1])
             if out_lane is np.uint32 and task.out.dtype != "F32":  # e.g. float64: the kernel wrote float32 bits
                 out = self.host.narrow(out.view(np.float32), out_dtype)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, out)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig, _check_option, check_della_models
 from llm_merge.errors import ConfigError
+from llm_merge.option_types import is_number, kind_of
 from llm_merge.names import layer_index
 
 
@@ -99,18 +100,18 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
             value = _first_value(name, [own.get(scalar), shared.get(scalar), top_settings[k] if top_settings else None], t)
             if value is None:
                 value = default[k] if default is not None else getattr(cfg, scalar, 1.0)
-            _check_option(scalar, float(value), cfg.sparsify_type, cfg.epsilon)
-            values.append(float(value))
+            value = _typed(option, value, 0.0)
+            _check_option(scalar, value, cfg.sparsify_type, cfg.epsilon)
+            values.append(value)
         out[option] = values
     for option in sorted((set(top) - set(PER_MODEL_LISTS.values())) | (set(shared) - set(PER_MODEL_LISTS))):
         value = _first_value(name, [None if option in PER_MODEL_LISTS else shared.get(option), top.get(option)], t)
         if value is None:
             continue
         default = getattr(cfg, option)
-        if isinstance(default, bool):
-            value = bool(value)
-        elif isinstance(default, (int, float)):
-            value = float(value)
+        if isinstance(default, (bool, int, float)):
+            value = _typed(option, value, default)
+        if isinstance(value, float):
             _check_option(option, value, cfg.sparsify_type, cfg.epsilon)
         out[option] = value
     weights = out.get("weight_list")
@@ -123,6 +124,17 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
                            out.get("epsilon_list") or cfg.epsilon_list or [out.get("epsilon", cfg.epsilon)] * n,
                            f"tensor {name}")
     return out or None
+
+
+def _typed(option: str, value: Any, like: Any) -> Any:
+    """``value`` as the type of ``like`` (bool, or float for numbers); ConfigError when it is not of that kind."""
+    if isinstance(like, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"tensor_parameters.{option}: got {kind_of(value)}, expected true or false")
+        return value
+    if not is_number(value):
+        raise ConfigError(f"tensor_parameters.{option}: got {kind_of(value)}, expected a number")
+    return float(value)
 
 
 def num_layers_of(names, config: dict, pattern: Optional[str] = None) -> int:

@@ -37,7 +37,8 @@ import numpy as np
 
 from llm_merge.config import parse_size, read_mapping_file
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.io import dtypes
+from llm_merge.io import dtypes, side_files
+from llm_merge.option_types import finite_float32, is_integer, is_number, kind_of
 from llm_merge.io.checkpoint import Checkpoint, index_file, open_checkpoint, single_file
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.plan import OutputSlot, Shard, ShardedOutput, layout_shards
@@ -102,11 +103,9 @@ def resolve_config(cfg: LoraMergeConfig) -> LoraMergeConfig:
 def _base_from_adapter_config(adapter: Path) -> str:
     for name in (PEFT_CONFIG, PADDLE_CONFIG):
         path = adapter / name
-        if path.is_file():
-            try:
-                named = json.loads(path.read_text()).get("base_model_name_or_path")
-            except (OSError, ValueError, AttributeError):
-                named = None
+        if os.path.lexists(path):
+            config = side_files.read_json(path, error=ConfigError)
+            named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
             if isinstance(named, str) and named and Path(named).is_dir():
                 log.info("base model from %s: %s", path, named)
                 return named
@@ -196,18 +195,22 @@ def open_adapter(directory: str | Path, allow_pickle: bool = False) -> Adapter:
     fmt = detect_format(directory)
     config_file = directory / (PEFT_CONFIG if fmt == PEFT else PADDLE_CONFIG)
     raw = _read_json(config_file)
+    for key in (*_UNSUPPORTED[fmt], *_FLAGS):
+        _check_flag(config_file, raw, key)
     for key in _UNSUPPORTED[fmt]:
         if raw.get(key):
             raise MergeError(f"{config_file}: {key}={raw[key]!r} is not supported; only plain LoRA (W + scale * B A) can be folded")
     if fmt == PEFT and raw.get("peft_type", "LORA") != "LORA":
         raise MergeError(f"{config_file}: peft_type {raw.get('peft_type')!r} is not LORA")
     r = raw.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if not _positive_rank(r):
         raise MergeError(f"{config_file}: r={r!r}, expected a positive integer")
     alpha = raw.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise MergeError(f"{config_file}: lora_alpha={alpha!r}, expected a number")
-    rslora = bool(raw.get("use_rslora", False) or raw.get("rslora", False))
+    if not (is_number(alpha) and finite_float32(alpha)):
+        raise MergeError(f"{config_file}: lora_alpha={alpha!r}, expected a finite number")
+    rslora = bool(raw.get("use_rslora") or raw.get("rslora"))
+    rank_pattern = _pattern(config_file, raw, "rank_pattern", _positive_rank, "a positive integer")
+    alpha_pattern = _pattern(config_file, raw, "alpha_pattern", lambda v: is_number(v) and finite_float32(v), "a finite number")
     weights_file, tensors = _adapter_tensors(directory, fmt, allow_pickle)
     return Adapter(
         path=directory,
@@ -218,11 +221,40 @@ def open_adapter(directory: str | Path, allow_pickle: bool = False) -> Adapter:
         lora_alpha=float(alpha),
         rslora=rslora,
         target_modules=raw.get("target_modules"),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out")),
         tensors=tensors,
     )
+
+
+#: true/false keys of an adapter config that change how it folds (a string there is an error, never truthy).
+_FLAGS = ("use_rslora", "rslora", "fan_in_fan_out")
+
+
+def _check_flag(config_file: Path, raw: dict, key: str) -> None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise MergeError(f"{config_file}: {key}: got {kind_of(value)}, expected true or false")
+
+
+def _positive_rank(value: Any) -> bool:
+    return is_integer(value) and value >= 1
+
+
+def _pattern(config_file: Path, raw: dict, key: str, valid, wanted: str) -> dict:
+    """PEFT's rank_pattern / alpha_pattern: an object of module-name regular expressions -> ``wanted`` values."""
+    patterns = raw.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise MergeError(f"{config_file}: {key}: got {kind_of(patterns)}, expected an object of module pattern -> value")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?{pattern}$")
+        except re.error as exc:
+            raise MergeError(f"{config_file}: {key}: {pattern!r} is not a valid regular expression ({exc})") from None
+        if not valid(value):
+            raise MergeError(f"{config_file}: {key}[{pattern!r}]: got {kind_of(value)}, expected {wanted}")
+    return dict(patterns)
 
 
 def _read_json(path: Path) -> dict:

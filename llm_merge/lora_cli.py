@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
 from llm_merge import __version__
-from llm_merge.cli import parse_bool, quiet_logging, run_command
-from llm_merge.errors import ConfigError
+from llm_merge.cli import OneLineParser, parse_bool, quiet_logging, run_command
 from llm_merge.io.dtypes import OUTPUT_DTYPES
 from llm_merge.lora import LoraMergeConfig
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are ConfigError (one line, exit 2) instead of usage + exit."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
@@ -26,7 +18,7 @@ def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="llm_merge",
         description=(
             "Fold a LoRA adapter (Hugging Face PEFT or PaddleNLP) into its base model: "

@@ -18,6 +18,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from llm_merge.backends.numpy_backend import NumpyOps
+from llm_merge.errors import MergeError
 from llm_merge.io import dtypes, writer
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
@@ -47,11 +49,15 @@ class TensorFolder:
         self.writer.close()
 
     def run(self, task: FoldTask) -> int:
-        """Fold (or copy) one tensor into its output slot; returns the output bytes."""
-        if task.lora is not None:
-            self._fold(task)
-        else:
-            self._copy(task, task.replace if task.replace is not None else task.base)
+        """Fold (or copy) one tensor into its output slot; returns the output bytes.
+
+        NumPy's overflow warnings are off: an output value that overflows is an error (``_check_finite``).
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            if task.lora is not None:
+                self._fold(task)
+            else:
+                self._copy(task, task.replace if task.replace is not None else task.base)
         return task.out_bytes
 
     def _copy(self, task: FoldTask, source: Source) -> None:
@@ -59,8 +65,22 @@ class TensorFolder:
         raw = source.dtype == task.out.dtype
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
-            data = self._read_raw(source, start, count) if raw else self._read_f32(source, start, count).astype(out_dtype)
+            if raw:
+                data = self._read_raw(source, start, count)
+            else:
+                values = self._read_f32(source, start, count)
+                before = NumpyOps.count_nonfinite(values)
+                data = values.astype(out_dtype)
+                self._check_finite(task, data, before)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, data)
+
+    @staticmethod
+    def _check_finite(task: FoldTask, out: np.ndarray, inputs_nonfinite: int) -> None:
+        """MergeError when an output block holds more NaN/Inf values than its inputs did."""
+        made = NumpyOps.count_nonfinite(out) - inputs_nonfinite
+        if made > 0:
+            raise MergeError(f"tensor {task.name}: the fold made {made} NaN/Inf value(s) from finite inputs "
+                             f"(overflow in float32 or in the output dtype {task.out.dtype}: check lora_alpha and the patterns)")
 
     def _fold(self, task: FoldTask) -> None:
         pair = task.lora
@@ -71,14 +91,19 @@ class TensorFolder:
         out_dtype = dtypes.to_numpy(task.out.dtype)
         block = max(1, self.chunk // max(cols, 1))
         left_t = left.T if pair.transpose else None
+        factors_nonfinite = NumpyOps.count_nonfinite(left) + NumpyOps.count_nonfinite(right)
         for first in range(0, rows, block):
             last = min(rows, first + block)
             weights = self._read_f32(task.base, first * cols, (last - first) * cols).reshape(last - first, cols)
+            before = NumpyOps.count_nonfinite(weights)
             # delta[first:last] of [rows, cols]: left @ right, or (left @ right).T = right.T @ left.T
             delta = right[:, first:last].T @ left_t if pair.transpose else left[first:last] @ right
             delta *= scale
             weights += delta
-            self.writer.write(task.out.file, task.out.start + first * cols * out_dtype.itemsize, weights.astype(out_dtype, copy=False))
+            out = weights.astype(out_dtype, copy=False)
+            if not factors_nonfinite:  # a NaN factor spreads over whole rows: the inputs had it
+                self._check_finite(task, out, before)
+            self.writer.write(task.out.file, task.out.start + first * cols * out_dtype.itemsize, out)
 
     def _read_f32(self, source: Source, start: int, count: int) -> np.ndarray:
         """Elements [start, start+count) as float32 (a reused buffer for file reads)."""

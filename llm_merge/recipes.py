@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llm_merge.config import MergeConfig, config_from_dict, read_mapping_file
+from llm_merge.config import MergeConfig, check_setting, config_from_dict, parse_mapping
 from llm_merge.errors import ConfigError
+from llm_merge.io import side_files
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,72 @@ _IGNORED = {"int8_mask"}
 #: every parameter some mergekit method takes: others are typos (an error); these, when the method does not use them, a warning
 KNOWN_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
                     "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "scale"}
+#: parameters whose values are true/false (the others are numbers)
+BOOL_PARAMETERS = {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
 SUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough", *_GTA)
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
            "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
+#: YAML nodes a recipe may hold once its aliases are expanded (a real recipe has a few hundred).
+MAX_RECIPE_NODES = 100_000
+
+
 def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a YAML recipe into a dict."""
+    """Read a YAML recipe into a dict (bounded read; alias expansion bounded by MAX_RECIPE_NODES)."""
+    return read_recipe(path)[1]
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[str, dict]:
+    """A YAML recipe's text and its mapping (one bounded read)."""
     import yaml
 
-    return read_mapping_file(path, yaml.safe_load, yaml.YAMLError, f"recipe {path}", "YAML",
-                             "a mapping with merge_method, models, ...")
+    label = f"recipe {path}"
+    text = side_files.read_text(path, label, error=ConfigError)
+    recipe = parse_mapping(text, parse_yaml, yaml.YAMLError, label, "YAML", "a mapping with merge_method, models, ...")
+    return text, recipe
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing recursive aliases and documents whose aliases expand past MAX_RECIPE_NODES.
+
+    PyYAML shares an aliased node instead of copying it, so a few hundred bytes of nested aliases
+    (a "billion laughs") load quickly but expand exponentially in whatever walks the result.
+    """
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes under ``node`` with every alias expanded; ConfigError past MAX_RECIPE_NODES or on a cycle."""
+    import yaml
+
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(f"recipe: a YAML alias refers to itself (line {node.start_mark.line + 1}); refused")
+    open_nodes.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes, open_nodes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes) for k, v in node.value)
+    open_nodes.discard(key)
+    if size > MAX_RECIPE_NODES:
+        raise ConfigError(f"recipe: its YAML aliases expand to more than {MAX_RECIPE_NODES} nodes; refused")
+    sizes[key] = size
+    return size
 
 
 def _is_scalar(value: Any) -> bool:
@@ -103,10 +158,14 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
 
     def resolve_path(path: Optional[str]) -> Optional[str]:
-        if path is None or base_dir is None or os.path.isabs(path) or os.path.exists(path):
+        """A relative model path is read beside the recipe, never in the current directory."""
+        if path is None or base_dir is None or os.path.isabs(path):
             return path
         candidate = base_dir / path
-        return str(candidate) if candidate.exists() else path
+        if not os.path.lexists(candidate) and os.path.lexists(path):
+            raise ConfigError(f"recipe: model {path} is read beside the recipe, as {candidate}, which does not exist "
+                              f"(there is a {path} in the current directory: give its absolute path to use it)")
+        return str(candidate)
 
     base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
     slices = None
@@ -250,6 +309,8 @@ def _used_parameters(params: Any, where: str, method: str, allowed: set[str]) ->
     if unknown:
         raise ConfigError(f"recipe: {where}: unknown parameter(s) {', '.join(unknown)}; "
                           f"merge_method {method} takes: {', '.join(sorted(allowed)) or 'none'}")
+    for name, setting in params.items():
+        check_setting(setting, "bool" if name in BOOL_PARAMETERS else "number", f"recipe: {where}.{name}")
     unused = sorted(set(params) - allowed)
     if unused:
         log.warning("recipe: %s: parameter(s) %s not used by merge_method %s (%s); ignored, as mergekit does",
@@ -262,7 +323,7 @@ def _output_dtype(recipe: dict) -> dict[str, str]:
     dtype = recipe.get("out_dtype") or recipe.get("dtype")
     if dtype is None:
         return {}
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
     return {"output_dtype": _DTYPES[dtype]}
 
@@ -286,7 +347,7 @@ def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional
             if bad:
                 raise ConfigError(f"recipe: {where}: unsupported key(s) {', '.join(bad)}; valid: layer_range, model, parameters")
             sources.append({"model": resolve_path(_model_path({"model": src.get("model")}, where)),
-                            "layer_range": list(src.get("layer_range") or []), "parameters": src.get("parameters") or {}})
+                            "layer_range": src.get("layer_range"), "parameters": src.get("parameters") or {}})
         out.append({"sources": sources, "parameters": s.get("parameters") or {}})
     return out
 
@@ -355,12 +416,10 @@ def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
 
 def main(argv=None) -> int:
     """``python tools/mergekit.py [--config] recipe.yml OUT [--overwrite] [--n_process N] ...``"""
-    import argparse
-
-    from llm_merge.cli import parse_bool, quiet_logging, run_command
+    from llm_merge.cli import OneLineParser, parse_bool, quiet_logging, run_command
 
     def command(argv):
-        parser = argparse.ArgumentParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
+        parser = OneLineParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
         parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
         parser.add_argument("output_path", nargs="?", help="directory to write the merged model to")
         parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
@@ -381,8 +440,8 @@ def main(argv=None) -> int:
             raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
         extra = {k: v for k, v in vars(args).items() if k in ("n_process", "seed", "max_shard_size", "overwrite", "quiet") and v is not None}
         extra["model_card"] = not args.no_model_card
-        extra["recipe_text"] = Path(recipe_path).read_text()
-        cfg = recipe_to_config(load_recipe(recipe_path), rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
+        extra["recipe_text"], recipe = read_recipe(recipe_path)
+        cfg = recipe_to_config(recipe, rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
         from llm_merge.api import merge
         from llm_merge.config import resolve
 
@@ -394,6 +453,21 @@ def main(argv=None) -> int:
     return run_command(argv, command)
 
 
+_YAML_SUFFIXES = (".yml", ".yaml")
+
+
 def is_recipe_invocation(argv) -> bool:
-    """Whether ``tools/mergekit.py`` was given a YAML recipe (else it is the PaddleNLP-flag CLI)."""
-    return any(str(a).endswith((".yml", ".yaml")) for a in argv)
+    """Whether ``tools/mergekit.py`` was given a YAML recipe (else it is the PaddleNLP-flag CLI).
+
+    The recipe is the first argument or the value of ``--config``; an output directory or any
+    other value that happens to end in ``.yml`` never switches the mode.
+    """
+    args = [str(a) for a in argv]
+    if args and not args[0].startswith("-") and args[0].endswith(_YAML_SUFFIXES):
+        return True
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1].endswith(_YAML_SUFFIXES)
+        if arg.startswith("--config="):
+            return arg.partition("=")[2].endswith(_YAML_SUFFIXES)
+    return False

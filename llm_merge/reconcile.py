@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from llm_merge.config import MergeConfig
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.io import dtypes
+from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.names import HEAD_NAME, embed_name, is_vocab_name
@@ -66,11 +66,18 @@ class Reconciled:
 
 
 def read_model_config(directory: Path) -> dict:
-    """config.json of a checkpoint directory ({} when absent or unreadable)."""
-    try:
-        value = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
+    """config.json of a checkpoint directory ({} when absent or not a JSON object; MergeError when it is not a
+    regular file of bounded size, e.g. a FIFO or a link to a device)."""
+    path = Path(directory) / "config.json"
+    if not os.path.lexists(path):
         return {}
+    try:
+        value = side_files.read_json(path)
+    except MergeError:
+        if path.is_file() and path.stat().st_size <= side_files.MAX_SIDE_FILE_BYTES:
+            log.warning("%s: not valid JSON; treated as empty", path)
+            return {}
+        raise
     return value if isinstance(value, dict) else {}
 
 
@@ -265,8 +272,9 @@ def _vocab_source(cfg, models, base, vocab_rows):
 def tokenizer_vocab(directory: Path, use_tokenizers: bool = False) -> Optional[dict[int, str]]:
     """Token id -> string from ``directory/tokenizer.json`` (None without one)."""
     path = Path(directory) / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    text = side_files.read_text(path)
     if use_tokenizers:
         try:
             import tokenizers
@@ -275,12 +283,12 @@ def tokenizer_vocab(directory: Path, use_tokenizers: bool = False) -> Optional[d
                 "--tokenizer_source union needs the tokenizers package: pip install 'llm_merge[tokenizers]'"
             ) from None
         try:
-            vocab = tokenizers.Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+            vocab = tokenizers.Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
             raise MergeError(f"{path}: cannot load the tokenizer ({exc})") from None
         return {i: s for s, i in vocab.items()}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
         model_vocab = data.get("model", {}).get("vocab", {})
         if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
             out = {i: entry[0] for i, entry in enumerate(model_vocab)}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llm_merge.errors import ConfigError
+from llm_merge.option_types import is_integer, kind_of
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 from llm_merge.names import compile_layer_pattern, embed_name
 
@@ -49,13 +50,15 @@ class Slice:
 def _source(entry: Any, where: str) -> Source:
     if not isinstance(entry, dict) or not {"model", "layer_range"} <= set(entry) or set(entry) - {"model", "layer_range", "parameters"}:
         raise ConfigError(f"{where}: expected {{model, layer_range[, parameters]}}, got {entry!r}")
+    if not isinstance(entry["model"], str) or not entry["model"]:
+        raise ConfigError(f"{where}.model: got {kind_of(entry['model'])}, expected a model directory")
     r = entry["layer_range"]
-    if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1]):
+    if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(is_integer(v) for v in r) and 0 <= r[0] < r[1]):
         raise ConfigError(f"{where}.layer_range: {r!r} must be [start, end] with 0 <= start < end")
     parameters = entry.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ConfigError(f"{where}.parameters: expected an object of {{option: value}}")
-    return Source(str(entry["model"]), r[0], r[1], parameters)
+    return Source(entry["model"], r[0], r[1], parameters)
 
 
 def check_slices(slices: Any) -> list[Slice]:

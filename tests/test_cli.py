@@ -7,6 +7,7 @@ import pytest
 
 from llm_merge.cli import build_parser, main, parse_config
 from llm_merge.config import MergeConfig
+from llm_merge.errors import ConfigError
 
 BASE_ARGS = ["--model_path_list", "a", "b", "--output_path", "out"]
 
@@ -47,9 +48,10 @@ def test_config_file_then_flags_override(tmp_path):
 
 
 def test_unknown_flag_fails(capsys):
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus"):
         parse_config(BASE_ARGS + ["--bogus", "1"])
-    assert info.value.code == 2
+    assert main(BASE_ARGS + ["--bogus", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["llm_merge: error: unrecognized arguments: --bogus"]
 
 
 def test_config_error_exit_code_and_one_line_message(capsys):

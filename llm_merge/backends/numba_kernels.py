@@ -199,14 +199,18 @@ LINEAR, TIES = 0, 1
 def _narrow_block(bits, count, out, start):
     """float32 ``bits[:count]`` into ``out[start:]``, rounded to nearest even: bfloat16 bits when ``out`` is
     uint16, float16 bits when it is int16 (``float_bits_to_half``), else the float32 bits.
+    Returns how many written values are NaN/Inf (rounding may overflow a finite float32).
 
     Every step is cast back to uint32 (numba would compute in 64 bits: half the vector lanes);
     no step overflows 32 bits, so the result is the same.
     """
     target = out[start : start + count]
+    bad = 0
     if is_half_lane(out):
         for j in range(count):
-            target[j] = np.int16(np.uint16(float_bits_to_half(bits[j])))
+            half = np.uint16(float_bits_to_half(bits[j]))
+            target[j] = np.int16(half)
+            bad += np.uint16(half & np.uint16(0x7C00)) == np.uint16(0x7C00)
     elif out.itemsize == 2:
         for j in range(count):
             b = bits[j]
@@ -214,10 +218,15 @@ def _narrow_block(bits, count, out, start):
             rounded = np.uint32(np.uint32(b + np.uint32(0x7FFF)) + odd)
             quiet = np.uint32(np.uint32(b >> 16) | np.uint32(0x40))
             nan = np.uint32(b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            target[j] = np.uint16(quiet if nan else np.uint32(rounded >> 16))
+            value = np.uint16(quiet if nan else np.uint32(rounded >> 16))
+            target[j] = value
+            bad += np.uint16(value & np.uint16(0x7F80)) == np.uint16(0x7F80)
     else:
         for j in range(count):
-            target[j] = bits[j]
+            b = bits[j]
+            target[j] = b
+            bad += np.uint32(b & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    return bad
 
 
 @njit(**_JIT)
@@ -330,7 +339,8 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
 
     Works through the chunk in blocks of ``rows.shape[1]`` elements so the working set stays in cache.
     Magnitude ranks come from ``ranks`` (this chunk's, per model) or, when ``tables`` holds rank tables
-    (``FusedChunks.tables``), are counted block by block from them.
+    (``FusedChunks.tables``), are counted block by block from them. ``nonfinite`` counts NaN/Inf values:
+    of each model's input, of the base's (index k) and of the output (index k + 1).
     """
     block = rows.shape[1]
     n = out.size
@@ -349,7 +359,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsify, keys, dare_threshol
             _sparsify_rows(rows, m, sparsify, keys, offset + s, dare_threshold, dare_p, rescale, trim_threshold,
                            trim_scale, ranks, s, top, step)
         _merge_rows(raws, rows, m, base, has_base, merge, weights, normalize, total_weight, by_count, merged)
-        _narrow_block(merged_bits, m, out, s)
+        nonfinite[rows.shape[0] + 1] += _narrow_block(merged_bits, m, out, s)
 
 
 class _Blocks:
@@ -412,12 +422,12 @@ class FusedChunks:
 
         ``raws``: one uint16 (bfloat16 bits), int16 (float16 bits) or uint32 (float32 bits) array per
         model, all of one type; ``out``: a lane of the output dtype (uint16, int16 or uint32), their
-        length. Returns the NaN/Inf count of each input (base last).
+        length. Returns the NaN/Inf counts of each input, of the base, then of the output.
         """
         count = out.size
         ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
         raws, base_raw, has_base, _ = chunk_inputs(raws, base_raw)
-        nonfinite = np.zeros(len(raws) + 1, np.int64)
+        nonfinite = np.zeros(len(raws) + 2, np.int64)
         _fused_chunk(
             raws, base_raw, has_base, start, self.sparsify, self.keys, self.dare_threshold, self.dare_p, self.rescale,
             self.trim_threshold, self.trim_scale, ranks, self.tables, self.top, self.step, self.merge, self.weights,

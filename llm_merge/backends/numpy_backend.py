@@ -39,6 +39,11 @@ _PACKED_RANK_LIMIT = 1 << 32
 HALF_LANES = {np.dtype(ml_dtypes.bfloat16): np.uint16, np.dtype(np.float16): np.int16}
 
 
+#: itemsize -> (unsigned type of the bits, exponent mask); bfloat16's mask is set apart (same itemsize as float16).
+_EXPONENT_BITS = {2: (np.uint16, np.uint16(0x7C00)), 4: (np.uint32, np.uint32(0x7F800000)),
+                  8: (np.uint64, np.uint64(0x7FF0000000000000))}
+
+
 class NumpyOps:
     """Array operations on float32 NumPy arrays."""
 
@@ -172,6 +177,15 @@ class NumpyOps:
         if lane is not None:
             return self._kernels.narrow_bits(x.ravel().view(np.uint32), np.empty(x.size, lane)).view(dtype)
         return x.astype(dtype, copy=False)
+
+    @staticmethod
+    def count_nonfinite(x: np.ndarray) -> int:
+        """NaN/Inf values in an output chunk (bfloat16, float16, float32 or float64), from their exponent bits."""
+        bits, exponent = _EXPONENT_BITS[np.dtype(x.dtype).itemsize]
+        if np.dtype(x.dtype) == np.dtype(ml_dtypes.bfloat16):
+            exponent = bits(0x7F80)
+        masked = np.bitwise_and(x.view(bits), exponent)
+        return int(np.count_nonzero(masked == exponent))
 
     @staticmethod
     def rng(key: int, offset: int) -> CounterRNG:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from llm_merge.errors import MergeError
+from llm_merge.io import side_files
 from llm_merge.io.safetensors_format import Header, TensorInfo, read_header
 
 
@@ -54,10 +55,10 @@ def open_checkpoint(
     if not directory.is_dir():
         raise MergeError(f"{directory}: not a directory")
     index = index_file(directory, prefix)
-    if index.is_file():
+    if os.path.lexists(index):
         return _open_sharded(directory, prefix, index)
     single = single_file(directory, prefix)
-    if single.is_file():
+    if os.path.lexists(single):
         header = read_header(single)
         return Checkpoint(directory, prefix, (single,), _in_storage_order(header.tensors), header.metadata)
     converted = convert(directory, prefix) if convert is not None else None
@@ -71,12 +72,10 @@ def open_checkpoint(
 
 
 def _open_sharded(directory: Path, prefix: str, index: Path) -> Checkpoint:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MergeError(f"{index}: not a valid safetensors index ({exc})") from None
+    document = side_files.read_json(index)
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise MergeError(f"{index}: not a valid safetensors index (weight_map must be an object of tensor name -> shard file name)")
     root = directory.resolve()
     headers: dict[str, Header] = {}
     for shard_name in dict.fromkeys(weight_map.values()):

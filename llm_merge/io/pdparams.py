@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.io import dtypes, writer
+from llm_merge.io import dtypes, side_files, writer
 from llm_merge.io.safetensors_format import encode_header, read_header
 
 log = logging.getLogger(__name__)
@@ -173,12 +173,10 @@ def convert_checkpoint(directory: Path, prefix: str, target: Path) -> None:
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise MergeError(f"{index}: not a valid pdparams index ({exc})") from None
+    document = side_files.read_json(index)
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise MergeError(f"{index}: not a valid pdparams index (weight_map must be an object of tensor name -> shard file name)")
     return weight_map
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from llm_merge.io import dtypes
 
 #: Headers larger than this are refused before being read (same limit as the safetensors library).
 MAX_HEADER_BYTES = 100_000_000
+#: Most dimensions of a tensor (NumPy's limit).
+MAX_DIMS = 64
+#: A tensor's byte size (and its element count, even with a zero dimension) must stay below this (int64 offsets).
+MAX_TENSOR_BYTES = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -54,28 +59,42 @@ def read_header(path: str | os.PathLike) -> Header:
     """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise MergeError(f"{path}: not a safetensors file (only {file_size} bytes, header length missing)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise MergeError(f"{path}: header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
-            if 8 + header_len > file_size:
-                raise MergeError(f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)")
-            raw = handle.read(header_len)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise MergeError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise MergeError(f"{path}: not a regular file; refused")
+        file_size = status.st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise MergeError(f"{path}: not a safetensors file (only {file_size} bytes, header length missing)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise MergeError(f"{path}: header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+        if 8 + header_len > file_size:
+            raise MergeError(f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)")
+        raw = os.pread(fd, header_len, 8)
+        if len(raw) < header_len:
+            raise MergeError(f"{path}: header cut short at {8 + len(raw)} bytes; file truncated?")
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MergeError(f"{path}: header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise MergeError(f"{path}: header is nested too deeply to be a safetensors header") from None
     if not isinstance(parsed, dict):
         raise MergeError(f"{path}: header is a JSON {type(parsed).__name__}, expected an object")
     data_start = 8 + header_len
     buffer_size = file_size - data_start
     metadata = parsed.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise MergeError(f"{path}: __metadata__ must be an object of strings")
     tensors = {name: _tensor_info(path, name, entry, data_start, buffer_size) for name, entry in parsed.items()}
     _check_no_overlap(path, tensors)
     return Header(path=path, tensors=tensors, metadata=metadata)
@@ -91,13 +110,15 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, buffer_s
         size = dtypes.itemsize(dtype)
     except MergeError as exc:
         raise MergeError(f"{path}: tensor {name!r}: {exc}") from None
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise MergeError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise MergeError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of at most {MAX_DIMS} non-negative integers")
+    if math.prod(d for d in shape if d) * size >= MAX_TENSOR_BYTES:
+        raise MergeError(f"{path}: tensor {name!r}: shape {shape!r} of {dtype} does not fit in 2^63 bytes")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_is_count(o) for o in offsets)
+        or not offsets[0] <= offsets[1]
     ):
         raise MergeError(f"{path}: tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
@@ -110,6 +131,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, buffer_s
     if end > buffer_size:
         raise MergeError(f"{path}: tensor {name!r}: data ends at byte {end} past the data buffer ({buffer_size} bytes); file truncated?")
     return TensorInfo(file=path, dtype=dtype, shape=tuple(shape), start=data_start + begin, nbytes=expected)
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (``true`` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
