@@ -263,7 +263,7 @@ def parse_mapping(text: str, parse, parse_error: type[Exception], label: str, fm
     try:
         values = parse(text)
     except parse_error as exc:
-        raise error(f"{label}: not valid {fmt} ({exc})") from None
+        raise error(f"{label}: not valid {fmt} ({' '.join(str(exc).split())})") from None
     except RecursionError:
         raise error(f"{label}: nested too deeply") from None
     if not isinstance(values, dict):
@@ -471,14 +471,25 @@ def input_paths(cfg: MergeConfig) -> list[str]:
 
 
 def _check_output_path(cfg: MergeConfig) -> None:
-    """The output is none of the inputs, inside none and holds none: ``--overwrite`` can never replace an input."""
-    output = Path(os.path.realpath(cfg.output_path))
-    for given in input_paths(cfg):
+    check_output_apart(cfg.output_path, [("input", given) for given in input_paths(cfg)])
+
+
+def check_output_apart(output_path: str, inputs: list[tuple[str, str]]) -> None:
+    """The output is none of the inputs, inside none and holds none, and holds neither the current nor the
+    home directory: ``--overwrite`` can never replace an input or the directory the user works in.
+    ``inputs``: (what, path) pairs, ``what`` naming the flag or role in the message."""
+    output = Path(os.path.realpath(output_path))
+    for what, given in inputs:
         source = Path(os.path.realpath(given))
         if output == source or source in output.parents:
-            raise ConfigError(f"--output_path: {cfg.output_path} is {'the same as' if output == source else 'inside'} input {given}; choose another directory")
+            raise ConfigError(f"--output_path: {output_path} is {'the same as' if output == source else 'inside'} {what} {given}; "
+                              "choose another directory")
         if output in source.parents:
-            raise ConfigError(f"--output_path: {cfg.output_path} contains input {given}; choose another directory")
+            raise ConfigError(f"--output_path: {output_path} contains {what} {given}; choose another directory")
+    for what, place in (("the current directory", os.getcwd()), ("the home directory", os.path.expanduser("~"))):
+        place = Path(os.path.realpath(place))
+        if output == place or output in place.parents:
+            raise ConfigError(f"--output_path: {output_path} is or contains {what}; choose another directory")
 
 
 def _check_distributed(cfg: MergeConfig) -> None:

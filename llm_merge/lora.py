@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from llm_merge.config import parse_size, read_mapping_file
+from llm_merge.config import check_output_apart, parse_size, read_mapping_file
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes, side_files
 from llm_merge.option_types import finite_float32, is_integer, is_number, kind_of
@@ -116,12 +116,7 @@ def _base_from_adapter_config(adapter: Path) -> str:
 
 
 def _check_output_path(cfg: LoraMergeConfig) -> None:
-    output = Path(os.path.realpath(cfg.output_path))
-    for flag, given in (("--model_name_or_path", cfg.model_name_or_path), ("--lora_path", cfg.lora_path)):
-        source = Path(os.path.realpath(given))
-        if output == source or source in output.parents or output in source.parents:
-            relation = "the same as" if output == source else ("inside" if source in output.parents else "a parent of")
-            raise ConfigError(f"--output_path: {cfg.output_path} is {relation} {flag} {given}; choose another directory")
+    check_output_apart(cfg.output_path, [("--model_name_or_path", cfg.model_name_or_path), ("--lora_path", cfg.lora_path)])
 
 
 # -- adapter --------------------------------------------------------------------------

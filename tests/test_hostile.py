@@ -144,6 +144,20 @@ def test_tokenizer_source_that_is_the_output_is_refused(tmp_path, pair):
     one_line_error(result, 2, "--output_path", "contains input")
 
 
+def test_overwrite_never_replaces_the_current_directory(tmp_path, pair):
+    import subprocess
+    import sys
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (work / "precious.txt").write_text("mine")
+    for output in (work, work.parent):
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "mergekit.py"), "--model_path_list", str(pair["ft1"]),
+                                 str(pair["ft2"]), "--output_path", str(output), "--overwrite"], cwd=work,
+                                capture_output=True, text=True, timeout=120)
+        one_line_error(result, 2, "the current directory")
+    assert (work / "precious.txt").read_text() == "mine"
+
+
 def test_recipe_paths_resolve_beside_the_recipe_not_the_current_directory(tmp_path, pair):
     """A same-named model in the current directory is never merged instead of the one beside the recipe."""
     recipes = tmp_path / "recipes"
