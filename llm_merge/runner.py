@@ -118,6 +118,8 @@ def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> Non
 
 def _worker(worker_id: int, tasks, make_worker, todo, results, big_task_lock) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise (a closing terminal signals the whole group)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     merger = None
     index = None

@@ -133,10 +133,10 @@ def big_family(tmp_path_factory):
     return root, dirs
 
 
-def start_merge(family, out, n_process):
+def start_merge(family, out, n_process, *flags):
     root, dirs = family
     cmd = [sys.executable, str(REPO / "tools" / "mergekit.py"), "--merge_method", "della", "--base_model_path", root / "base",
-           "--model_path_list", *dirs, "--output_path", out, "--n_process", str(n_process)]
+           "--model_path_list", *dirs, "--output_path", out, "--n_process", str(n_process), *flags]
     # plain NumPy (whole-tensor argsort ranks): seconds of work, so signals land mid-merge
     env = {**os.environ, "LLM_MERGE_NUMBA": "0"}
     return subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -166,18 +166,59 @@ def test_worker_killed_with_sigkill(tmp_path, big_family):
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 1), (signal.SIGINT, 130)])
-def test_main_process_interrupted(tmp_path, big_family, signum, code):
+def running(processes):
+    """Those of ``processes`` still running (a zombie, waiting to be reaped, has stopped)."""
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize(
+    "signum, code, message",
+    [
+        (signal.SIGTERM, 1, "terminated by signal SIGTERM; no output was written"),
+        (signal.SIGHUP, 1, "terminated by signal SIGHUP; no output was written"),
+        (signal.SIGINT, 130, "interrupted; no output was written"),
+    ],
+)
+def test_main_process_interrupted(tmp_path, big_family, signum, code, message):
+    """The run stops: one line, its exit code, workers gone, no staging directory, the old output untouched."""
     out = tmp_path / "out"
-    proc = start_merge(big_family, out, 2)
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = start_merge(big_family, out, 2, "--overwrite", "--quiet")
     children = wait_for_work(proc, out, 2)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert "no output was written" in err
-    assert leftovers(out) == []
-    for child in children:
-        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert err == f"llm_merge: error: {message}\n"
+    assert leftovers(out) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert running(children) == []
+
+
+def test_a_second_stop_signal_does_not_cut_the_cleanup_short_and_nohup_is_respected():
+    from llm_merge.io import writer
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with pytest.raises(writer.Terminated, match="^terminated by signal SIGTERM; no output was written$"):
+            with writer.stop_signals_raise():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # interrupted by the handler's exception
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)  # while cleaning up: ignored
+                    time.sleep(0.01)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_main_process_killed_leaves_only_a_staging_dir_that_the_next_run_removes(tmp_path, big_family):

@@ -229,24 +229,53 @@ def publish(staging: Path, output: Path, overwrite: bool) -> None:
         os.rename(staging, output)
 
 
+#: Signals that stop a run as SIGTERM does: workers stopped, the staging directory removed, nothing published.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Terminated(MergeError):
-    """SIGTERM received: the run stops and leaves no output."""
+    """A stop signal (SIGTERM, SIGHUP) was received: the run stops and leaves no output."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated(f"terminated by signal {signum}; no output was written")
+#: The stop signal being handled (nested ``stop_signals_raise`` blocks share it), and how deep the blocks are.
+_stopping: list[int] = []
+_stop_depth = [0]
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    if not _stopping:
+        _stopping.append(signum)
+        raise Terminated(f"terminated by signal {signal.Signals(signum).name}; no output was written")
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def stop_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise Terminated in the main thread (elsewhere: no change).
+
+    Only the first signal raises; later ones are ignored until the outermost block exits, so that
+    they cannot cut short the cleanup the first one started (stopping workers, removing the
+    staging directory). A signal ignored on entry stays ignored (SIGHUP under ``nohup``).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if signum == signal.SIGTERM or handler is not signal.SIG_IGN:
+            signal.signal(signum, _raise_terminated)
+    _stop_depth[0] += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _stop_depth[0] -= 1
+        if not _stop_depth[0]:
+            _stopping.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+#: The name other modules know it by.
+_sigterm_raises = stop_signals_raise
 
 
 def write_model_atomically(
@@ -262,11 +291,11 @@ def write_model_atomically(
     ``layout`` has ``shards``, ``weight_map`` and ``total_size`` (a merge or fold
     plan). ``fill(staging)`` writes every tensor into the pre-created shards;
     then ``finish_and_publish`` (which takes the ``finish`` keywords) verifies,
-    completes and publishes the directory. On any exception, SIGTERM or Ctrl-C,
+    completes and publishes the directory. On any exception, SIGTERM, SIGHUP or Ctrl-C,
     the staging directory is removed and ``output`` is left untouched.
     """
     check_output_path(output, overwrite)
-    with _sigterm_raises(), staging_directory(output) as staging:
+    with stop_signals_raise(), staging_directory(output) as staging:
         create_shards(staging, layout.shards)
         fill(staging)
         finish_and_publish(staging, output, layout, overwrite=overwrite, **finish)
