@@ -2,7 +2,8 @@
 
 Workers pull task indices from a queue (largest tensors first) and write their
 results at planned offsets, so the worker count changes speed, never bytes.
-A worker that raises or dies stops every worker and surfaces as MergeError.
+A worker that raises or dies stops every worker and surfaces as MergeError; a worker
+never outlives the main process, even one killed with SIGKILL.
 A task has ``name``, ``in_bytes``, ``out_bytes`` and ``out.file``; a worker is made in each
 process by ``make_worker()`` and has ``run(task) -> bytes written`` and ``close()``.
 """
@@ -10,11 +11,15 @@ process by ``make_worker()`` and has ``run(task) -> bytes written`` and ``close(
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
+import os
 import queue
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
@@ -23,6 +28,9 @@ from llm_merge.errors import MergeError
 
 log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.2
+#: How often a worker checks that its parent lives, where the kernel cannot be asked to kill it (not Linux).
+PARENT_POLL_SECONDS = 0.5
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 class Worker(Protocol):
@@ -116,7 +124,44 @@ def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> Non
         merger.close()
 
 
-def _worker(worker_id: int, tasks, make_worker, todo, results, big_task_lock) -> None:
+def _die_with_parent(parent_pid: Optional[int]) -> None:
+    """End this worker as soon as its parent process dies, even of SIGKILL: no worker outlives a merge.
+
+    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``; strictly, at the
+    end of the thread that started the worker, which waits in ``_run_pool`` until the workers end);
+    a parent that died before that request is caught by comparing ``os.getppid()`` with
+    ``parent_pid`` (None: the parent at this call, e.g. the forkserver). Elsewhere a daemon thread
+    polls ``os.getppid()``.
+    """
+    parent_pid = os.getppid() if parent_pid is None else parent_pid
+    if _set_parent_death_signal(signal.SIGKILL):
+        if os.getppid() != parent_pid:  # orphaned already
+            os._exit(1)
+        return
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), name="llm_merge-parent-watch", daemon=True).start()
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux); whether it took."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    prctl.restype = ctypes.c_int
+    return prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
+def _worker(worker_id: int, parent_pid: Optional[int], tasks, make_worker, todo, results, big_task_lock) -> None:
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise (a closing terminal signals the whole group)
@@ -148,13 +193,15 @@ def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int]
     import multiprocess
 
     context = multiprocess.get_context(start_method)
+    # a forkserver worker's parent is the forkserver (which exits with this process), not this process
+    parent_pid = None if context.get_start_method() == "forkserver" else os.getpid()
     todo, results, big_task_lock = context.Queue(), context.Queue(), context.Lock()
     for index in order:
         todo.put(index)
     for _ in range(n_workers):
         todo.put(None)
     workers = [
-        context.Process(target=_worker, args=(w, tasks, make_worker, todo, results, big_task_lock), name=f"llm_merge-worker-{w}", daemon=True)
+        context.Process(target=_worker, args=(w, parent_pid, tasks, make_worker, todo, results, big_task_lock), name=f"llm_merge-worker-{w}", daemon=True)
         for w in range(n_workers)
     ]
     current: dict[int, int | None] = {}

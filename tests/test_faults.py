@@ -202,6 +202,21 @@ def test_main_process_interrupted(tmp_path, big_family, signum, code, message):
     assert running(children) == []
 
 
+def test_workers_die_with_the_main_process(tmp_path, big_family):
+    """SIGKILL gives the main process no chance to stop its workers: the kernel ends them (parent-death signal)."""
+    out = tmp_path / "out"
+    proc = start_merge(big_family, out, 2, "--quiet")
+    children = wait_for_work(proc, out, 2)
+    proc.kill()
+    proc.wait()  # not communicate(): the workers hold its stderr open
+    deadline = time.time() + 2  # the merge itself has seconds of work left
+    while running(children) and time.time() < deadline:
+        time.sleep(0.05)
+    assert running(children) == []
+    proc.communicate()
+    assert not out.exists()
+
+
 def test_a_second_stop_signal_does_not_cut_the_cleanup_short_and_nohup_is_respected():
     from llm_merge.io import writer
 
