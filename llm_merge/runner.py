@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from llm_merge.errors import MergeError
+from llm_merge.io.reader import InputTruncated
 
 log = logging.getLogger(__name__)
 _POLL_SECONDS = 0.2
@@ -116,6 +117,8 @@ def _run_inline(tasks, order, make_worker, advance: Callable[[int], Any]) -> Non
         for index in order:
             try:
                 advance(merger.run(tasks[index]))
+            except InputTruncated as exc:  # the reader knows the file, not the tensor
+                raise MergeError(f"failed on tensor {tasks[index].name}: {exc}") from exc
             except MergeError:
                 raise
             except Exception as exc:
@@ -249,5 +252,14 @@ def _check_alive(workers, finished, current, tasks) -> None:
         if code not in (None, 0):
             index = current.get(worker_id)
             where = f" while merging tensor {tasks[index].name}" if index is not None else ""
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            how = f"was killed by signal {-code} ({_signal_name(-code)})" if code < 0 else f"exited with code {code}"
             raise MergeError(f"worker {worker_id} {how}{where}")
+
+
+def _signal_name(signum: int) -> str:
+    """SIGKILL for 9; a SIGBUS death most likely means an input file shrank while a chunk of it was mapped."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return "unknown signal"
+    return f"{name}: an input file shrank while it was being read?" if name == "SIGBUS" else name

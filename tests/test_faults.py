@@ -334,3 +334,88 @@ def test_output_equal_to_or_inside_an_input(tmp_path, pair, inside):
     result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out)
     assert result.returncode == 2 and "--output_path" in result.stderr and str(pair["ft2"]) in result.stderr
     assert not (pair["ft2"] / "merged").exists()
+
+
+# -- inputs truncated before or during the run: an error naming the file and the tensor ------
+
+#: Runs the merge (``merge ARGS``) or LoRA fold (``lora ARGS``) command line, truncating the file named by
+#: $TRUNCATE_AFTER_PLAN to its header once the plan has read every header: as if another process cut it meanwhile.
+TRUNCATING_CLI = """
+import os, sys
+from llm_merge import api, lora_merge
+from llm_merge.io.safetensors_format import read_header
+
+def truncating(build):
+    def build_then_truncate(*args, **kwargs):
+        plan = build(*args, **kwargs)
+        victim = os.environ["TRUNCATE_AFTER_PLAN"]
+        os.truncate(victim, min(info.start for info in read_header(victim).tensors.values()))
+        return plan
+    return build_then_truncate
+
+api.build_plan = truncating(api.build_plan)
+lora_merge.build_fold_plan = truncating(lora_merge.build_fold_plan)
+if sys.argv.pop(1) == "lora":
+    from llm_merge.lora_cli import main
+    sys.exit(main())
+from llm_merge.cli import main_entry
+main_entry()
+"""
+
+#: (command, flags, LLM_MERGE_NUMBA): NumPy and compiled (mapped chunks) merges, Paddle, the LoRA fold.
+READ_PATHS = {
+    "numpy-1": ("merge", ["--n_process", "1"], "0"),
+    "numpy-2": ("merge", ["--n_process", "2"], "0"),
+    "compiled-1": ("merge", ["--n_process", "1"], "1"),
+    "compiled-2": ("merge", ["--n_process", "2"], "1"),
+    "paddle-1": ("merge", ["--n_process", "1", "--tensor_type", "pd"], "0"),
+    "lora-1": ("lora", ["--n_process", "1"], "0"),
+    "lora-2": ("lora", ["--n_process", "2"], "0"),
+}
+
+
+@pytest.fixture
+def fold_inputs(tmp_path):
+    """A base model and a PEFT adapter for it."""
+    from test_lora import factors, make_base, write_peft
+
+    make_base(tmp_path / "lora_base")
+    write_peft(tmp_path / "adapter", factors(4), r=4, alpha=8)
+    return tmp_path / "lora_base", tmp_path / "adapter"
+
+
+def command_line(path, pair, fold_inputs, out):
+    """The flags of ``path`` and the input file it reads that the test may truncate."""
+    command, flags, _ = READ_PATHS[path]
+    if command == "lora":
+        base, adapter = fold_inputs
+        return ["--model_name_or_path", base, "--lora_path", adapter, "--output_path", out, *flags], base / "model.safetensors"
+    models = ["--merge_method", "dare_ties", "--base_model_path", pair["base"], "--model_path_list", pair["ft1"], pair["ft2"]]
+    return [*models, "--output_path", out, *flags], pair["ft2"] / "model.safetensors"
+
+
+@pytest.mark.parametrize("path", ["numpy-2", "compiled-1", "paddle-1", "lora-1"])
+def test_input_truncated_before_the_run(tmp_path, pair, fold_inputs, path):
+    """A header that promises more bytes than the file holds is refused at plan time, naming file and tensor."""
+    out = tmp_path / "out"
+    args, victim = command_line(path, pair, fold_inputs, out)
+    os.truncate(victim, victim.stat().st_size - 4)
+    tool = "merge_lora_params.py" if READ_PATHS[path][0] == "lora" else "mergekit.py"
+    cmd = [sys.executable, str(REPO / "tools" / tool), *map(str, args)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LLM_MERGE_NUMBA": READ_PATHS[path][2]})
+    assert_failed_cleanly(result, out, str(victim), "tensor '", "truncated")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", list(READ_PATHS))
+def test_input_truncated_during_the_run(tmp_path, pair, fold_inputs, path):
+    """Cut after the plan read its header, the file is an error naming it and the tensor being read: never SIGBUS."""
+    out = tmp_path / "out"
+    args, victim = command_line(path, pair, fold_inputs, out)
+    command, _, numba = READ_PATHS[path]
+    cmd = [sys.executable, "-c", TRUNCATING_CLI, command, *map(str, args), "--quiet"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LLM_MERGE_NUMBA": numba, "TRUNCATE_AFTER_PLAN": str(victim)})
+    assert_failed_cleanly(result, out, "failed on tensor ", f"{victim}: unexpected end of file at byte")
+    assert result.stderr.count("\n") == 1
