@@ -68,7 +68,73 @@ def test_existing_output_needs_overwrite(tmp_path, pair):
     result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert eventually(lambda: leftovers(out) == ["out"])  # the old output is deleted in the background
+
+
+def eventually(condition, seconds=10):
+    """Whether ``condition()`` holds within ``seconds`` (polled)."""
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def dead_pid():
+    """The pid of a process that has exited."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+
+
+def test_overwrite_moves_the_old_output_aside_and_deletes_it_in_the_background(tmp_path, pair):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert f"replaced {out}; its previous contents are being deleted in the background" in result.stderr
+    assert (out / "model.safetensors").exists() and not (out / "old.txt").exists()
+    assert eventually(lambda: leftovers(out) == ["out"])
+
+
+def test_overwrite_of_a_link_removes_the_link_never_what_it_points_to(tmp_path, pair):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious.txt").write_text("precious")
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not out.is_symlink() and (out / "model.safetensors").exists()
+    assert (target / "precious.txt").read_text() == "precious" and [p.name for p in target.iterdir()] == ["precious.txt"]
+    assert eventually(lambda: leftovers(out) == ["out"])
+
+
+def test_an_old_output_set_aside_by_a_killed_run_is_put_back(tmp_path, pair):
+    """Killed between setting the old output aside and renaming the new one in: the old one returns, whole."""
+    out = tmp_path / "out"
+    old = tmp_path / f".out.llm_merge-old-{dead_pid()}-deadbeef"
+    old.mkdir()
+    (old / "keep.txt").write_text("precious")
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out)
+    assert result.returncode == 1 and "not empty; pass --overwrite" in result.stderr, result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
     assert leftovers(out) == ["out"]
+
+
+def test_old_outputs_left_by_killed_runs_are_deleted_once_replaced(tmp_path, pair):
+    """Killed after the new output was in place: the old one (set aside, or partly deleted) goes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "current.txt").write_text("current")
+    for tag in ("old", "deleting"):
+        stale = tmp_path / f".out.llm_merge-{tag}-{dead_pid()}-deadbeef"
+        stale.mkdir()
+        (stale / "stale.txt").write_text("stale")
+    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out)
+    assert result.returncode == 1 and "not empty; pass --overwrite" in result.stderr, result.stderr
+    assert (out / "current.txt").read_text() == "current"
+    assert eventually(lambda: leftovers(out) == ["out"])
 
 
 def test_empty_existing_output_is_fine(tmp_path, pair):
@@ -108,8 +174,7 @@ def test_full_disk_leaves_nothing(tmp_path, pair, monkeypatch):
 
 def test_stale_staging_directory_is_removed(tmp_path, pair):
     out = tmp_path / "out"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".out.llm_merge-tmp-{int(dead.stdout)}-deadbeef"
+    stale = tmp_path / f".out.llm_merge-tmp-{dead_pid()}-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"partial")
     assert run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", out).returncode == 0

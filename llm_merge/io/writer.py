@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -28,6 +29,10 @@ from llm_merge.io.safetensors_format import read_header
 
 log = logging.getLogger(__name__)
 _STAGING_TAG = ".llm_merge-tmp-"
+#: An output being replaced, set aside whole (``.{output}{tag}{pid}-{random}``) until the new one is in place.
+_OLD_TAG = ".llm_merge-old-"
+#: A replaced output being deleted.
+_DOOMED_TAG = ".llm_merge-deleting-"
 #: Weight files are never copied from the first model; everything else at its top level is.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pdparams", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".index.json", ".pdopt")
 _NOT_COPIED = {"merge_config.json", "README.md"}
@@ -39,7 +44,12 @@ TOKENIZER_FILES = frozenset({
 
 
 def check_output_path(output: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output_path unless overwrite."""
+    """Refuse an existing non-empty output_path unless overwrite.
+
+    First a replacement of ``output`` that a killed run left half done is finished, so the check
+    sees the output as it is (``remove_stale_trash``).
+    """
+    remove_stale_trash(output)
     if output.exists() and not output.is_dir():
         raise MergeError(f"--output_path: {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -218,15 +228,73 @@ def fsync_directory(directory: Path) -> None:
 
 
 def publish(staging: Path, output: Path, overwrite: bool) -> None:
-    """Rename the complete staging directory to ``output`` (replacing it only if allowed)."""
+    """Rename the complete staging directory to ``output`` (replacing it only if allowed).
+
+    An existing output is first set aside whole (renamed), the new one renamed into place, and
+    only then is the old one marked for deletion and deleted in the background, off the critical
+    path (deleting it in line costs ~0.17 s per GB). A run killed in between leaves the old output
+    or the new one in place; the next run for the same output finishes the job (``remove_stale_trash``).
+    """
     check_output_path(output, overwrite)
-    if output.exists():
-        trash = output.parent / f".{output.name}{_STAGING_TAG}{os.getpid()}-old"
-        os.rename(output, trash)
+    if not os.path.lexists(output):
         os.rename(staging, output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    suffix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = output.parent / f".{output.name}{_OLD_TAG}{suffix}"
+    doomed = output.parent / f".{output.name}{_DOOMED_TAG}{suffix}"
+    os.rename(output, old)
+    try:
         os.rename(staging, output)
+    except OSError:
+        os.rename(old, output)
+        raise
+    os.rename(old, doomed)
+    log.info("replaced %s; its previous contents are being deleted in the background", output)
+    remove_detached(doomed)
+
+
+def remove_detached(path: Path) -> None:
+    """Delete ``path`` (a replaced output directory, or a link) without waiting for the deletion.
+
+    ``rm -rf`` runs in a new session, started by a shell that exits at once (so there is no child
+    to reap): this process goes on, or exits, while a large directory is still being deleted, and
+    a closing terminal does not stop the deletion. A link is unlinked, never followed.
+    """
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    try:
+        subprocess.run(["sh", "-c", 'rm -rf -- "$1" </dev/null >/dev/null 2>&1 &', "sh", str(path)], start_new_session=True, check=True)
+    except (OSError, subprocess.CalledProcessError):  # no POSIX shell: delete it here
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _left_by_dead_runs(output: Path, tag: str) -> Iterator[Path]:
+    """Directories ``.{output}{tag}{pid}-...`` beside ``output`` whose process ``pid`` is gone."""
+    prefix = f".{output.name}{tag}"
+    for path in output.parent.glob(f"{prefix}*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            yield path
+
+
+def remove_stale_trash(output: Path) -> None:
+    """Finish replacing ``output`` where a killed ``--overwrite`` run left it half done.
+
+    An old output set aside but not yet marked for deletion is still whole: it goes back into place
+    when no new output arrived, and is deleted otherwise. One marked for deletion may be partly
+    deleted already: it is only ever deleted.
+    """
+    for old in _left_by_dead_runs(output, _OLD_TAG):
+        if os.path.lexists(output):
+            log.info("removing %s, replaced by an interrupted run", old)
+            remove_detached(old)
+        else:
+            log.info("putting back %s, set aside by an interrupted run", output)
+            os.rename(old, output)
+    for doomed in _left_by_dead_runs(output, _DOOMED_TAG):
+        log.info("removing %s left by an interrupted run", doomed)
+        remove_detached(doomed)
 
 
 #: Signals that stop a run as SIGTERM does: workers stopped, the staging directory removed, nothing published.
