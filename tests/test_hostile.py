@@ -16,6 +16,25 @@ from conftest import REPO, run_mergekit
 LORA = REPO / "tools" / "merge_lora_params.py"
 
 
+class Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """``tools/mergekit.py ARGS`` run in this process (the same ``main`` and error contract, no interpreter start-up),
+    for the cases that stop before any merge work."""
+    from llm_merge.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        return Result(code, capsys.readouterr().err)
+
+    return run
+
+
 def one_line_error(result, code, *needles):
     """The run failed with ``code`` and exactly one stderr line naming every needle."""
     assert result.returncode == code, (result.returncode, result.stderr)
@@ -61,19 +80,19 @@ def previous_output(tmp_path):
     ("model_path_list", "a b", "expected a list of strings"),
     ("seed", None, "expected an integer"),
 ])
-def test_config_values_of_the_wrong_type_are_refused(tmp_path, pair, previous_output, option, value, wanted):
+def test_config_values_of_the_wrong_type_are_refused(cli, tmp_path, pair, previous_output, option, value, wanted):
     values = {"merge_method": "ties", "model_path_list": [str(pair["ft1"]), str(pair["ft2"])],
               "base_model_path": str(pair["base"]), "output_path": str(previous_output), option: value}
-    result = run_mergekit(config_file(tmp_path / "c.json", **values))
+    result = cli(config_file(tmp_path / "c.json", **values))
     one_line_error(result, 2, f"option {option}", wanted)
     assert sorted(os.listdir(previous_output)) == ["notes.txt"]
 
 
-def test_a_quoted_false_never_deletes_an_old_output(tmp_path, pair, previous_output):
+def test_a_quoted_false_never_deletes_an_old_output(cli, tmp_path, pair, previous_output):
     """``"overwrite": "false"`` once counted as true and replaced the user's directory."""
     cfg = config_file(tmp_path / "c.json", model_path_list=[str(pair["ft1"]), str(pair["ft2"])],
                       output_path=str(previous_output), overwrite="false")
-    one_line_error(run_mergekit(cfg), 2, "overwrite", "'false'")
+    one_line_error(cli(cfg), 2, "overwrite", "'false'")
     assert (previous_output / "notes.txt").read_text() == "mine"
 
 
@@ -83,10 +102,10 @@ def test_a_quoted_false_never_deletes_an_old_output(tmp_path, pair, previous_out
     ({"weight_list": [[{"filter": "w", "value": "2"}], 1]}, "tensor_parameters.weight_list[0][0].value"),
     ({"reserve_p": [{"filter": 3, "value": 0.5}]}, "tensor_parameters.reserve_p[0].filter"),
 ])
-def test_per_tensor_settings_are_typed(tmp_path, pair, setting, where):
+def test_per_tensor_settings_are_typed(cli, tmp_path, pair, setting, where):
     cfg = config_file(tmp_path / "c.json", merge_method="ties", model_path_list=[str(pair["ft1"]), str(pair["ft2"])],
                       base_model_path=str(pair["base"]), output_path=str(tmp_path / "out"), tensor_parameters=setting)
-    one_line_error(run_mergekit(cfg), 2, where)
+    one_line_error(cli(cfg), 2, where)
     assert nothing_left(tmp_path / "out")
 
 
@@ -101,7 +120,7 @@ def recipe(tmp_path, text, name="r.yml"):
     ("rescale: 'true'", "parameters.rescale"),
     ("int8_mask: 'yes'", "parameters.int8_mask"),
 ])
-def test_recipe_parameters_are_typed(tmp_path, pair, parameters, where):
+def test_recipe_parameters_are_typed(cli, tmp_path, pair, parameters, where):
     path = recipe(tmp_path, f"""merge_method: dare_ties
 base_model: {pair['base']}
 models:
@@ -111,11 +130,11 @@ models:
     parameters: {{weight: 0.5, density: "0.5"}}
 parameters: {{{parameters}}}
 """)
-    one_line_error(run_mergekit(path, tmp_path / "out"), 2, "recipe:")
+    one_line_error(cli(path, tmp_path / "out"), 2, "recipe:")
     assert nothing_left(tmp_path / "out")
 
 
-def test_recipe_model_parameter_as_string_is_refused(tmp_path, pair):
+def test_recipe_model_parameter_as_string_is_refused(cli, tmp_path, pair):
     path = recipe(tmp_path, f"""merge_method: ties
 base_model: {pair['base']}
 models:
@@ -124,22 +143,22 @@ models:
   - model: {pair['ft2']}
     parameters: {{weight: 0.5, density: 0.5}}
 """)
-    one_line_error(run_mergekit(path, tmp_path / "out"), 2, "models[0].parameters.density", "expected a number")
+    one_line_error(cli(path, tmp_path / "out"), 2, "models[0].parameters.density", "expected a number")
 
 
 # -- 2. paths ----------------------------------------------------------------------------------------------
-def test_slice_source_that_is_the_output_is_refused_even_with_overwrite(tmp_path, pair):
+def test_slice_source_that_is_the_output_is_refused_even_with_overwrite(cli, tmp_path, pair):
     victim = pair["ft2"]
     before = {p.name: p.read_bytes() for p in victim.iterdir()}
     cfg = config_file(tmp_path / "c.json", model_path_list=[str(pair["ft1"])], output_path=str(victim), overwrite=True,
                       merge_method="passthrough",
                       slices=[{"model": str(pair["ft1"]), "layer_range": [0, 1]}, {"model": str(victim), "layer_range": [0, 1]}])
-    one_line_error(run_mergekit(cfg), 2, "--output_path", "input")
+    one_line_error(cli(cfg), 2, "--output_path", "input")
     assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
 
 
-def test_tokenizer_source_that_is_the_output_is_refused(tmp_path, pair):
-    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", tmp_path / "tok",
+def test_tokenizer_source_that_is_the_output_is_refused(cli, tmp_path, pair):
+    result = cli("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", tmp_path / "tok",
                           "--tokenizer_source", tmp_path / "tok" / "sub", "--overwrite")
     one_line_error(result, 2, "--output_path", "contains input")
 
@@ -196,8 +215,8 @@ def test_an_output_named_like_a_recipe_is_an_ordinary_merge(tmp_path, pair):
 
 # -- 3. nothing non-finite that the inputs did not have ----------------------------------------------------
 @pytest.mark.parametrize("weights", [["1e308", "1e308"], ["3e38", "3e38"], ["inf", "1"], ["nan", "1"]])
-def test_weights_that_overflow_float32_are_refused(tmp_path, pair, weights):
-    result = run_mergekit("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", tmp_path / "out",
+def test_weights_that_overflow_float32_are_refused(cli, tmp_path, pair, weights):
+    result = cli("--model_path_list", pair["ft1"], pair["ft2"], "--output_path", tmp_path / "out",
                           "--weight_list", *weights)
     one_line_error(result, 2, "--weight_list", "float32")
     assert nothing_left(tmp_path / "out")
@@ -253,18 +272,18 @@ def raw_header_file(path, header: dict, data: bytes = b""):
     ({"dtype": "F32", "shape": [2], "data_offsets": [False, 8]}, "data_offsets"),
     ({"dtype": "X99", "shape": [2], "data_offsets": [0, 8]}, "X99"),
 ])
-def test_malformed_headers_are_refused(tmp_path, pair, entry, needle):
+def test_malformed_headers_are_refused(cli, tmp_path, pair, entry, needle):
     raw_header_file(tmp_path / "bad" / "model.safetensors", {"w": entry}, b"\0" * 8)
     out = tmp_path / "out"
-    one_line_error(run_mergekit("--model_path_list", pair["ft1"], tmp_path / "bad", "--output_path", out), 1, needle)
+    one_line_error(cli("--model_path_list", pair["ft1"], tmp_path / "bad", "--output_path", out), 1, needle)
     assert nothing_left(out)
 
 
 @pytest.mark.parametrize("weight_map", [{"w": 3}, {"w": ["model.safetensors"]}, {"w": None}, []])
-def test_index_whose_weight_map_is_not_names_is_refused(tmp_path, pair, weight_map):
+def test_index_whose_weight_map_is_not_names_is_refused(cli, tmp_path, pair, weight_map):
     bad = write_checkpoint(tmp_path / "bad", {"w": np.zeros((8, 4), np.float32)})
     (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    one_line_error(run_mergekit("--model_path_list", pair["ft1"], bad, "--output_path", tmp_path / "out"), 1, "weight_map")
+    one_line_error(cli("--model_path_list", pair["ft1"], bad, "--output_path", tmp_path / "out"), 1, "weight_map")
 
 
 # -- 4. bounded reads, no hangs ----------------------------------------------------------------------------
@@ -279,10 +298,10 @@ def make_special(path, kind):
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "model.safetensors"])
-def test_side_files_that_are_not_regular_files_are_refused_at_once(tmp_path, pair, kind, name):
+def test_side_files_that_are_not_regular_files_are_refused_at_once(cli, tmp_path, pair, kind, name):
     make_special(pair["ft2"] / name, kind)
     started = time.monotonic()
-    result = run_mergekit("--model_path_list", pair["ft2"], pair["ft1"], "--output_path", tmp_path / "out", timeout=60)
+    result = cli("--model_path_list", pair["ft2"], pair["ft1"], "--output_path", tmp_path / "out")
     one_line_error(result, 1, name, "regular file")
     assert time.monotonic() - started < 30
     assert nothing_left(tmp_path / "out")
@@ -298,13 +317,13 @@ def test_tokenizer_file_that_is_not_a_regular_file_is_refused(tmp_path, kind):
         tokenizer_vocab(tmp_path)
 
 
-def test_config_file_that_is_a_fifo_is_refused(tmp_path):
+def test_config_file_that_is_a_fifo_is_refused(cli, tmp_path):
     fifo = tmp_path / "c.json"
     os.mkfifo(fifo)
-    one_line_error(run_mergekit(fifo, timeout=60), 2, "a FIFO")
+    one_line_error(cli(fifo), 2, "a FIFO")
 
 
-def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+def test_yaml_alias_bomb_is_refused_quickly(cli, tmp_path):
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
     for i in range(1, 10):
         previous, name = chr(ord("a") + i - 1), chr(ord("a") + i)
@@ -313,19 +332,19 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
     lines.append("merge_method: linear\nmodels: *j")
     path = recipe(tmp_path, "\n".join(lines) + "\n")
     started = time.monotonic()
-    one_line_error(run_mergekit(path, tmp_path / "out", timeout=60), 2, "aliases expand")
+    one_line_error(cli(path, tmp_path / "out"), 2, "aliases expand")
     assert time.monotonic() - started < 20
 
 
-def test_recursive_yaml_alias_is_refused(tmp_path):
+def test_recursive_yaml_alias_is_refused(cli, tmp_path):
     path = recipe(tmp_path, "merge_method: linear\nmodels: &m [*m]\n")
-    one_line_error(run_mergekit(path, tmp_path / "out"), 2, "recipe")
+    one_line_error(cli(path, tmp_path / "out"), 2, "recipe")
 
 
-def test_deeply_nested_json_is_one_line(tmp_path):
+def test_deeply_nested_json_is_one_line(cli, tmp_path):
     path = tmp_path / "c.json"
     path.write_text("[" * 100000 + "]" * 100000)
-    one_line_error(run_mergekit(path), 2, "c.json")
+    one_line_error(cli(path), 2, "c.json")
 
 
 # -- 5. messages are one line, control characters escaped --------------------------------------------------
@@ -338,8 +357,8 @@ def test_control_characters_in_tensor_names_are_escaped(tmp_path, pair):
     assert "\\x1b" in line
 
 
-def test_bad_flag_value_is_one_line(tmp_path, pair):
-    one_line_error(run_mergekit("--model_path_list", pair["ft1"], "--output_path", tmp_path / "o", "--n_process", "x"),
+def test_bad_flag_value_is_one_line(cli, tmp_path, pair):
+    one_line_error(cli("--model_path_list", pair["ft1"], "--output_path", tmp_path / "o", "--n_process", "x"),
                    2, "--n_process")
 
 
