@@ -15,9 +15,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "safetensors>=0.4", "ml_dtypes>=0.2", "multiprocess>=0.70", "tqdm>=4.0", "numba>=0.59", "pyyaml>=5.1"],
     extras_require={
-        "test": ["pytest>=7", "psutil>=5"],
+        "test": ["pytest>=7", "psutil>=5", "import-linter>=2"],
         "paddle": ["paddlepaddle>=2.6"],
         "tokenizers": ["tokenizers>=0.13"],
     },
-    entry_points={"console_scripts": ["llm-merge=llm_merge.cli:main_entry", "llm-merge-lora=llm_merge.lora_cli:main_entry"]},
+    entry_points={"console_scripts": ["llm-merge=llm_merge.cli.merge:main_entry", "llm-merge-lora=llm_merge.cli.lora:main_entry"]},
 )

@@ -24,8 +24,8 @@ try:
     import llm_merge  # noqa: F401
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
-from llm_merge.backends import numba_kernels, numba_streaming  # noqa: E402
-from llm_merge.engine import TensorMerger, run_statistic  # noqa: E402
+from llm_merge.kernels import fused, streaming  # noqa: E402
+from llm_merge.run.engine import TensorMerger, run_statistic  # noqa: E402
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from llm_merge.io.reader import TensorReader  # noqa: E402
 
@@ -34,7 +34,7 @@ from bench_merge import ensure_family  # noqa: E402
 
 DEFAULT_TENSOR = "model.layers.3.mlp.gate_proj.weight"
 CHUNK = 1 << 20  # elements per chunk, as the engine's FUSED_CHUNK
-BLOCK = numba_kernels.FusedChunks.BLOCK
+BLOCK = fused.FusedChunks.BLOCK
 #: (label, sparsify_type, merge_type, statistics pass or None)
 APPLY_PASSES = [
     ("linear", "none", "linear", None),
@@ -76,18 +76,18 @@ def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dic
     """Every pass of one streamed statistic over the tensor; the per-model results."""
     k, n = len(raws), base.size
     if kind == "trim":
-        stats = numba_streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
+        stats = streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
     else:
-        stats = numba_streaming.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
+        stats = streaming.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
     return run_statistic(stats, lambda: ((chunk, base_chunk) for _, chunk, base_chunk in chunks(raws, base)))
 
 
 def apply(sparsify: str, merge: str, prepared, raws, base, options: dict, out: np.ndarray) -> None:
     """The fused apply pass over the whole tensor."""
-    fused = numba_kernels.FusedChunks(sparsify_type=sparsify, merge_type=merge, keys=list(range(1, len(raws) + 1)),
-                                      prepared=prepared, numel=base.size, options=options)
+    apply_pass = fused.FusedChunks(sparsify_type=sparsify, merge_type=merge, keys=list(range(1, len(raws) + 1)),
+                                   prepared=prepared, numel=base.size, options=options)
     for start, chunk, base_chunk in chunks(raws, base):
-        fused.run(chunk, base_chunk, start, out[start:start + base_chunk.size])
+        apply_pass.run(chunk, base_chunk, start, out[start:start + base_chunk.size])
 
 
 def best_ns(run: Callable[[], object], repeat: int, per: int) -> float:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     k, n = len(raws), base.size
     options = dict(reserve_p=0.7, rescale=True, epsilon=0.14, weight_list=[1.0] * k, normalize=True,
                    ties_elect_type="sum")
-    numba_kernels.initialize()
+    fused.initialize()
     out = np.empty(n, np.uint16)
     print(f"{name}: {n} elements, {k} fine-tunes + base, bfloat16; ns per element and model, "
           f"best of {args.repeat}")

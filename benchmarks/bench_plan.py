@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_merge.config import MergeConfig, resolve  # noqa: E402
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve  # noqa: E402
 from llm_merge.io.safetensors_format import encode_header  # noqa: E402
-from llm_merge.plan import build_plan  # noqa: E402
+from llm_merge.plan.build import build_plan  # noqa: E402
 
 BUDGET_S = 1.0
 

@@ -7,14 +7,16 @@ import logging
 import time
 from pathlib import Path
 
-from llm_merge import distributed
 from llm_merge.backends import get_ops
-from llm_merge.config import MergeConfig, resolve
-from llm_merge.engine import MergerFactory
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve
+from llm_merge.run.engine import MergerFactory
 from llm_merge.errors import ConfigError
 from llm_merge.io import pdparams, writer
-from llm_merge.plan import build_plan
-from llm_merge.runner import run_tasks
+from llm_merge.plan.build import build_plan
+from llm_merge.report.records import output_records
+from llm_merge.run import ranks
+from llm_merge.run.pool import run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def merge(cfg: MergeConfig) -> Path:
     cfg = resolve(cfg)
     get_ops(cfg.tensor_type, cfg.device)  # fail now if the backend is unavailable
     output = Path(cfg.output_path)
-    dist = distributed.context(cfg)
+    dist = ranks.context(cfg)
     finalize = None
     if cfg.output_format == "pdparams":
         if dist is not None:
@@ -44,7 +46,7 @@ def merge(cfg: MergeConfig) -> Path:
         started = time.perf_counter()
         factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
         if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
-            return distributed.merge_distributed(cfg, plan, factory, dist, output)
+            return ranks.merge_distributed(cfg, plan, factory, dist, output, output_records(cfg, plan))
         writer.write_model_atomically(
             output,
             plan,
@@ -52,7 +54,7 @@ def merge(cfg: MergeConfig) -> Path:
             prefix=cfg.merge_prefix,
             fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
             model_files_from=plan.models[0].path,
-            records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(cfg)},
+            records=output_records(cfg, plan),
             finalize=finalize,
             tokenizer_files_from=plan.tokenizer_from,
         )

@@ -20,9 +20,9 @@ paddle = pytest.importorskip("paddle")
 from llm_merge import methods  # noqa: E402
 from llm_merge.backends.numpy_backend import NumpyOps  # noqa: E402
 from llm_merge.backends.paddle_backend import PaddleOps  # noqa: E402
-from llm_merge.engine import _slice_per_element  # noqa: E402
+from llm_merge.run.engine import _slice_per_element  # noqa: E402
 from llm_merge.errors import MergeError  # noqa: E402
-from llm_merge.methods.random import CounterRNG, splitmix64  # noqa: E402
+from llm_merge.kernels.counter_rng import CounterRNG, splitmix64  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = paddle.device.is_compiled_with_cuda()
@@ -336,7 +336,7 @@ def _run_blocked(args: list[str]) -> subprocess.CompletedProcess:
     """Run ``main(args)`` in a fresh interpreter where ``import paddle`` fails."""
     code = (
         "import sys; sys.modules['paddle'] = None\n"
-        "from llm_merge.cli import main\n"
+        "from llm_merge.cli.merge import main\n"
         "rc = main(%r)\n"
         "loaded = sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'paddle' and v is not None)\n"
         "assert not loaded, loaded\n"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from llm_merge.cli import build_parser, main, parse_config
-from llm_merge.config import MergeConfig
+from llm_merge.cli.merge import build_parser, main, parse_config
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import ConfigError
 
 BASE_ARGS = ["--model_path_list", "a", "b", "--output_path", "out"]
@@ -96,6 +96,6 @@ def test_cli_runs_one_blas_thread_unless_told_otherwise(preset, expected):
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     if preset:
         env["OPENBLAS_NUM_THREADS"] = preset
-    code = "import os; from llm_merge import cli; cli._one_blas_thread(); print(os.environ['OPENBLAS_NUM_THREADS'])"
+    code = "import os; from llm_merge.cli import merge as cli; cli._one_blas_thread(); print(os.environ['OPENBLAS_NUM_THREADS'])"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == expected, result.stderr

@@ -47,9 +47,9 @@ def test_compiled_and_numpy_paths_are_byte_identical(tmp_path, family, method, f
 def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, method, monkeypatch):
     """Large-tensor paths (ranks parked on disk, ranks sorted in several bounded runs) write exactly the in-memory bytes."""
     from llm_merge.api import merge
-    from llm_merge.backends import numba_kernels, numba_ranks
-    from llm_merge.config import MergeConfig
-    from llm_merge.engine import TensorMerger
+    from llm_merge.kernels import fused as numba_kernels, ranks as numba_ranks
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.run.engine import TensorMerger
 
     monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
     monkeypatch.setattr(numba_kernels.StreamingRanks, "MIXED_FRACTION_MAX", -1.0)  # whole-tensor ranks
@@ -74,9 +74,9 @@ def test_spilled_and_multi_run_ranks_give_the_same_bytes(tmp_path, family, metho
 def test_streamed_ranks_write_the_bytes_of_whole_tensor_ranks(tmp_path, families, monkeypatch, with_base, stored):
     """bfloat16 and float16 DELLA ranks chunk by chunk from rank tables (no full-size arrays), with the same result."""
     from llm_merge.api import merge
-    from llm_merge.backends import numba_kernels
-    from llm_merge.config import MergeConfig
-    from llm_merge.engine import TensorMerger
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.run.engine import TensorMerger
 
     monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
     monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 300)
@@ -126,9 +126,9 @@ def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, 
                                                                      base, output_dtype):
     """Chunks and cache blocks smaller than a tensor (and ending mid-block), any mix of input and output dtypes."""
     from llm_merge.api import merge
-    from llm_merge.backends import numba_kernels
-    from llm_merge.config import MergeConfig
-    from llm_merge.engine import TensorMerger
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.run.engine import TensorMerger
 
     model_dirs = [str(d) for d in families[models].model_dirs[: 2 if method == "slerp" else 3]]
     base_dir = str(families[base].base_dir) if base else None
@@ -188,10 +188,11 @@ def test_compiled_path_is_byte_identical_across_n_process(tmp_path, family, meth
 ])
 def test_memory_estimate_of_whole_tensor_statistics(tmp_path, families, family, models, method, per_element):
     """What decides that a task runs alone across workers (``exclusive``) follows the statistics' real footprint."""
-    from llm_merge.backends import numba_kernels
-    from llm_merge.config import MergeConfig, resolve
-    from llm_merge.engine import MergerFactory
-    from llm_merge.plan import build_plan
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.config.validate import resolve
+    from llm_merge.run.engine import MergerFactory
+    from llm_merge.plan.build import build_plan
 
 
     source = family if models == "bf16" else families["f32"]

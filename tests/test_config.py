@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 
 from llm_merge import methods
-from llm_merge.config import METHOD_TABLE, FIELD_NAMES, MergeConfig, config_from_dict, parse_size, resolve
+from llm_merge.config.options import FIELD_NAMES, METHOD_TABLE, MergeConfig
+from llm_merge.config.validate import parse_size, resolve
+from llm_merge.config.values import config_from_dict
 from llm_merge.errors import ConfigError
 from llm_merge.methods.registry import ENGINE_PARAMS
 
@@ -119,7 +121,7 @@ def test_every_method_parameter_is_a_config_field():
             for hook in (method.prepare, method.reduce):
                 if hook is not None:
                     extra |= set(methods.registry.keyword_params(hook))
-            produced = {"threshold", "scale", "ranks", "sums", "selection", "keep_prob"}
+            produced = {"threshold", "l1_scale", "ranks", "sums", "selection", "keep_prob"}
             unknown = method.parameters() - FIELD_NAMES - ENGINE_PARAMS - produced
             assert not unknown, f"{kind} {name}: {unknown}"
 

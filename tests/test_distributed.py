@@ -12,8 +12,9 @@ import pytest
 
 from checkpoints import make_llama_family
 from conftest import REPO, run_mergekit
-from llm_merge import distributed
-from llm_merge.config import MergeConfig
+from llm_merge.run import heartbeat
+from llm_merge.run import ranks as distributed
+from llm_merge.config.options import MergeConfig
 
 SCRIPT = str(REPO / "tools" / "mergekit.py")
 

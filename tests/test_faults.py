@@ -14,7 +14,7 @@ import pytest
 from checkpoints import write_checkpoint
 from conftest import REPO, run_mergekit
 from llm_merge.api import merge
-from llm_merge.config import MergeConfig
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
 
 
@@ -407,7 +407,8 @@ def test_output_equal_to_or_inside_an_input(tmp_path, pair, inside):
 #: $TRUNCATE_AFTER_PLAN to its header once the plan has read every header: as if another process cut it meanwhile.
 TRUNCATING_CLI = """
 import os, sys
-from llm_merge import api, lora_merge
+from llm_merge import api
+from llm_merge.lora import fold as lora_merge
 from llm_merge.io.safetensors_format import read_header
 
 def truncating(build):
@@ -421,9 +422,9 @@ def truncating(build):
 api.build_plan = truncating(api.build_plan)
 lora_merge.build_fold_plan = truncating(lora_merge.build_fold_plan)
 if sys.argv.pop(1) == "lora":
-    from llm_merge.lora_cli import main
+    from llm_merge.cli.lora import main
     sys.exit(main())
-from llm_merge.cli import main_entry
+from llm_merge.cli.merge import main_entry
 main_entry()
 """
 

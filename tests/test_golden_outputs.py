@@ -19,7 +19,7 @@ import pytest
 from checkpoints import make_llama_family
 from conftest import REPO
 from llm_merge.api import merge
-from llm_merge.config import METHOD_TABLE, MergeConfig
+from llm_merge.config.options import METHOD_TABLE, MergeConfig
 from llm_merge.errors import MergeError
 
 GOLDEN = Path(__file__).with_name("golden_outputs.json")

@@ -25,7 +25,7 @@ class Result:
 def cli(capsys):
     """``tools/mergekit.py ARGS`` run in this process (the same ``main`` and error contract, no interpreter start-up),
     for the cases that stop before any merge work."""
-    from llm_merge.cli import main
+    from llm_merge.cli.merge import main
 
     def run(*args):
         capsys.readouterr()
@@ -310,7 +310,7 @@ def test_side_files_that_are_not_regular_files_are_refused_at_once(cli, tmp_path
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_tokenizer_file_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     from llm_merge.errors import MergeError
-    from llm_merge.reconcile import tokenizer_vocab
+    from llm_merge.plan.reconcile import tokenizer_vocab
 
     make_special(tmp_path / "tokenizer.json", kind)
     with pytest.raises(MergeError, match="not a regular file"):

@@ -65,7 +65,7 @@ def test_files_that_cannot_be_mapped_are_copied_with_the_same_result(tmp_path, m
 
     from checkpoints import make_llama_family
     from llm_merge.api import merge
-    from llm_merge.config import MergeConfig
+    from llm_merge.config.options import MergeConfig
     from llm_merge.io import reader as reader_module
 
     family = make_llama_family(tmp_path / "family", n_models=2, dtype=ml_dtypes.bfloat16, shards=2)
@@ -241,7 +241,7 @@ def test_shard_writer_releases_written_pages_without_changing_bytes(tmp_path, mo
 def test_released_output_pages_leave_the_merged_bytes_unchanged(tmp_path, monkeypatch, n_process):
     from checkpoints import make_llama_family
     from llm_merge.api import merge
-    from llm_merge.config import MergeConfig
+    from llm_merge.config.options import MergeConfig
     from llm_merge.io import writer
 
     family = make_llama_family(tmp_path / "family", n_models=2, dtype=ml_dtypes.bfloat16, shards=2)

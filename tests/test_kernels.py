@@ -5,10 +5,10 @@ import pytest
 
 from llm_merge import methods
 from llm_merge.backends.numpy_backend import NumpyOps
-from llm_merge.engine import TensorMerger
-from llm_merge.methods.random import CounterRNG
+from llm_merge.run.engine import TensorMerger
+from llm_merge.kernels.counter_rng import CounterRNG
 
-kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
+kernels = pytest.importorskip("llm_merge.kernels.fused")
 OPS = NumpyOps()
 TABLE_BUDGET = TensorMerger.EXCLUSIVE_BYTES  # what the engine gives the rank tables
 
@@ -43,12 +43,12 @@ def test_magprune(rescale):
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
-@pytest.mark.parametrize("scale", [1.0, 1.37])
-def test_trim(scale):
+@pytest.mark.parametrize("l1_scale", [1.0, 1.37])
+def test_trim(l1_scale):
     t = data()
     threshold = float(np.sort(np.abs(t))[-1000])
-    expected = methods.get("sparsify", "trim").fn(t, threshold=threshold, scale=scale, ops=OPS)
-    got = kernels.trim(t, threshold=threshold, scale=scale, ops=OPS)
+    expected = methods.get("sparsify", "trim").fn(t, threshold=threshold, l1_scale=l1_scale, ops=OPS)
+    got = kernels.trim(t, threshold=threshold, l1_scale=l1_scale, ops=OPS)
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
@@ -199,7 +199,7 @@ def test_trim_statistics_match_numpy(reserve_p, rescale):
     expected = methods.get("sparsify", "trim").prepare(t, reserve_p=reserve_p, rescale=rescale, ops=NumpyOps(compiled=False))
     got = kernels.trim_threshold(t, reserve_p=reserve_p, rescale=rescale, ops=OPS)
     assert got["threshold"] == expected["threshold"]
-    assert got["scale"] == pytest.approx(expected["scale"], rel=1e-13)
+    assert got["l1_scale"] == pytest.approx(expected["l1_scale"], rel=1e-13)
 
 
 def test_magnitude_ranks_of_signed_values():
@@ -234,7 +234,7 @@ def test_streaming_trim_matches_numpy(reserve_p, rescale, with_base, stored):
         t = model.astype(np.float32) - (base.astype(np.float32) if with_base else 0)
         expected = methods.get("sparsify", "trim").prepare(t, reserve_p=reserve_p, rescale=rescale, ops=plain)
         assert got["threshold"] == expected["threshold"]
-        assert got["scale"] == pytest.approx(expected["scale"], rel=1e-13)
+        assert got["l1_scale"] == pytest.approx(expected["l1_scale"], rel=1e-13)
 
 
 @pytest.mark.parametrize("with_base", [True, False])

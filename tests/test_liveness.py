@@ -10,8 +10,10 @@ import time
 import pytest
 
 from conftest import run_mergekit
-from llm_merge import distributed
-from llm_merge.config import MergeConfig, resolve
+from llm_merge.run import heartbeat
+from llm_merge.run import ranks as distributed
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
 from test_distributed import clean_env, family, leftovers, merge_args, single_merge, spawn  # noqa: F401
 
@@ -196,18 +198,18 @@ def test_heartbeat_timeout_flag(tmp_path, family):
 
 
 def test_heartbeat_period_fits_the_timeout():
-    assert distributed.heartbeat_period(60.0) == distributed.HEARTBEAT_SECONDS
-    assert distributed.heartbeat_period(2.0) * distributed.HEARTBEATS_PER_TIMEOUT == 2.0
+    assert heartbeat.heartbeat_period(60.0) == heartbeat.HEARTBEAT_SECONDS
+    assert heartbeat.heartbeat_period(2.0) * heartbeat.HEARTBEATS_PER_TIMEOUT == 2.0
 
 
 def test_heartbeat_never_writes_into_a_replaced_directory(tmp_path):
     """Once its directory is renamed away (and another made at its name), the heartbeat writes nowhere."""
     directory = tmp_path / "beats"
     directory.mkdir()
-    heartbeat = distributed.Heartbeat(directory, 3, period=0.01).start()
+    beat = heartbeat.Heartbeat(directory, 3, period=0.01).start()
     try:
         assert (directory / "rank-3").exists()
-        watch = distributed.Silence(directory, [3], timeout=0.5)
+        watch = heartbeat.Silence(directory, [3], timeout=0.5)
         time.sleep(0.2)
         assert watch.dead([3]) == []
         directory.rename(tmp_path / "away")
@@ -216,6 +218,6 @@ def test_heartbeat_never_writes_into_a_replaced_directory(tmp_path):
         time.sleep(0.2)
         assert not (directory / "rank-3").exists() and not (tmp_path / "away" / "rank-3").exists()
     finally:
-        heartbeat.stop()
+        beat.stop()
     time.sleep(0.6)
     assert watch.dead([3]) == [3]

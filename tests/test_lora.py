@@ -245,8 +245,8 @@ def test_pdparams_needs_allow_pickle(tmp_path):
 
 def test_api_small_blocks_and_overwrite(tmp_path, monkeypatch):
     """In process, with 40-element blocks: several row blocks per weight, both layouts."""
-    from llm_merge import lora_merge
-    from llm_merge.lora import LoraMergeConfig
+    from llm_merge.lora import fold as lora_merge
+    from llm_merge.lora.options import LoraMergeConfig
 
     monkeypatch.setattr(lora_merge, "CHUNK_ELEMENTS", 40)
     for layout in ("hf", "paddle"):
@@ -309,7 +309,7 @@ def _error_case(tmp_path, case):
 @pytest.mark.parametrize("case, code", [("missing_target", 1), ("unpaired", 1), ("wrong_shape", 1), ("rank", 1),
                                         ("no_config", 1), ("bad_flag", 2)])
 def test_errors(tmp_path, case, code):
-    from llm_merge.lora_cli import main
+    from llm_merge.cli.lora import main
 
     needles = _error_case(tmp_path, case)
     out = tmp_path / "out"
@@ -339,9 +339,9 @@ def test_bad_flags_exit_2_one_line(tmp_path):
 
 @pytest.mark.parametrize("n_process", [1, 2])
 def test_worker_failure_leaves_no_output(tmp_path, monkeypatch, n_process):
-    from llm_merge import lora_merge
+    from llm_merge.lora import fold as lora_merge
     from llm_merge.errors import MergeError
-    from llm_merge.lora import LoraMergeConfig
+    from llm_merge.lora.options import LoraMergeConfig
 
     make_base(tmp_path / "base")
     write_peft(tmp_path / "adapter", factors(2), r=2, alpha=2)

@@ -10,7 +10,8 @@ import mergekit_reference as MK
 from checkpoints import read_checkpoint, write_checkpoint
 
 from llm_merge.api import merge
-from llm_merge.config import MergeConfig, resolve
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
 
 

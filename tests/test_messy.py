@@ -9,9 +9,10 @@ from checkpoints import read_checkpoint, write_checkpoint
 from conftest import run_mergekit
 
 from llm_merge.api import merge
-from llm_merge.config import MergeConfig, resolve
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.names import layer_index
+from llm_merge.config.names import layer_index
 
 HIDDEN = 4
 

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from llm_merge.backends.numba_cache import LOCK_NAME, bind_to_dependencies, content_digest
+from llm_merge.kernels.cache import LOCK_NAME, bind_to_dependencies, content_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
 KERNEL_MODULE = """
 import dep
 from numba import njit
-from llm_merge.backends.numba_cache import bind_to_dependencies
+from llm_merge.kernels.cache import bind_to_dependencies
 
 @njit(cache=True)
 def value():
@@ -74,9 +74,9 @@ def test_a_changed_dependency_recompiles_and_an_unchanged_one_loads_the_cache(tm
 
 
 def test_the_kernel_modules_are_bound_to_what_they_inline():
-    numba_kernels = pytest.importorskip("llm_merge.backends.numba_kernels")
-    from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
-    from llm_merge.methods import random
+    numba_kernels = pytest.importorskip("llm_merge.kernels.fused")
+    from llm_merge.kernels import blocks as numba_blocks, ranks as numba_ranks, streaming as numba_streaming
+    from llm_merge.kernels import counter_rng as random
 
     expected = {
         numba_kernels._fused_chunk: [numba_blocks, numba_streaming, numba_ranks, random],
@@ -93,7 +93,7 @@ def test_the_kernel_modules_are_bound_to_what_they_inline():
 RACING_MODULE = """
 import sys, time
 from numba import njit
-from llm_merge.backends.numba_cache import configure_kernel_caches
+from llm_merge.kernels.cache import configure_kernel_caches
 
 @njit(cache=True)
 def twice(x):
@@ -142,7 +142,7 @@ def test_concurrent_compilations_keep_every_cache_entry(tmp_path):
 
 def test_a_lock_that_cannot_be_taken_still_saves(tmp_path, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
-    from llm_merge.backends import numba_cache
+    from llm_merge.kernels import cache as numba_cache
 
     saved = []
     cache_file = SimpleNamespace(_source_stamp=1, _cache_path=str(tmp_path),

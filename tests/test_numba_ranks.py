@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
-ranks_module = pytest.importorskip("llm_merge.backends.numba_ranks")
+ranks_module = pytest.importorskip("llm_merge.kernels.ranks")
 
 magnitude_ranks_fast = ranks_module.magnitude_ranks_fast
 

@@ -14,7 +14,7 @@ from conftest import run_mergekit
 paddle = pytest.importorskip("paddle")
 
 from llm_merge.api import merge
-from llm_merge.config import MergeConfig
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import pdparams
 

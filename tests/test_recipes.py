@@ -14,12 +14,13 @@ from conftest import REPO, run_mergekit
 
 from llm_merge.api import merge
 from llm_merge.backends.numpy_backend import NumpyOps
-from llm_merge.config import MergeConfig, resolve
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
-from llm_merge.gradients import evaluate, layer_t
+from llm_merge.plan.gradients import evaluate, layer_t
 from llm_merge.methods import extra
 from llm_merge.methods import mergekit_sparsify as mks
-from llm_merge.recipes import recipe_to_config
+from llm_merge.config.recipes import recipe_to_config
 
 OPS = NumpyOps(False)
 CONFIGS = REPO / "configs"
@@ -36,12 +37,12 @@ def test_breadcrumbs_drops_top_gamma_then_keeps_density():
     t = np.array([10.0, -9.0, 8.0, -7.0, 6.0, 5.0, -4.0, 3.0, 2.0, 1.0], np.float32)
     # n=10, gamma 0.1 -> drop the 1 largest (10); density 0.5 -> keep the next 5: -9, 8, -7, 6, 5
     stats = mks.breadcrumbs_selection(t, reserve_p=0.5, gamma=0.1, rescale=False, host=OPS, ops=OPS)
-    assert stats["scale"] == 1.0
+    assert stats["l1_scale"] == 1.0
     out = mks.breadcrumbs(t, start=0, ops=OPS, **stats)
     np.testing.assert_array_equal(out, [0, -9, 8, -7, 6, 5, 0, 0, 0, 0])
     # rescale: L1 of all (55) over L1 kept (35)
     stats = mks.breadcrumbs_selection(t, reserve_p=0.5, gamma=0.1, rescale=True, host=OPS, ops=OPS)
-    assert stats["scale"] == pytest.approx(55 / 35)
+    assert stats["l1_scale"] == pytest.approx(55 / 35)
     # gamma reduced so that density is met (mergekit: n_bot = max(0, n - keep - top)): keep 9 -> drop only 1
     assert mks.breadcrumbs_counts(0.9, 0.3, 10) == (0, 9)  # (n_bot, target): the 9 smallest
     # int(), as mergekit: 0.29 * 100 is 28.999999999999996 -> 28 kept

@@ -14,7 +14,7 @@ from checkpoints import llama_shapes, read_checkpoint, write_checkpoint
 from conftest import run_mergekit
 
 from llm_merge.errors import ConfigError
-from llm_merge.recipes import recipe_to_config
+from llm_merge.config.recipes import recipe_to_config
 
 LAYERS = 4
 
@@ -103,7 +103,7 @@ def test_slices_errors(fam):
         ({"merge_method": "ties", "base_model": base, "slices": [two(base, a)]}, "weight is required"),
         ({"merge_method": "slerp", "base_model": base, "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}], "residual_weight": 0.5}]}, "residual_weight"),
     ]
-    from llm_merge.config import resolve
+    from llm_merge.config.validate import resolve
 
     for recipe, match in cases:
         with pytest.raises(ConfigError, match=match):

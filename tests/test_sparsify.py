@@ -5,7 +5,7 @@ import pytest
 
 from llm_merge import methods
 from llm_merge.backends.numpy_backend import NumpyOps
-from llm_merge.methods.random import CounterRNG, draw_key, splitmix64
+from llm_merge.kernels.counter_rng import CounterRNG, draw_key, splitmix64
 from llm_merge.methods.sparsify import trim_count
 
 OPS = NumpyOps()

@@ -3,7 +3,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llm_merge.cli import main_entry  # noqa: E402
+from llm_merge.cli.merge import main_entry  # noqa: E402
 
 if __name__ == "__main__":
     main_entry()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from llm_merge.errors import MergeError
 
+#: Elements per chunk of the generic (per-method) apply pass: 256 KiB of float32 per input keeps the whole
+#: working set in L2; the Paddle backend's low_gpu_mem mode uploads at most this many elements per array.
+CHUNK_ELEMENTS = 1 << 16
+
 
 def get_ops(tensor_type: str, device: str = "cpu", compiled: bool = True):
     """The ops object for ``--tensor_type`` (``np`` or ``pd``) and ``--device``.

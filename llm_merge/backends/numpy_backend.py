@@ -14,7 +14,7 @@ from typing import Callable, Collection, Optional
 import ml_dtypes
 import numpy as np
 
-from llm_merge.methods.random import CounterRNG
+from llm_merge.kernels.counter_rng import CounterRNG
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def _load_kernels(compiled: bool):
     if not compiled or os.environ.get("LLM_MERGE_NUMBA", "1") == "0":
         return None
     try:
-        from llm_merge.backends import numba_kernels
+        from llm_merge.kernels import fused as numba_kernels
     except ImportError as exc:  # numba missing or broken: plain NumPy still gives the same results
         log.debug("numba kernels unavailable (%s); using NumPy", exc)
         return None
@@ -34,7 +34,7 @@ def _load_kernels(compiled: bool):
 _PACKED_RANK_LIMIT = 1 << 32
 
 #: Raw lanes of the compiled kernels for 16-bit floats, read and written as stored: bfloat16 bits as
-#: uint16, float16 bits as int16 (numba has no float16; ``numba_blocks.is_half_lane``). Other floats
+#: uint16, float16 bits as int16 (numba has no float16; ``kernels.blocks.is_half_lane``). Other floats
 #: pass through float32 bits (uint32).
 HALF_LANES = {np.dtype(ml_dtypes.bfloat16): np.uint16, np.dtype(np.float16): np.int16}
 
@@ -133,7 +133,7 @@ class NumpyOps:
         return self._kernels.StreamingRanks.peak_bytes(k, numel, budget)
 
     def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict, budget: int):
-        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``numba_kernels.StreamingTrim`` /
+        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``kernels.streaming.StreamingTrim`` /
         ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can); the engine asks
         ``streams_statistics`` first."""
         block = self._kernels.FusedChunks.BLOCK
@@ -142,13 +142,13 @@ class NumpyOps:
         return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
 
     def streaming_reduce(self, merge_type: str, *, k: int):
-        """The merge's whole-tensor sums fed raw chunks of all k inputs (``numba_kernels.StreamingSlerpSums``), or None."""
+        """The merge's whole-tensor sums fed raw chunks of all k inputs (``kernels.streaming.StreamingSlerpSums``), or None."""
         if not self._kernels or merge_type != "slerp" or k != 2:
             return None
         return self._kernels.StreamingSlerpSums(self._kernels.FusedChunks.BLOCK)
 
     def fused_chunks(self, **constants):
-        """A fused apply pass (``numba_kernels.FusedChunks``) for one tensor, or None without numba."""
+        """A fused apply pass (``kernels.fused.FusedChunks``) for one tensor, or None without numba."""
         return self._kernels.FusedChunks(**constants) if self._kernels else None
 
     # -- host conversions (used by the engine whatever the backend) --------------------

@@ -1,6 +1,6 @@
 """PaddlePaddle implementation of the ops the methods use (``--tensor_type pd``).
 
-This is the only module of llm_merge that imports ``paddle``. It mirrors
+It imports ``paddle`` at module level (``io.pdparams`` imports it lazily for .pdparams files). It mirrors
 :class:`llm_merge.backends.numpy_backend.NumpyOps` operation by operation, and
 its results equal NumPy's: elementwise float32 arithmetic is the same IEEE
 arithmetic, scalars are rounded to float32 exactly as ``np.float32`` does,
@@ -21,9 +21,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import paddle
 
+from llm_merge.backends import CHUNK_ELEMENTS
 from llm_merge.backends.numpy_backend import NumpyOps
 from llm_merge.errors import MergeError
-from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+from llm_merge.kernels.counter_rng import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 
 DEVICES = ("cpu", "gpu", "low_gpu_mem")
 #: Largest tensor whose ranks are computed with one packed 64-bit sort key (as in NumpyOps).
@@ -55,12 +56,12 @@ class PaddleOps:
 
     * ``"cpu"``: every tensor lives on the CPU (Paddle's CPU kernels).
     * ``"gpu"``: chunks and whole-tensor statistics are computed on GPU 0. The
-      engine uploads one chunk (2^18 elements) per input at a time, but the
+      engine uploads one chunk (``CHUNK_ELEMENTS``) per input at a time, but the
       prepare pass of trim/magprune uploads a whole task vector, so the trim
       threshold and the magprune ranks (kept on the GPU, sliced per chunk) are
       computed there: GPU memory grows with the largest tensor.
     * ``"low_gpu_mem"``: as ``"gpu"``, except that arrays larger than one engine
-      chunk (``max_device_elements``, default ``engine.CHUNK_ELEMENTS``) are
+      chunk (``max_device_elements``, default ``CHUNK_ELEMENTS``) are
       never uploaded: ``from_numpy`` returns them unchanged and the ops given a
       NumPy array compute on the host with :class:`NumpyOps`. So whole-tensor
       statistics (trim threshold and L1 scale, magprune ranks) are computed by
@@ -84,8 +85,6 @@ class PaddleOps:
                 f"--device {device}: the installed PaddlePaddle {paddle.__version__} has no GPU (CUDA) support; {_INSTALL_HINT}"
             )
         if max_device_elements is None:
-            from llm_merge.engine import CHUNK_ELEMENTS
-
             max_device_elements = CHUNK_ELEMENTS
         self.device = device
         self.low_gpu_mem = device == "low_gpu_mem"
@@ -260,7 +259,7 @@ class PaddleOps:
 
 
 class PaddleCounterRNG:
-    """:class:`llm_merge.methods.random.CounterRNG` with Paddle int64 ops on the device.
+    """:class:`llm_merge.kernels.counter_rng.CounterRNG` with Paddle int64 ops on the device.
 
     Paddle has no uint64: int64 holds the same 64 bits, multiplication and addition wrap
     modulo 2^64 in two's complement (so the low 64 bits equal the unsigned result), and the

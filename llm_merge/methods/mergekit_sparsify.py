@@ -14,13 +14,12 @@ They differ from the PaddleNLP ones in ``sparsify.py`` as mergekit 0.1.5's ``spa
   below 1e-7), where PaddleNLP divides by the keep probability.
 
 Whole-tensor statistics are computed on the host (NumPy) in 1M-element pieces; random draws
-use the counter-based streams of ``llm_merge.methods.random``, so results do not depend on
+use the counter-based streams of ``llm_merge.kernels.counter_rng``, so results do not depend on
 chunking, worker count or backend.
 """
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 
@@ -123,12 +122,12 @@ def _band_stats(t, low_pos: int, high_pos: int, rescale: bool, host, ops) -> dic
     magnitude = np.abs(ops.to_numpy(t).ravel())
     selection = band_selection(magnitude, low_pos, high_pos, host)
     if not rescale:
-        return {"selection": selection, "scale": 1.0}
+        return {"selection": selection, "l1_scale": 1.0}
     l1 = MaskedL1()
     for s in range(0, magnitude.size, _STEP):
         piece = magnitude[s : s + _STEP]
         l1.add(piece, band_mask(piece, s, selection))
-    return {"selection": selection, "scale": l1.factor()}
+    return {"selection": selection, "l1_scale": l1.factor()}
 
 
 def _apply_band(t, selection, scale, start, ops):
@@ -145,49 +144,49 @@ def magnitude_selection(t, *, reserve_p, rescale, host, ops):
     """The k largest |t| (the last k of the ascending order) and the L1 rescale factor."""
     n = t.size
     if reserve_p >= 1.0 or n == 0:
-        return {"selection": None, "scale": 1.0}
+        return {"selection": None, "l1_scale": 1.0}
     return _band_stats(t, n - magnitude_count(reserve_p, n), n, rescale, host, ops)
 
 
 @register("sparsify", "magnitude", prepare=magnitude_selection)
-def magnitude(t, *, selection, scale, start, ops):
+def magnitude(t, *, selection, l1_scale, start, ops):
     """mergekit magnitude: keep the k largest |t| (k = max(1, int(density·n))), times the L1 rescale factor."""
-    return _apply_band(t, selection, scale, start, ops)
+    return _apply_band(t, selection, l1_scale, start, ops)
 
 
 def breadcrumbs_selection(t, *, reserve_p, gamma, rescale, host, ops):
     """The band of |t| kept by Model Breadcrumbs and the L1 rescale factor."""
     n = t.size
     if reserve_p >= 1.0 or n == 0:
-        return {"selection": None, "scale": 1.0}
+        return {"selection": None, "l1_scale": 1.0}
     n_bot, target = breadcrumbs_counts(reserve_p, gamma, n)
     if target == 0:
-        return {"selection": (np.inf, 0, -np.inf, 0), "scale": 1.0}
+        return {"selection": (np.inf, 0, -np.inf, 0), "l1_scale": 1.0}
     return _band_stats(t, n_bot, n_bot + target, rescale, host, ops)
 
 
 @register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection)
-def breadcrumbs(t, *, selection, scale, start, ops):
+def breadcrumbs(t, *, selection, l1_scale, start, ops):
     """Model Breadcrumbs: drop the gamma fraction of largest |t|, keep the next int(density·n), times the L1 factor."""
-    return _apply_band(t, selection, scale, start, ops)
+    return _apply_band(t, selection, l1_scale, start, ops)
 
 
 def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
     """L1 rescale factor of the Bernoulli(density) mask (the mask is redrawn, identically, in the apply pass)."""
     if reserve_p >= 1.0 or not rescale:
-        return {"scale": 1.0}
+        return {"l1_scale": 1.0}
     x = ops.to_numpy(t).ravel()
     l1 = MaskedL1()
     for s in range(0, x.size, _STEP):
         piece = np.abs(x[s : s + _STEP])
         l1.add(piece, rng_at(s).keep(reserve_p, piece.size))
-    return {"scale": l1.factor()}
+    return {"l1_scale": l1.factor()}
 
 
 @register("sparsify", "random", prepare=bernoulli_rescale)
-def random(t, *, reserve_p, scale, rng, ops):
+def random(t, *, reserve_p, l1_scale, rng, ops):
     """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
-    return t if reserve_p >= 1.0 else _keep_scaled(t, reserve_p, scale, rng, ops)
+    return t if reserve_p >= 1.0 else _keep_scaled(t, reserve_p, l1_scale, rng, ops)
 
 
 def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -200,7 +199,7 @@ def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops):
     """Per-entry keep probability from the entry's magnitude rank in its row, and the L1 rescale factor."""
     if reserve_p >= 1.0:
-        return {"keep_prob": None, "scale": 1.0}
+        return {"keep_prob": None, "l1_scale": 1.0}
     x = ops.to_numpy(t).ravel()
     rows = _row_view(x, tuple(shape))
     length = rows.shape[1]
@@ -223,19 +222,10 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
         out[:] = piece.ravel()
         if rescale:
             l1.add(size.ravel(), rng_at(s).keep(out, out.size))
-    return {"keep_prob": probs, "scale": l1.factor() if rescale else 1.0}
+    return {"keep_prob": probs, "l1_scale": l1.factor() if rescale else 1.0}
 
 
 @register("sparsify", "della_magprune", prepare=row_keep_probabilities)
-def della_magprune(t, *, keep_prob, scale, rng, ops):
+def della_magprune(t, *, keep_prob, l1_scale, rng, ops):
     """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
-    return t if keep_prob is None else _keep_scaled(t, keep_prob, scale, rng, ops)
-
-
-def check_della_range(reserve_p: float, epsilon: float) -> Optional[str]:
-    """mergekit's condition on della's density and epsilon, as an error message (None: fine)."""
-    if reserve_p >= 1.0 or (reserve_p - epsilon > 0 and reserve_p + epsilon < 1):
-        return None
-    return (f"density {reserve_p:g} with epsilon {epsilon:g}: mergekit's della needs density - epsilon > 0 and "
-            f"density + epsilon < 1 (every keep probability in (0, 1))")
-
+    return t if keep_prob is None else _keep_scaled(t, keep_prob, l1_scale, rng, ops)

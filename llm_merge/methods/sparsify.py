@@ -7,8 +7,8 @@ magprune ranks) come from the ``prepare`` function registered with it.
 
 from __future__ import annotations
 
-import math
 
+from llm_merge.kernels.counts import trim_count
 from llm_merge.methods.registry import register
 
 
@@ -27,29 +27,24 @@ def dare(t, *, reserve_p, rescale, rng, ops):
     return kept / ops.float32(reserve_p) if rescale else kept
 
 
-def trim_count(reserve_p: float, numel: int) -> int:
-    """k = ceil(reserve_p * numel), ignoring float noise in the product (0.7 * 10 is 7)."""
-    return min(numel, max(1, math.ceil(round(reserve_p * numel, 6))))
-
-
 def trim_threshold(t, *, reserve_p, rescale, ops):
     """Magnitude threshold of the k largest |t| and the L1 rescale factor."""
     magnitude = ops.abs(t)
     if t.size == 0:
-        return {"threshold": 0.0, "scale": 1.0}
+        return {"threshold": 0.0, "l1_scale": 1.0}
     threshold = ops.kth_largest(magnitude, trim_count(reserve_p, t.size))
-    scale = 1.0
+    l1_scale = 1.0
     if rescale:
         kept_mass = ops.sum64(ops.where(magnitude >= threshold, magnitude, 0.0))
-        scale = ops.sum64(magnitude) / kept_mass if kept_mass > 0 else 1.0
-    return {"threshold": threshold, "scale": scale}
+        l1_scale = ops.sum64(magnitude) / kept_mass if kept_mass > 0 else 1.0
+    return {"threshold": threshold, "l1_scale": l1_scale}
 
 
 @register("sparsify", "trim", prepare=trim_threshold)
-def trim(t, *, threshold, scale, ops):
+def trim(t, *, threshold, l1_scale, ops):
     """TIES trim: keep entries with |t| >= threshold (ties kept), times the L1 rescale factor."""
     kept = ops.where(ops.abs(t) >= threshold, t, 0.0)
-    return kept * ops.float32(scale) if scale != 1.0 else kept
+    return kept * ops.float32(l1_scale) if l1_scale != 1.0 else kept
 
 
 def magnitude_ranks(t, *, ops):

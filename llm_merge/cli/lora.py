@@ -7,9 +7,9 @@ import sys
 from typing import Optional, Sequence
 
 from llm_merge import __version__
-from llm_merge.cli import OneLineParser, parse_bool, quiet_logging, run_command
+from llm_merge.cli.common import OneLineParser, parse_bool, quiet_logging, run_command
 from llm_merge.io.dtypes import OUTPUT_DTYPES
-from llm_merge.lora import LoraMergeConfig
+from llm_merge.lora.options import LoraMergeConfig
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
@@ -50,7 +50,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> LoraMergeConfig:
 def _fold_command(argv: Optional[Sequence[str]]) -> None:
     cfg = parse_config(argv)
     quiet_logging(cfg.quiet)
-    from llm_merge.lora_merge import merge_lora
+    from llm_merge.lora.fold import merge_lora
 
     merge_lora(cfg)
 

@@ -20,27 +20,24 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from llm_merge import methods
-from llm_merge.backends import get_ops
+from llm_merge.backends import CHUNK_ELEMENTS, get_ops
 from llm_merge.backends.numpy_backend import HALF_LANES, NumpyOps
-from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig
+from llm_merge.config.options import MergeConfig, PER_MODEL_OPTIONS
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.spill import SpilledArray
 from llm_merge.io.writer import ShardWriter
 from llm_merge.methods.merge import slerp_coefficients
-from llm_merge.methods.random import CounterRNG, draw_key
+from llm_merge.kernels.counter_rng import CounterRNG, draw_key
 from llm_merge.methods.registry import keyword_params
-from llm_merge.plan import TensorTask
+from llm_merge.plan.layout import TensorTask
 
 log = logging.getLogger(__name__)
 
-#: Methods the compiled fused apply pass (numba_kernels.FusedChunks) implements; others run through NumPy.
+#: Methods the compiled fused apply pass (kernels.fused.FusedChunks) implements; others run through NumPy.
 FUSED_SPARSIFY = ("none", "dare", "trim", "magprune")
 FUSED_MERGE = ("linear", "ties", "slerp")
-
-#: Elements per chunk: 256 KiB of float32 per input keeps the whole working set in L2.
-CHUNK_ELEMENTS = 1 << 16
 
 
 class MergerFactory:
@@ -434,7 +431,7 @@ class TensorMerger:
 
 
 def run_statistic(stats: Any, chunks: Callable[[], Iterable[tuple[list[np.ndarray], Optional[np.ndarray]]]]) -> Any:
-    """Feed a streamed statistic (``numba_streaming``: ``wants``, ``feed``, ``end_pass``, ``statistics``)
+    """Feed a streamed statistic (``kernels.streaming``: ``wants``, ``feed``, ``end_pass``, ``statistics``)
     every pass it wants over ``chunks()`` (raw chunks of the models, and of the base or None); a pass
     stops at the chunk where the statistic gives up. Returns its ``statistics()``."""
     pass_index = 0

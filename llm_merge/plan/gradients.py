@@ -11,17 +11,18 @@ A setting is mergekit's ``ParameterSetting``:
   the first filter found in the tensor name wins; no match leaves the option unset.
 
 Options named ``*_list`` (and ``weight_list``) take one setting per model. With ``slices``, a
-slice's and its sources' ``parameters`` come first (``llm_merge.slices``).
+slice's and its sources' ``parameters`` come first (``plan.slices``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from llm_merge.config import PER_MODEL_OPTIONS, MergeConfig, _check_option, check_della_models
+from llm_merge.config.options import MergeConfig, PER_MODEL_OPTIONS
+from llm_merge.config.validate import check_della_models, check_option
 from llm_merge.errors import ConfigError
-from llm_merge.option_types import is_number, kind_of
-from llm_merge.names import layer_index
+from llm_merge.config.types import is_number, kind_of
+from llm_merge.config.names import layer_index
 
 
 def layer_t(name: str, num_layers: int, pattern: Optional[str] = None) -> float:
@@ -81,7 +82,7 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
                   per_model: Optional[list[dict]] = None) -> Optional[dict[str, Any]]:
     """Resolved per-tensor option values of ``name`` at gradient position ``t``, or None when none is set.
 
-    ``shared`` / ``per_model``: the settings of the tensor's slice and of its sources (``llm_merge.slices``),
+    ``shared`` / ``per_model``: the settings of the tensor's slice and of its sources (``plan.slices``),
     which take precedence over ``cfg.tensor_parameters``.
     """
     top = cfg.tensor_parameters or {}
@@ -101,7 +102,7 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
             if value is None:
                 value = default[k] if default is not None else getattr(cfg, scalar, 1.0)
             value = _typed(option, value, 0.0)
-            _check_option(scalar, value, cfg.sparsify_type, cfg.epsilon)
+            check_option(scalar, value, cfg.sparsify_type, cfg.epsilon)
             values.append(value)
         out[option] = values
     for option in sorted((set(top) - set(PER_MODEL_LISTS.values())) | (set(shared) - set(PER_MODEL_LISTS))):
@@ -112,7 +113,7 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
         if isinstance(default, (bool, int, float)):
             value = _typed(option, value, default)
         if isinstance(value, float):
-            _check_option(option, value, cfg.sparsify_type, cfg.epsilon)
+            check_option(option, value, cfg.sparsify_type, cfg.epsilon)
         out[option] = value
     weights = out.get("weight_list")
     normalize = out.get("normalize", cfg.normalize)

@@ -24,14 +24,15 @@ from llm_merge.io import dtypes, writer
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.io.writer import ShardWriter
-from llm_merge.runner import run_tasks
-from llm_merge.lora import AdapterTensor, FoldPlan, FoldTask, LoraMergeConfig, build_fold_plan, resolve_config
+from llm_merge.run.pool import run_tasks
+from llm_merge.lora.adapter import AdapterTensor
+from llm_merge.lora.options import LoraMergeConfig, resolve_config
+from llm_merge.lora.plan import FoldPlan, FoldTask, build_fold_plan
 
 log = logging.getLogger(__name__)
 
-#: Elements per block (base rows x columns): 1 MiB of float32, like the merge's chunks.
+#: Elements per block (base rows x columns): 1 MiB of float32, with as much again for its delta.
 CHUNK_ELEMENTS = 1 << 18
-_POLL_SECONDS = 0.2
 Source = Union[TensorInfo, AdapterTensor]
 
 

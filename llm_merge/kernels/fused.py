@@ -3,10 +3,10 @@
 Each kernel follows the float32 operation order of its NumPy twin in
 ``llm_merge.methods`` (IEEE semantics, no fastmath), so both give the same
 bits; ``tests/test_kernels.py`` holds them to that. Random draws use the same
-counter-based splitmix64 stream as ``llm_merge.methods.random``. The streamed
-whole-tensor statistics live in ``numba_streaming`` and are re-exported here,
+counter-based splitmix64 stream as ``llm_merge.kernels.counter_rng``. The streamed
+whole-tensor statistics live in ``kernels.streaming`` and are re-exported here,
 so that the backend finds every compiled piece in this module; the block helpers
-both use (widening raw bits, prefetching inputs) live in ``numba_blocks``.
+both use (widening raw bits, prefetching inputs) live in ``kernels.blocks``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 import numpy as np
 from numba import njit
 
-from llm_merge.backends import numba_blocks, numba_ranks, numba_streaming
-from llm_merge.backends.numba_blocks import JIT_OPTIONS, float_bits_to_half, is_half_lane, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import configure_kernel_caches
-from llm_merge.backends.numba_ranks import magnitude_ranks_fast
-from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
+from llm_merge.kernels import blocks, counter_rng, ranks, streaming
+from llm_merge.kernels.blocks import JIT_OPTIONS, float_bits_to_half, is_half_lane, prefetch_inputs, widen_block
+from llm_merge.kernels.cache import configure_kernel_caches
+from llm_merge.kernels.ranks import magnitude_ranks_fast
+from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
     RankTable,
     StreamingRanks,
     StreamingSlerpSums,
@@ -34,9 +34,8 @@ from llm_merge.backends.numba_streaming import (  # noqa: F401 (re-exported)
     kth_bucket,
     rank_block,
 )
-from llm_merge.methods import random as _random
-from llm_merge.methods.random import GAMMA, MIX1, MIX2, UNIT, keep_threshold
-from llm_merge.methods.sparsify import trim_count
+from llm_merge.kernels.counter_rng import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+from llm_merge.kernels.counts import trim_count
 
 _JIT = JIT_OPTIONS
 
@@ -52,7 +51,7 @@ def _draw_state(key, index):
 
 @njit(inline="always", **_JIT)
 def _mix53(z):
-    """The 53-bit draw of splitmix64 state ``z`` (as ``llm_merge.methods.random``)."""
+    """The 53-bit draw of splitmix64 state ``z`` (as ``llm_merge.kernels.counter_rng``)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
     z = z ^ (z >> np.uint64(31))
@@ -399,7 +398,7 @@ class FusedChunks:
         self.rescale = options["rescale"]
         stats = prepared or [{}] * k
         self.trim_threshold = np.array([s.get("threshold", 0.0) for s in stats], np.float32)
-        self.trim_scale = np.array([s.get("scale", 1.0) for s in stats], np.float32)
+        self.trim_scale = np.array([s.get("l1_scale", 1.0) for s in stats], np.float32)
         self.ranks = [s.get("ranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)
@@ -464,8 +463,8 @@ def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
     return magprune_kernel(t, ranks, np.uint64(rng.key), rng.offset, top, step, rescale, np.empty_like(t))
 
 
-def trim(t, *, threshold, scale, ops):
-    return trim_kernel(t, np.float32(threshold), np.float32(scale), scale != 1.0, np.empty_like(t))
+def trim(t, *, threshold, l1_scale, ops):
+    return trim_kernel(t, np.float32(threshold), np.float32(l1_scale), l1_scale != 1.0, np.empty_like(t))
 
 
 def linear(ys, *, weight_list, normalize, ops):
@@ -481,12 +480,12 @@ def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
 def trim_threshold(t, *, reserve_p, rescale, ops):
     """Compiled twin of ``methods.sparsify.trim_threshold`` (sums may differ in the last float64 bit)."""
     if t.size == 0:
-        return {"threshold": 0.0, "scale": 1.0}
+        return {"threshold": 0.0, "l1_scale": 1.0}
     flat = np.ascontiguousarray(t.ravel())
     bits = select_kth_largest_bits(flat, trim_count(reserve_p, t.size))
     total, kept = _abs_sums(flat, bits)
     threshold = float_of_bits(bits)
-    return {"threshold": threshold, "scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
+    return {"threshold": threshold, "l1_scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
 
 
 def magnitude_ranks(t, *, ops):
@@ -540,6 +539,6 @@ def initialize() -> None:
         kth_bucket(np.zeros(1, np.int64), 0)
 
 
-# The kernels above inline kernels of numba_blocks, numba_streaming and numba_ranks and the draw
-# constants of methods.random: numba's cache must go stale when any of those changes.
-configure_kernel_caches(globals(), [numba_blocks.__file__, numba_streaming.__file__, numba_ranks.__file__, _random.__file__])
+# The kernels above inline kernels of blocks, streaming and ranks and the draw
+# constants of kernels.counter_rng: numba's cache must go stale when any of those changes.
+configure_kernel_caches(globals(), [blocks.__file__, streaming.__file__, ranks.__file__, counter_rng.__file__])

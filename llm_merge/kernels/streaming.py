@@ -1,7 +1,7 @@
 """Whole-tensor statistics streamed over raw input chunks (numba): no full-size copies.
 
 ``StreamingTrim`` (TIES trim threshold and L1 scale), ``StreamingRanks`` (DELLA's magnitude
-ranks, as rank tables that ``numba_kernels.FusedChunks`` counts from) and ``StreamingSlerpSums``
+ranks, as rank tables that ``kernels.fused.FusedChunks`` counts from) and ``StreamingSlerpSums``
 (slerp's norms and dot product). Each takes ``feed(pass_index, raws, base_raw)`` per chunk (raw
 bits: bfloat16 as uint16, float16 as int16, float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
 and ``statistics()``. Same results as the NumPy methods in ``llm_merge.methods``.
@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 from numba import njit
 
-from llm_merge.backends import numba_blocks
-from llm_merge.backends.numba_blocks import JIT_OPTIONS, prefetch_inputs, widen_block
-from llm_merge.backends.numba_cache import configure_kernel_caches
-from llm_merge.methods.sparsify import trim_count
+from llm_merge.kernels import blocks
+from llm_merge.kernels.blocks import JIT_OPTIONS, prefetch_inputs, widen_block
+from llm_merge.kernels.cache import configure_kernel_caches
+from llm_merge.kernels.counts import trim_count
 
 _JIT = JIT_OPTIONS
 
@@ -200,13 +200,13 @@ class StreamingTrim(_MagnitudeHistogram):
                 self.low_counts = np.zeros((len(self.high), _LOWS + _OUTSIDE_SLOTS), np.int64)
 
     def statistics(self) -> list[dict]:
-        """Per model: {"threshold", "scale"} as ``methods.sparsify.trim_threshold`` gives them.
+        """Per model: {"threshold", "l1_scale"} as ``methods.sparsify.trim_threshold`` gives them.
 
         Works on the occupied buckets only (a few thousand for bfloat16 deltas): the fixed cost
         per tensor stays far below a millisecond, which small tensors (norms, biases) notice.
         """
         if not self.keep:
-            return [{"threshold": 0.0, "scale": 1.0} for _ in self.high]
+            return [{"threshold": 0.0, "l1_scale": 1.0} for _ in self.high]
         stats = []
         refined = self._refined()
         for i, high in enumerate(self.high.astype(np.int64)):
@@ -227,7 +227,7 @@ class StreamingTrim(_MagnitudeHistogram):
             kept = _exact_sum(bucket_kept, mass[above], mixed_sums[above])
             total = _exact_sum(mass, mixed_sums)
             scale = (total / kept if kept > 0 else 1.0) if self.rescale else 1.0
-            stats.append({"threshold": float_of_bits((int(high) << 16) | low), "scale": scale})
+            stats.append({"threshold": float_of_bits((int(high) << 16) | low), "l1_scale": scale})
         return stats
 
 
@@ -434,4 +434,4 @@ class StreamingSlerpSums:
         return {"sums": tuple(float(v) for v in self.sums)}
 
 
-configure_kernel_caches(globals(), [numba_blocks.__file__])  # the kernels above inline numba_blocks' (and take its JIT options)
+configure_kernel_caches(globals(), [blocks.__file__])  # the kernels above inline blocks' (and take its JIT options)

@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from llm_merge.backends.numba_cache import configure_kernel_caches
+from llm_merge.kernels.cache import configure_kernel_caches
 
 #: The options of every compiled kernel: cached on disk, GIL released, NumPy's division semantics.
 JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy")

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llm_merge.config import MergeConfig
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
-from llm_merge.names import HEAD_NAME, embed_name, is_vocab_name
+from llm_merge.config.names import HEAD_NAME, embed_name, is_vocab_name
 
 log = logging.getLogger(__name__)
+_SHOW_NAMES = 5  # names listed per mismatch
 _SHOW = 5
 BASE = -1  # index of the base model in Piece.copy
 
@@ -82,8 +83,6 @@ def read_model_config(directory: Path) -> dict:
 
 
 def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Checkpoint]) -> Reconciled:
-    from llm_merge.plan import check_same_names  # plan imports this module
-
     everyone = [*models, *([base] if base else [])]
     configs = [read_model_config(c.path) for c in everyone]
     everyone, tied_out = _tie_embeddings(everyone, configs)
@@ -372,3 +371,25 @@ def slice_rows(info: TensorInfo, a: int, b: int) -> TensorInfo:
     """Rows [a, b) of a tensor, as a TensorInfo of their own."""
     row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
     return TensorInfo(info.file, info.dtype, (b - a, *info.shape[1:]), info.start + a * row_bytes, (b - a) * row_bytes)
+
+
+def check_same_names(checkpoints: list[Checkpoint]) -> None:
+    """Every checkpoint must hold the same tensor names as the first."""
+    reference = checkpoints[0]
+    names = set(reference.tensors)
+    problems = []
+    for other in checkpoints[1:]:
+        theirs = set(other.tensors)
+        missing, extra = sorted(names - theirs), sorted(theirs - names)
+        if missing or extra:
+            problems.append(
+                f"{other.path} vs {reference.path}: "
+                + "; ".join(
+                    f"{label} {len(items)} ({', '.join(items[:_SHOW_NAMES])}{', ...' if len(items) > _SHOW_NAMES else ''})"
+                    for label, items in (("missing", missing), ("extra", extra))
+                    if items
+                )
+            )
+    if problems:
+        raise MergeError("tensor names differ between models: " + " | ".join(problems) + "; see --on_missing_tensor")
+

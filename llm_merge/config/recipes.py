@@ -3,20 +3,20 @@
 ``python tools/mergekit.py recipe.yml OUT`` (or ``--config recipe.yml OUT``). Supported:
 ``merge_method``, ``base_model``, ``models`` (``model`` + ``parameters``), top-level ``parameters``,
 ``dtype``, ``out_dtype``, ``tokenizer_source``. Parameter values may be scalars, gradients
-(lists interpolated over the layers) or ``[{filter: ..., value: ...}]`` (see ``llm_merge.gradients``).
+(lists interpolated over the layers) or ``[{filter: ..., value: ...}]`` (see ``llm_merge.plan.gradients``).
 Anything else is an error naming it; ``int8_mask`` is accepted and ignored (with a warning).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from llm_merge.config import MergeConfig, check_setting, config_from_dict, parse_mapping
+from llm_merge.config.files import parse_mapping
+from llm_merge.config.options import MergeConfig
+from llm_merge.config.values import check_setting, config_from_dict
 from llm_merge.errors import ConfigError
 from llm_merge.io import side_files
 
@@ -385,89 +385,3 @@ def _renamed(params: dict) -> dict:
         if name in _SLICE_NAMES:
             out[_SLICE_NAMES[name]] = _map_setting(setting, lambda v: v if isinstance(v, bool) else float(v))
     return out
-
-
-def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
-    """A short README.md for the merged model: method, inputs and the options that differ from the defaults."""
-    from llm_merge import __version__
-
-    defaults = MergeConfig()
-    skip = {"model_path_list", "base_model_path", "output_path", "overwrite", "quiet", "n_process", "model_card",
-            "merge_type", "sparsify_type", "start_method", "rank", "world_size", "resume", "dist_timeout"}
-    lines = ["---", "tags:", "- merge", "- llm_merge", "---", "", f"# {Path(cfg.output_path).name}", "",
-             f"Merged with [llm_merge](https://github.com/) {__version__} using **{cfg.merge_method}**.", ""]
-    if cfg.base_model_path:
-        lines += [f"Base model: `{cfg.base_model_path}`", ""]
-    if cfg.slices:
-        from llm_merge.slices import check_slices
-
-        lines += ["Layer slices:", ""] + [
-            "- " + " + ".join(f"`{src.model}` layers {src.start}..{src.end - 1}" for src in s.sources) for s in check_slices(cfg.slices)]
-    else:
-        lines += ["Models:", ""] + [f"- `{m}`" for m in cfg.model_path_list]
-    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-               if f.name not in skip and getattr(cfg, f.name) != getattr(defaults, f.name)}
-    if options:
-        lines += ["", "Options:", "", "```json", json.dumps(options, indent=2, default=str), "```"]
-    if recipe_text:
-        lines += ["", "Recipe:", "", "```yaml", recipe_text.rstrip(), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    """``python tools/mergekit.py [--config] recipe.yml OUT [--overwrite] [--n_process N] ...``"""
-    from llm_merge.cli import OneLineParser, parse_bool, quiet_logging, run_command
-
-    def command(argv):
-        parser = OneLineParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
-        parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
-        parser.add_argument("output_path", nargs="?", help="directory to write the merged model to")
-        parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
-        parser.add_argument("--n_process", type=int, help="worker processes (default: 1)")
-        parser.add_argument("--seed", type=int, help="seed of the random draws (default: 42)")
-        parser.add_argument("--max_shard_size", help="largest output shard (default: 5GB)")
-        parser.add_argument("--overwrite", nargs="?", const=True, type=parse_bool, help="replace a non-empty output directory")
-        parser.add_argument("--quiet", nargs="?", const=True, type=parse_bool, help="no progress bar")
-        parser.add_argument("--no_model_card", action="store_true", help="do not write README.md (the model card) into the output")
-        parser.add_argument("--debug", action="store_true", help="full traceback on errors")
-        args = parser.parse_args(argv)
-        positional = [p for p in (args.recipe, args.output_path) if p is not None]
-        if args.config_flag:
-            recipe_path, rest = args.config_flag, positional
-        else:
-            recipe_path, rest = (positional[0] if positional else None), positional[1:]
-        if recipe_path is None or len(rest) != 1:
-            raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
-        extra = {k: v for k, v in vars(args).items() if k in ("n_process", "seed", "max_shard_size", "overwrite", "quiet") and v is not None}
-        extra["model_card"] = not args.no_model_card
-        extra["recipe_text"], recipe = read_recipe(recipe_path)
-        cfg = recipe_to_config(recipe, rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
-        from llm_merge.api import merge
-        from llm_merge.config import resolve
-
-        cfg = resolve(cfg)
-        quiet_logging(cfg.quiet)
-        merge(cfg)
-        return cfg
-
-    return run_command(argv, command)
-
-
-_YAML_SUFFIXES = (".yml", ".yaml")
-
-
-def is_recipe_invocation(argv) -> bool:
-    """Whether ``tools/mergekit.py`` was given a YAML recipe (else it is the PaddleNLP-flag CLI).
-
-    The recipe is the first argument or the value of ``--config``; an output directory or any
-    other value that happens to end in ``.yml`` never switches the mode.
-    """
-    args = [str(a) for a in argv]
-    if args and not args[0].startswith("-") and args[0].endswith(_YAML_SUFFIXES):
-        return True
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            return args[i + 1].endswith(_YAML_SUFFIXES)
-        if arg.startswith("--config="):
-            return arg.partition("=")[2].endswith(_YAML_SUFFIXES)
-    return False

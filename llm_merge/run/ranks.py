@@ -41,7 +41,6 @@ discards it). Rank 0 removes the heartbeat directory when it finishes or aborts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -50,45 +49,48 @@ import logging
 import os
 import signal
 import shutil
-import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from llm_merge.config import MergeConfig
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import writer
-from llm_merge.runner import run_tasks
+from llm_merge.run.heartbeat import Silence, beating, presumed_dead
+from llm_merge.run.journal import JournalingFactory, verified_tensors
+from llm_merge.run.pool import run_tasks
+from llm_merge.run.rank_files import fsync_files, identity, read_json, remove_directory, unlink, write_json_atomically
 
 log = logging.getLogger(__name__)
 
+
 STAGING_TAG = ".llm_merge-dist-"
+
+
 HEARTBEAT_TAG = ".llm_merge-heartbeat-"
+
+
 SHARDS_CREATED = "shards-created"
+
+
 POLL_SECONDS = 0.25
-#: Longest interval between two heartbeats of a rank, in seconds.
-HEARTBEAT_SECONDS = 2.0
-#: At least this many heartbeats fit in --dist_heartbeat_timeout (a short timeout beats faster).
-HEARTBEATS_PER_TIMEOUT = 4
-#: Shortest interval between two heartbeats, in seconds (bounds the thread's work for tiny timeouts).
-HEARTBEAT_MIN_SECONDS = 0.05
-#: How long stopping waits for the heartbeat thread to finish a write in progress, in seconds.
-HEARTBEAT_JOIN_SECONDS = 5.0
-_CRC_BLOCK = 16 << 20
+
+
 #: Options that change neither the plan nor the output bytes (left out of the plan hash).
 _RUN_ONLY = ("rank", "world_size", "resume", "dist_timeout", "dist_heartbeat_timeout", "n_process", "quiet", "overwrite")
+
+
 #: Options that merge_config.json records at their defaults (so that it matches a single-process merge).
-_RANK_OPTIONS = ("rank", "world_size", "resume", "dist_timeout", "dist_heartbeat_timeout")
-#: Test hook: ``N`` or ``N:TERM`` makes a rank kill itself (SIGKILL, or SIGTERM) after journaling N tensors.
-_KILL_AFTER_ENV = "LLM_MERGE_TEST_KILL_AFTER"
+RANK_OPTIONS = ("rank", "world_size", "resume", "dist_timeout", "dist_heartbeat_timeout")
+
+
 #: Test hook: ``start`` (heartbeat running, before the shards exist) or ``waiting`` (own share done)
 #: makes a rank SIGKILL itself at that point.
 _KILL_AT_ENV = "LLM_MERGE_TEST_KILL_AT"
-#: Test hook: a rank sleeps this many seconds after journaling its first tensor.
-_SLOW_ENV = "LLM_MERGE_TEST_SLOW_SECONDS"
+
+
 
 
 @dataclass(frozen=True)
@@ -176,264 +178,6 @@ def heartbeat_path(output: Path, digest: str) -> Path:
     return output.parent / f".{output.name}{HEARTBEAT_TAG}{digest[:20]}"
 
 
-# -- small file helpers --------------------------------------------------------------------
-def _write_atomically(path: Path, value: object) -> None:
-    """Write JSON to a temporary name, fsync, and rename it into place (readers never see half a file)."""
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, (json.dumps(value) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _identity(path: Path) -> Optional[tuple[int, int]]:
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-def _fsync_files(paths: Sequence[Path]) -> None:
-    for path in paths:
-        writer.fsync_path(path)
-
-
-def slot_crc32(fd: int, start: int, nbytes: int) -> int:
-    """crc32 of ``nbytes`` bytes at ``start`` of an open file, read in 16 MiB blocks."""
-    crc, done = 0, 0
-    while done < nbytes:
-        block = os.pread(fd, min(_CRC_BLOCK, nbytes - done), start + done)
-        if not block:
-            raise MergeError(f"short read at offset {start + done}")
-        crc = zlib.crc32(block, crc)
-        done += len(block)
-    return crc
-
-
-# -- the journal ---------------------------------------------------------------------------
-class JournalingFactory:
-    """Wraps a MergerFactory (already bound to the staging dir): every written tensor is journaled."""
-
-    def __init__(self, factory: Any, staging: Path, rank: int) -> None:
-        self.factory, self.staging, self.rank = factory, Path(staging), rank
-
-    def __call__(self) -> "JournalingWorker":
-        return JournalingWorker(self.factory(), self.staging, self.rank)
-
-
-class JournalingWorker:
-    def __init__(self, inner: Any, staging: Path, rank: int) -> None:
-        self.inner, self.staging = inner, staging
-        self.path = staging / f"journal-{rank}-{uuid.uuid4().hex[:12]}.jsonl"
-        self._journal: Optional[int] = None
-        self._reads: dict[str, int] = {}
-        self._count = 0
-        hook = os.environ.get(_KILL_AFTER_ENV, "")
-        self._kill_after, _, how = hook.partition(":")
-        self._kill_signal = signal.SIGTERM if how.upper() == "TERM" else signal.SIGKILL
-        self._slow_seconds = float(os.environ.get(_SLOW_ENV) or 0)
-
-    def run(self, task: Any) -> int:
-        written = self.inner.run(task)
-        fd = self._reads.get(task.out.file)
-        if fd is None:
-            fd = self._reads[task.out.file] = os.open(self.staging / task.out.file, os.O_RDONLY)
-        entry = {"name": task.name, "file": task.out.file, "start": task.out.start, "nbytes": task.out_bytes,
-                 "crc32": slot_crc32(fd, task.out.start, task.out_bytes)}
-        if self._journal is None:
-            self._journal = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(self._journal, (json.dumps(entry) + "\n").encode())
-        self._count += 1
-        if self._kill_after.isdigit() and self._count >= int(self._kill_after):
-            os.kill(os.getpid(), self._kill_signal)
-        if self._count == 1 and self._slow_seconds > 0:
-            time.sleep(self._slow_seconds)
-        return written
-
-    def close(self) -> None:
-        try:
-            self.inner.close()
-        finally:
-            for fd in self._reads.values():
-                os.close(fd)
-            self._reads.clear()
-            if self._journal is not None:
-                os.fsync(self._journal)
-                os.close(self._journal)
-                self._journal = None
-
-
-def journaled(staging: Path) -> dict[str, dict]:
-    """Journal entries by tensor name (a torn last line is ignored)."""
-    entries: dict[str, dict] = {}
-    for path in sorted(staging.glob("journal-*.jsonl")):
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                entries[entry["name"]] = entry
-    return entries
-
-
-def verified_tensors(staging: Path, tasks: Sequence[Any]) -> set[str]:
-    """Names of ``tasks`` whose journaled slot matches the plan and whose bytes still have the journaled crc32."""
-    entries = journaled(staging)
-    fds: dict[str, int] = {}
-    good = set()
-    try:
-        for task in tasks:
-            entry = entries.get(task.name)
-            if not entry or (entry.get("file"), entry.get("start"), entry.get("nbytes")) != (task.out.file, task.out.start, task.out_bytes):
-                continue
-            if task.out.file not in fds:
-                fds[task.out.file] = os.open(staging / task.out.file, os.O_RDONLY)
-            if slot_crc32(fds[task.out.file], task.out.start, task.out_bytes) == entry.get("crc32"):
-                good.add(task.name)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return good
-
-
-# -- liveness ------------------------------------------------------------------------------
-def heartbeat_period(timeout: float) -> float:
-    """Seconds between two heartbeats: HEARTBEAT_SECONDS, or less so that HEARTBEATS_PER_TIMEOUT fit in ``timeout``."""
-    return max(HEARTBEAT_MIN_SECONDS, min(HEARTBEAT_SECONDS, timeout / HEARTBEATS_PER_TIMEOUT))
-
-
-class Heartbeat:
-    """Rewrites ``rank-{rank}`` in ``directory`` every ``period`` seconds from a daemon thread.
-
-    The file holds a nonce of this process and a counter of fixed width, overwritten in
-    place; observers compare its bytes, never a timestamp. The thread does no merge work and
-    holds the GIL only for a few system calls (the numba kernels run without the GIL, a pool
-    is waited on in C), so it beats however long the main thread is busy. It writes only by
-    path and only while that path is still the directory it started in (same device and
-    inode): a directory renamed away or replaced by another run is never written into.
-    Write errors are ignored; the observers judge the silence.
-    """
-
-    def __init__(self, directory: Path, rank: int, period: float) -> None:
-        self.directory, self.period = Path(directory), period
-        self.path = self.directory / f"rank-{rank}"
-        self._identity = _identity(self.directory)
-        self._nonce = uuid.uuid4().hex[:12]
-        self._count = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"llm_merge heartbeat of rank {rank}", daemon=True)
-
-    def start(self) -> "Heartbeat":
-        self.beat()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(HEARTBEAT_JOIN_SECONDS)
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.period):
-            self.beat()
-
-    def beat(self) -> None:
-        self._count += 1
-        payload = f"{self._nonce} {self._count:020d}\n".encode()
-        try:
-            if self._identity is None or _identity(self.directory) != self._identity:
-                return
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, payload, 0)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-
-class Silence:
-    """How long each watched rank's heartbeat has not changed, by this process's monotonic clock.
-
-    The clock of a rank starts when the watch is made (a rank that has not beaten yet gets
-    the full ``timeout`` from then) and restarts whenever its file reads differently from
-    the last look. A file that cannot be read counts as unchanged. Each look reads the file
-    before reading the clock, so a pause of this process is never mistaken for silence.
-    """
-
-    def __init__(self, directory: Path, ranks: Iterable[int], timeout: float) -> None:
-        self.directory, self.timeout = Path(directory), timeout
-        now = time.monotonic()
-        self._seen = {rank: (self._read(rank), now) for rank in ranks}
-
-    def _read(self, rank: int) -> Optional[bytes]:
-        try:
-            return (self.directory / f"rank-{rank}").read_bytes()
-        except OSError:
-            return None
-
-    def dead(self, ranks: Iterable[int]) -> list[int]:
-        """The ranks among ``ranks`` whose heartbeat has not changed for more than ``timeout`` seconds."""
-        silent = []
-        for rank in ranks:
-            value = self._read(rank)
-            now = time.monotonic()
-            last, since = self._seen[rank]
-            if value is not None and value != last:
-                self._seen[rank] = (value, now)
-            elif now - since > self.timeout:
-                silent.append(rank)
-        return silent
-
-
-@contextlib.contextmanager
-def _beating(directory: Path, ctx: DistContext, timeout: float) -> Iterator[None]:
-    """This rank heartbeats while the block runs; rank 0 then removes the heartbeat directory.
-
-    A world of one has nobody to watch it and beats not at all.
-    """
-    if ctx.world_size == 1:
-        yield
-        return
-    os.makedirs(directory, exist_ok=True)
-    heartbeat = Heartbeat(directory, ctx.rank, heartbeat_period(timeout)).start()
-    try:
-        yield
-    finally:
-        heartbeat.stop()
-        if ctx.rank == 0:
-            _remove_staging(directory)
-
-
-def _presumed_dead(ranks: Sequence[int], timeout: float) -> str:
-    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
-    return f"{who} sent no heartbeat for {timeout:g} s (--dist_heartbeat_timeout); presumed dead; nothing was published"
-
-
 def _test_kill_at(phase: str) -> None:
     if os.environ.get(_KILL_AT_ENV) == phase:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -452,7 +196,7 @@ def run_share(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, stagi
     started = time.perf_counter()
     run_tasks(todo, JournalingFactory(factory.bind(staging), staging, ctx.rank), cfg.n_process, cfg.quiet, f"rank {ctx.rank}",
               cfg.start_method)
-    _fsync_files([staging / f for f in sorted({t.out.file for t in mine})])
+    fsync_files([staging / f for f in sorted({t.out.file for t in mine})])
     log.info("rank %d/%d: merged %d of %d tensors (%.2f GB) in %.1f s", ctx.rank, ctx.world_size, len(todo), len(plan.tasks),
              sum(t.out_bytes for t in todo) / 1e9, time.perf_counter() - started)
 
@@ -493,18 +237,18 @@ def _prepare(staging: Path, plan: Any, digest: str, resume: bool, world_size: in
     if resume and marker.exists() and _shards_intact(staging, plan.shards):
         log.info("rank 0: resuming in %s", staging)
         for item in staging.glob("rank-*.done"):
-            _unlink(item)
+            unlink(item)
     else:
         if marker.exists():
             log.warning("rank 0: discarding %s left by an interrupted run (pass --resume to reuse its tensors)", staging)
-        _unlink(marker)  # other ranks stop treating the old shards as current
+        unlink(marker)  # other ranks stop treating the old shards as current
         keep = {f"rank-{r}.failed" for r in range(1, world_size)}  # may be this run's early failures
         for item in staging.iterdir():
             if item.name not in keep:
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else _unlink(item)
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else unlink(item)
         _create_shards_exclusively(staging, plan.shards)
     token = uuid.uuid4().hex
-    _write_atomically(marker, {"plan": digest, "token": token, "world_size": world_size})
+    write_json_atomically(marker, {"plan": digest, "token": token, "world_size": world_size})
     return token
 
 
@@ -515,16 +259,16 @@ def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, ti
         log.info("rank 0: waiting for rank(s) %s", ", ".join(map(str, sorted(pending))))
     while pending:
         for rank in sorted(pending):
-            failed = _read_json(staging / f"rank-{rank}.failed")
+            failed = read_json(staging / f"rank-{rank}.failed")
             if failed is not None and failed.get("token") in (None, token):  # another token: left by an older run
                 raise MergeError(f"rank {rank} failed: {failed.get('error', 'unknown error')}; nothing was published")
-            done = _read_json(staging / f"rank-{rank}.done")
+            done = read_json(staging / f"rank-{rank}.done")
             if done and done.get("plan") == digest and done.get("token") == token:
                 pending.discard(rank)
         if pending:
             dead = silence.dead(sorted(pending))
             if dead:
-                raise MergeError(_presumed_dead(dead, silence.timeout))
+                raise MergeError(presumed_dead(dead, silence.timeout))
             if time.monotonic() > deadline:
                 raise MergeError(
                     f"timed out after {timeout:g} s (--dist_timeout) waiting for rank(s) "
@@ -534,10 +278,10 @@ def _wait_for_ranks(staging: Path, ctx: DistContext, digest: str, token: str, ti
 
 
 def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str,
-          heartbeats: Path) -> None:
+          heartbeats: Path, records: dict[str, object]) -> None:
     try:
         os.makedirs(staging, exist_ok=True)
-        _unlink(staging / "rank-0.failed")
+        unlink(staging / "rank-0.failed")
         _test_kill_at("start")
         token = _prepare(staging, plan, digest, cfg.resume, ctx.world_size)
         run_share(cfg, plan, factory, ctx, staging, cfg.resume)
@@ -546,35 +290,23 @@ def _lead(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: P
         _wait_for_ranks(staging, ctx, digest, token, cfg.dist_timeout, silence)
         for item in staging.iterdir():
             if item.name not in {shard.file for shard in plan.shards}:
-                _unlink(item)
-        defaults = {f.name: f.default for f in dataclasses.fields(MergeConfig) if f.name in _RANK_OPTIONS}
+                unlink(item)
         writer.finish_and_publish(
             staging, output, plan, overwrite=cfg.overwrite, prefix=cfg.merge_prefix, model_files_from=plan.models[0].path,
-            records={**plan.records, **plan.card_records(cfg), "merge_config.json": plan.merge_record(dataclasses.replace(cfg, **defaults))},
-            tokenizer_files_from=plan.tokenizer_from,
+            records=records, tokenizer_files_from=plan.tokenizer_from,
         )
     except BaseException:
-        _remove_staging(staging)
+        remove_directory(staging)
         raise
-
-
-def _remove_staging(staging: Path) -> None:
-    """Rename the staging directory away (atomic: late markers of other ranks cannot land in it), then delete it."""
-    trash = staging.parent / f"{staging.name}-aborted-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(staging, trash)
-    except OSError:
-        trash = staging
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- ranks 1 .. world_size-1 -----------------------------------------------------------------
 def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path, staging: Path, digest: str,
             heartbeats: Path) -> None:
     os.makedirs(staging, exist_ok=True)
-    identity = _identity(staging)
-    _unlink(staging / f"rank-{ctx.rank}.done")
-    _unlink(staging / f"rank-{ctx.rank}.failed")
+    staging_identity = identity(staging)
+    unlink(staging / f"rank-{ctx.rank}.done")
+    unlink(staging / f"rank-{ctx.rank}.failed")
     leader = Silence(heartbeats, [0], cfg.dist_heartbeat_timeout)
     done_token = working = None
     leader_dead = False  # then no failed marker: nobody would read it, and it would fail the next run's rank 0
@@ -582,40 +314,41 @@ def _follow(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output:
     try:
         _test_kill_at("start")
         while True:
-            if _identity(staging) != identity:
+            if identity(staging) != staging_identity:
                 if done_token is None:
                     raise MergeError(f"{staging} disappeared before rank 0 created the shards (rank 0 aborted?)")
-                if _identity(output) == identity:
+                if identity(output) == staging_identity:
                     log.info("rank %d: rank 0 published %s", ctx.rank, output)
                     return
                 raise MergeError("rank 0 aborted the merge; nothing was published")
-            created = _read_json(staging / SHARDS_CREATED)
+            created = read_json(staging / SHARDS_CREATED)
             token = created.get("token") if created and created.get("plan") == digest else None
             if token is not None and token != done_token:
                 working = token
                 run_share(cfg, plan, factory, ctx, staging, cfg.resume)
-                _write_atomically(staging / f"rank-{ctx.rank}.done", {"plan": digest, "token": token})
+                write_json_atomically(staging / f"rank-{ctx.rank}.done", {"plan": digest, "token": token})
                 done_token = token
                 _test_kill_at("waiting")
                 deadline = time.monotonic() + cfg.dist_timeout
             if leader.dead([0]):
                 leader_dead = True
                 kept = f"; {staging} is kept for --resume" if (staging / SHARDS_CREATED).exists() else ""
-                raise MergeError(_presumed_dead([0], leader.timeout) + kept)
+                raise MergeError(presumed_dead([0], leader.timeout) + kept)
             if time.monotonic() > deadline:
                 waiting = "rank 0 to create the shards" if done_token is None else "rank 0 to publish"
                 raise MergeError(f"timed out after {cfg.dist_timeout:g} s (--dist_timeout) waiting for {waiting}")
             time.sleep(POLL_SECONDS)
     except BaseException as exc:
-        if not leader_dead and _identity(staging) == identity:
+        if not leader_dead and identity(staging) == staging_identity:
             try:
-                _write_atomically(staging / f"rank-{ctx.rank}.failed", {"error": f"{exc}" or type(exc).__name__, "token": working})
+                write_json_atomically(staging / f"rank-{ctx.rank}.failed", {"error": f"{exc}" or type(exc).__name__, "token": working})
             except OSError:
                 pass
         raise
 
 
-def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path) -> Path:
+def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContext, output: Path,
+                      records: dict[str, object]) -> Path:
     """This rank's part of one merge; rank 0 publishes ``output`` after every rank is done."""
     writer.check_output_path(output, cfg.overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -624,11 +357,12 @@ def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContex
     log.info("rank %d of %d (%s); staging %s", ctx.rank, ctx.world_size, ctx.source, staging)
     heartbeats = heartbeat_path(output, digest)
     started = time.perf_counter()
-    with writer._sigterm_raises(), _beating(heartbeats, ctx, cfg.dist_heartbeat_timeout):
+    with writer._sigterm_raises(), beating(heartbeats, ctx.rank, ctx.world_size, cfg.dist_heartbeat_timeout):
         if ctx.rank == 0:
-            _lead(cfg, plan, factory, ctx, output, staging, digest, heartbeats)
+            _lead(cfg, plan, factory, ctx, output, staging, digest, heartbeats, records)
             log.info("merged %d tensors (%.2f GB) from %d model(s) on %d rank(s) into %s in %.1f s", len(plan.tasks),
                      plan.total_size / 1e9, len(plan.models), ctx.world_size, output, time.perf_counter() - started)
         else:
             _follow(cfg, plan, factory, ctx, output, staging, digest, heartbeats)
     return output
+

@@ -33,9 +33,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_merge.backends import numba_blocks
-from llm_merge.backends.numba_blocks import JIT_OPTIONS
-from llm_merge.backends.numba_cache import configure_kernel_caches
+from llm_merge.kernels import blocks
+from llm_merge.kernels.blocks import JIT_OPTIONS
+from llm_merge.kernels.cache import configure_kernel_caches
 
 _JIT = JIT_OPTIONS
 
@@ -770,7 +770,7 @@ def _plan(bits, super_max, direct_min, direct_max, samples):
 def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
     """uint32 rank of each float32 by magnitude (sign bit ignored): 0 the largest, ties by lower index.
 
-    Same output as ``numba_kernels.magnitude_ranks`` (any shape is flattened). Extra memory:
+    Same output as ``kernels.fused.magnitude_ranks`` (any shape is flattened). Extra memory:
     16 bytes/entry up to ``RANK_SMALL_MAX`` entries; above, 4 bytes per entry of non-direct
     buckets (at most ``RANK_SUPER_MAX`` of them), at most ``RANK_DIRECT_MAX`` tables of 256 KB,
     and a few MB of cache-sized scratch.
@@ -793,4 +793,4 @@ def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
     return ranks
 
 
-configure_kernel_caches(globals(), [numba_blocks.__file__])  # the kernels above take numba_blocks' JIT options
+configure_kernel_caches(globals(), [blocks.__file__])  # the kernels above take blocks' JIT options

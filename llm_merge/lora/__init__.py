@@ -1,0 +1,2 @@
+"""LoRA adapters folded into their base: options (``options``), the adapter (``adapter``), the checked fold plan
+(``plan``) and its execution (``fold``)."""
