@@ -20,7 +20,7 @@ paddle = pytest.importorskip("paddle")
 from llm_merge import methods  # noqa: E402
 from llm_merge.backends.numpy_backend import NumpyOps  # noqa: E402
 from llm_merge.backends.paddle_backend import PaddleOps  # noqa: E402
-from llm_merge.run.engine import _slice_per_element  # noqa: E402
+from llm_merge.run.chunks import slice_per_element  # noqa: E402
 from llm_merge.errors import MergeError  # noqa: E402
 from llm_merge.kernels.counter_rng import CounterRNG, splitmix64  # noqa: E402
 
@@ -83,7 +83,7 @@ def sparsify(ops, name, t, *, key=11, chunk=None, **params):
     out = []
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
-        extra = {**params, **_slice_per_element(prepared, start, count, n), "rng": ops.rng(key, start), "numel": n}
+        extra = {**params, **slice_per_element(prepared, start, count, n), "rng": ops.rng(key, start), "numel": n}
         kwargs = {k: v for k, v in extra.items() if k in method.params}
         out.append(ops.to_numpy(method.fn(ops.from_numpy(t[start : start + count]), ops=ops, **kwargs)))
     return np.concatenate(out)

@@ -1,5 +1,7 @@
 """Merge functions against hand-computed vectors."""
 
+import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -105,3 +107,55 @@ def test_inputs_are_not_modified():
     merge("linear", ys, weight_list=[1, 2], normalize=True)
     for y, c in zip(ys, copies):
         np.testing.assert_array_equal(y, c)
+
+
+def test_a_misspelled_parameter_fails_when_the_method_is_registered():
+    from llm_merge.errors import MergeError
+    from llm_merge.methods import registry
+
+    with pytest.raises(MergeError, match="reserve_pp"):
+        registry.register("sparsify", "misspelled")(lambda t, *, reserve_pp, ops: t)
+    assert "misspelled" not in registry.names("sparsify")
+
+
+def test_a_statistic_may_not_share_a_name_with_an_option():
+    """The engine binds statistics, engine values and options by name: they must never overlap."""
+    from llm_merge.errors import MergeError
+    from llm_merge.methods import registry
+
+    with pytest.raises(MergeError, match="scale"):
+        registry.register("merge", "ambiguous", reduce=lambda ys, *, ops: {"scale": 1.0},
+                          produces=("scale",))(lambda ys, *, scale, ops: ys[0])
+
+
+def test_binding_names_the_parameter_that_has_no_value():
+    from llm_merge.errors import MergeError
+    from llm_merge.run.binding import call
+
+    def method(t, *, reserve_p, threshold, ops):
+        return t
+
+    assert call(method, 1, {"threshold": 2}, {"ops": None}, {"reserve_p": 0.5}) == 1
+    with pytest.raises(MergeError, match="'threshold'"):
+        call(method, 1, {}, {"ops": None}, {"reserve_p": 0.5})
+
+
+def test_every_method_declares_what_it_produces():
+    """The statistics its prepare/reduce pass returns are exactly the ones it declares (on a small tensor)."""
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.kernels.counter_rng import CounterRNG
+    from llm_merge.run.binding import call
+
+    ops = NumpyOps(compiled=False)
+    options = dataclasses.asdict(MergeConfig(model_path_list=["a", "b"], weight_list=[1.0, 1.0]))
+    engine = {"ops": ops, "host": ops, "numel": 12, "shape": (3, 4), "start": 0, "rng_at": functools.partial(CounterRNG, 7)}
+    t = np.linspace(-1, 1, 12, dtype=np.float32)
+    for kind in ("sparsify", "merge"):
+        for name in methods.names(kind):
+            spec = methods.get(kind, name)
+            hook = spec.prepare or spec.reduce
+            if hook is None:
+                assert spec.produces == (), name
+                continue
+            first = t if kind == "sparsify" else [t, t[::-1].copy()]
+            assert set(call(hook, first, {}, engine, options)) == set(spec.produces), name

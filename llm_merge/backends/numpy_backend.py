@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Collection, Optional
+from typing import Callable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -52,9 +52,15 @@ class NumpyOps:
     def __init__(self, compiled: bool = True) -> None:
         self._kernels = _load_kernels(compiled)
 
-    def kernel(self, kind: str, name: str) -> Optional[Callable]:
-        """Compiled replacement of a registered method, or None to use the method itself."""
-        return self._kernels.KERNELS.get((kind, name)) if self._kernels else None
+    @property
+    def compiled(self) -> bool:
+        """Whether the numba kernels are loaded (compiled twins, fused pass, streamed statistics)."""
+        return self._kernels is not None
+
+    def kernel(self, kind: str, kernel: str) -> Optional[Callable]:
+        """The compiled twin ``kernel`` (a method spec's kernel id) of a method's ``kind`` function
+        (sparsify, merge or prepare), or None to use the method's own function."""
+        return self._kernels.KERNELS.get((kind, kernel)) if self._kernels else None
     abs = staticmethod(np.abs)
     sign = staticmethod(np.sign)
     where = staticmethod(np.where)
@@ -113,37 +119,25 @@ class NumpyOps:
         ranks[order] = np.arange(n, dtype=ranks.dtype)
         return ranks
 
-    def streams_statistics(self, sparsify_type: str, dtypes: Collection[str]) -> bool:
-        """Whether ``streaming_prepare`` covers this sparsifier for inputs (models and base) of these dtypes.
-
-        Trim streams for any dtype. Magnitude ranks stream for 16-bit float inputs (bfloat16,
-        float16): their deltas have few significant bits, so most have zero low 16 bits, which
-        keeps the rank tables small (where too many do not, the statistics give up early and
-        whole-tensor ranks follow). float32 deltas almost never do.
-        """
-        if not self._kernels:
-            return False
-        return sparsify_type == "trim" or (sparsify_type == "magprune" and set(dtypes) <= {"BF16", "F16"})
-
-    def streaming_peak_bytes(self, sparsify_type: str, *, k: int, numel: int, budget: int) -> int:
+    def streaming_peak_bytes(self, kernel: str, *, k: int, numel: int, budget: int) -> int:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables,
         which keep within ``budget`` bytes where they can: ``StreamingRanks.mixed_fraction_limit``)."""
-        if sparsify_type != "magprune":
+        if kernel != "magprune":
             return 0
         return self._kernels.StreamingRanks.peak_bytes(k, numel, budget)
 
-    def streaming_prepare(self, sparsify_type: str, *, k: int, numel: int, options: dict, budget: int):
+    def streaming_prepare(self, kernel: str, *, k: int, numel: int, options: dict, budget: int):
         """Whole-tensor statistics fed raw chunks of all k inputs per pass (``kernels.streaming.StreamingTrim`` /
-        ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can); the engine asks
-        ``streams_statistics`` first."""
+        ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can), for a sparsifier whose spec
+        streams them (``Method.streams``)."""
         block = self._kernels.FusedChunks.BLOCK
-        if sparsify_type == "magprune":
+        if kernel == "magprune":
             return self._kernels.StreamingRanks(k, numel, block, budget)
         return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
 
-    def streaming_reduce(self, merge_type: str, *, k: int):
+    def streaming_reduce(self, kernel: Optional[str], *, k: int):
         """The merge's whole-tensor sums fed raw chunks of all k inputs (``kernels.streaming.StreamingSlerpSums``), or None."""
-        if not self._kernels or merge_type != "slerp" or k != 2:
+        if not self._kernels or kernel != "slerp" or k != 2:
             return None
         return self._kernels.StreamingSlerpSums(self._kernels.FusedChunks.BLOCK)
 

@@ -88,7 +88,7 @@ def model_stock_ratio(sums, count: int):
     return np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator))
 
 
-@register("merge", "model_stock", reduce=model_stock_sums)
+@register("merge", "model_stock", reduce=model_stock_sums, produces=("sums",))
 def model_stock(ys, *, sums, model_stock_filter_wise, start, shape, ops):
     """Model Stock: t·mean(t_i) (the engine adds the base: t·mean(x_i) + (1−t)·b); t per tensor or per row."""
     t = model_stock_ratio(sums, len(ys)) / len(ys)
@@ -119,7 +119,7 @@ def nuslerp_coefficients(sums, weight_list):
     return c0, c1
 
 
-@register("merge", "nuslerp", reduce=nuslerp_sums)
+@register("merge", "nuslerp", reduce=nuslerp_sums, produces=("sums",), inputs=2)
 def nuslerp(ys, *, sums, weight_list, nuslerp_flatten, nuslerp_row_wise, start, shape, ops):
     """NuSLERP, t from the two weights: over the whole tensor, or per row (per column with nuslerp_row_wise)."""
     groups = vector_groups(start, ys[0].size, shape, _nuslerp_mode(nuslerp_flatten, nuslerp_row_wise))

@@ -7,7 +7,7 @@ import math
 from llm_merge.methods.registry import register
 
 
-@register("merge", "linear")
+@register("merge", "linear", kernel="linear", fused=True, divides_by_weight_sum=True)
 def linear(ys, *, weight_list, normalize, ops):
     """Weighted sum; divided by the sum of weights when normalize."""
     total = ys[0] * ops.float32(weight_list[0])
@@ -39,7 +39,14 @@ def slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_thresho
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-@register("merge", "slerp", reduce=slerp_sums)
+def _slerp_fused_coefficients(reduced: dict, options: dict) -> tuple[float, float]:
+    """slerp in the fused pass: a linear merge (not normalized) of the two inputs with these coefficients."""
+    return slerp_coefficients(reduced["sums"], options["slerp_alpha"], options["slerp_normalize_eps"],
+                              options["slerp_dot_threshold"])
+
+
+@register("merge", "slerp", reduce=slerp_sums, produces=("sums",), kernel="slerp", fused=True,
+          fused_coefficients=_slerp_fused_coefficients, inputs=2)
 def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, ops):
     """Spherical interpolation of two tensors (linear when nearly colinear)."""
     c0, c1 = slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold)
@@ -48,7 +55,7 @@ def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, op
     return total
 
 
-@register("merge", "ties")
+@register("merge", "ties", kernel="ties", fused=True)
 def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
     """TIES: keep the entries whose sign agrees with the elected sign, sum (or disjoint mean)."""
     weighted = [y * ops.float32(w) for y, w in zip(ys, weight_list)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from llm_merge.methods.registry import register
+from llm_merge.methods.sparsify import kept_by_draws, times
 
 #: mergekit's tolerance below which an L1 rescale is skipped (sparsify.rescaled_masked_tensor).
 RESCALE_EPS = 1e-7
@@ -48,12 +49,6 @@ class MaskedL1:
 
     def factor(self) -> float:
         return l1_rescale_factor(self.before, self.after)
-
-
-def _keep_scaled(t, prob, scale, rng, ops):
-    """Entries kept with probability ``prob`` (scalar or per entry), times ``scale``."""
-    kept = ops.where(rng.keep(prob, t.size), t, 0.0)
-    return kept * ops.float32(scale) if scale != 1.0 else kept
 
 
 def magnitude_count(reserve_p: float, numel: int) -> int:
@@ -148,7 +143,7 @@ def magnitude_selection(t, *, reserve_p, rescale, host, ops):
     return _band_stats(t, n - magnitude_count(reserve_p, n), n, rescale, host, ops)
 
 
-@register("sparsify", "magnitude", prepare=magnitude_selection)
+@register("sparsify", "magnitude", prepare=magnitude_selection, produces=("selection", "l1_scale"))
 def magnitude(t, *, selection, l1_scale, start, ops):
     """mergekit magnitude: keep the k largest |t| (k = max(1, int(density·n))), times the L1 rescale factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
@@ -165,7 +160,7 @@ def breadcrumbs_selection(t, *, reserve_p, gamma, rescale, host, ops):
     return _band_stats(t, n_bot, n_bot + target, rescale, host, ops)
 
 
-@register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection)
+@register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection, produces=("selection", "l1_scale"))
 def breadcrumbs(t, *, selection, l1_scale, start, ops):
     """Model Breadcrumbs: drop the gamma fraction of largest |t|, keep the next int(density·n), times the L1 factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
@@ -183,10 +178,10 @@ def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
     return {"l1_scale": l1.factor()}
 
 
-@register("sparsify", "random", prepare=bernoulli_rescale)
+@register("sparsify", "random", prepare=bernoulli_rescale, produces=("l1_scale",))
 def random(t, *, reserve_p, l1_scale, rng, ops):
     """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
-    return t if reserve_p >= 1.0 else _keep_scaled(t, reserve_p, l1_scale, rng, ops)
+    return t if reserve_p >= 1.0 else times(kept_by_draws(t, reserve_p, rng, ops), l1_scale, ops)
 
 
 def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -225,7 +220,8 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
     return {"keep_prob": probs, "l1_scale": l1.factor() if rescale else 1.0}
 
 
-@register("sparsify", "della_magprune", prepare=row_keep_probabilities)
+# statistic_bytes: the keep probabilities (spilled when large); rows are sorted in 1M-element blocks
+@register("sparsify", "della_magprune", prepare=row_keep_probabilities, produces=("keep_prob", "l1_scale"), statistic_bytes=4)
 def della_magprune(t, *, keep_prob, l1_scale, rng, ops):
     """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
-    return t if keep_prob is None else _keep_scaled(t, keep_prob, l1_scale, rng, ops)
+    return t if keep_prob is None else times(kept_by_draws(t, keep_prob, rng, ops), l1_scale, ops)

@@ -1,14 +1,23 @@
-"""The one registry of sparsify and merge functions.
+"""The one registry of method specs: every sparsifier and merge declared once.
 
-A function is registered with ``@register(kind, name)``. Its keyword-only
-parameters are bound by name by the engine from: MergeConfig fields, the
-values returned by its ``prepare`` (sparsify: whole-tensor statistics such as a
-threshold; arrays of one value per element are sliced to the chunk) or
-``reduce`` (merge: sums over all chunks), and the engine's values: ``ops`` (the
-array backend), ``host`` (NumPy ops, for statistics computed on the CPU), ``rng``
-(counter-based random draws for this chunk), ``rng_at(offset)`` (host draws of the
-same stream from any element offset), ``numel`` and ``shape`` (of the whole tensor)
-and ``start`` (element offset of the chunk).
+A spec is registered with ``@register(kind, name, ...)`` on its pure ops function (arrays first,
+keyword-only parameters, then ``ops``; shared by the NumPy and Paddle backends) and declares:
+
+* ``prepare`` (sparsify) / ``reduce`` (merge): the whole-tensor statistics it needs, and
+  ``produces``, the names of the statistics they return;
+* its parameters, bound by name from three disjoint sources: its statistics, the engine's values
+  (``ENGINE_PARAMS``: ``ops``, ``host``, ``rng``, ``rng_at``, ``numel``, ``shape``, ``start``) and the
+  MergeConfig options. Registration checks that every parameter is one of them and that no statistic
+  shares a name with an option or an engine value, so a misspelled or ambiguous parameter fails when the
+  package is imported, never inside a worker;
+* ``kernel``: the id of its compiled implementation (``kernels.fused``: the drop-in twin of ``fn`` and
+  ``prepare``, the fused apply pass's code, the streamed statistics), or None. ``fused`` says the fused
+  apply pass covers it; ``streamed_dtypes`` the input dtypes whose statistics stream (``ANY_DTYPE``: all);
+* what the engine and the plan need to know of it without naming it: ``statistic_bytes`` (memory per
+  element its whole-tensor statistics hold beside the task vector), ``passes_through`` (returns its input),
+  ``fused_coefficients`` (a merge run by the fused linear pass with coefficients from its statistics),
+  ``inputs`` (an exact number of inputs) and ``divides_by_weight_sum`` (normalizing divides by the weights'
+  sum, which must not be 0).
 """
 
 from __future__ import annotations
@@ -17,16 +26,19 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from llm_merge.config.options import FIELD_NAMES
 from llm_merge.errors import MergeError
 
 KINDS = ("sparsify", "merge")
-#: Parameters supplied by the engine rather than by MergeConfig.
+#: Parameters supplied by the engine rather than by MergeConfig or by the statistics.
 ENGINE_PARAMS = frozenset({"ops", "host", "rng", "rng_at", "numel", "start", "shape"})
+#: ``streamed_dtypes`` of statistics that stream for inputs of every dtype.
+ANY_DTYPE = frozenset({"*"})
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered function with its bound-parameter names and optional passes."""
+    """A registered sparsifier or merge: its ops function, statistics and what the engine needs to run it."""
 
     kind: str
     name: str
@@ -34,6 +46,15 @@ class Method:
     params: tuple[str, ...]
     prepare: Optional[Callable] = None
     reduce: Optional[Callable] = None
+    produces: tuple[str, ...] = ()
+    kernel: Optional[str] = None
+    fused: bool = False
+    streamed_dtypes: frozenset[str] = frozenset()
+    statistic_bytes: int = 0
+    passes_through: bool = False
+    fused_coefficients: Optional[Callable[[dict, dict], tuple[float, ...]]] = None
+    inputs: Optional[int] = None
+    divides_by_weight_sum: bool = False
 
     def parameters(self) -> set[str]:
         """Every parameter name of the function and its prepare/reduce pass."""
@@ -42,6 +63,10 @@ class Method:
             if extra is not None:
                 names |= set(keyword_params(extra))
         return names
+
+    def streams(self, dtypes: set[str]) -> bool:
+        """Whether its statistics stream (compiled) for inputs of these dtypes."""
+        return self.streamed_dtypes == ANY_DTYPE or (bool(self.streamed_dtypes) and dtypes <= self.streamed_dtypes)
 
 
 _REGISTRY: dict[str, dict[str, Method]] = {kind: {} for kind in KINDS}
@@ -52,18 +77,35 @@ def keyword_params(fn: Callable) -> tuple[str, ...]:
     return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-def register(kind: str, name: str, *, prepare: Optional[Callable] = None, reduce: Optional[Callable] = None) -> Callable:
-    """Decorator registering a sparsify or merge function under ``name``."""
+def register(kind: str, name: str, **spec) -> Callable:
+    """Decorator registering the ops function of a sparsifier or merge under ``name`` (``spec``: Method's fields)."""
     if kind not in _REGISTRY:
         raise MergeError(f"unknown method kind {kind!r}; valid: {', '.join(KINDS)}")
 
     def decorate(fn: Callable) -> Callable:
         if name in _REGISTRY[kind]:
             raise MergeError(f"{kind} method {name!r} is registered twice")
-        _REGISTRY[kind][name] = Method(kind, name, fn, keyword_params(fn), prepare, reduce)
+        method = Method(kind, name, fn, keyword_params(fn), **spec)
+        _check_parameters(method)
+        _REGISTRY[kind][name] = method
         return fn
 
     return decorate
+
+
+def _check_parameters(method: Method) -> None:
+    """Every parameter binds to exactly one source: a statistic it produces, an engine value or an option."""
+    where = f"{method.kind} method {method.name!r}"
+    produces = set(method.produces)
+    clashing = produces & (FIELD_NAMES | ENGINE_PARAMS)
+    if clashing:
+        raise MergeError(f"{where}: statistic(s) {', '.join(sorted(clashing))} share a name with an option or engine value")
+    unknown = set(method.params) - produces - ENGINE_PARAMS - FIELD_NAMES
+    for extra in (method.prepare, method.reduce):
+        if extra is not None:
+            unknown |= set(keyword_params(extra)) - ENGINE_PARAMS - FIELD_NAMES
+    if unknown:
+        raise MergeError(f"{where}: parameter(s) {', '.join(sorted(unknown))} are no option, engine value or statistic of it")
 
 
 def get(kind: str, name: str) -> Method:

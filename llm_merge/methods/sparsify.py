@@ -9,21 +9,34 @@ from __future__ import annotations
 
 
 from llm_merge.kernels.counts import trim_count
-from llm_merge.methods.registry import register
+from llm_merge.methods.registry import ANY_DTYPE, register
 
 
-@register("sparsify", "none")
+@register("sparsify", "none", kernel="none", fused=True, passes_through=True)
 def keep_all(t, *, ops):
     """No sparsification."""
     return t
 
 
-@register("sparsify", "dare")
+def kept_by_draws(t, keep_prob, rng, ops):
+    """``t`` where the counter-based draw keeps the entry (probability ``keep_prob``: scalar or per entry), else 0.
+
+    The draws of DARE and DELLA, in PaddleNLP's and mergekit's semantics alike.
+    """
+    return ops.where(rng.keep(keep_prob, t.size), t, 0.0)
+
+
+def times(kept, factor, ops):
+    """``kept`` times a rescale factor (the array itself when the factor is 1)."""
+    return kept * ops.float32(factor) if factor != 1.0 else kept
+
+
+@register("sparsify", "dare", kernel="dare", fused=True)
 def dare(t, *, reserve_p, rescale, rng, ops):
     """DARE: keep each entry with probability reserve_p; divide kept entries by reserve_p if rescale."""
     if reserve_p >= 1.0:
         return t
-    kept = ops.where(rng.keep(reserve_p, t.size), t, 0.0)
+    kept = kept_by_draws(t, reserve_p, rng, ops)
     return kept / ops.float32(reserve_p) if rescale else kept
 
 
@@ -40,11 +53,11 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     return {"threshold": threshold, "l1_scale": l1_scale}
 
 
-@register("sparsify", "trim", prepare=trim_threshold)
+@register("sparsify", "trim", prepare=trim_threshold, produces=("threshold", "l1_scale"), kernel="trim", fused=True,
+          streamed_dtypes=ANY_DTYPE)
 def trim(t, *, threshold, l1_scale, ops):
     """TIES trim: keep entries with |t| >= threshold (ties kept), times the L1 rescale factor."""
-    kept = ops.where(ops.abs(t) >= threshold, t, 0.0)
-    return kept * ops.float32(l1_scale) if l1_scale != 1.0 else kept
+    return times(ops.where(ops.abs(t) >= threshold, t, 0.0), l1_scale, ops)
 
 
 def magnitude_ranks(t, *, ops):
@@ -52,9 +65,17 @@ def magnitude_ranks(t, *, ops):
     return {"ranks": ops.descending_ranks(ops.abs(t))}
 
 
-@register("sparsify", "magprune", prepare=magnitude_ranks)
+#: Magnitude ranks stream (compiled) for 16-bit float inputs: their deltas have few significant bits, so most
+#: have zero low 16 bits, which keeps the rank tables small (where too many do not, the streamed statistics
+#: give up early and whole-tensor ranks follow); float32 deltas almost never do.
+_RANKS_STREAM_FOR = frozenset({"BF16", "F16"})
+
+
+# statistic_bytes: the ranks and the rank sort's buffer (earlier models' ranks are spilled when large)
+@register("sparsify", "magprune", prepare=magnitude_ranks, produces=("ranks",), kernel="magprune", fused=True,
+          streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=8)
 def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
     """DELLA MAGPRUNE: drop rank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
     keep_prob = (reserve_p + epsilon / 2) - ops.float64(ranks) * (epsilon / numel)
-    kept = ops.where(rng.keep(keep_prob, t.size), t, 0.0)
+    kept = kept_by_draws(t, keep_prob, rng, ops)
     return ops.divide(kept, ops.float32(keep_prob)) if rescale else kept

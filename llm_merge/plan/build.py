@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
+from llm_merge import methods
 from llm_merge.config.names import embed_name, layer_index
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.slices import num_layers as slice_layers
@@ -117,7 +118,7 @@ def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig,
         return TensorTask(name, source.shape, (source,), None, out, False, () if piece.copy == BASE else (piece.copy,))
     indices = range(len(models)) if piece.models is None else piece.models
     inputs = tuple(info(models[i]) for i in indices)
-    if tensor.mergeable and piece.models is not None and cfg.merge_type == "linear" and cfg.normalize:
+    if tensor.mergeable and piece.models is not None and methods.get("merge", cfg.merge_type).divides_by_weight_sum and cfg.normalize:
         if sum(weights[i] for i in piece.models) == 0:
             raise MergeError(f"tensor {name}: the weights of the models that have it ({[weights[i] for i in piece.models]}) sum to 0")
     return TensorTask(name, inputs[0].shape, inputs, info(base) if piece.base else None, out, tensor.mergeable, piece.models)

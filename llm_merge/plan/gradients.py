@@ -23,6 +23,7 @@ from llm_merge.config.validate import check_della_models, check_option
 from llm_merge.errors import ConfigError
 from llm_merge.config.types import is_number, kind_of
 from llm_merge.config.names import layer_index
+from llm_merge import methods
 
 
 def layer_t(name: str, num_layers: int, pattern: Optional[str] = None) -> float:
@@ -117,7 +118,7 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
         out[option] = value
     weights = out.get("weight_list")
     normalize = out.get("normalize", cfg.normalize)
-    if weights is not None and normalize and cfg.merge_type == "linear" and sum(weights) == 0:
+    if weights is not None and normalize and methods.get("merge", cfg.merge_type).divides_by_weight_sum and sum(weights) == 0:
         raise ConfigError(f"tensor_parameters: weights {weights} of tensor {name} sum to 0, cannot normalize")
     if cfg.sparsify_type == "della_magprune":
         n = len(cfg.model_path_list)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from llm_merge.config.options import MergeConfig
 from llm_merge.errors import ConfigError, MergeError
+from llm_merge import methods
 from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
@@ -109,7 +110,7 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
             plans.append((name, idx, False, idx[0]))
         elif in_base:
             plans.append((name, idx, False, BASE))
-        elif len(idx) == 1 or (cfg.merge_type == "slerp" and len(idx) != 2):
+        elif len(idx) == 1 or _wrong_input_count(cfg, len(idx)):
             plans.append((name, idx, False, idx[0]))
         else:
             plans.append((name, idx, False, None))
@@ -331,7 +332,7 @@ def _row_pieces(cfg, models, base, name, idx, use_base, copy, n_out) -> tuple[Pi
         elif copy is not None and copy != BASE:
             src = copy if copy in have else have[0]
             pieces.append(Piece((a, b), (src,), False, src))
-        elif len(have) == 1 and not has_base or (cfg.merge_type == "slerp" and len(have) != 2):
+        elif len(have) == 1 and not has_base or _wrong_input_count(cfg, len(have)):
             pieces.append(Piece((a, b), (have[0],), False, have[0]))
         else:
             pieces.append(Piece((a, b), have, has_base and (use_base or copy == BASE)))
@@ -393,3 +394,8 @@ def check_same_names(checkpoints: list[Checkpoint]) -> None:
     if problems:
         raise MergeError("tensor names differ between models: " + " | ".join(problems) + "; see --on_missing_tensor")
 
+
+def _wrong_input_count(cfg: MergeConfig, count: int) -> bool:
+    """Whether the merge takes an exact number of inputs (slerp: 2) other than ``count``: the tensor is then copied."""
+    exact = methods.get("merge", cfg.merge_type).inputs
+    return exact is not None and count != exact

@@ -6,6 +6,10 @@ row-major data, so any tensor size streams in bounded memory):
    the full task vector of one model at a time;
 2. reduce (merges needing whole-tensor sums, e.g. slerp's norms): additive sums;
 3. apply: per chunk, sparsify every model, merge, add the base, cast and write.
+
+The method specs (``methods.registry``) say what runs: the ops functions, their statistics, and
+which compiled pieces exist (a compiled twin, the fused apply pass, streamed statistics). The
+engine asks the specs, never a method's name; parameters bind through ``run.binding``.
 """
 
 from __future__ import annotations
@@ -15,29 +19,25 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from llm_merge import methods
 from llm_merge.backends import CHUNK_ELEMENTS, get_ops
-from llm_merge.backends.numpy_backend import HALF_LANES, NumpyOps
+from llm_merge.backends.numpy_backend import NumpyOps
 from llm_merge.config.options import MergeConfig, PER_MODEL_OPTIONS
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.spill import SpilledArray
 from llm_merge.io.writer import ShardWriter
-from llm_merge.methods.merge import slerp_coefficients
 from llm_merge.kernels.counter_rng import CounterRNG, draw_key
-from llm_merge.methods.registry import keyword_params
 from llm_merge.plan.layout import TensorTask
+from llm_merge.run.binding import call, per_model_options, task_options
+from llm_merge.run.chunks import lane_of, run_statistic, slice_per_element
 
 log = logging.getLogger(__name__)
-
-#: Methods the compiled fused apply pass (kernels.fused.FusedChunks) implements; others run through NumPy.
-FUSED_SPARSIFY = ("none", "dare", "trim", "magprune")
-FUSED_MERGE = ("linear", "ties", "slerp")
 
 
 class MergerFactory:
@@ -77,15 +77,13 @@ class TensorMerger:
         self.chunk = chunk_elements
         self.sparsifier = methods.get("sparsify", cfg.sparsify_type)
         self.merger = methods.get("merge", cfg.merge_type)
-        kernel = getattr(ops, "kernel", lambda kind, name: None)
-        self.sparsify_fn = kernel("sparsify", cfg.sparsify_type) or self.sparsifier.fn
-        self.merge_fn = kernel("merge", cfg.merge_type) or self.merger.fn
-        self.prepare_fn = kernel("prepare", cfg.sparsify_type) or self.sparsifier.prepare
+        self.sparsify_fn = self._compiled_twin("sparsify", self.sparsifier) or self.sparsifier.fn
+        self.merge_fn = self._compiled_twin("merge", self.merger) or self.merger.fn
+        self.prepare_fn = self._compiled_twin("prepare", self.sparsifier) or self.sparsifier.prepare
         self.options = self._all_options = dataclasses.asdict(cfg)
         self.reader = TensorReader()
         self.writer = ShardWriter(output_dir)
         self._buffers: dict[str, np.ndarray] = {}
-        self._params: dict[Any, tuple[str, ...]] = {}
         self._nonfinite: list[int] = []  # NaN/Inf values read, per input (the base last)
         self._out_nonfinite = 0  # NaN/Inf values written
         self._spilled: list[SpilledArray] = []
@@ -94,6 +92,11 @@ class TensorMerger:
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
+
+    def _compiled_twin(self, kind: str, method: methods.Method):
+        """The backend's compiled twin of a method's function (``kind``: sparsify, merge or prepare), or None."""
+        twin = getattr(self.ops, "kernel", None)
+        return twin(kind, method.kernel) if twin is not None and method.kernel is not None else None
 
     #: Tasks whose whole-tensor statistics need more than this run one at a time across workers.
     EXCLUSIVE_BYTES = 256 << 20
@@ -106,15 +109,10 @@ class TensorMerger:
         """Estimated extra memory of a task beyond the chunk buffers (whole-tensor statistics)."""
         if not task.mergeable or self.sparsifier.prepare is None:
             return 0
-        if self._streams(task, self._task_options(task)):
-            return self.host.streaming_peak_bytes(self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel,
+        if self._streams(task, task_options(self._all_options, task)):
+            return self.host.streaming_peak_bytes(self.sparsifier.kernel, k=len(task.inputs), numel=task.numel,
                                                   budget=self.EXCLUSIVE_BYTES)
-        per_element = 4  # the full task vector of one model
-        if self.cfg.sparsify_type == "magprune":
-            per_element += 8  # ranks + the rank sort's buffer (earlier models' ranks are spilled when large)
-        elif self.cfg.sparsify_type == "della_magprune":
-            per_element += 4  # keep probabilities (spilled when large); rows are sorted in 1M-element blocks
-        return per_element * task.numel
+        return (4 + self.sparsifier.statistic_bytes) * task.numel  # the full task vector of one model + statistics
 
     def exclusive(self, task: TensorTask) -> bool:
         return self.peak_bytes(task) > self.EXCLUSIVE_BYTES
@@ -172,8 +170,8 @@ class TensorMerger:
         self._nonfinite = [0] * (len(task.inputs) + 1)
         # a task over some of the models (task.models): their own draw keys and weights
         indices = range(len(task.inputs)) if task.models is None else task.models
-        self.options = self._task_options(task)
-        self._model_options = self._per_model_options(task, indices)
+        self.options = task_options(self._all_options, task)
+        self._model_options = per_model_options(self.options, len(task.inputs))
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
         prepared = None
@@ -184,7 +182,7 @@ class TensorMerger:
             for start in range(0, n, self.chunk):
                 count = min(self.chunk, n - start)
                 ys, _ = self._sparsified(task, start, count, prepared, keys)
-                sums = self._call(self.merger.reduce, ys, {"start": start})
+                sums = self._bind(self.merger.reduce, ys, {"start": start})
                 for name, value in sums.items():
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
         out_dtype = dtypes.to_numpy(task.out.dtype)
@@ -218,7 +216,7 @@ class TensorMerger:
             count = min(self.chunk, task.numel - start)
             self._task_vector(task, index, start, full[start : start + count])
         extra = {"rng_at": functools.partial(CounterRNG, key)}
-        stats = self._call(self.prepare_fn, self.ops.from_numpy(full), extra, self._model_options[index])
+        stats = self._bind(self.prepare_fn, self.ops.from_numpy(full), extra, self._model_options[index])
         del full
         return {name: self._spill(value, task.numel) for name, value in stats.items()}
 
@@ -243,13 +241,9 @@ class TensorMerger:
         """The compiled one-pass apply for this tensor, when the backend has one."""
         if not self._fusable():
             return None
-        coefficients = None
-        if self.cfg.merge_type == "slerp":
-            coefficients = slerp_coefficients(
-                reduced["sums"], self.options["slerp_alpha"], self.cfg.slerp_normalize_eps, self.cfg.slerp_dot_threshold
-            )
+        coefficients = self.merger.fused_coefficients(reduced, self.options) if self.merger.fused_coefficients else None
         return self.host.fused_chunks(
-            sparsify_type=self.cfg.sparsify_type, merge_type=self.cfg.merge_type, keys=keys, prepared=prepared,
+            sparsify_type=self.sparsifier.kernel, merge_type=self.merger.kernel, keys=keys, prepared=prepared,
             numel=numel, options=self.options, coefficients=coefficients,
         )
 
@@ -259,7 +253,7 @@ class TensorMerger:
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
             ys, base = self._sparsified(task, start, count, prepared, keys)
-            merged = self._call(self.merge_fn, ys, {**reduced, "start": start})
+            merged = self._bind(self.merge_fn, ys, {**reduced, "start": start})
             if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
                 merged *= self.ops.float32(self.options["scale"])
             if base is not None:
@@ -278,14 +272,14 @@ class TensorMerger:
         if not self._streams(task, self.options):
             return None
         return self._stream(task, self.host.streaming_prepare(
-            self.cfg.sparsify_type, k=len(task.inputs), numel=task.numel, options=self.options,
+            self.sparsifier.kernel, k=len(task.inputs), numel=task.numel, options=self.options,
             budget=self.EXCLUSIVE_BYTES))
 
     def _streamed_reduce(self, task: TensorTask) -> dict[str, Any]:
         """The merge's whole-tensor sums from one compiled pass over raw chunks ({} where there is none)."""
-        if not self._fusable() or self.cfg.sparsify_type != "none":
+        if not self._fusable() or not self.sparsifier.passes_through:
             return {}
-        return self._stream(task, self.host.streaming_reduce(self.cfg.merge_type, k=len(task.inputs))) or {}
+        return self._stream(task, self.host.streaming_reduce(self.merger.kernel, k=len(task.inputs))) or {}
 
     def _stream(self, task: TensorTask, stats: Any) -> Any:
         """Run a streaming statistic's passes over the raw chunks of ``task``; None when ``stats`` is None."""
@@ -300,8 +294,8 @@ class TensorMerger:
         float16 as int16), else float32 bits (uint32); the base's lane is chosen on its own. The
         buffers are reused: each chunk is valid until the next.
         """
-        lane = _lane(task.inputs)
-        base_lane = _lane([task.base]) if task.base is not None else None
+        lane = lane_of(task.inputs)
+        base_lane = lane_of([task.base]) if task.base is not None else None
         for start in range(0, task.numel, self.FUSED_CHUNK):
             count = min(self.FUSED_CHUNK, task.numel - start)
             raws = [self._read_bits(info, start, count, f"raw{index}", lane) for index, info in enumerate(task.inputs)]
@@ -310,7 +304,7 @@ class TensorMerger:
 
     def _apply_fused(self, task: TensorTask, fused: Any, out_dtype: np.dtype) -> None:
         """The apply pass through the compiled kernel: raw input bits in, raw output bits out."""
-        out_lane = _lane([task.out])
+        out_lane = lane_of([task.out])
         for start, raws, base in self._raw_chunks(task):
             out = self._buffer("raw-out", raws[0].size, out_lane)
             counts = fused.run(raws, base, start, out)
@@ -345,7 +339,7 @@ class TensorMerger:
         """Whether the compiled one-pass apply covers this task (built-in methods, one value per option)."""
         options = self.options if options is None else options
         return (
-            self.host is self.ops and self.cfg.sparsify_type in FUSED_SPARSIFY and self.cfg.merge_type in FUSED_MERGE
+            self.host is self.ops and self.sparsifier.fused and self.merger.fused
             and options["scale"] == 1.0
             and all(options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
         )
@@ -353,7 +347,7 @@ class TensorMerger:
     def _streams(self, task: TensorTask, options: dict[str, Any]) -> bool:
         """Whether this sparsifier's statistics are streamed (no full-size task vectors) for ``task`` with ``options``."""
         dtypes_in = {info.dtype for info in task.inputs} | ({task.base.dtype} if task.base is not None else set())
-        return self._fusable(options) and self.host.streams_statistics(self.cfg.sparsify_type, dtypes_in)
+        return self._fusable(options) and self.host.compiled and self.sparsifier.streams(dtypes_in)
 
     def _inputs(self, task: TensorTask, start: int, count: int) -> tuple[list[np.ndarray], Optional[np.ndarray]]:
         """Float32 chunks of every model and of the base (or None)."""
@@ -372,8 +366,8 @@ class TensorMerger:
                 t -= base
             extra = {"rng": self.ops.rng(keys[index], start), "start": start}
             if prepared is not None:
-                extra.update(_slice_per_element(prepared[index], start, count, task.numel))
-            ys.append(self._call(self.sparsify_fn, self.ops.from_numpy(t), extra, self._model_options[index]))
+                extra.update(slice_per_element(prepared[index], start, count, task.numel))
+            ys.append(self._bind(self.sparsify_fn, self.ops.from_numpy(t), extra, self._model_options[index]))
         return ys, (self.ops.from_numpy(base) if base is not None else None)
 
     def _read_f32(self, info, start: int, out: np.ndarray) -> int:
@@ -387,40 +381,8 @@ class TensorMerger:
         self._nonfinite[slot] += self._read_f32(info, start, chunk)
         return chunk
 
-    def _call(self, fn, first: Any, extra: dict[str, Any], options: Optional[dict] = None) -> Any:
-        """``fn(first, ...)`` with its keyword parameters from ``extra``, the engine values, then the options."""
-        options = self.options if options is None else options
-        names = self._params.get(fn)
-        if names is None:
-            names = self._params[fn] = keyword_params(fn)
-        kwargs = {}
-        for name in names:
-            if name in extra:
-                kwargs[name] = extra[name]
-            elif name in self._engine_values:
-                kwargs[name] = self._engine_values[name]
-            else:
-                kwargs[name] = options[name]
-        return fn(first, **kwargs)
-
-    def _task_options(self, task: TensorTask) -> dict[str, Any]:
-        """The options of one task: per-tensor values (task.params) over the config's, weights of its models."""
-        options = self._all_options
-        if task.params:
-            options = {**options, **task.params}
-        if task.models is not None:
-            options = {**options, "weight_list": [options["weight_list"][i] for i in task.models]}
-            for name in PER_MODEL_OPTIONS:
-                if options[f"{name}_list"] is not None:
-                    options[f"{name}_list"] = [options[f"{name}_list"][i] for i in task.models]
-        return options
-
-    def _per_model_options(self, task: TensorTask, indices) -> list[dict[str, Any]]:
-        """Options of each input's sparsifier: ``{name}_list[i]`` replaces ``name`` (per-model density, epsilon, gamma)."""
-        lists = [name for name in PER_MODEL_OPTIONS if self.options[f"{name}_list"] is not None]
-        if not lists:
-            return [self.options] * len(task.inputs)
-        return [{**self.options, **{name: self.options[f"{name}_list"][k] for name in lists}} for k in range(len(task.inputs))]
+    def _bind(self, fn, first: Any, extra: dict[str, Any], options: Optional[dict] = None) -> Any:
+        return call(fn, first, extra, self._engine_values, self.options if options is None else options)
 
     def _buffer(self, name: str, count: int, dtype: type = np.float32) -> np.ndarray:
         """A reusable scratch vector of ``count`` elements (float32 unless given)."""
@@ -429,28 +391,3 @@ class TensorMerger:
             buffer = self._buffers[name] = np.empty(max(count, self.chunk), dtype=dtype)
         return buffer[:count]
 
-
-def run_statistic(stats: Any, chunks: Callable[[], Iterable[tuple[list[np.ndarray], Optional[np.ndarray]]]]) -> Any:
-    """Feed a streamed statistic (``kernels.streaming``: ``wants``, ``feed``, ``end_pass``, ``statistics``)
-    every pass it wants over ``chunks()`` (raw chunks of the models, and of the base or None); a pass
-    stops at the chunk where the statistic gives up. Returns its ``statistics()``."""
-    pass_index = 0
-    while stats.wants(pass_index):
-        for raws, base in chunks():
-            stats.feed(pass_index, raws, base)
-            if not stats.wants(pass_index):  # gave up: the rest of the pass would be wasted
-                break
-        stats.end_pass(pass_index)
-        pass_index += 1
-    return stats.statistics()
-
-
-def _lane(infos) -> type:
-    """Raw element type the fused kernel reads or writes: the stored 16-bit lane when every tensor has that
-    dtype (``HALF_LANES``: bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
-    lanes = {HALF_LANES.get(dtypes.to_numpy(info.dtype), np.uint32) for info in infos}
-    return lanes.pop() if len(lanes) == 1 else np.uint32
-
-
-def _slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:
-    return {k: (v[start : start + count] if getattr(v, "shape", None) == (numel,) else v) for k, v in stats.items()}

@@ -1,0 +1,36 @@
+"""Raw chunks for the compiled passes: the lane a chunk is read in, and the streamed statistics' pass loop."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from llm_merge.backends.numpy_backend import HALF_LANES
+from llm_merge.io import dtypes
+
+
+def run_statistic(stats: Any, chunks: Callable[[], Iterable[tuple[list[np.ndarray], Optional[np.ndarray]]]]) -> Any:
+    """Feed a streamed statistic (``kernels.streaming``: ``wants``, ``feed``, ``end_pass``, ``statistics``)
+    every pass it wants over ``chunks()`` (raw chunks of the models, and of the base or None); a pass
+    stops at the chunk where the statistic gives up. Returns its ``statistics()``."""
+    pass_index = 0
+    while stats.wants(pass_index):
+        for raws, base in chunks():
+            stats.feed(pass_index, raws, base)
+            if not stats.wants(pass_index):  # gave up: the rest of the pass would be wasted
+                break
+        stats.end_pass(pass_index)
+        pass_index += 1
+    return stats.statistics()
+
+
+def lane_of(infos) -> type:
+    """Raw element type the fused kernel reads or writes: the stored 16-bit lane when every tensor has that
+    dtype (``HALF_LANES``: bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
+    lanes = {HALF_LANES.get(dtypes.to_numpy(info.dtype), np.uint32) for info in infos}
+    return lanes.pop() if len(lanes) == 1 else np.uint32
+
+
+def slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:
+    return {k: (v[start : start + count] if getattr(v, "shape", None) == (numel,) else v) for k, v in stats.items()}
