@@ -92,6 +92,25 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
     Raises MergeError listing (the first few) unpaired tensors, targets missing from
     the base, rank or shape mismatches, and unsupported tensors, before anything is written.
     """
+    halves, replacements, embedding = _sort_tensors(adapter)
+    targets = _check_targets(adapter, base, halves, replacements)
+    problems: list[str] = []
+    pending = [p for p in (_fitted_pair(adapter, base, module, side, targets[module], problems)
+                           for module, side in halves.items()) if p is not None]
+    problems += _replacement_problems(base, replacements)
+    if problems:
+        raise MergeError(f"LoRA adapter {adapter.path} does not fit base {base.path}: {_listing(problems)}")
+    square_transpose = _square_layout(adapter, pending, embedding)
+    folds = {
+        target: LoraPair(module, left, right, scale, square_transpose if transpose is None else transpose)
+        for module, target, left, right, _, scale, transpose in pending
+    }
+    return folds, replacements
+
+
+def _sort_tensors(adapter: Adapter) -> tuple[dict[str, dict[str, AdapterTensor]], dict[str, AdapterTensor], set[str]]:
+    """(lora_A/lora_B halves by module, full replacement tensors by base name, embedding modules); MergeError
+    on unsupported LoRA tensors, duplicates or a half without its pair."""
     halves: dict[str, dict[str, AdapterTensor]] = {}
     embedding: set[str] = set()
     replacements: dict[str, AdapterTensor] = {}
@@ -113,7 +132,6 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
             embedding.add(module)
     if problems:
         raise MergeError(f"{adapter.weights_file}: {_listing(problems)}")
-
     unpaired = [
         f"{side[have].name} has no lora_{'B' if have == 'A' else 'A'}"
         for module, side in halves.items()
@@ -122,7 +140,11 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
     ]
     if unpaired:
         raise MergeError(f"{adapter.weights_file}: unpaired LoRA tensors: {_listing(unpaired)}")
+    return halves, replacements, embedding
 
+
+def _check_targets(adapter: Adapter, base: Checkpoint, halves: dict, replacements: dict) -> dict[str, str]:
+    """The base weight of each LoRA module; MergeError when a target is missing or has both a pair and a full tensor."""
     targets = {module: f"{module}.weight" for module in halves}
     missing = [f"{halves[m]['A'].name} -> {t}" for m, t in targets.items() if t not in base.tensors]
     missing += [f"{tensor.name} -> {t}" for t, tensor in replacements.items() if t not in base.tensors]
@@ -131,38 +153,44 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
     both = [t for t in replacements if t in targets.values()]
     if both:
         raise MergeError(f"{adapter.weights_file}: both a LoRA pair and a full tensor for {_listing(both)}")
+    return targets
 
-    # Shapes: rank, then delta vs delta.T against the base weight.
-    pending: list[tuple[str, str, AdapterTensor, AdapterTensor, tuple, float, Optional[bool]]] = []
-    for module, side in halves.items():
-        a, b = side["A"], side["B"]
-        left, right = (b, a) if adapter.format == PEFT else (a, b)
-        target = targets[module]
-        info = base.tensors[target]
-        shapes = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}, base {target} {list(info.shape)}"
-        if len(left.shape) != 2 or len(right.shape) != 2:
-            problems.append(f"{module}: only 2-D LoRA weights can be folded ({shapes})")
-            continue
-        if a.dtype not in dtypes.MERGEABLE or b.dtype not in dtypes.MERGEABLE:
-            problems.append(f"{module}: LoRA weights must be float (lora_A {a.dtype}, lora_B {b.dtype})")
-            continue
-        if left.shape[1] != right.shape[0]:
-            problems.append(f"{module}: lora_A and lora_B ranks differ ({shapes})")
-            continue
-        r, scale = adapter.rank_and_scale(module)
-        if left.shape[1] != r:
-            problems.append(f"{module}: rank {left.shape[1]} in the tensors but r={r} in {adapter.config_file.name} ({shapes})")
-            continue
-        if info.dtype not in dtypes.MERGEABLE:
-            problems.append(f"{target}: base dtype {info.dtype} is not a float type")
-            continue
-        delta = (left.shape[0], right.shape[1])
-        direct, flipped = tuple(info.shape) == delta, tuple(info.shape) == delta[::-1]
-        if not (direct or flipped):
-            problems.append(f"{target}: delta {list(delta)} fits neither it nor its transpose ({shapes})")
-            continue
-        transpose = None if direct and flipped else flipped  # None: square, decided below
-        pending.append((module, target, left, right, info.shape, scale, transpose))
+
+def _fitted_pair(adapter: Adapter, base: Checkpoint, module: str, side: dict[str, AdapterTensor], target: str,
+                 problems: list[str]) -> Optional[tuple]:
+    """(module, target, left, right, shape, scale, transpose) of one pair whose rank and shapes fit its base weight
+    (transpose None: square, decided by ``_square_layout``), or None with the problem appended to ``problems``."""
+    a, b = side["A"], side["B"]
+    left, right = (b, a) if adapter.format == PEFT else (a, b)
+    info = base.tensors[target]
+    shapes = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}, base {target} {list(info.shape)}"
+    if len(left.shape) != 2 or len(right.shape) != 2:
+        problems.append(f"{module}: only 2-D LoRA weights can be folded ({shapes})")
+        return None
+    if a.dtype not in dtypes.MERGEABLE or b.dtype not in dtypes.MERGEABLE:
+        problems.append(f"{module}: LoRA weights must be float (lora_A {a.dtype}, lora_B {b.dtype})")
+        return None
+    if left.shape[1] != right.shape[0]:
+        problems.append(f"{module}: lora_A and lora_B ranks differ ({shapes})")
+        return None
+    r, scale = adapter.rank_and_scale(module)
+    if left.shape[1] != r:
+        problems.append(f"{module}: rank {left.shape[1]} in the tensors but r={r} in {adapter.config_file.name} ({shapes})")
+        return None
+    if info.dtype not in dtypes.MERGEABLE:
+        problems.append(f"{target}: base dtype {info.dtype} is not a float type")
+        return None
+    delta = (left.shape[0], right.shape[1])
+    direct, flipped = tuple(info.shape) == delta, tuple(info.shape) == delta[::-1]
+    if not (direct or flipped):
+        problems.append(f"{target}: delta {list(delta)} fits neither it nor its transpose ({shapes})")
+        return None
+    return module, target, left, right, info.shape, scale, (None if direct and flipped else flipped)
+
+
+def _replacement_problems(base: Checkpoint, replacements: dict[str, AdapterTensor]) -> list[str]:
+    """Full tensors of the adapter whose shape or dtype does not fit the base tensor they replace."""
+    problems = []
     for target, tensor in replacements.items():
         info = base.tensors[target]
         if tuple(tensor.shape) != tuple(info.shape):
@@ -171,15 +199,7 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
             info.dtype not in dtypes.MERGEABLE and tensor.dtype != info.dtype
         ):
             problems.append(f"{tensor.name}: dtype {tensor.dtype} but base {target} is {info.dtype}")
-    if problems:
-        raise MergeError(f"LoRA adapter {adapter.path} does not fit base {base.path}: {_listing(problems)}")
-
-    square_transpose = _square_layout(adapter, pending, embedding)
-    folds = {
-        target: LoraPair(module, left, right, scale, square_transpose if transpose is None else transpose)
-        for module, target, left, right, _, scale, transpose in pending
-    }
-    return folds, replacements
+    return problems
 
 
 def _square_layout(adapter: Adapter, pending: list, embedding: set[str]) -> bool:
