@@ -247,47 +247,15 @@ def make_family(
     files = _shard_names(prefix, len(shards))
 
     out = Path(out_dir)
-    names = ["base"] + [f"ft{k}" for k in range(1, n_models + 1)]
-    dirs = [out / name for name in names]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": vocab,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "initializer_range": INIT_STD, "rope_theta": 10000.0,
-        "tie_word_embeddings": False, "torch_dtype": dtype, "dtype": dtype,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
-    }
+    dirs = [out / name for name in ["base"] + [f"ft{k}" for k in range(1, n_models + 1)]]
+    config = _llama_config(hidden, intermediate, layers, vocab, heads, kv_heads, dtype)
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         for stale in d.glob(f"{prefix}*.safetensors*"):
             stale.unlink()
         _write_side_files(d, config)
-
     for shard_no, (file, idxs) in enumerate(zip(files, shards), 1):
-        base: dict[str, np.ndarray] = {}
-        base_std: dict[str, float] = {}
-        for i in idxs:
-            name, shape = shapes[i]
-            w = _base_tensor(shape, _rng(seed, i, 0)).astype(np_dtype)
-            base[name] = w
-            base_std[name] = 1.0 if len(shape) == 1 else float(w.astype(np.float32).std())
-        _save(base, dirs[0] / file)
-        shared = {shapes[i][0]: _unit_direction(shapes[i][1], _rng(seed, i, 1), SHARED_RANK)
-                  for i in idxs}
-        for k, model_dir in enumerate(dirs[1:], 1):
-            ft = {}
-            for i in idxs:
-                name, shape = shapes[i]
-                delta = _delta(shape, base_std[name], shared[name], _rng(seed, i, 1 + k),
-                               delta_scale)
-                delta += base[name].astype(np.float32)
-                ft[name] = delta.astype(np_dtype)
-                del delta
-            _save(ft, model_dir / file)
-            del ft
-        del base, shared
+        _write_shard(dirs, file, [shapes[i] for i in idxs], idxs, np_dtype, seed, delta_scale)
         if progress is not None:
             progress(f"shard {shard_no}/{len(shards)} written for {len(dirs)} models")
 
@@ -309,3 +277,39 @@ def make_family(
         "n_params": n_params,
         "bytes_per_model": bytes_per_model,
     }
+
+
+def _llama_config(hidden: int, intermediate: int, layers: int, vocab: int, heads: int, kv_heads: int, dtype: str) -> dict:
+    """config.json of the toy family (Hugging Face Llama)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "initializer_range": INIT_STD, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": dtype, "dtype": dtype,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
+    }
+
+
+def _write_shard(dirs: list[Path], file: str, shard_shapes: list, idxs: list[int], np_dtype, seed: int,
+                 delta_scale: float) -> None:
+    """One shard file of the base (``dirs[0]``) and of every fine-tune: base tensors, then base + delta."""
+    base: dict[str, np.ndarray] = {}
+    base_std: dict[str, float] = {}
+    for i, (name, shape) in zip(idxs, shard_shapes):
+        w = _base_tensor(shape, _rng(seed, i, 0)).astype(np_dtype)
+        base[name] = w
+        base_std[name] = 1.0 if len(shape) == 1 else float(w.astype(np.float32).std())
+    _save(base, dirs[0] / file)
+    shared = {name: _unit_direction(shape, _rng(seed, i, 1), SHARED_RANK) for i, (name, shape) in zip(idxs, shard_shapes)}
+    for k, model_dir in enumerate(dirs[1:], 1):
+        ft = {}
+        for i, (name, shape) in zip(idxs, shard_shapes):
+            delta = _delta(shape, base_std[name], shared[name], _rng(seed, i, 1 + k), delta_scale)
+            delta += base[name].astype(np.float32)
+            ft[name] = delta.astype(np_dtype)
+            del delta
+        _save(ft, model_dir / file)
+        del ft
