@@ -194,6 +194,18 @@ def test_recipe_translation_semantics(caplog):
             recipe_to_config(bad, "O")
 
 
+def test_recipe_method_table_is_consistent():
+    """Every mergekit method maps to one of our merge methods and takes only parameters the translation knows."""
+    from llm_merge.config.options import METHOD_TABLE
+    from llm_merge.config.recipes import BOOL_PARAMETERS, KNOWN_PARAMETERS, RECIPE_METHODS
+
+    for name, spec in RECIPE_METHODS.items():
+        assert spec.merge_method in METHOD_TABLE, name
+        assert spec.parameters <= KNOWN_PARAMETERS, name
+        assert set(spec.defaults) <= {"normalize", "rescale"}, name
+    assert BOOL_PARAMETERS == {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
+
+
 # --------------------------------------------------------------------------- configs/*.yml end to end
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):

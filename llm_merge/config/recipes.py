@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from llm_merge.config.files import parse_mapping
 from llm_merge.config.options import MergeConfig
@@ -25,32 +26,50 @@ log = logging.getLogger(__name__)
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
 MODEL_KEYS = {"model", "parameters"}
 
-#: mergekit's generalized task arithmetic methods: (our merge_method, normalize default, rescale default, per-model params)
-_GTA = {
-    "task_arithmetic": ("task_arithmetic", False, False, ("weight",)),
-    "ties": ("ties", True, False, ("weight", "density")),
-    "dare_ties": ("dare_ties", False, True, ("weight", "density")),
-    "dare_linear": ("dare_linear", False, True, ("weight", "density")),
-    "breadcrumbs": ("breadcrumbs", False, False, ("weight", "density", "gamma")),
-    "breadcrumbs_ties": ("breadcrumbs_ties", False, False, ("weight", "density", "gamma")),
-    "della": ("della", True, True, ("weight", "density", "epsilon")),
-    "della_linear": ("della_linear", False, True, ("weight", "density", "epsilon")),
-}
-#: per-model parameter -> (our scalar option, our per-model option, mergekit default, value map)
+#: (path, mergekit parameters) of each model a recipe lists
+Models = list[tuple[str, dict]]
+
+
+@dataclass(frozen=True)
+class PerModelParameter:
+    """A mergekit parameter given per model: the model's value, else the top-level one, else ``default``."""
+
+    option: Optional[str]  # our option when every model has the same scalar value (None: always list_option)
+    list_option: str  # our option with one value per model
+    default: Optional[float]  # mergekit's default; None: required
+
+
+@dataclass(frozen=True)
+class SharedParameter:
+    """A mergekit parameter given once: top-level (or a slice's) ``parameters``."""
+
+    option: Optional[str]  # our option; None: accepted and ignored, with a warning
+    boolean: bool  # true/false (else a number)
+    per_tensor: bool = True  # may be a gradient or filters (else one true/false for the whole merge)
+
+
 _PER_MODEL = {
-    "weight": (None, "weight_list", None, float),
-    "density": ("reserve_p", "reserve_p_list", 1.0, float),
-    "gamma": ("gamma", "gamma_list", 0.01, float),
-    "epsilon": ("epsilon", "epsilon_list", 0.15, float),  # with --semantics mergekit: density ± epsilon
+    "weight": PerModelParameter(None, "weight_list", None),
+    "density": PerModelParameter("reserve_p", "reserve_p_list", 1.0),
+    "gamma": PerModelParameter("gamma", "gamma_list", 0.01),
+    "epsilon": PerModelParameter("epsilon", "epsilon_list", 0.15),  # with --semantics mergekit: density ± epsilon
 }
-_SHARED = {"normalize": "normalize", "rescale": "rescale", "lambda": "scale", "t": "slerp_alpha"}
-_IGNORED = {"int8_mask"}
+_SHARED = {
+    "normalize": SharedParameter("normalize", boolean=True),
+    "rescale": SharedParameter("rescale", boolean=True),
+    "lambda": SharedParameter("scale", boolean=False),
+    "t": SharedParameter("slerp_alpha", boolean=False),
+    "filter_wise": SharedParameter("model_stock_filter_wise", boolean=True, per_tensor=False),
+    "nuslerp_flatten": SharedParameter("nuslerp_flatten", boolean=True, per_tensor=False),
+    "nuslerp_row_wise": SharedParameter("nuslerp_row_wise", boolean=True, per_tensor=False),
+    "int8_mask": SharedParameter(None, boolean=True),  # computation is always float32
+}
+#: passthrough's one parameter: the model's (or the top-level) factor on its tensors
+_PASSTHROUGH_SCALE = "scale"
 #: every parameter some mergekit method takes: others are typos (an error); these, when the method does not use them, a warning
-KNOWN_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "t",
-                    "filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "scale"}
+KNOWN_PARAMETERS = {*_PER_MODEL, *_SHARED, _PASSTHROUGH_SCALE}
 #: parameters whose values are true/false (the others are numbers)
-BOOL_PARAMETERS = {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
-SUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough", *_GTA)
+BOOL_PARAMETERS = {name for name, parameter in _SHARED.items() if parameter.boolean}
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
            "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -148,17 +167,230 @@ def _model_path(entry: Any, where: str) -> str:
     return path
 
 
+# -- which checkpoints take part, and as what: (models whose parameters count, MergeConfig values)
+def _task_vector_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """Task vectors against base_model, which is required."""
+    if base is None:
+        raise ConfigError(f"recipe: {method} needs base_model")
+    return _without_base(models, base)
+
+
+def _optional_base_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """nuslerp: task vectors against base_model when it is given, else the models themselves."""
+    return _without_base(models, base)
+
+
+def _without_base(models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """The models other than the base (its task vector is zero: mergekit treats it as the base)."""
+    models = [m for m in models if m[0] != base]
+    values: dict[str, Any] = {"model_path_list": [m[0] for m in models]}
+    if base is not None:
+        values["base_model_path"] = base
+    return models, values
+
+
+def _base_first_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """slerp: base_model is merge input 0 (t = 0 gives it) and exactly one other model input 1."""
+    if base is None:
+        raise ConfigError(f"recipe: {method} needs base_model (t = 0 gives the base, 1 the other model)")
+    others = [m for m in models if m[0] != base]
+    if len(others) != 1:
+        raise ConfigError(f"recipe: {method} merges base_model with exactly 1 other model, got {len(others)}")
+    return [(base, {})] + others, {"model_path_list": [base, others[0][0]]}
+
+
+def _single_model_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """passthrough: exactly one model, no base."""
+    if base is not None or len(models) != 1:
+        raise ConfigError(f"recipe: {method} copies exactly 1 model (one source per slice) without base_model")
+    return models, {"model_path_list": [models[0][0]]}
+
+
+def _listed_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """linear: the listed models; base_model is not an input (as in mergekit)."""
+    if base is not None:
+        log.warning("recipe: %s ignores base_model (list it under models to merge it)", method)
+    return models, {"model_path_list": [m[0] for m in models]}
+
+
+# -- per-model parameters: (MergeConfig values, tensor_parameters)
+def _per_model_settings(method: str, names: tuple[str, ...], models: Models, top: dict,
+                        sliced: bool) -> tuple[dict, dict]:
+    """Each model's value, else the top-level one, else mergekit's default; scalars become options
+    (one value, or one per model), gradients and filters tensor_parameters."""
+    values: dict[str, Any] = {}
+    per_tensor: dict[str, Any] = {}
+    for name in names:
+        parameter = _PER_MODEL[name]
+        settings = []
+        for i, (path, params) in enumerate(models):
+            setting = params.get(name, top.get(name, parameter.default))
+            if setting is None:
+                if not sliced:
+                    raise ConfigError(f"recipe: models[{i}] ({path}): parameter {name} is required by {method}")
+                setting = 1.0  # every tensor takes its slice's value (checked by _slice_options)
+            settings.append(_map_setting(setting, float))
+        if all(_is_scalar(s) for s in settings):
+            if parameter.option is not None and len(set(settings)) == 1:
+                values[parameter.option] = settings[0]
+            else:
+                values[parameter.list_option] = settings
+        else:
+            per_tensor[parameter.list_option] = settings
+            # defaults for tensors no filter matches: the model's scalar value, else mergekit's default
+            unmatched = float(parameter.default if parameter.default is not None else 1.0)
+            values[parameter.list_option] = [s if _is_scalar(s) else unmatched for s in settings]
+    return values, per_tensor
+
+
+def _passthrough_scale(method: str, names: tuple[str, ...], models: Models, top: dict, sliced: bool) -> tuple[dict, dict]:
+    """passthrough's scale: the model's value, else the top-level one, else none (the option's default)."""
+    setting = models[0][1].get(_PASSTHROUGH_SCALE, top.get(_PASSTHROUGH_SCALE))
+    if setting is None:
+        return {}, {}
+    if _is_scalar(setting):
+        return {"scale": float(setting)}, {}
+    return {}, {"scale": setting}
+
+
+def _shared_settings(top: dict, per_model: tuple[str, ...]) -> tuple[dict, dict]:
+    """(MergeConfig values, tensor_parameters) of the top-level parameters that are not per model."""
+    values: dict[str, Any] = {}
+    per_tensor: dict[str, Any] = {}
+    for name, setting in top.items():
+        if name in per_model:
+            continue
+        parameter = _SHARED[name]
+        if parameter.option is None:
+            log.warning("recipe: parameter %s is accepted and ignored (computation is always float32)", name)
+        elif not parameter.per_tensor:
+            if not isinstance(setting, bool):
+                raise ConfigError(f"recipe: parameters.{name}: expected true or false, got {setting!r}")
+            values[parameter.option] = setting
+        elif _is_scalar(setting):
+            values[parameter.option] = setting
+        else:
+            per_tensor[parameter.option] = setting
+    return values, per_tensor
+
+
+# -- slices: (the slice's parameters, its sources) as the method needs them
+def _slice_as_given(slice_params: dict, sources: list[dict], recipe_sources: list[dict],
+                    base: Optional[str]) -> tuple[dict, list[dict]]:
+    return slice_params, sources
+
+
+def _base_source_first(slice_params: dict, sources: list[dict], recipe_sources: list[dict],
+                       base: Optional[str]) -> tuple[dict, list[dict]]:
+    """slerp: the base source is merge input 0."""
+    return slice_params, sorted(sources, key=lambda src: base is None or not _same_path(src["model"], base))
+
+
+def _source_scale_to_slice(slice_params: dict, sources: list[dict], recipe_sources: list[dict],
+                           base: Optional[str]) -> tuple[dict, list[dict]]:
+    """passthrough: one source, whose parameters (its scale) are the slice's."""
+    slice_params = {**slice_params, **{k: v for src in recipe_sources for k, v in src["parameters"].items()}}
+    return slice_params, [{**src, "parameters": {}} for src in sources]
+
+
+@dataclass(frozen=True)
+class RecipeMethod:
+    """How one mergekit merge_method translates into MergeConfig values."""
+
+    merge_method: str  # ours
+    per_model: tuple[str, ...] = ()  # parameters given per model: keys of _PER_MODEL (passthrough: its scale)
+    shared: tuple[str, ...] = ()  # parameters given once: keys of _SHARED
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # mergekit's defaults where ours differ
+    inputs: Callable[[str, Models, Optional[str]], tuple[Models, dict]] = _task_vector_inputs
+    per_model_settings: Callable[[str, tuple[str, ...], Models, dict, bool], tuple[dict, dict]] = _per_model_settings
+    arrange_slice: Callable[[dict, list[dict], list[dict], Optional[str]], tuple[dict, list[dict]]] = _slice_as_given
+    unset: Mapping[str, Any] = field(default_factory=dict)  # values when no parameter sets them
+    slices_need_weights: bool = True  # a slice source other than the base needs a weight (when per_model has one)
+
+    @property
+    def parameters(self) -> set[str]:
+        """Every mergekit parameter the method takes."""
+        return {*self.per_model, *self.shared}
+
+
+def _task_arithmetic_family(merge_method: str, normalize: bool, rescale: bool, *per_model: str) -> RecipeMethod:
+    """mergekit's generalized task arithmetic methods: task vectors, optionally sparsified, then summed."""
+    return RecipeMethod(merge_method, ("weight", *per_model), ("normalize", "rescale", "lambda", "int8_mask"),
+                        {"normalize": normalize, "rescale": rescale})
+
+
+#: mergekit merge_method -> how it translates
+RECIPE_METHODS: dict[str, RecipeMethod] = {
+    "linear": RecipeMethod("linear", ("weight",), ("normalize",), {"normalize": True}, inputs=_listed_inputs),
+    "slerp": RecipeMethod("slerp", (), ("t",), inputs=_base_first_inputs, arrange_slice=_base_source_first),
+    "nuslerp": RecipeMethod("nuslerp", ("weight",), ("nuslerp_flatten", "nuslerp_row_wise"), inputs=_optional_base_inputs,
+                            unset={"weight_list": (1.0, 1.0)}, slices_need_weights=False),
+    "model_stock": RecipeMethod("model_stock", (), ("filter_wise",)),
+    "passthrough": RecipeMethod("passthrough", (_PASSTHROUGH_SCALE,), inputs=_single_model_inputs,
+                                per_model_settings=_passthrough_scale, arrange_slice=_source_scale_to_slice),
+    #                          merge_method        normalize rescale  per-model parameters besides weight
+    "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
+    "ties": _task_arithmetic_family("ties", True, False, "density"),
+    "dare_ties": _task_arithmetic_family("dare_ties", False, True, "density"),
+    "dare_linear": _task_arithmetic_family("dare_linear", False, True, "density"),
+    "breadcrumbs": _task_arithmetic_family("breadcrumbs", False, False, "density", "gamma"),
+    "breadcrumbs_ties": _task_arithmetic_family("breadcrumbs_ties", False, False, "density", "gamma"),
+    "della": _task_arithmetic_family("della", True, True, "density", "epsilon"),
+    "della_linear": _task_arithmetic_family("della_linear", False, True, "density", "epsilon"),
+}
+SUPPORTED_METHODS = tuple(RECIPE_METHODS)
+
+
 def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = None, **options: Any) -> MergeConfig:
     """Translate a mergekit recipe into an (unresolved) MergeConfig; ``options``: extra MergeConfig fields."""
+    method, spec = _recipe_method(recipe)
+    resolve_path = _path_resolver(base_dir)
+    base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
+    slices, models = _recipe_models(recipe, resolve_path)
+    top = recipe.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise ConfigError("recipe: parameters: expected a mapping")
+    values: dict[str, Any] = {"output_path": output_path, "semantics": "mergekit", "merge_method": spec.merge_method,
+                              **spec.defaults}
+    top = _used_parameters(top, "parameters", method, spec.parameters)
+    models = [(path, _used_parameters(p, f"models[{i}].parameters", method, set(spec.per_model)))
+              for i, (path, p) in enumerate(models)]
+    if slices is not None:
+        values["slices"] = _slice_options(slices, method, spec, base, top)
+    models, inputs = spec.inputs(method, models, base)
+    values.update(inputs)
+    if not models:
+        raise ConfigError("recipe: models: no models to merge")
+    shared, shared_per_tensor = _shared_settings(top, spec.per_model)
+    own, own_per_tensor = spec.per_model_settings(method, spec.per_model, models, top, slices is not None)
+    values.update(shared)
+    values.update(own)
+    for option, value in spec.unset.items():
+        values.setdefault(option, list(value))
+    values.update(_output_dtype(recipe))
+    values.update(_tokenizer_source(recipe.get("tokenizer_source"), values, base, resolve_path))
+    tensor_parameters = {**shared_per_tensor, **own_per_tensor}
+    if tensor_parameters:
+        values["tensor_parameters"] = tensor_parameters
+    values.update(options)
+    return config_from_dict(values, source="recipe")
+
+
+def _recipe_method(recipe: dict) -> tuple[str, RecipeMethod]:
+    """The recipe's merge_method and its translation; ConfigError on an unknown top-level key or method."""
     unknown = sorted(set(recipe) - TOP_KEYS)
     if unknown:
         raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(TOP_KEYS))}")
     method = recipe.get("merge_method")
-    if method not in SUPPORTED_METHODS:
+    if method not in RECIPE_METHODS:
         raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
+    return method, RECIPE_METHODS[method]
+
+
+def _path_resolver(base_dir: Optional[Path]) -> Callable[[Optional[str]], Optional[str]]:
+    """A function reading a relative model path beside the recipe (in ``base_dir``), never in the current directory."""
 
     def resolve_path(path: Optional[str]) -> Optional[str]:
-        """A relative model path is read beside the recipe, never in the current directory."""
         if path is None or base_dir is None or os.path.isabs(path):
             return path
         candidate = base_dir / path
@@ -167,138 +399,32 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
                               f"(there is a {path} in the current directory: give its absolute path to use it)")
         return str(candidate)
 
-    base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
-    slices = None
+    return resolve_path
+
+
+def _recipe_models(recipe: dict, resolve_path: Callable[[Optional[str]], Optional[str]]) -> tuple[Optional[list[dict]], Models]:
+    """(the recipe's slices or None, its models with their parameters); with slices, the first slice's sources
+    (every slice's parameters go into cfg.slices)."""
     if "slices" in recipe:
         if recipe.get("models"):
             raise ConfigError("recipe: give either models or slices, not both")
         slices = _recipe_slices(recipe["slices"], resolve_path)
-        # the models flow below sees the first slice's sources; every slice's parameters go into cfg.slices
-        models = [(src["model"], {}) for src in slices[0]["sources"]]
-    else:
-        entries = recipe.get("models") or []
-        if not isinstance(entries, list):
-            raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
-        models = [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
+        return slices, [(src["model"], {}) for src in slices[0]["sources"]]
+    entries = recipe.get("models") or []
+    if not isinstance(entries, list):
+        raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
+    return None, [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
                   for i, e in enumerate(entries)]
-    top = recipe.get("parameters") or {}
-    if not isinstance(top, dict):
-        raise ConfigError("recipe: parameters: expected a mapping")
-    values: dict[str, Any] = {"output_path": output_path, "semantics": "mergekit"}
-    tensor_parameters: dict[str, Any] = {}
-    # which parameters the method takes: shared (top-level) and per model
-    if method in _GTA:
-        ours, normalize_default, rescale_default, per_model = _GTA[method]
-        shared = {"normalize", "rescale", "lambda", "int8_mask"}
-        values.update(merge_method=ours, normalize=normalize_default, rescale=rescale_default)
-    elif method == "linear":
-        per_model, shared = ("weight",), {"normalize"}
-        values.update(merge_method="linear", normalize=True)
-    elif method == "slerp":
-        per_model, shared = (), {"t"}
-        values.update(merge_method="slerp")
-    elif method == "nuslerp":
-        per_model, shared = ("weight",), {"nuslerp_flatten", "nuslerp_row_wise"}
-        values.update(merge_method="nuslerp")
-    elif method == "model_stock":
-        per_model, shared = (), {"filter_wise"}
-        values.update(merge_method="model_stock")
-    else:  # passthrough
-        per_model, shared = ("scale",), set()
-        values.update(merge_method="passthrough")
 
-    top = _used_parameters(top, "parameters", method, set(per_model) | shared)
-    models = [(path, _used_parameters(p, f"models[{i}].parameters", method, set(per_model)))
-              for i, (path, p) in enumerate(models)]
-    if slices is not None:
-        values["slices"] = _slice_options(slices, method, base, set(per_model), shared, top)
 
-    # -- which checkpoints take part, and how
-    if method == "slerp":
-        if base is None:
-            raise ConfigError("recipe: slerp needs base_model (t = 0 gives the base, 1 the other model)")
-        others = [m for m in models if m[0] != base]
-        if len(others) != 1:
-            raise ConfigError(f"recipe: slerp merges base_model with exactly 1 other model, got {len(others)}")
-        values["model_path_list"] = [base, others[0][0]]
-        models = [(base, {})] + others
-    elif method == "passthrough":
-        if base is not None or len(models) != 1:
-            raise ConfigError("recipe: passthrough copies exactly 1 model (one source per slice) without base_model")
-        values["model_path_list"] = [models[0][0]]
-    elif method == "linear":
-        if base is not None:
-            log.warning("recipe: linear ignores base_model (list it under models to merge it)")
-        values["model_path_list"] = [m[0] for m in models]
-    else:
-        if base is None and method != "nuslerp":
-            raise ConfigError(f"recipe: {method} needs base_model")
-        models = [m for m in models if m[0] != base]  # the base's task vector is zero (mergekit treats it as the base)
-        values["model_path_list"] = [m[0] for m in models]
-        if base is not None:
-            values["base_model_path"] = base
-    if not models:
-        raise ConfigError("recipe: models: no models to merge")
-
-    # -- shared parameters
-    for name, setting in top.items():
-        if name in per_model:
-            continue
-        if name in _IGNORED:
-            log.warning("recipe: parameter %s is accepted and ignored (computation is always float32)", name)
-        elif name in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise"):
-            if not isinstance(setting, bool):
-                raise ConfigError(f"recipe: parameters.{name}: expected true or false, got {setting!r}")
-            values["model_stock_filter_wise" if name == "filter_wise" else name] = setting
-        else:
-            option = _SHARED[name]
-            if _is_scalar(setting):
-                values[option] = setting
-            else:
-                tensor_parameters[option] = setting
-
-    # -- per-model parameters: model value, else top-level value, else mergekit's default
-    for name in per_model:
-        if name == "scale":  # passthrough
-            setting = models[0][1].get("scale", top.get("scale"))
-            if setting is not None:
-                if _is_scalar(setting):
-                    values["scale"] = float(setting)
-                else:
-                    tensor_parameters["scale"] = setting
-            continue
-        scalar, listed, default, fn = _PER_MODEL[name]
-        settings = []
-        for i, (path, params) in enumerate(models):
-            setting = params.get(name, top.get(name, default))
-            if setting is None:
-                if slices is not None:
-                    setting = 1.0  # every tensor takes its slice's value (checked by _slice_options)
-                else:
-                    raise ConfigError(f"recipe: models[{i}] ({path}): parameter {name} is required by {method}")
-            settings.append(_map_setting(setting, fn))
-        if all(_is_scalar(s) for s in settings):
-            if scalar is not None and len(set(settings)) == 1:
-                values[scalar] = settings[0]
-            else:
-                values[listed] = settings
-        else:
-            tensor_parameters[listed] = settings
-            # defaults for tensors no filter matches: the model's scalar value, else mergekit's default
-            values[listed] = [s if _is_scalar(s) else fn(default if default is not None else 1.0) for s in settings]
-
-    if method == "nuslerp" and "weight_list" not in values:
-        values["weight_list"] = [1.0, 1.0]
-    values.update(_output_dtype(recipe))
-    if recipe.get("tokenizer_source") is not None:
-        source = recipe["tokenizer_source"]
-        if source == "base" and "base_model_path" not in values and base is not None:
-            source = base  # slerp: the base is merge input 0, not --base_model_path
-        values["tokenizer_source"] = source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))
-    if tensor_parameters:
-        values["tensor_parameters"] = tensor_parameters
-    values.update(options)
-    return config_from_dict(values, source="recipe")
+def _tokenizer_source(source: Any, values: dict, base: Optional[str],
+                      resolve_path: Callable[[Optional[str]], Optional[str]]) -> dict[str, str]:
+    """``{"tokenizer_source": ...}`` from the recipe's, or {}; base is the base model's path when it is a merge input."""
+    if source is None:
+        return {}
+    if source == "base" and "base_model_path" not in values and base is not None:
+        source = base  # slerp: the base is merge input 0, not --base_model_path
+    return {"tokenizer_source": source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))}
 
 
 def _used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> dict:
@@ -353,29 +479,31 @@ def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional
 
 
 #: mergekit parameter name -> llm_merge option name in a slice's or source's parameters
-_SLICE_NAMES = {**{name: scalar or name for name, (scalar, *_) in _PER_MODEL.items()}, **_SHARED, "scale": "scale"}
+_SLICE_NAMES = {**{name: parameter.option or name for name, parameter in _PER_MODEL.items()},
+                **{name: parameter.option for name, parameter in _SHARED.items() if parameter.option and parameter.per_tensor},
+                _PASSTHROUGH_SCALE: "scale"}
 
 
-def _slice_options(slices: list[dict], method: str, base: Optional[str], per_model: set[str], shared: set[str],
-                   top: dict) -> list[dict]:
-    """cfg.slices: parameters renamed to llm_merge's; for slerp the base source first (it is input 0)."""
+def _slice_options(slices: list[dict], method: str, spec: RecipeMethod, base: Optional[str], top: dict) -> list[dict]:
+    """cfg.slices: parameters renamed to llm_merge's, sources arranged as the method needs them."""
     out = []
+    weights_needed = "weight" in spec.per_model and spec.slices_need_weights
     for i, s in enumerate(slices):
-        slice_params = _used_parameters(s["parameters"], f"slices[{i}].parameters", method, per_model | shared)
+        slice_params = _used_parameters(s["parameters"], f"slices[{i}].parameters", method, spec.parameters)
         sources = []
         for j, src in enumerate(s["sources"]):
-            own = _used_parameters(src["parameters"], f"slices[{i}].sources[{j}].parameters", method, per_model)
-            is_base = base is not None and os.path.normpath(src["model"]) == os.path.normpath(base)
-            if "weight" in per_model and method != "nuslerp" and not is_base and not any("weight" in p for p in (own, slice_params, top)):
+            own = _used_parameters(src["parameters"], f"slices[{i}].sources[{j}].parameters", method, set(spec.per_model))
+            is_base = base is not None and _same_path(src["model"], base)
+            if weights_needed and not is_base and not any("weight" in p for p in (own, slice_params, top)):
                 raise ConfigError(f"recipe: slices[{i}].sources[{j}] ({src['model']}): parameter weight is required by {method}")
             sources.append({"model": src["model"], "layer_range": src["layer_range"], "parameters": _renamed(own)})
-        if method == "passthrough":  # one source: its scale is the slice's
-            slice_params = {**slice_params, **{k: v for src in s["sources"] for k, v in src["parameters"].items()}}
-            sources = [{**src, "parameters": {}} for src in sources]
-        if method == "slerp":
-            sources.sort(key=lambda src: base is None or os.path.normpath(src["model"]) != os.path.normpath(base))
-        out.append({"sources": sources, "parameters": _renamed({k: v for k, v in slice_params.items() if k not in _IGNORED})})
+        slice_params, sources = spec.arrange_slice(slice_params, sources, s["sources"], base)
+        out.append({"sources": sources, "parameters": _renamed(slice_params)})
     return out
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
 
 
 def _renamed(params: dict) -> dict:
