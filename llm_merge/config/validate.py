@@ -38,10 +38,37 @@ def parse_size(text: str | int) -> int:
 
 
 def resolve(cfg: MergeConfig) -> MergeConfig:
-    """Validate ``cfg`` and return a resolved copy (method pairing and weights filled in)."""
+    """Validate ``cfg`` and return a resolved copy (method pairing and weights filled in).
+
+    The checks run in a fixed order, so a config with several problems always reports the same one.
+    """
     check_types({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, "options")
     _check_choices(cfg)
     sparsify_type, merge_type, merge_method = _resolve_method(cfg)
+    weights = _check_models(cfg, merge_type)
+    _check_per_model_lists(cfg, sparsify_type)
+    _check_range("gamma", cfg.gamma, 0.0, 1.0)
+    _check_float32("--scale", [cfg.scale])
+    _check_tensor_parameters(cfg)
+    if merge_type == "linear" and cfg.normalize and sum(weights) == 0:
+        raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --normalize false")
+    _check_sparsify_ranges(cfg, sparsify_type)
+    _check_slerp_options(cfg)
+    _check_run_options(cfg)
+    _check_distributed(cfg)
+    _check_output_path(cfg)
+    return dataclasses.replace(
+        cfg,
+        merge_method=merge_method,
+        merge_type=merge_type,
+        sparsify_type=sparsify_type,
+        weight_list=weights,
+        model_path_list=list(cfg.model_path_list),
+    )
+
+
+def _check_models(cfg: MergeConfig, merge_type: str) -> list[float]:
+    """The models, their weights (returned, one per model) and the merge type's input contract."""
     n_models = len(cfg.model_path_list)
     if n_models == 0:
         raise ConfigError("--model_path_list: at least one model directory is required")
@@ -60,24 +87,36 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
                           + (" and a base" if cfg.base_model_path else ""))
     if merge_type == "model_stock" and (n_models < 2 or not cfg.base_model_path):
         raise ConfigError("--merge_method model_stock: needs --base_model_path and at least 2 models")
+    return weights
+
+
+def _check_per_model_lists(cfg: MergeConfig, sparsify_type: Optional[str]) -> None:
+    """``{name}_list``: one value per model, each in the option's range."""
+    n_models = len(cfg.model_path_list)
     for name in PER_MODEL_OPTIONS:
         values = getattr(cfg, f"{name}_list")
         if values is not None and len(values) != n_models:
             raise ConfigError(f"--{name}_list: {len(values)} value(s) given for {n_models} model(s); give one per model")
         for value in values or []:
             check_option(name, value, sparsify_type, cfg.epsilon)
-    _check_range("gamma", cfg.gamma, 0.0, 1.0)
-    _check_float32("--scale", [cfg.scale])
-    if cfg.tensor_parameters is not None:
-        if not isinstance(cfg.tensor_parameters, dict):
-            raise ConfigError("tensor_parameters: expected an object of {option: value}")
-        unknown = sorted(set(cfg.tensor_parameters) - set(TENSOR_OPTIONS))
-        if unknown:
-            raise ConfigError(f"tensor_parameters: option(s) {', '.join(unknown)} cannot vary per tensor; valid: {', '.join(TENSOR_OPTIONS)}")
-    if merge_type == "linear" and cfg.normalize and sum(weights) == 0:
-        raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --normalize false")
+
+
+def _check_tensor_parameters(cfg: MergeConfig) -> None:
+    """tensor_parameters names only options that may vary per tensor."""
+    if cfg.tensor_parameters is None:
+        return
+    if not isinstance(cfg.tensor_parameters, dict):
+        raise ConfigError("tensor_parameters: expected an object of {option: value}")
+    unknown = sorted(set(cfg.tensor_parameters) - set(TENSOR_OPTIONS))
+    if unknown:
+        raise ConfigError(f"tensor_parameters: option(s) {', '.join(unknown)} cannot vary per tensor; valid: {', '.join(TENSOR_OPTIONS)}")
+
+
+def _check_sparsify_ranges(cfg: MergeConfig, sparsify_type: Optional[str]) -> None:
+    """reserve_p and epsilon, alone and together for the DELLA sparsifiers."""
     _check_range("reserve_p", cfg.reserve_p, 0.0, 1.0, low_open=True)
     _check_range("epsilon", cfg.epsilon, 0.0, 1.0, high_open=True)
+    n_models = len(cfg.model_path_list)
     if sparsify_type == "della_magprune":
         check_della_models(cfg.reserve_p_list or [cfg.reserve_p] * n_models, cfg.epsilon_list or [cfg.epsilon] * n_models,
                            "--reserve_p / --epsilon")
@@ -88,10 +127,17 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
                 f"--reserve_p: {cfg.reserve_p} out of range ({low:g}, {high:g}] for epsilon={cfg.epsilon:g} "
                 "(magprune needs every drop probability in [0, 1))"
             )
+
+
+def _check_slerp_options(cfg: MergeConfig) -> None:
     _check_range("slerp_alpha", cfg.slerp_alpha, 0.0, 1.0)
     _check_range("slerp_dot_threshold", cfg.slerp_dot_threshold, 0.0, 1.0, low_open=True)
     if not (math.isfinite(cfg.slerp_normalize_eps) and cfg.slerp_normalize_eps > 0):
         raise ConfigError(f"--slerp_normalize_eps: {cfg.slerp_normalize_eps} must be > 0")
+
+
+def _check_run_options(cfg: MergeConfig) -> None:
+    """Workers, seed, backend and device, shard size, tokenizer source and layer pattern."""
     if not isinstance(cfg.n_process, int) or cfg.n_process < 1:
         raise ConfigError(f"--n_process: {cfg.n_process} must be an integer >= 1")
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -102,16 +148,6 @@ def resolve(cfg: MergeConfig) -> MergeConfig:
     if cfg.tokenizer_source == "base" and not cfg.base_model_path:
         raise ConfigError("--tokenizer_source base: needs --base_model_path")
     compile_layer_pattern(cfg.layer_pattern)
-    _check_distributed(cfg)
-    _check_output_path(cfg)
-    return dataclasses.replace(
-        cfg,
-        merge_method=merge_method,
-        merge_type=merge_type,
-        sparsify_type=sparsify_type,
-        weight_list=weights,
-        model_path_list=list(cfg.model_path_list),
-    )
 
 
 def check_della_models(reserve_ps: list[float], epsilons: list[float], where: str) -> None:
