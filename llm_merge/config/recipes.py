@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 from llm_merge.config.files import parse_mapping
 from llm_merge.config.options import MergeConfig
@@ -30,8 +30,7 @@ MODEL_KEYS = {"model", "parameters"}
 Models = list[tuple[str, dict]]
 
 
-@dataclass(frozen=True)
-class PerModelParameter:
+class PerModelParameter(NamedTuple):
     """A mergekit parameter given per model: the model's value, else the top-level one, else ``default``."""
 
     option: Optional[str]  # our option when every model has the same scalar value (None: always list_option)
@@ -39,8 +38,7 @@ class PerModelParameter:
     default: Optional[float]  # mergekit's default; None: required
 
 
-@dataclass(frozen=True)
-class SharedParameter:
+class SharedParameter(NamedTuple):
     """A mergekit parameter given once: top-level (or a slice's) ``parameters``."""
 
     option: Optional[str]  # our option; None: accepted and ignored, with a warning
@@ -150,13 +148,17 @@ def _map_setting(setting: Any, fn: Callable[[Any], Any]) -> Any:
     raise ConfigError(f"recipe: unexpected parameter value {setting!r}")
 
 
+def _refuse_unknown_keys(mapping: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+
+
 def _model_path(entry: Any, where: str) -> str:
     if isinstance(entry, str):
         path = entry
     elif isinstance(entry, dict):
-        unknown = sorted(set(entry) - MODEL_KEYS)
-        if unknown:
-            raise ConfigError(f"recipe: {where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(MODEL_KEYS))}")
+        _refuse_unknown_keys(entry, MODEL_KEYS, f"recipe: {where}")
         path = entry.get("model")
     else:
         path = None
@@ -378,9 +380,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
 
 def _recipe_method(recipe: dict) -> tuple[str, RecipeMethod]:
     """The recipe's merge_method and its translation; ConfigError on an unknown top-level key or method."""
-    unknown = sorted(set(recipe) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"recipe: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(TOP_KEYS))}")
+    _refuse_unknown_keys(recipe, TOP_KEYS, "recipe")
     method = recipe.get("merge_method")
     if method not in RECIPE_METHODS:
         raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
