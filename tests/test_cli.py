@@ -99,3 +99,59 @@ def test_cli_runs_one_blas_thread_unless_told_otherwise(preset, expected):
     code = "import os; from llm_merge.cli import merge as cli; cli._one_blas_thread(); print(os.environ['OPENBLAS_NUM_THREADS'])"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == expected, result.stderr
+
+
+# -- one flag helper for every front-end: merge, recipe mode and the LoRA fold -----------------
+
+
+def _helps(parser):
+    """{dest: help} of a parser's flags."""
+    return {action.dest: action.help for action in parser._actions if action.option_strings and action.dest != "help"}
+
+
+def test_lora_flags_come_from_lora_merge_config():
+    from llm_merge.cli.lora import build_parser as lora_parser, parse_config as lora_config
+    from llm_merge.lora.options import LoraMergeConfig
+
+    help_text = lora_parser().format_help()
+    for f in dataclasses.fields(LoraMergeConfig):
+        assert f.metadata["help"] and f"--{f.name}" in help_text, f.name
+    assert "--merge_lora_model_path" in help_text and "(default: 5GB)" in help_text and "master_weights" in help_text
+    cfg = lora_config(["--lora_path", "L", "--merge_lora_model_path", "O", "--allow_pickle", "--quiet", "false",
+                       "--no_overwrite", "--n_process", "3"])
+    assert cfg == LoraMergeConfig(lora_path="L", output_path="O", allow_pickle=True, n_process=3)
+    with pytest.raises(ConfigError, match="required: --lora_path, --output_path/--merge_lora_model_path"):
+        lora_config([])
+    with pytest.raises(ConfigError, match="--merge_prefix: invalid choice"):
+        lora_config(["--lora_path", "L", "--output_path", "O", "--merge_prefix", "x"])
+
+
+def test_recipe_flags_are_the_merge_flags():
+    """Recipe mode's flags are MergeConfig's, with the same help (only the model card is on by default)."""
+    from llm_merge.cli import recipe
+
+    merge_helps, recipe_helps = _helps(build_parser()), _helps(recipe.build_parser())
+    for name in recipe.RECIPE_OPTIONS:
+        if name == "model_card":
+            assert recipe_helps[name] == merge_helps[name].replace("(default: false)", "(default: true)")
+        else:
+            assert recipe_helps[name] == merge_helps[name], name
+    assert recipe.parse_args(["r.yml", "out"]) == ("r.yml", "out", {"model_card": True})
+    assert recipe.parse_args(["--config", "r.yml", "out", "--no_model_card", "--n_process", "2", "--overwrite"]) == (
+        "r.yml", "out", {"model_card": False, "n_process": 2, "overwrite": True})
+    with pytest.raises(ConfigError, match="usage: mergekit.py"):
+        recipe.parse_args(["r.yml"])
+    with pytest.raises(ConfigError, match="--seed: invalid int value"):
+        recipe.parse_args(["r.yml", "out", "--seed", "x"])
+
+
+def test_cli_import_loads_no_numeric_modules():
+    """``--help`` stays fast: the merge and recipe command lines import neither NumPy nor numba."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import sys, llm_merge.cli.merge; print(sorted(m for m in ('numpy', 'numba', 'yaml') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == "[]", result.stderr

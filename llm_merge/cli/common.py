@@ -1,14 +1,19 @@
-"""What every front-end shares: boolean flag values, one-line argparse errors, and the error contract
-(``run_command``: one stderr line per failure, control characters escaped, exit codes)."""
+"""What every front-end shares: flags generated from an options dataclass (``add_option_flags``), boolean
+flag values, one-line argparse errors, and the error contract (``run_command``: one stderr line per
+failure, control characters escaped, exit codes)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import traceback
-from typing import Any, Callable, NoReturn, Optional, Sequence
+import typing
+from typing import Any, Callable, Collection, Mapping, NoReturn, Optional, Sequence
 
+from llm_merge import __version__
 from llm_merge.errors import ConfigError, MergeError
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -32,6 +37,79 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
+
+
+def add_option_flags(parser: argparse.ArgumentParser, options: type, names: Optional[Sequence[str]] = None, *,
+                     defaults: Optional[Mapping[str, Any]] = None, aliases: Optional[Mapping[str, Sequence[str]]] = None,
+                     required: Collection[str] = ()) -> None:
+    """Add one flag ``--field`` per field of the options dataclass ``options`` (or per field in ``names``),
+    its help and choices from the field's metadata (``help``, ``choices``), its default shown in the help.
+
+    A bool field is ``--x``, ``--x true|false`` or ``--no_x``; a ``list[T]`` field takes one or more
+    values; a bare ``dict`` or ``list`` field takes JSON; any other field converts with its type. A flag
+    not given stores nothing, so the parsed namespace holds what the user set, plus ``defaults``: this
+    front-end's own defaults, which replace the field's (in the help too). ``aliases`` are more flag
+    names of a field; the fields in ``required`` must be given.
+    """
+    defaults = dict(defaults or {})
+    aliases = aliases or {}
+    hints = typing.get_type_hints(options)
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    for name in fields if names is None else names:
+        field = fields[name]
+        default = defaults[name] if name in defaults else _field_default(field)
+        flags = (f"--{name}", *aliases.get(name, ()))
+        _add_flag(parser, flags, field, _unwrap_optional(hints[name]), _help(field, default), name in required)
+    parser.set_defaults(**defaults)
+
+
+def option_help(options: type, name: str) -> str:
+    """The help ``add_option_flags`` gives field ``name`` of the options dataclass ``options``."""
+    field = next(f for f in dataclasses.fields(options) if f.name == name)
+    return _help(field, _field_default(field))
+
+
+def _help(field: dataclasses.Field, default: Any) -> str:
+    """A field's metadata help, its choices and its default (unless None: the text says what absence means)."""
+    text = field.metadata["help"]
+    if field.metadata.get("choices"):
+        text += f"; one of: {', '.join(field.metadata['choices'])}"
+    if default is not None:
+        text += f" (default: {str(default).lower() if isinstance(default, bool) else default})"
+    return text
+
+
+def add_debug_and_version(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` (tracebacks; read by ``run_command``) and ``--version``."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    """``Optional[T]`` -> ``T``; any other hint unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def _add_flag(parser: argparse.ArgumentParser, flags: Sequence[str], field: dataclasses.Field, kind: Any, help_text: str,
+              required: bool) -> None:
+    common = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text, "required": required}
+    if kind is bool:
+        parser.add_argument(*flags, nargs="?", const=True, type=parse_bool, metavar="true|false", **common)
+        parser.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", default=argparse.SUPPRESS,
+                            help=f"same as --{field.name} false")
+    elif kind in (dict, list):  # tensor_parameters, slices: JSON on the command line
+        parser.add_argument(*flags, type=json.loads, metavar="JSON", **common)
+    elif typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        parser.add_argument(*flags, nargs="+", type=item, metavar=field.name.upper().removesuffix("_LIST"), **common)
+    else:
+        choices = field.metadata.get("choices")
+        parser.add_argument(*flags, type=kind, choices=choices, metavar=None if choices else field.name.upper(), **common)
 
 
 def run_command(argv: Optional[Sequence[str]], command: Callable[[Optional[Sequence[str]]], Any]) -> int:

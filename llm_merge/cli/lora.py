@@ -6,18 +6,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llm_merge import __version__
-from llm_merge.cli.common import OneLineParser, parse_bool, quiet_logging, run_command
-from llm_merge.io.dtypes import OUTPUT_DTYPES
+from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, quiet_logging, run_command
 from llm_merge.lora.options import LoraMergeConfig
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
-    parser.add_argument(f"--{name}", nargs="?", const=True, default=False, type=parse_bool, metavar="true|false", help=f"{help_text} (default: false)")
-    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"same as --{name} false")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one flag per LoraMergeConfig field (defaults suppressed: the dataclass holds them)."""
     parser = OneLineParser(
         prog="llm_merge",
         description=(
@@ -26,22 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
             "safetensors checkpoint. scale = lora_alpha / r (lora_alpha / sqrt(r) with rslora)."
         ),
     )
-    parser.add_argument("--model_name_or_path", help="base model directory (default: base_model_name_or_path of the adapter config, if a local directory)")
-    parser.add_argument("--lora_path", required=True, help="adapter directory: adapter_config.json (PEFT) or lora_config.json (PaddleNLP) and its weights")
-    parser.add_argument("--output_path", "--merge_lora_model_path", dest="output_path", required=True, help="directory to write the merged model to")
-    parser.add_argument("--merge_prefix", default="model", choices=("model", "master_weights"), help="base checkpoint prefix: {prefix}.safetensors[.index.json] (default: model)")
-    parser.add_argument("--output_dtype", default=None, choices=tuple(OUTPUT_DTYPES), help="dtype of float tensors (default: the base's)")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count (default: 5GB)")
-    parser.add_argument("--n_process", type=int, default=1, help="worker processes; changes speed only, never the output bytes (default: 1)")
-    _bool_flag(parser, "allow_pickle", "load a PaddleNLP lora_model_state.pdparams (a pickle: it can execute code; only for trusted files)")
-    _bool_flag(parser, "overwrite", "replace a non-empty output_path")
-    _bool_flag(parser, "quiet", "no progress bar or summary lines")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
+    add_option_flags(parser, LoraMergeConfig, aliases={"output_path": ("--merge_lora_model_path",)},
+                     required=("lora_path", "output_path"))
+    add_debug_and_version(parser)
     return parser
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> LoraMergeConfig:
+    """Parse flags into an unresolved LoraMergeConfig."""
     args = vars(build_parser().parse_args(argv))
     args.pop("debug", None)
     return LoraMergeConfig(**args)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import json
 import os
 import sys
-import typing
 from typing import Any, Optional, Sequence
 
-from llm_merge import __version__
 from llm_merge.cli import recipe
-from llm_merge.cli.common import OneLineParser, parse_bool, quiet_logging, run_command
+from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, quiet_logging, run_command
 from llm_merge.config.files import load_config_file
 from llm_merge.config.options import METHOD_TABLE, MergeConfig
 from llm_merge.config.validate import resolve
 from llm_merge.config.values import config_from_dict
 from llm_merge.errors import ConfigError
-
-def _unwrap_optional(hint: Any) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,32 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="JSON config file with any of the options below")
     parser.add_argument("--config", dest="config_flag", metavar="FILE", help="JSON config file (same as the positional CONFIG)")
-    hints = typing.get_type_hints(MergeConfig)
-    for f in dataclasses.fields(MergeConfig):
-        _add_field(parser, f, _unwrap_optional(hints[f.name]))
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
+    add_option_flags(parser, MergeConfig)
+    add_debug_and_version(parser)
     return parser
-
-
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, kind: Any) -> None:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    choices = f.metadata.get("choices")
-    help_text = f.metadata["help"]
-    if choices:
-        help_text += f"; one of: {', '.join(choices)}"
-    help_text += f" (default: {default})"
-    flag = f"--{f.name}"
-    if kind is bool:
-        parser.add_argument(flag, nargs="?", const=True, type=parse_bool, metavar="true|false", help=help_text)
-        parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"same as {flag} false")
-    elif kind in (dict, list):  # tensor_parameters, slices: JSON on the command line
-        parser.add_argument(flag, type=json.loads, metavar="JSON", help=help_text)
-    elif typing.get_origin(kind) is list:
-        (item,) = typing.get_args(kind)
-        parser.add_argument(flag, nargs="+", type=item, metavar=f.name.upper().removesuffix("_LIST"), help=help_text)
-    else:
-        parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(), help=help_text)
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[MergeConfig, argparse.Namespace]:

@@ -2,48 +2,65 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from llm_merge.cli.common import OneLineParser, parse_bool, quiet_logging, run_command
+from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, option_help, quiet_logging, run_command
+from llm_merge.config.options import MergeConfig
 from llm_merge.config.recipes import read_recipe, recipe_to_config
 from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
 
 
-def main(argv=None) -> int:
-    """``python tools/mergekit.py [--config] recipe.yml OUT [--overwrite] [--n_process N] ...``"""
-    def command(argv):
-        parser = OneLineParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.")
-        parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
-        parser.add_argument("output_path", nargs="?", help="directory to write the merged model to")
-        parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
-        parser.add_argument("--n_process", type=int, help="worker processes (default: 1)")
-        parser.add_argument("--seed", type=int, help="seed of the random draws (default: 42)")
-        parser.add_argument("--max_shard_size", help="largest output shard (default: 5GB)")
-        parser.add_argument("--overwrite", nargs="?", const=True, type=parse_bool, help="replace a non-empty output directory")
-        parser.add_argument("--quiet", nargs="?", const=True, type=parse_bool, help="no progress bar")
-        parser.add_argument("--no_model_card", action="store_true", help="do not write README.md (the model card) into the output")
-        parser.add_argument("--debug", action="store_true", help="full traceback on errors")
-        args = parser.parse_args(argv)
-        positional = [p for p in (args.recipe, args.output_path) if p is not None]
-        if args.config_flag:
-            recipe_path, rest = args.config_flag, positional
-        else:
-            recipe_path, rest = (positional[0] if positional else None), positional[1:]
-        if recipe_path is None or len(rest) != 1:
-            raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
-        extra = {k: v for k, v in vars(args).items() if k in ("n_process", "seed", "max_shard_size", "overwrite", "quiet") and v is not None}
-        extra["model_card"] = not args.no_model_card
-        extra["recipe_text"], recipe = read_recipe(recipe_path)
-        cfg = recipe_to_config(recipe, rest[0], base_dir=Path(recipe_path).resolve().parent, **extra)
-        from llm_merge.api import merge  # after validation: keeps refusals fast
+#: the merge options recipe mode takes from its command line (the recipe gives the others)
+RECIPE_OPTIONS = ("n_process", "seed", "max_shard_size", "overwrite", "quiet", "model_card")
 
-        cfg = resolve(cfg)
-        quiet_logging(cfg.quiet)
-        merge(cfg)
-        return cfg
 
-    return run_command(argv, command)
+#: recipe mode's own defaults: a recipe's merge comes with its model card
+RECIPE_DEFAULTS = {"model_card": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Positional recipe and output, ``--config``, and one flag per RECIPE_OPTIONS field of MergeConfig."""
+    parser = OneLineParser(prog="mergekit.py", description="Run a mergekit YAML recipe with llm_merge.",
+                           argument_default=argparse.SUPPRESS)
+    parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
+    parser.add_argument("output_path", nargs="?", help=option_help(MergeConfig, "output_path"))
+    parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
+    add_option_flags(parser, MergeConfig, RECIPE_OPTIONS, defaults=RECIPE_DEFAULTS)
+    add_debug_and_version(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str, str, dict[str, Any]]:
+    """(recipe path, output directory, the MergeConfig options the flags set)."""
+    options = vars(build_parser().parse_args(argv))
+    positional = [p for p in (options.pop("recipe", None), options.pop("output_path", None)) if p is not None]
+    config_flag = options.pop("config_flag", None)
+    options.pop("debug", None)
+    if config_flag:
+        recipe_path, rest = config_flag, positional
+    else:
+        recipe_path, rest = (positional[0] if positional else None), positional[1:]
+    if recipe_path is None or len(rest) != 1:
+        raise ConfigError("usage: mergekit.py [--config] RECIPE.yml OUTPUT_DIR")
+    return recipe_path, rest[0], options
+
+
+def _recipe_command(argv: Optional[Sequence[str]]) -> None:
+    recipe_path, output_path, options = parse_args(argv)
+    options["recipe_text"], recipe = read_recipe(recipe_path)
+    cfg = resolve(recipe_to_config(recipe, output_path, base_dir=Path(recipe_path).resolve().parent, **options))
+    quiet_logging(cfg.quiet)
+    from llm_merge.api import merge  # after validation: keeps refusals fast
+
+    merge(cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python tools/mergekit.py [--config] recipe.yml OUT [--overwrite] [--n_process N] ...``; returns the exit code."""
+    return run_command(argv, _recipe_command)
 
 
 _YAML_SUFFIXES = (".yml", ".yaml")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from llm_merge.config.options import _opt
 from llm_merge.config.validate import check_output_apart, parse_size
 from llm_merge.errors import ConfigError
 from llm_merge.io import dtypes, side_files
@@ -16,21 +17,30 @@ from llm_merge.lora.adapter import PADDLE_CONFIG, PEFT_CONFIG
 
 log = logging.getLogger(__name__)
 
+#: the base checkpoint's file prefixes: {prefix}.safetensors[.index.json]
+MERGE_PREFIXES = ("model", "master_weights")
+
 
 @dataclass(frozen=True)
 class LoraMergeConfig:
-    """Options of one fold; field names are the CLI flag names."""
+    """Options of one fold; field names are the CLI flag names (``llm_merge.cli.lora``), their metadata the flags' help."""
 
-    model_name_or_path: Optional[str] = None
-    lora_path: Optional[str] = None
-    output_path: Optional[str] = None
-    merge_prefix: str = "model"
-    output_dtype: Optional[str] = None
-    max_shard_size: str = "5GB"
-    n_process: int = 1
-    allow_pickle: bool = False
-    overwrite: bool = False
-    quiet: bool = False
+    model_name_or_path: Optional[str] = _opt(
+        None, "base model directory (default: base_model_name_or_path of the adapter config, if a local directory)"
+    )
+    lora_path: Optional[str] = _opt(
+        None, "adapter directory: adapter_config.json (PEFT) or lora_config.json (PaddleNLP) and its weights"
+    )
+    output_path: Optional[str] = _opt(None, "directory to write the merged model to")
+    merge_prefix: str = _opt("model", "base checkpoint prefix: {prefix}.safetensors[.index.json]", MERGE_PREFIXES)
+    output_dtype: Optional[str] = _opt(None, "dtype of float tensors (default: the base's)", tuple(dtypes.OUTPUT_DTYPES))
+    max_shard_size: str = _opt("5GB", "largest output shard, e.g. 5GB, 500MB, 2GiB or a byte count")
+    n_process: int = _opt(1, "worker processes; changes speed only, never the output bytes")
+    allow_pickle: bool = _opt(
+        False, "load a PaddleNLP lora_model_state.pdparams (a pickle: it can execute code; only for trusted files)"
+    )
+    overwrite: bool = _opt(False, "replace a non-empty output_path")
+    quiet: bool = _opt(False, "no progress bar or summary lines")
 
 
 def resolve_config(cfg: LoraMergeConfig) -> LoraMergeConfig:
@@ -39,8 +49,8 @@ def resolve_config(cfg: LoraMergeConfig) -> LoraMergeConfig:
         raise ConfigError("--lora_path: required (the adapter directory)")
     if not cfg.output_path:
         raise ConfigError("--output_path: required")
-    if cfg.merge_prefix not in ("model", "master_weights"):
-        raise ConfigError(f"--merge_prefix: {cfg.merge_prefix!r} is not one of model, master_weights")
+    if cfg.merge_prefix not in MERGE_PREFIXES:
+        raise ConfigError(f"--merge_prefix: {cfg.merge_prefix!r} is not one of {', '.join(MERGE_PREFIXES)}")
     if cfg.output_dtype is not None and cfg.output_dtype not in dtypes.OUTPUT_DTYPES:
         raise ConfigError(f"--output_dtype: {cfg.output_dtype!r} is not one of {', '.join(dtypes.OUTPUT_DTYPES)}")
     if not isinstance(cfg.n_process, int) or isinstance(cfg.n_process, bool) or cfg.n_process < 1:
