@@ -215,18 +215,16 @@ def test_no_checkpoint_for_prefix(tmp_path):
 
 def test_shard_writer_releases_written_pages_without_changing_bytes(tmp_path, monkeypatch):
     """Writes at unaligned offsets, released from the page cache almost at once, land byte for byte."""
-    import os
-
-    from llm_merge.io import writer
+    from llm_merge.io import shards
 
     released = []
-    real_release = writer.release_written
-    monkeypatch.setattr(writer, "release_written", lambda fd, offset, n: released.append((offset, n)) or real_release(fd, offset, n))
-    monkeypatch.setattr(writer.ShardWriter, "CACHED_BYTES", 10_000)
+    real_release = shards.release_written
+    monkeypatch.setattr(shards, "release_written", lambda fd, offset, n: released.append((offset, n)) or real_release(fd, offset, n))
+    monkeypatch.setattr(shards.ShardWriter, "CACHED_BYTES", 10_000)
     size = 300_001
     (tmp_path / "shard").write_bytes(b"\0" * size)
     expected = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    out = writer.ShardWriter(tmp_path)
+    out = shards.ShardWriter(tmp_path)
     cuts = [0, 1, 4095, 4097, 20_000, 100_003, 200_000, size]
     for start, end in reversed(list(zip(cuts, cuts[1:]))):  # out of order, like workers
         out.write("shard", start, expected[start:end])
@@ -242,7 +240,7 @@ def test_released_output_pages_leave_the_merged_bytes_unchanged(tmp_path, monkey
     from checkpoints import make_llama_family
     from llm_merge.api import merge
     from llm_merge.config.options import MergeConfig
-    from llm_merge.io import writer
+    from llm_merge.io import shards
 
     family = make_llama_family(tmp_path / "family", n_models=2, dtype=ml_dtypes.bfloat16, shards=2)
 
@@ -252,5 +250,5 @@ def test_released_output_pages_leave_the_merged_bytes_unchanged(tmp_path, monkey
         return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
     kept = run(tmp_path / "kept")
-    monkeypatch.setattr(writer.ShardWriter, "CACHED_BYTES", 0)  # every write released at once (workers fork: inherited)
+    monkeypatch.setattr(shards.ShardWriter, "CACHED_BYTES", 0)  # every write released at once (workers fork: inherited)
     assert run(tmp_path / "released") == kept

@@ -38,6 +38,7 @@ import numpy as np
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes, side_files, writer
 from llm_merge.io.safetensors_format import encode_header, read_header
+from llm_merge.io.signals import stop_signals_raise
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,10 @@ class InputConverter:
             raise ConfigError(f"{found}: {self.refuse}")
         if self.workspace is None:
             writer.check_output_path(self.output, self.overwrite)  # do not convert for nothing
-            self._stack.enter_context(writer._sigterm_raises())
+            self._stack.enter_context(stop_signals_raise())
             self.output.parent.mkdir(parents=True, exist_ok=True)
             # named like a staging directory of this pid, so a killed run's copy is removed by the next run
-            self.workspace = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{writer._STAGING_TAG}{os.getpid()}-pdparams", dir=self.output.parent))
+            self.workspace = Path(tempfile.mkdtemp(prefix=f".{self.output.name}{writer.STAGING_TAG}{os.getpid()}-pdparams", dir=self.output.parent))
         target = self.workspace / str(self._count)
         self._count += 1
         target.mkdir()

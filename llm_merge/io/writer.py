@@ -1,34 +1,30 @@
 """Atomic output: a staging directory beside output_path, renamed into place when complete.
 
-Shard files are created with their final header and size first; workers then
-write each tensor at its planned offset, in any order. Nothing appears under
-output_path unless every tensor was written and every header verified.
+Shard files are created with their final header and size first (``shards``); workers then
+write each tensor at its planned offset, in any order. Nothing appears under output_path
+unless every tensor was written and every header verified. An existing output is replaced
+only with ``overwrite``, and never left half replaced (``publish``, ``remove_stale_trash``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterator
 
 from llm_merge.errors import MergeError
-from llm_merge.io.safetensors_format import read_header
+from llm_merge.io.shards import create_shards, verify_shards
+from llm_merge.io.signals import Terminated, stop_signals_raise  # noqa: F401  (Terminated: what a stop signal raises here)
 
 log = logging.getLogger(__name__)
-_STAGING_TAG = ".llm_merge-tmp-"
+#: Staging directories (``.{output}{tag}{pid}-{random}``): removed by the next run once ``pid`` is gone.
+STAGING_TAG = ".llm_merge-tmp-"
 #: An output being replaced, set aside whole (``.{output}{tag}{pid}-{random}``) until the new one is in place.
 _OLD_TAG = ".llm_merge-old-"
 #: A replaced output being deleted.
@@ -68,11 +64,9 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_staging(output: Path) -> None:
     """Delete staging directories left by killed runs for the same output_path."""
-    for stale in output.parent.glob(f".{output.name}{_STAGING_TAG}*"):
-        pid_text = stale.name.rsplit("-", 2)[-2]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            log.info("removing %s left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in _left_by_dead_runs(output, STAGING_TAG):
+        log.info("removing %s left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -80,120 +74,12 @@ def staging_directory(output: Path) -> Iterator[Path]:
     """A fresh directory beside ``output``; removed on exit unless it was published."""
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output)
-    staging = output.parent / f".{output.name}{_STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = output.parent / f".{output.name}{STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def create_shards(directory: Path, shards: Sequence) -> None:
-    """Create every shard with its header written and its final size allocated."""
-    for shard in shards:
-        try:
-            with open(directory / shard.file, "wb") as handle:
-                handle.write(shard.header)
-                handle.truncate(shard.size)
-        except OSError as exc:
-            raise MergeError(f"{directory / shard.file}: cannot create output shard: {exc.strerror}") from exc
-
-
-def _load_sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
-    """libc's ``sync_file_range(fd, offset, nbytes, flags)`` (Linux), or None where it is missing."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-_sync_file_range = _load_sync_file_range()
-_PAGE = 4096
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing a just-written byte range to disk without waiting (Linux), so the final fsync has little left."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure leaves the work to fsync
-
-
-def release_written(fd: int, offset: int, nbytes: int) -> None:
-    """Wait for a written range's writeback, then drop its whole pages from the page cache (Linux).
-
-    The next writes then reuse those just-freed pages instead of fresh ones (1 GB of output cost
-    2.6-3.1 s of CPU into fresh pages, 0.3 s this way, on the development VM), and a large output
-    does not evict the inputs from the cache. Pages shared with a neighbouring range stay. Advisory:
-    on failure the pages simply stay cached; the final fsync makes everything durable either way.
-    """
-    first, end = -(-offset // _PAGE) * _PAGE, (offset + nbytes) // _PAGE * _PAGE
-    if _sync_file_range is None or end <= first:
-        return
-    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
-    if _sync_file_range(fd, first, end - first, flags) == 0:
-        os.posix_fadvise(fd, first, end - first, os.POSIX_FADV_DONTNEED)
-
-
-class ShardWriter:
-    """Writes tensor bytes at absolute offsets of the staged shards; one descriptor per file.
-
-    Each write also starts its range's writeback, so disk writes overlap the merge; once more than
-    ``CACHED_BYTES`` of later writes follow a range, its pages leave the page cache (``release_written``).
-    """
-
-    #: Bytes of recent writes each writer leaves in the page cache (their writeback is under way).
-    CACHED_BYTES = 32 << 20
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self._fds: dict[str, int] = {}
-        self._cached: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._cached_bytes = 0
-
-    def write(self, file: str, offset: int, data: np.ndarray) -> None:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(self.directory / file, os.O_WRONLY)
-        view = memoryview(np.ascontiguousarray(data).view(np.uint8)).cast("B")
-        done = 0
-        try:
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            raise MergeError(f"{self.directory / file}: write failed: {exc.strerror}") from exc
-        start_writeback(fd, offset, len(view))
-        self._cached.append((fd, offset, len(view)))
-        self._cached_bytes += len(view)
-        while self._cached_bytes > self.CACHED_BYTES:
-            fd, offset, nbytes = self._cached.popleft()
-            self._cached_bytes -= nbytes
-            release_written(fd, offset, nbytes)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._cached.clear()
-        self._cached_bytes = 0
-
-
-def verify_shards(directory: Path, shards: Sequence) -> None:
-    """Read every written header back and compare it with the plan."""
-    for shard in shards:
-        path = directory / shard.file
-        if path.stat().st_size != shard.size:
-            raise MergeError(f"{path}: size {path.stat().st_size} bytes, planned {shard.size}")
-        with open(path, "rb") as handle:
-            if handle.read(len(shard.header)) != shard.header:
-                raise MergeError(f"{path}: header differs from the planned one")
-        if set(read_header(path).tensors) != set(shard.names):
-            raise MergeError(f"{path}: tensor names differ from the plan")
 
 
 def write_json(path: Path, value: object) -> None:
@@ -297,55 +183,6 @@ def remove_stale_trash(output: Path) -> None:
         remove_detached(doomed)
 
 
-#: Signals that stop a run as SIGTERM does: workers stopped, the staging directory removed, nothing published.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class Terminated(MergeError):
-    """A stop signal (SIGTERM, SIGHUP) was received: the run stops and leaves no output."""
-
-
-#: The stop signal being handled (nested ``stop_signals_raise`` blocks share it), and how deep the blocks are.
-_stopping: list[int] = []
-_stop_depth = [0]
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    if not _stopping:
-        _stopping.append(signum)
-        raise Terminated(f"terminated by signal {signal.Signals(signum).name}; no output was written")
-
-
-@contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise Terminated in the main thread (elsewhere: no change).
-
-    Only the first signal raises; later ones are ignored until the outermost block exits, so that
-    they cannot cut short the cleanup the first one started (stopping workers, removing the
-    staging directory). A signal ignored on entry stays ignored (SIGHUP under ``nohup``).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    for signum, handler in previous.items():
-        if signum == signal.SIGTERM or handler is not signal.SIG_IGN:
-            signal.signal(signum, _raise_terminated)
-    _stop_depth[0] += 1
-    try:
-        yield
-    finally:
-        _stop_depth[0] -= 1
-        if not _stop_depth[0]:
-            _stopping.clear()
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-
-
-#: The name other modules know it by.
-_sigterm_raises = stop_signals_raise
-
-
 def write_model_atomically(
     output: Path,
     layout: Any,
@@ -359,8 +196,8 @@ def write_model_atomically(
     ``layout`` has ``shards``, ``weight_map`` and ``total_size`` (a merge or fold
     plan). ``fill(staging)`` writes every tensor into the pre-created shards;
     then ``finish_and_publish`` (which takes the ``finish`` keywords) verifies,
-    completes and publishes the directory. On any exception, SIGTERM, SIGHUP or Ctrl-C,
-    the staging directory is removed and ``output`` is left untouched.
+    completes and publishes the directory. On any exception, SIGTERM, SIGHUP (which raise
+    ``Terminated``) or Ctrl-C, the staging directory is removed and ``output`` is left untouched.
     """
     check_output_path(output, overwrite)
     with stop_signals_raise(), staging_directory(output) as staging:

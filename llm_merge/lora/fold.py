@@ -23,7 +23,7 @@ from llm_merge.errors import MergeError
 from llm_merge.io import dtypes, writer
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
-from llm_merge.io.writer import ShardWriter
+from llm_merge.io.shards import ShardWriter
 from llm_merge.run.pool import run_tasks
 from llm_merge.lora.adapter import AdapterTensor
 from llm_merge.lora.options import LoraMergeConfig, resolve_config

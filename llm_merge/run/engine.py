@@ -31,7 +31,7 @@ from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.spill import SpilledArray
-from llm_merge.io.writer import ShardWriter
+from llm_merge.io.shards import ShardWriter
 from llm_merge.kernels.counter_rng import CounterRNG, draw_key
 from llm_merge.plan.layout import TensorTask
 from llm_merge.run.binding import call, per_model_options, task_options

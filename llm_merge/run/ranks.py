@@ -58,6 +58,7 @@ from typing import Any, Optional, Sequence
 from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import writer
+from llm_merge.io.signals import stop_signals_raise
 from llm_merge.run.heartbeat import Silence, beating, presumed_dead
 from llm_merge.run.journal import JournalingFactory, verified_tensors
 from llm_merge.run.pool import run_tasks
@@ -357,7 +358,7 @@ def merge_distributed(cfg: MergeConfig, plan: Any, factory: Any, ctx: DistContex
     log.info("rank %d of %d (%s); staging %s", ctx.rank, ctx.world_size, ctx.source, staging)
     heartbeats = heartbeat_path(output, digest)
     started = time.perf_counter()
-    with writer._sigterm_raises(), beating(heartbeats, ctx.rank, ctx.world_size, cfg.dist_heartbeat_timeout):
+    with stop_signals_raise(), beating(heartbeats, ctx.rank, ctx.world_size, cfg.dist_heartbeat_timeout):
         if ctx.rank == 0:
             _lead(cfg, plan, factory, ctx, output, staging, digest, heartbeats, records)
             log.info("merged %d tensors (%.2f GB) from %d model(s) on %d rank(s) into %s in %.1f s", len(plan.tasks),
