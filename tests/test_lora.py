@@ -243,6 +243,37 @@ def test_pdparams_needs_allow_pickle(tmp_path):
     check_outputs(out, base, expected(base, lora, 2.0, "llama", layout="paddle"), np.float32, folded_names("llama"))
 
 
+
+@pytest.mark.parametrize("entries", ["arrays", "pairs"])
+def test_pdparams_with_name_table_and_bf16_folds(tmp_path, entries):
+    """A PaddleNLP-style pickle: paddle.save's name table, bf16 factors stored as uint16 (arrays, or Paddle 2.1's
+    (name, array) pairs), an entry that is not a tensor; folds with the bf16 factors as float32."""
+    pytest.importorskip("paddle")
+    import pickle
+
+    from llm_merge.io.pdparams import NAME_TABLE
+    from llm_merge.lora import fold as lora_merge
+    from llm_merge.lora.options import LoraMergeConfig
+
+    base = make_base(tmp_path / "base", layout="paddle", root="llama")
+    lora = {m: (a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16)) for m, (a, b) in factors(4, seed=5).items()}
+    adapter = tmp_path / "adapter"
+    write_paddle(adapter, lora, r=4, alpha=8)
+    (adapter / "lora_model.safetensors").unlink()
+    state = {}
+    for i, (name, array) in enumerate(paddle_tensors(lora).items()):
+        stored = array.view(np.uint16)
+        state[name] = stored if entries == "arrays" else (f"linear_{i}.w_0", stored)
+    state[NAME_TABLE] = {name: f"linear_{i}.w_0" for i, name in enumerate(state)}
+    state["lora_step"] = "not a tensor"
+    with open(adapter / "lora_model_state.pdparams", "wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    out = tmp_path / "out"
+    lora_merge.merge_lora(LoraMergeConfig(model_name_or_path=str(tmp_path / "base"), lora_path=str(adapter),
+                                          output_path=str(out), allow_pickle=True, quiet=True))
+    as_f32 = {m: (a.astype(np.float32), b.astype(np.float32)) for m, (a, b) in lora.items()}
+    check_outputs(out, base, expected(base, as_f32, 2.0, "llama", layout="paddle"), np.float32, folded_names("llama"))
+
 def test_api_small_blocks_and_overwrite(tmp_path, monkeypatch):
     """In process, with 40-element blocks: several row blocks per weight, both layouts."""
     from llm_merge.lora import fold as lora_merge

@@ -205,3 +205,62 @@ def test_killed_runs_conversion_dir_is_cleaned(tmp_path):
     (stale / "0").mkdir(parents=True)
     merge(MergeConfig(model_path_list=[str(fam.model_dirs[0])], output_path=str(tmp_path / "out"), quiet=True))
     assert not stale.exists()
+
+
+def test_load_state_dict_every_stored_form(tmp_path, caplog):
+    """The one loader: name table dropped; bf16 from uint16 arrays, Paddle 2.1 (name, array) pairs and pickled
+    Paddle tensors; entries that are not tensors skipped with a warning; the stored order kept."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    want = {"w": rng.normal(size=(3, 4)).astype(ml_dtypes.bfloat16), "pair": rng.normal(size=5).astype(np.float32),
+            "tensor": rng.normal(size=(2, 2)).astype(ml_dtypes.bfloat16), "ids": np.arange(4, dtype=np.int64)}
+    state = {"w": want["w"].view(np.uint16), "pair": ("linear_1.w_0", want["pair"]), "tensor": to_paddle(want["tensor"]),
+             "step": 7, "ids": want["ids"], pdparams.NAME_TABLE: {"w": "linear_0.w_0"}}
+    path = tmp_path / "state.pdparams"
+    with open(path, "wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    got = pdparams.load_state_dict(path)
+    assert list(got) == list(want)
+    assert_same_tensors(got, want)
+    assert "entry 'step' is a int, not a tensor; skipped" in caplog.text
+
+
+def test_load_state_dict_refusals_are_one_line(tmp_path):
+    listed = tmp_path / "list.pdparams"
+    paddle.save([np.ones(2, np.float32)], str(listed))
+    with pytest.raises(MergeError) as info:
+        pdparams.load_state_dict(listed)
+    assert str(info.value) == f"{listed}: expected a state dict (name -> tensor), got list"
+    garbage = tmp_path / "garbage.pdparams"
+    garbage.write_bytes(b"\x80\x04not a pickle\n\nat all")
+    with pytest.raises(MergeError, match="cannot load") as info:
+        pdparams.load_state_dict(garbage)
+    assert "\n" not in str(info.value)
+
+
+def test_converted_shard_reads_back_byte_for_byte(tmp_path):
+    """Converted with the safetensors package's writer (which sorts tensors by dtype and name): our reader and
+    safetensors read the same bytes, the metadata is kept, and the checkpoint keeps the state dict's order."""
+    from safetensors import safe_open
+
+    from llm_merge.io.checkpoint import open_checkpoint
+    from llm_merge.io.reader import TensorReader
+
+    rng = np.random.default_rng(1)
+    tensors = {"z.weight": rng.normal(size=(4, 3)).astype(ml_dtypes.bfloat16), "b.ids": np.arange(5, dtype=np.int64),
+               "m.norm": rng.normal(size=7).astype(np.float32), "a.mask": rng.random(6) > 0.5,
+               "h.half": rng.normal(size=(2, 3)).astype(np.float16)}
+    source = write_pdparams(tmp_path / "pd", tensors)
+    target = tmp_path / "converted"
+    target.mkdir()
+    pdparams.convert_checkpoint(source, "model", target)
+    checkpoint = open_checkpoint(source, "model", convert=lambda directory, prefix: target)
+    assert list(checkpoint.tensors) == list(tensors) and checkpoint.metadata == {"format": "np"}
+    with TensorReader() as reader, safe_open(str(checkpoint.files[0]), "np") as theirs:
+        assert sorted(theirs.keys()) == sorted(tensors) and theirs.metadata() == {"format": "np"}
+        for name, want in tensors.items():
+            info = checkpoint.tensors[name]
+            ours = reader.read_raw(info).reshape(info.shape)
+            assert ours.dtype == want.dtype and ours.tobytes() == want.tobytes(), name
+            assert theirs.get_tensor(name).dtype == want.dtype and theirs.get_tensor(name).tobytes() == want.tobytes(), name

@@ -15,7 +15,7 @@ from llm_merge.io.safetensors_format import Header, TensorInfo, read_header
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """All tensors of one model: name -> location, in the model's own storage order."""
+    """All tensors of one model: name -> location, in the model's own storage order (converted: its source's)."""
 
     path: Path
     prefix: str
@@ -46,8 +46,10 @@ def open_checkpoint(
     missing, when the index names a missing shard or a file outside the
     directory, or when a tensor listed in the index is absent from its shard.
     Without safetensors files, ``convert(directory, prefix)`` (e.g. pdparams ->
-    safetensors) may return a directory holding a converted copy; its
-    checkpoint is returned with ``path`` still ``directory``.
+    safetensors) may return a directory holding a converted copy, sharded with an
+    index; its checkpoint is returned with ``path`` still ``directory`` and the
+    tensors in the order of that index (the source's order: the safetensors
+    package's writer stores tensors sorted by dtype and name).
     """
     directory = Path(directory)
     if not directory.exists():
@@ -63,7 +65,7 @@ def open_checkpoint(
         return Checkpoint(directory, prefix, (single,), _in_storage_order(header.tensors), header.metadata)
     converted = convert(directory, prefix) if convert is not None else None
     if converted is not None:
-        return dataclasses.replace(open_checkpoint(converted, prefix), path=directory)
+        return dataclasses.replace(_open_sharded(converted, prefix, index_file(converted, prefix), in_index_order=True), path=directory)
     present = sorted(p.name for p in directory.glob("*.safetensors*")) or sorted(p.name for p in directory.iterdir())[:8]
     raise MergeError(
         f"{directory}: no checkpoint for prefix {prefix!r} (expected {single.name} or {index.name}; "
@@ -71,7 +73,7 @@ def open_checkpoint(
     )
 
 
-def _open_sharded(directory: Path, prefix: str, index: Path) -> Checkpoint:
+def _open_sharded(directory: Path, prefix: str, index: Path, in_index_order: bool = False) -> Checkpoint:
     document = side_files.read_json(index)
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
@@ -96,6 +98,8 @@ def _open_sharded(directory: Path, prefix: str, index: Path) -> Checkpoint:
             f"{index}: {len(missing)} tensor(s) listed in the index are absent from their shard, "
             f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}"
         )
+    if in_index_order:
+        tensors = {name: tensors[name] for name in weight_map}
     first_meta = next(iter(headers.values())).metadata if headers else None
     return Checkpoint(directory, prefix, tuple(directory / s for s in headers), tensors, first_meta)
 

@@ -9,11 +9,12 @@ Inputs: ``{stem}.pdparams`` or ``{stem}.pdparams.index.json`` + the shards it na
 ``--merge_prefix model`` and ``master_weights`` for ``master_weights`` (PaddleNLP's
 names). Each shard is loaded whole, one at a time, and written as a safetensors
 shard into a temporary directory beside the output; the merge then reads those
-like any safetensors checkpoint. The directory is removed when the merge ends,
-whatever the outcome (a ``kill -9`` leaves it to the next run's stale-staging
-cleanup).
+like any safetensors checkpoint, in the state dict's tensor order (the converted index
+keeps it). The directory is removed when the merge ends, whatever the outcome (a
+``kill -9`` leaves it to the next run's stale-staging cleanup). ``load_state_dict`` is the
+one loader of a .pdparams file, here and for LoRA adapters.
 
-Output (``--output_format pdparams``): once the safetensors shards are written and
+Output (``--output_format pdparams``): after the safetensors shards are written and
 verified in the staging directory, each is converted, one at a time (about one shard in memory), into
 ``{stem}[-0000i-of-0000n].pdparams`` (the layout ``paddle.save`` gives a state dict
 of tensors), with ``{stem}.pdparams.index.json`` when sharded, and the safetensors
@@ -34,10 +35,12 @@ from typing import Any, Optional
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
 
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge.io import dtypes, side_files, writer
-from llm_merge.io.safetensors_format import encode_header, read_header
+from llm_merge.io.safetensors_format import read_header
 from llm_merge.io.signals import stop_signals_raise
 
 log = logging.getLogger(__name__)
@@ -165,7 +168,14 @@ def convert_checkpoint(directory: Path, prefix: str, target: Path) -> None:
     total = 0
     for i, (source, wanted) in enumerate(sources):
         log.info("converting %s to safetensors in %s (--allow_pickle)", source, target)
-        arrays = _load_arrays(source, wanted, index)
+        arrays = load_state_dict(source)
+        if wanted is not None:
+            missing = [n for n in wanted if n not in arrays]
+            if missing:
+                raise MergeError(
+                    f"{index}: {len(missing)} tensor(s) listed in the index are absent from their shard, e.g. {missing[0]!r} in {source.name!r}"
+                )
+            arrays = {n: arrays[n] for n in wanted}
         name = f"{prefix}-{i + 1:05d}-of-{len(sources):05d}.safetensors"
         total += _write_safetensors(target / name, arrays)
         out_map.update(dict.fromkeys(arrays, name))
@@ -181,32 +191,32 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _load_arrays(path: Path, wanted: Optional[list[str]], index: Optional[Path]) -> dict[str, np.ndarray]:
-    """name -> array of one pdparams file (all its tensors, or those ``wanted`` in this order)."""
+def load_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """name -> array of a ``.pdparams`` state dict, in its stored order. A pickle: trusted files only.
+
+    Paddle's name table (``NAME_TABLE``) is dropped; bfloat16, which Paddle stores as uint16, comes
+    back as ``ml_dtypes.bfloat16``; Paddle tensors and Paddle 2.1's ``(name, array)`` pairs become
+    arrays; an entry that is not a tensor is skipped with a warning. A file that does not load, is
+    not a dict, or holds a dtype safetensors cannot store is a one-line MergeError.
+    """
     paddle = import_paddle(f"reading {path}")
     try:
         state = paddle.load(str(path), return_numpy=True)
     except Exception as exc:  # paddle raises many types for a bad file
-        raise MergeError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
+        raise MergeError(f"{path}: cannot load: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
     if not isinstance(state, dict):
         raise MergeError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
-    state.pop(NAME_TABLE, None)
-    names = list(state) if wanted is None else wanted
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise MergeError(
-            f"{index}: {len(missing)} tensor(s) listed in the index are absent from their shard, e.g. {missing[0]!r} in {path.name!r}"
-        )
     arrays = {}
-    for name in names:
-        value = state[name]
+    for name, value in state.items():
+        if name == NAME_TABLE:
+            continue
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], np.ndarray):
             value = value[1]  # (tensor name, data): Paddle 2.1's tensor pickling
+        if isinstance(value, paddle.Tensor):
+            value = value.numpy()
         if not isinstance(value, np.ndarray):
-            if wanted is None:
-                log.warning("%s: entry %r is a %s, not a tensor; skipped", path, name, type(value).__name__)
-                continue
-            raise MergeError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+            log.warning("%s: entry %r is a %s, not a tensor; skipped", path, name, type(value).__name__)
+            continue
         if value.dtype == np.uint16:
             value = value.view(ml_dtypes.bfloat16)  # Paddle stores bfloat16 as uint16 (paddle.uint16 is paddle.bfloat16)
         try:
@@ -218,21 +228,16 @@ def _load_arrays(path: Path, wanted: Optional[list[str]], index: Optional[Path])
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    entries, offset = {}, 0
-    for name, array in arrays.items():
-        entries[name] = {"dtype": dtypes.to_safetensors(array.dtype), "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    """Write ``arrays`` as one safetensors file (the safetensors package's writer); returns its data bytes.
+
+    That writer stores the tensors sorted by dtype and name, whatever the dict's order; the order
+    the merge follows is the converted index's (``checkpoint.open_checkpoint``).
+    """
     try:
-        with open(path, "wb") as handle:
-            handle.write(encode_header(entries, {"format": "np"}))
-            for array in arrays.values():
-                data = np.ascontiguousarray(array)
-                if data.dtype.byteorder == ">":
-                    data = data.astype(data.dtype.newbyteorder("<"))
-                handle.write(memoryview(data.view(np.uint8)).cast("B") if data.size else b"")
-    except OSError as exc:
-        raise MergeError(f"{path}: cannot write converted checkpoint: {exc.strerror}") from exc
-    return offset
+        save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, path, metadata={"format": "np"})
+    except SafetensorError as exc:  # its error for a failed write too (not an OSError)
+        raise MergeError(f"{path}: cannot write converted checkpoint: {exc}") from None
+    return sum(array.nbytes for array in arrays.values())
 
 
 # -- output ---------------------------------------------------------------------------------

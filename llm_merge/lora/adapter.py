@@ -25,7 +25,7 @@ import numpy as np
 from llm_merge.config.files import read_mapping_file
 from llm_merge.config.types import finite_float32, is_integer, is_number, kind_of
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.io import dtypes
+from llm_merge.io import dtypes, pdparams
 from llm_merge.io.checkpoint import index_file, open_checkpoint, single_file
 from llm_merge.io.safetensors_format import TensorInfo
 
@@ -219,30 +219,13 @@ def _adapter_tensors(directory: Path, fmt: str, allow_pickle: bool) -> tuple[Pat
 
 
 def load_pdparams(path: Path) -> dict[str, AdapterTensor]:
-    """Load a PaddleNLP ``.pdparams`` state dict (a pickle: only call for trusted files) as float32 arrays."""
-    try:
-        import paddle  # lazily: only pdparams adapters need Paddle
-    except ImportError:
-        raise MergeError(f"{path}: loading .pdparams needs Paddle (pip install 'llm_merge[paddle]')") from None
-    try:
-        state = paddle.load(str(path))
-    except Exception as exc:  # paddle raises many types for a bad file
-        raise MergeError(f"{path}: cannot load: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict):
-        raise MergeError(f"{path}: expected a state dict, got {type(state).__name__}")
+    """A PaddleNLP ``.pdparams`` adapter (a pickle: only call for trusted files); float tensors as float32."""
     tensors = {}
-    for name, value in state.items():
-        if isinstance(value, paddle.Tensor):
-            array = value.astype("float32").numpy() if value.is_floating_point() else value.numpy()
-        else:
-            array = np.asarray(value)
-            if array.dtype.kind == "f":
-                array = array.astype(np.float32)
-        try:
-            dtype = dtypes.to_safetensors(array.dtype)
-        except MergeError:
-            raise MergeError(f"{path}: tensor {name!r} has unsupported dtype {array.dtype}") from None
-        tensors[str(name)] = AdapterTensor(str(name), tuple(array.shape), dtype, array=np.ascontiguousarray(array))
+    for name, array in pdparams.load_state_dict(path).items():
+        dtype = dtypes.to_safetensors(array.dtype)
+        if dtype in dtypes.MERGEABLE:  # LoRA factors are folded in float32
+            array, dtype = array.astype(np.float32, copy=False), "F32"
+        tensors[name] = AdapterTensor(name, tuple(array.shape), dtype, array=np.ascontiguousarray(array))
     return tensors
 
 
