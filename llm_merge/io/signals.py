@@ -7,6 +7,7 @@ removing the staging directory) runs and nothing is published.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -24,9 +25,17 @@ class Terminated(MergeError):
 #: The stop signal being handled (nested ``stop_signals_raise`` blocks share it), and how deep the blocks are.
 _stopping: list[int] = []
 _stop_depth = [0]
+#: The process whose run the handler stops; a worker forked from it inherits the handler, not the run.
+_owner_pid = [0]
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    if os.getpid() != _owner_pid[0]:
+        # A forked worker that has not set its own handlers yet: die of the signal, as its default does,
+        # instead of raising in worker start-up code (which would print a traceback).
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     if not _stopping:
         _stopping.append(signum)
         raise Terminated(f"terminated by signal {signal.Signals(signum).name}; no output was written")
@@ -43,6 +52,7 @@ def stop_signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _owner_pid[0] = os.getpid()
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum, handler in previous.items():
         if signum == signal.SIGTERM or handler is not signal.SIG_IGN:

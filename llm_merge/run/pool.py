@@ -164,11 +164,11 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 
 def _worker(worker_id: int, parent_pid: Optional[int], tasks, make_worker, todo, results, big_task_lock) -> None:
-    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the main process stops a worker with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides how to stop
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # likewise (a closing terminal signals the whole group)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     merger = None
     index = None
     try:
