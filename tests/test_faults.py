@@ -283,12 +283,12 @@ def test_workers_die_with_the_main_process(tmp_path, big_family):
 
 
 def test_a_second_stop_signal_does_not_cut_the_cleanup_short_and_nohup_is_respected():
-    from llm_merge.io import writer
+    from llm_merge.io import signals
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
-        with pytest.raises(writer.Terminated, match="^terminated by signal SIGTERM; no output was written$"):
-            with writer.stop_signals_raise():
+        with pytest.raises(signals.Terminated, match="^terminated by signal SIGTERM; no output was written$"):
+            with signals.stop_signals_raise():
                 assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
                 try:
                     os.kill(os.getpid(), signal.SIGTERM)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from llm_merge.errors import MergeError
 from llm_merge.io.shards import create_shards, verify_shards
-from llm_merge.io.signals import Terminated, stop_signals_raise  # noqa: F401  (Terminated: what a stop signal raises here)
+from llm_merge.io.signals import stop_signals_raise
 
 log = logging.getLogger(__name__)
 #: Staging directories (``.{output}{tag}{pid}-{random}``): removed by the next run once ``pid`` is gone.
