@@ -22,6 +22,14 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 
+def json_value(text: str) -> Any:
+    """A flag value given as JSON (``--slices``, ``--tensor_parameters``)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+
+
 def parse_bool(text: str) -> bool:
     """PaddleNLP-style boolean flag value: true/false, yes/no, 1/0."""
     lowered = str(text).lower()
@@ -103,7 +111,7 @@ def _add_flag(parser: argparse.ArgumentParser, flags: Sequence[str], field: data
         parser.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", default=argparse.SUPPRESS,
                             help=f"same as --{field.name} false")
     elif kind in (dict, list):  # tensor_parameters, slices: JSON on the command line
-        parser.add_argument(*flags, type=json.loads, metavar="JSON", **common)
+        parser.add_argument(*flags, type=json_value, metavar="JSON", **common)
     elif typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
         parser.add_argument(*flags, nargs="+", type=item, metavar=field.name.upper().removesuffix("_LIST"), **common)
