@@ -197,7 +197,8 @@ def test_recipe_translation_semantics(caplog):
 def test_recipe_method_table_is_consistent():
     """Every mergekit method maps to one of our merge methods and takes only parameters the translation knows."""
     from llm_merge.config.options import METHOD_TABLE
-    from llm_merge.config.recipes import BOOL_PARAMETERS, KNOWN_PARAMETERS, RECIPE_METHODS
+    from llm_merge.config.recipe_parameters import BOOL_PARAMETERS, KNOWN_PARAMETERS
+    from llm_merge.config.recipes import RECIPE_METHODS
 
     for name, spec in RECIPE_METHODS.items():
         assert spec.merge_method in METHOD_TABLE, name

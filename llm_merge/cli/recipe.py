@@ -8,7 +8,8 @@ from typing import Any, Optional, Sequence
 
 from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, option_help, quiet_logging, run_command
 from llm_merge.config.options import MergeConfig
-from llm_merge.config.recipes import read_recipe, recipe_to_config
+from llm_merge.config.recipe_files import read_recipe
+from llm_merge.config.recipes import recipe_to_config
 from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
 

@@ -13,160 +13,25 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from llm_merge.config.files import parse_mapping
 from llm_merge.config.options import MergeConfig
-from llm_merge.config.values import check_setting, config_from_dict
+from llm_merge.config.recipe_parameters import (
+    PASSTHROUGH_SCALE, PER_MODEL, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
+)
+from llm_merge.config.values import config_from_dict
 from llm_merge.errors import ConfigError
-from llm_merge.io import side_files
 
 log = logging.getLogger(__name__)
 
+
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
-MODEL_KEYS = {"model", "parameters"}
+
+
+
 
 #: (path, mergekit parameters) of each model a recipe lists
 Models = list[tuple[str, dict]]
-
-
-class PerModelParameter(NamedTuple):
-    """A mergekit parameter given per model: the model's value, else the top-level one, else ``default``."""
-
-    option: Optional[str]  # our option when every model has the same scalar value (None: always list_option)
-    list_option: str  # our option with one value per model
-    default: Optional[float]  # mergekit's default; None: required
-
-
-class SharedParameter(NamedTuple):
-    """A mergekit parameter given once: top-level (or a slice's) ``parameters``."""
-
-    option: Optional[str]  # our option; None: accepted and ignored, with a warning
-    boolean: bool  # true/false (else a number)
-    per_tensor: bool = True  # may be a gradient or filters (else one true/false for the whole merge)
-
-
-_PER_MODEL = {
-    "weight": PerModelParameter(None, "weight_list", None),
-    "density": PerModelParameter("reserve_p", "reserve_p_list", 1.0),
-    "gamma": PerModelParameter("gamma", "gamma_list", 0.01),
-    "epsilon": PerModelParameter("epsilon", "epsilon_list", 0.15),  # with --semantics mergekit: density ± epsilon
-}
-_SHARED = {
-    "normalize": SharedParameter("normalize", boolean=True),
-    "rescale": SharedParameter("rescale", boolean=True),
-    "lambda": SharedParameter("scale", boolean=False),
-    "t": SharedParameter("slerp_alpha", boolean=False),
-    "filter_wise": SharedParameter("model_stock_filter_wise", boolean=True, per_tensor=False),
-    "nuslerp_flatten": SharedParameter("nuslerp_flatten", boolean=True, per_tensor=False),
-    "nuslerp_row_wise": SharedParameter("nuslerp_row_wise", boolean=True, per_tensor=False),
-    "int8_mask": SharedParameter(None, boolean=True),  # computation is always float32
-}
-#: passthrough's one parameter: the model's (or the top-level) factor on its tensors
-_PASSTHROUGH_SCALE = "scale"
-#: every parameter some mergekit method takes: others are typos (an error); these, when the method does not use them, a warning
-KNOWN_PARAMETERS = {*_PER_MODEL, *_SHARED, _PASSTHROUGH_SCALE}
-#: parameters whose values are true/false (the others are numbers)
-BOOL_PARAMETERS = {name for name, parameter in _SHARED.items() if parameter.boolean}
-
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
-           "float32": "float32", "fp32": "float32", "float": "float32"}
-
-
-#: YAML nodes a recipe may hold once its aliases are expanded (a real recipe has a few hundred).
-MAX_RECIPE_NODES = 100_000
-
-
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a YAML recipe into a dict (bounded read; alias expansion bounded by MAX_RECIPE_NODES)."""
-    return read_recipe(path)[1]
-
-
-def read_recipe(path: str | os.PathLike) -> tuple[str, dict]:
-    """A YAML recipe's text and its mapping (one bounded read)."""
-    import yaml
-
-    label = f"recipe {path}"
-    text = side_files.read_text(path, label, error=ConfigError)
-    recipe = parse_mapping(text, parse_yaml, yaml.YAMLError, label, "YAML", "a mapping with merge_method, models, ...")
-    return text, recipe
-
-
-def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load``, refusing recursive aliases and documents whose aliases expand past MAX_RECIPE_NODES.
-
-    PyYAML shares an aliased node instead of copying it, so a few hundred bytes of nested aliases
-    (a "billion laughs") load quickly but expand exponentially in whatever walks the result.
-    """
-    import yaml
-
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, {}, set())
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """Nodes under ``node`` with every alias expanded; ConfigError past MAX_RECIPE_NODES or on a cycle."""
-    import yaml
-
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_nodes:
-        raise ConfigError(f"recipe: a YAML alias refers to itself (line {node.start_mark.line + 1}); refused")
-    open_nodes.add(key)
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(child, sizes, open_nodes) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, sizes, open_nodes) + _expanded_size(v, sizes, open_nodes) for k, v in node.value)
-    open_nodes.discard(key)
-    if size > MAX_RECIPE_NODES:
-        raise ConfigError(f"recipe: its YAML aliases expand to more than {MAX_RECIPE_NODES} nodes; refused")
-    sizes[key] = size
-    return size
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (bool, int, float, str))
-
-
-def _map_setting(setting: Any, fn: Callable[[Any], Any]) -> Any:
-    """Apply ``fn`` to every value of a setting (scalar, gradient or filter list)."""
-    if _is_scalar(setting):
-        return fn(setting)
-    if isinstance(setting, dict) and "value" in setting:
-        return {**setting, "value": _map_setting(setting["value"], fn)}
-    if isinstance(setting, list):
-        return [_map_setting(item, fn) for item in setting]
-    raise ConfigError(f"recipe: unexpected parameter value {setting!r}")
-
-
-def _refuse_unknown_keys(mapping: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
-
-
-def _model_path(entry: Any, where: str) -> str:
-    if isinstance(entry, str):
-        path = entry
-    elif isinstance(entry, dict):
-        _refuse_unknown_keys(entry, MODEL_KEYS, f"recipe: {where}")
-        path = entry.get("model")
-    else:
-        path = None
-    if not isinstance(path, str):
-        raise ConfigError(f"recipe: {where}: expected a model path, got {entry!r}")
-    if "+" in path and not os.path.exists(path):
-        raise ConfigError(f"recipe: {where}: model+LoRA references ({path}) are not supported; fold the adapter first (llm-merge-lora)")
-    return path
 
 
 # -- which checkpoints take part, and as what: (models whose parameters count, MergeConfig values)
@@ -223,7 +88,7 @@ def _per_model_settings(method: str, names: tuple[str, ...], models: Models, top
     values: dict[str, Any] = {}
     per_tensor: dict[str, Any] = {}
     for name in names:
-        parameter = _PER_MODEL[name]
+        parameter = PER_MODEL[name]
         settings = []
         for i, (path, params) in enumerate(models):
             setting = params.get(name, top.get(name, parameter.default))
@@ -231,8 +96,8 @@ def _per_model_settings(method: str, names: tuple[str, ...], models: Models, top
                 if not sliced:
                     raise ConfigError(f"recipe: models[{i}] ({path}): parameter {name} is required by {method}")
                 setting = 1.0  # every tensor takes its slice's value (checked by _slice_options)
-            settings.append(_map_setting(setting, float))
-        if all(_is_scalar(s) for s in settings):
+            settings.append(map_setting(setting, float))
+        if all(is_scalar(s) for s in settings):
             if parameter.option is not None and len(set(settings)) == 1:
                 values[parameter.option] = settings[0]
             else:
@@ -241,16 +106,16 @@ def _per_model_settings(method: str, names: tuple[str, ...], models: Models, top
             per_tensor[parameter.list_option] = settings
             # defaults for tensors no filter matches: the model's scalar value, else mergekit's default
             unmatched = float(parameter.default if parameter.default is not None else 1.0)
-            values[parameter.list_option] = [s if _is_scalar(s) else unmatched for s in settings]
+            values[parameter.list_option] = [s if is_scalar(s) else unmatched for s in settings]
     return values, per_tensor
 
 
 def _passthrough_scale(method: str, names: tuple[str, ...], models: Models, top: dict, sliced: bool) -> tuple[dict, dict]:
     """passthrough's scale: the model's value, else the top-level one, else none (the option's default)."""
-    setting = models[0][1].get(_PASSTHROUGH_SCALE, top.get(_PASSTHROUGH_SCALE))
+    setting = models[0][1].get(PASSTHROUGH_SCALE, top.get(PASSTHROUGH_SCALE))
     if setting is None:
         return {}, {}
-    if _is_scalar(setting):
+    if is_scalar(setting):
         return {"scale": float(setting)}, {}
     return {}, {"scale": setting}
 
@@ -262,14 +127,14 @@ def _shared_settings(top: dict, per_model: tuple[str, ...]) -> tuple[dict, dict]
     for name, setting in top.items():
         if name in per_model:
             continue
-        parameter = _SHARED[name]
+        parameter = SHARED[name]
         if parameter.option is None:
             log.warning("recipe: parameter %s is accepted and ignored (computation is always float32)", name)
         elif not parameter.per_tensor:
             if not isinstance(setting, bool):
                 raise ConfigError(f"recipe: parameters.{name}: expected true or false, got {setting!r}")
             values[parameter.option] = setting
-        elif _is_scalar(setting):
+        elif is_scalar(setting):
             values[parameter.option] = setting
         else:
             per_tensor[parameter.option] = setting
@@ -285,7 +150,7 @@ def _slice_as_given(slice_params: dict, sources: list[dict], recipe_sources: lis
 def _base_source_first(slice_params: dict, sources: list[dict], recipe_sources: list[dict],
                        base: Optional[str]) -> tuple[dict, list[dict]]:
     """slerp: the base source is merge input 0."""
-    return slice_params, sorted(sources, key=lambda src: base is None or not _same_path(src["model"], base))
+    return slice_params, sorted(sources, key=lambda src: base is None or not same_path(src["model"], base))
 
 
 def _source_scale_to_slice(slice_params: dict, sources: list[dict], recipe_sources: list[dict],
@@ -300,8 +165,8 @@ class RecipeMethod:
     """How one mergekit merge_method translates into MergeConfig values."""
 
     merge_method: str  # ours
-    per_model: tuple[str, ...] = ()  # parameters given per model: keys of _PER_MODEL (passthrough: its scale)
-    shared: tuple[str, ...] = ()  # parameters given once: keys of _SHARED
+    per_model: tuple[str, ...] = ()  # parameters given per model: keys of PER_MODEL (passthrough: its scale)
+    shared: tuple[str, ...] = ()  # parameters given once: keys of SHARED
     defaults: Mapping[str, Any] = field(default_factory=dict)  # mergekit's defaults where ours differ
     inputs: Callable[[str, Models, Optional[str]], tuple[Models, dict]] = _task_vector_inputs
     per_model_settings: Callable[[str, tuple[str, ...], Models, dict, bool], tuple[dict, dict]] = _per_model_settings
@@ -328,7 +193,7 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
     "nuslerp": RecipeMethod("nuslerp", ("weight",), ("nuslerp_flatten", "nuslerp_row_wise"), inputs=_optional_base_inputs,
                             unset={"weight_list": (1.0, 1.0)}, slices_need_weights=False),
     "model_stock": RecipeMethod("model_stock", (), ("filter_wise",)),
-    "passthrough": RecipeMethod("passthrough", (_PASSTHROUGH_SCALE,), inputs=_single_model_inputs,
+    "passthrough": RecipeMethod("passthrough", (PASSTHROUGH_SCALE,), inputs=_single_model_inputs,
                                 per_model_settings=_passthrough_scale, arrange_slice=_source_scale_to_slice),
     #                          merge_method        normalize rescale  per-model parameters besides weight
     "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
@@ -340,6 +205,8 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
     "della": _task_arithmetic_family("della", True, True, "density", "epsilon"),
     "della_linear": _task_arithmetic_family("della_linear", False, True, "density", "epsilon"),
 }
+
+
 SUPPORTED_METHODS = tuple(RECIPE_METHODS)
 
 
@@ -347,15 +214,15 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     """Translate a mergekit recipe into an (unresolved) MergeConfig; ``options``: extra MergeConfig fields."""
     method, spec = _recipe_method(recipe)
     resolve_path = _path_resolver(base_dir)
-    base = resolve_path(_model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
+    base = resolve_path(model_path(recipe["base_model"], "base_model")) if recipe.get("base_model") is not None else None
     slices, models = _recipe_models(recipe, resolve_path)
     top = recipe.get("parameters") or {}
     if not isinstance(top, dict):
         raise ConfigError("recipe: parameters: expected a mapping")
     values: dict[str, Any] = {"output_path": output_path, "semantics": "mergekit", "merge_method": spec.merge_method,
                               **spec.defaults}
-    top = _used_parameters(top, "parameters", method, spec.parameters)
-    models = [(path, _used_parameters(p, f"models[{i}].parameters", method, set(spec.per_model)))
+    top = used_parameters(top, "parameters", method, spec.parameters)
+    models = [(path, used_parameters(p, f"models[{i}].parameters", method, set(spec.per_model)))
               for i, (path, p) in enumerate(models)]
     if slices is not None:
         values["slices"] = _slice_options(slices, method, spec, base, top)
@@ -369,7 +236,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     values.update(own)
     for option, value in spec.unset.items():
         values.setdefault(option, list(value))
-    values.update(_output_dtype(recipe))
+    values.update(output_dtype(recipe))
     values.update(_tokenizer_source(recipe.get("tokenizer_source"), values, base, resolve_path))
     tensor_parameters = {**shared_per_tensor, **own_per_tensor}
     if tensor_parameters:
@@ -380,7 +247,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
 
 def _recipe_method(recipe: dict) -> tuple[str, RecipeMethod]:
     """The recipe's merge_method and its translation; ConfigError on an unknown top-level key or method."""
-    _refuse_unknown_keys(recipe, TOP_KEYS, "recipe")
+    refuse_unknown_keys(recipe, TOP_KEYS, "recipe")
     method = recipe.get("merge_method")
     if method not in RECIPE_METHODS:
         raise ConfigError(f"recipe: merge_method {method!r} is not supported; valid: {', '.join(SUPPORTED_METHODS)}")
@@ -413,7 +280,7 @@ def _recipe_models(recipe: dict, resolve_path: Callable[[Optional[str]], Optiona
     entries = recipe.get("models") or []
     if not isinstance(entries, list):
         raise ConfigError("recipe: models: expected a list of {model: ..., parameters: ...}")
-    return None, [(resolve_path(_model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
+    return None, [(resolve_path(model_path(e, f"models[{i}]")), (e.get("parameters") or {}) if isinstance(e, dict) else {})
                   for i, e in enumerate(entries)]
 
 
@@ -424,34 +291,7 @@ def _tokenizer_source(source: Any, values: dict, base: Optional[str],
         return {}
     if source == "base" and "base_model_path" not in values and base is not None:
         source = base  # slerp: the base is merge input 0, not --base_model_path
-    return {"tokenizer_source": source if source in ("base", "union") else resolve_path(_model_path(source, "tokenizer_source"))}
-
-
-def _used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> dict:
-    """``params`` without those the method does not use (a warning, as mergekit ignores them); typos are an error."""
-    if not isinstance(params, dict):
-        raise ConfigError(f"recipe: {where}: expected a mapping")
-    unknown = sorted(set(params) - KNOWN_PARAMETERS)
-    if unknown:
-        raise ConfigError(f"recipe: {where}: unknown parameter(s) {', '.join(unknown)}; "
-                          f"merge_method {method} takes: {', '.join(sorted(allowed)) or 'none'}")
-    for name, setting in params.items():
-        check_setting(setting, "bool" if name in BOOL_PARAMETERS else "number", f"recipe: {where}.{name}")
-    unused = sorted(set(params) - allowed)
-    if unused:
-        log.warning("recipe: %s: parameter(s) %s not used by merge_method %s (%s); ignored, as mergekit does",
-                    where, ", ".join(unused), method, ", ".join(sorted(allowed)) or "no parameters")
-    return {k: v for k, v in params.items() if k in allowed}
-
-
-def _output_dtype(recipe: dict) -> dict[str, str]:
-    """``{"output_dtype": ...}`` from the recipe's out_dtype (or dtype), or {}."""
-    dtype = recipe.get("out_dtype") or recipe.get("dtype")
-    if dtype is None:
-        return {}
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise ConfigError(f"recipe: dtype {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
-    return {"output_dtype": _DTYPES[dtype]}
+    return {"tokenizer_source": source if source in ("base", "union") else resolve_path(model_path(source, "tokenizer_source"))}
 
 
 def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional[str]]) -> list[dict]:
@@ -472,16 +312,10 @@ def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional
             bad = sorted(set(src) - {"model", "layer_range", "parameters"}) if isinstance(src, dict) else ["?"]
             if bad:
                 raise ConfigError(f"recipe: {where}: unsupported key(s) {', '.join(bad)}; valid: layer_range, model, parameters")
-            sources.append({"model": resolve_path(_model_path({"model": src.get("model")}, where)),
+            sources.append({"model": resolve_path(model_path({"model": src.get("model")}, where)),
                             "layer_range": src.get("layer_range"), "parameters": src.get("parameters") or {}})
         out.append({"sources": sources, "parameters": s.get("parameters") or {}})
     return out
-
-
-#: mergekit parameter name -> llm_merge option name in a slice's or source's parameters
-_SLICE_NAMES = {**{name: parameter.option or name for name, parameter in _PER_MODEL.items()},
-                **{name: parameter.option for name, parameter in _SHARED.items() if parameter.option and parameter.per_tensor},
-                _PASSTHROUGH_SCALE: "scale"}
 
 
 def _slice_options(slices: list[dict], method: str, spec: RecipeMethod, base: Optional[str], top: dict) -> list[dict]:
@@ -489,27 +323,15 @@ def _slice_options(slices: list[dict], method: str, spec: RecipeMethod, base: Op
     out = []
     weights_needed = "weight" in spec.per_model and spec.slices_need_weights
     for i, s in enumerate(slices):
-        slice_params = _used_parameters(s["parameters"], f"slices[{i}].parameters", method, spec.parameters)
+        slice_params = used_parameters(s["parameters"], f"slices[{i}].parameters", method, spec.parameters)
         sources = []
         for j, src in enumerate(s["sources"]):
-            own = _used_parameters(src["parameters"], f"slices[{i}].sources[{j}].parameters", method, set(spec.per_model))
-            is_base = base is not None and _same_path(src["model"], base)
+            own = used_parameters(src["parameters"], f"slices[{i}].sources[{j}].parameters", method, set(spec.per_model))
+            is_base = base is not None and same_path(src["model"], base)
             if weights_needed and not is_base and not any("weight" in p for p in (own, slice_params, top)):
                 raise ConfigError(f"recipe: slices[{i}].sources[{j}] ({src['model']}): parameter weight is required by {method}")
-            sources.append({"model": src["model"], "layer_range": src["layer_range"], "parameters": _renamed(own)})
+            sources.append({"model": src["model"], "layer_range": src["layer_range"], "parameters": renamed(own)})
         slice_params, sources = spec.arrange_slice(slice_params, sources, s["sources"], base)
-        out.append({"sources": sources, "parameters": _renamed(slice_params)})
+        out.append({"sources": sources, "parameters": renamed(slice_params)})
     return out
 
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.normpath(a) == os.path.normpath(b)
-
-
-def _renamed(params: dict) -> dict:
-    """mergekit parameter settings under llm_merge's option names (values of passthrough's scale etc. as floats)."""
-    out = {}
-    for name, setting in params.items():
-        if name in _SLICE_NAMES:
-            out[_SLICE_NAMES[name]] = _map_setting(setting, lambda v: v if isinstance(v, bool) else float(v))
-    return out
