@@ -310,7 +310,7 @@ def test_side_files_that_are_not_regular_files_are_refused_at_once(cli, tmp_path
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_tokenizer_file_that_is_not_a_regular_file_is_refused(tmp_path, kind):
     from llm_merge.errors import MergeError
-    from llm_merge.plan.reconcile import tokenizer_vocab
+    from llm_merge.plan.vocab import tokenizer_vocab
 
     make_special(tmp_path / "tokenizer.json", kind)
     with pytest.raises(MergeError, match="not a regular file"):

@@ -11,7 +11,6 @@ piece over all models (``models=None``), which the engine merges exactly as befo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from llm_merge import methods
 from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
+from llm_merge.plan.vocab import check_vocab_agreement, label, tokenizer_vocab
 from llm_merge.config.names import HEAD_NAME, embed_name, is_vocab_name
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,41 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
     mode = getattr(cfg, "on_missing_tensor", "error")
     if mode == "error":
         check_same_names(everyone)
-    n = len(models)
     order = dict.fromkeys(name for m in models for name in m.tensors)
+    everybody = tuple(range(len(models)))
+    plans = _tensor_plans(cfg, models, base, order, mode)
+    vocab_rows = _check_shapes(cfg, models, base, configs, plans)
+    source, n_out_of = _vocab_source(cfg, models, base, vocab_rows) if getattr(cfg, "tokenizer_source", None) else (None, None)
+    tensors = []
+    for name, idx, use_base, copy in plans:
+        users = _users(models, base, name, idx, use_base, copy)
+        dtype = _output_dtype(name, users, cfg.output_dtype)
+        first = users[0].tensors[name]
+        mergeable = first.dtype in dtypes.MERGEABLE
+        all_models = idx == everybody
+        if name not in vocab_rows:
+            if copy is not None:
+                piece = Piece(None, (copy,) if copy != BASE else (), False, copy)
+            else:  # non-float tensors in every model: copied from model 0 after an equality check
+                piece = Piece(None, None if all_models else idx, use_base)
+            tensors.append(OutputTensor(name, first.shape, dtype, mergeable, (piece,)))
+            continue
+        n_out = n_out_of(name)
+        pieces = _row_pieces(cfg, models, base, name, idx, use_base, copy, n_out)
+        tensors.append(OutputTensor(name, (n_out, *first.shape[1:]), dtype, mergeable, pieces))
+
+    config_json = _output_config(configs[0], tied_out, HEAD_NAME in {t.name for t in tensors}, source, vocab_rows, tensors)
+    tokenizer_from = source.path if source is not None and source.path != models[0].path else None
+    return Reconciled(models, base, tuple(tensors), config_json, tokenizer_from)
+
+
+def _tensor_plans(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Checkpoint], order: dict,
+                  mode: str) -> list[tuple[str, tuple[int, ...], bool, Optional[int]]]:
+    """(name, models that have it, base used, copied from) of every output tensor, by ``--on_missing_tensor``;
+    tensors left out are logged."""
+    n = len(models)
     everybody = tuple(range(n))
-    plans: list[tuple[str, tuple[int, ...], bool, Optional[int]]] = []  # name, models, base used, copy
+    plans: list[tuple[str, tuple[int, ...], bool, Optional[int]]] = []
     dropped = []
     for name in order:
         idx = everybody if mode == "error" else tuple(i for i, m in enumerate(models) if name in m.tensors)
@@ -120,30 +151,7 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
     extra = sorted(set(base.tensors) - set(order)) if base is not None and mode != "error" else []
     if extra:
         log.warning("left out %d tensor(s) only the base has: %s", len(extra), ", ".join(extra[:_SHOW]))
-
-    vocab_rows = _check_shapes(cfg, models, base, configs, plans)
-    source, n_out_of = _vocab_source(cfg, models, base, vocab_rows) if getattr(cfg, "tokenizer_source", None) else (None, None)
-    tensors = []
-    for name, idx, use_base, copy in plans:
-        users = _users(models, base, name, idx, use_base, copy)
-        dtype = _output_dtype(name, users, cfg.output_dtype)
-        first = users[0].tensors[name]
-        mergeable = first.dtype in dtypes.MERGEABLE
-        all_models = idx == everybody
-        if name not in vocab_rows:
-            if copy is not None:
-                piece = Piece(None, (copy,) if copy != BASE else (), False, copy)
-            else:  # non-float tensors in every model: copied from model 0 after an equality check
-                piece = Piece(None, None if all_models else idx, use_base)
-            tensors.append(OutputTensor(name, first.shape, dtype, mergeable, (piece,)))
-            continue
-        n_out = n_out_of(name)
-        pieces = _row_pieces(cfg, models, base, name, idx, use_base, copy, n_out)
-        tensors.append(OutputTensor(name, (n_out, *first.shape[1:]), dtype, mergeable, pieces))
-
-    config_json = _output_config(configs[0], tied_out, HEAD_NAME in {t.name for t in tensors}, source, vocab_rows, tensors)
-    tokenizer_from = source.path if source is not None and source.path != models[0].path else None
-    return Reconciled(models, base, tuple(tensors), config_json, tokenizer_from)
+    return plans
 
 
 # -- tied embeddings -----------------------------------------------------------------------
@@ -172,10 +180,6 @@ def _users(models, base, name, idx, use_base, copy) -> list[Checkpoint]:
     return [*(models[i] for i in idx), *([base] if use_base else [])]
 
 
-def _label(checkpoint: Checkpoint) -> str:
-    return str(checkpoint.path)
-
-
 def _check_shapes(cfg, models, base, configs, plans) -> dict[str, list[tuple[Checkpoint, int]]]:
     """Same shapes (and non-float dtypes) among the inputs of every tensor, except vocabulary rows.
 
@@ -197,7 +201,7 @@ def _check_shapes(cfg, models, base, configs, plans) -> dict[str, list[tuple[Che
             elif (ref.dtype in dtypes.MERGEABLE) != (info.dtype in dtypes.MERGEABLE) or (
                 ref.dtype not in dtypes.MERGEABLE and info.dtype != ref.dtype
             ):
-                problems.append(f"{name}: dtype {ref.dtype} in {_label(ref_user)} but {info.dtype} in {_label(user)}")
+                problems.append(f"{name}: dtype {ref.dtype} in {label(ref_user)} but {info.dtype} in {label(user)}")
         if not bad_shape:
             continue
         rows_only = ref.dtype in dtypes.MERGEABLE and all(
@@ -209,13 +213,13 @@ def _check_shapes(cfg, models, base, configs, plans) -> dict[str, list[tuple[Che
             continue
         for user, info in zip(users[1:], infos[1:]):
             if info.shape != ref.shape:
-                problems.append(f"{name}: {list(ref.shape)} in {_label(ref_user)} but {list(info.shape)} in {_label(user)}")
+                problems.append(f"{name}: {list(ref.shape)} in {label(ref_user)} but {list(info.shape)} in {label(user)}")
     if problems:
         more = f" (and {len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
         raise MergeError(f"tensor shapes or dtypes differ between models: {'; '.join(problems[:_SHOW])}{more}")
     if vocab and not getattr(cfg, "tokenizer_source", None):
         shown = [
-            f"{name}: " + ", ".join(f"{list(u.tensors[name].shape)} in {_label(u)}" for u, _ in rows)
+            f"{name}: " + ", ".join(f"{list(u.tensors[name].shape)} in {label(u)}" for u, _ in rows)
             for name, rows in list(vocab.items())[:_SHOW]
         ]
         raise MergeError(
@@ -233,7 +237,7 @@ def _vocab_source(cfg, models, base, vocab_rows):
         if not vocab_rows:  # one vocabulary size: nothing to unite
             return models[0], None
         known = [(c, v) for c in everyone if (v := tokenizer_vocab(c.path, use_tokenizers=True)) is not None]
-        _check_vocab_agreement(known)
+        check_vocab_agreement(known)
         if not known:
             raise MergeError("--tokenizer_source union: no input has a tokenizer.json to match tokens with")
         source, largest = max(known, key=lambda item: len(item[1]))  # first of the largest
@@ -259,7 +263,7 @@ def _vocab_source(cfg, models, base, vocab_rows):
                 "(--model_path_list, --base_model_path)"
             )
         source = matches[0]
-    _check_vocab_agreement([(c, v) for c in everyone if (v := tokenizer_vocab(c.path)) is not None])
+    check_vocab_agreement([(c, v) for c in everyone if (v := tokenizer_vocab(c.path)) is not None])
 
     def n_out(name: str) -> int:
         if name not in source.tensors:
@@ -267,51 +271,6 @@ def _vocab_source(cfg, models, base, vocab_rows):
         return source.tensors[name].shape[0]
 
     return source, n_out
-
-
-def tokenizer_vocab(directory: Path, use_tokenizers: bool = False) -> Optional[dict[int, str]]:
-    """Token id -> string from ``directory/tokenizer.json`` (None without one)."""
-    path = Path(directory) / "tokenizer.json"
-    if not os.path.lexists(path):
-        return None
-    text = side_files.read_text(path)
-    if use_tokenizers:
-        try:
-            import tokenizers
-        except ImportError:
-            raise ConfigError(
-                "--tokenizer_source union needs the tokenizers package: pip install 'llm_merge[tokenizers]'"
-            ) from None
-        try:
-            vocab = tokenizers.Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise MergeError(f"{path}: cannot load the tokenizer ({exc})") from None
-        return {i: s for s, i in vocab.items()}
-    try:
-        data = json.loads(text)
-        model_vocab = data.get("model", {}).get("vocab", {})
-        if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
-            out = {i: entry[0] for i, entry in enumerate(model_vocab)}
-        else:
-            out = {int(i): s for s, i in model_vocab.items()}
-        out.update({int(t["id"]): t["content"] for t in data.get("added_tokens") or []})
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise MergeError(f"{path}: cannot read the vocabulary ({exc})") from None
-    return out
-
-
-def _check_vocab_agreement(vocabs: list[tuple[Checkpoint, dict[int, str]]]) -> None:
-    """Every token id must mean the same string in every tokenizer that has it."""
-    seen: dict[int, tuple[str, Checkpoint]] = {}
-    for checkpoint, vocab in vocabs:
-        for token_id, text in vocab.items():
-            known = seen.setdefault(token_id, (text, checkpoint))
-            if known[0] != text:
-                raise MergeError(
-                    f"token id {token_id} is {known[0]!r} in {known[1].path}/tokenizer.json but {text!r} in "
-                    f"{checkpoint.path}/tokenizer.json: the vocabularies do not match by id, so their embedding "
-                    "rows cannot be merged"
-                )
 
 
 def _row_pieces(cfg, models, base, name, idx, use_base, copy, n_out) -> tuple[Piece, ...]:
