@@ -24,7 +24,7 @@ try:
     import llm_merge  # noqa: F401
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(REPO))
-from llm_merge.kernels import fused, streaming  # noqa: E402
+from llm_merge.kernels import fused  # noqa: E402
 from llm_merge.run.engine import TensorMerger, run_statistic  # noqa: E402
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from llm_merge.io.reader import TensorReader  # noqa: E402
@@ -76,9 +76,9 @@ def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dic
     """Every pass of one streamed statistic over the tensor; the per-model results."""
     k, n = len(raws), base.size
     if kind == "trim":
-        stats = streaming.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
+        stats = fused.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
     else:
-        stats = streaming.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
+        stats = fused.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
     return run_statistic(stats, lambda: ((chunk, base_chunk) for _, chunk, base_chunk in chunks(raws, base)))
 
 

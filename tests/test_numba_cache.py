@@ -73,21 +73,58 @@ def test_a_changed_dependency_recompiles_and_an_unchanged_one_loads_the_cache(tm
     assert "data loaded" in log and "data saved" not in log
 
 
-def test_the_kernel_modules_are_bound_to_what_they_inline():
-    numba_kernels = pytest.importorskip("llm_merge.kernels.fused")
-    from llm_merge.kernels import blocks as numba_blocks, ranks as numba_ranks, streaming as numba_streaming
-    from llm_merge.kernels import counter_rng as random
+#: The modules of llm_merge.kernels that define compiled kernels.
+KERNEL_MODULES = ("blocks", "method_blocks", "fused", "twins", "streaming", "streamed_ranks", "ranks", "rank_runs",
+                  "rank_parts")
 
-    expected = {
-        numba_kernels._fused_chunk: [numba_blocks, numba_streaming, numba_ranks, random],
-        numba_streaming.rank_block: [numba_blocks],
-        numba_ranks._small_ranks: [numba_blocks],
-    }
-    for kernel, modules in expected.items():
-        stamp = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
-        if stamp is None:  # no on-disk cache in this environment
-            continue
-        assert stamp._source_stamp[1] == content_digest(m.__file__ for m in modules)
+
+def _imported_from(module) -> dict:
+    """Name -> module of llm_merge.kernels, for the names ``module`` imports from there."""
+    import ast
+    import importlib
+
+    names = {}
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "llm_merge.kernels":
+            for alias in node.names:
+                names[alias.asname or alias.name] = importlib.import_module(f"llm_merge.kernels.{alias.name}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llm_merge.kernels."):
+            for alias in node.names:
+                names[alias.asname or alias.name] = importlib.import_module(node.module)
+    return names
+
+
+def _kernels_of(module) -> list:
+    return [value for value in vars(module).values()
+            if getattr(getattr(value, "py_func", None), "__module__", None) == module.__name__]
+
+
+def test_the_kernel_modules_are_bound_to_what_they_inline():
+    """Each module's KERNEL_DEPENDENCIES holds every kernel module whose kernels or constants its kernels
+    name, and those modules' own dependencies; its cached kernels are bound to exactly that list."""
+    pytest.importorskip("numba")
+    import importlib
+
+    from llm_merge.kernels import cache
+
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"llm_merge.kernels.{name}")
+        dependencies = module.KERNEL_DEPENDENCIES
+        imported = _imported_from(module)
+        for kernel in _kernels_of(module):
+            for used in kernel.py_func.__code__.co_names:
+                source = imported.get(used)
+                if source is not None and source is not cache and source.__name__ != "llm_merge.kernels.counts":
+                    assert source in dependencies, f"{name}.{kernel.__name__} uses {source.__name__}.{used}"
+        for dependency in dependencies:
+            missing = set(getattr(dependency, "KERNEL_DEPENDENCIES", ())) - set(dependencies)
+            assert not missing, f"{name} lacks what {dependency.__name__} depends on: {missing}"
+        for kernel in _kernels_of(module):
+            stamp = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+            if stamp is None:  # no on-disk cache in this environment
+                continue
+            if dependencies:
+                assert stamp._source_stamp[1] == content_digest(m.__file__ for m in dependencies)
 
 
 RACING_MODULE = """

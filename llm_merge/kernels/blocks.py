@@ -2,12 +2,16 @@
 
 Raw lanes: bfloat16 bits as uint16, float16 bits as int16 (numba has no float16 arrays; the
 signedness only tells the two apart, ``is_half_lane``), float32 bits as uint32.
-``widen_block`` turns any of them into float32 bits and counts NaN/Inf; ``half_to_float_bits`` and
-``float_bits_to_half`` convert one float16 value exactly as NumPy does; ``prefetch_inputs`` asks
-the CPU for the inputs of a block a few blocks ahead.
+``widen_block`` turns any of them into float32 bits and counts NaN/Inf, ``task_vector_row`` and
+``task_vector_block`` also subtract the base (into ``TaskVectorBuffers``), ``narrow_block`` rounds
+float32 bits back into a lane; ``half_to_float_bits`` and ``float_bits_to_half`` convert one float16
+value exactly as NumPy does; ``prefetch_inputs`` asks the CPU for the inputs of a block a few blocks
+ahead.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import binding as llvm_binding, ir
@@ -46,7 +50,8 @@ def _prefetch(typingctx, array, index):
 
 #: How far ahead of the block being processed its inputs are prefetched, in blocks. Mapped page-cache
 #: pages are 4 KB and the hardware prefetchers stop at each page's end; without this hint every
-#: new page starts with cache misses (mapped chunks: linear's kernel 2.3 -> 1.9 ns per element).
+#: new page starts with cache misses (mapped chunks: linear's kernel takes 2.3 ns per element
+#: without it, 1.9 with it).
 PREFETCH_BLOCKS = 4
 
 
@@ -166,4 +171,91 @@ def widen_block(raw, start, count, out_bits):
     return bad
 
 
+class TaskVectorBuffers(NamedTuple):
+    """Float32 scratch for one block of task vectors: a row per model and the base's values, each with
+    its uint32 view (made here, once: a view in compiled code costs compile time). Kernels take its
+    fields out once per chunk, not per block."""
+
+    rows: np.ndarray  # (k, block)
+    rows_bits: np.ndarray
+    base: np.ndarray  # (block,)
+    base_bits: np.ndarray
+
+    @classmethod
+    def allocate(cls, k: int, block: int) -> "TaskVectorBuffers":
+        rows, base = np.empty((k, block), np.float32), np.empty(block, np.float32)
+        return cls(rows, rows.view(np.uint32), base, base.view(np.uint32))
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def task_vector_row(raw, s, m, base, has_base, out, out_bits):
+    """out[:m] = the float32 task vector of ``raw[s:s+m]`` (raw bits, as ``widen_block`` takes them) against
+    ``base``; ``out_bits`` is ``out`` viewed as uint32. Returns the NaN/Inf count of the raw values."""
+    bad = widen_block(raw, s, m, out_bits)
+    if has_base:
+        for j in range(m):
+            out[j] -= base[j]
+    return bad
+
+
+@njit(**JIT_OPTIONS)
+def task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite):
+    """rows[i, :m] = model i's elements s .. s+m as float32, minus the base's (kept in ``base``).
+
+    The arrays are a ``TaskVectorBuffers``' fields, passed one by one: this runs per block, and each
+    field taken from a tuple inside compiled code costs a reference count update. ``nonfinite[i]``
+    counts the NaN/Inf inputs of model i, ``nonfinite[k]`` those of the base.
+    """
+    k = len(raws)
+    if has_base:
+        nonfinite[k] += widen_block(base_raw, s, m, base_bits)
+    for i in range(k):
+        nonfinite[i] += task_vector_row(raws[i], s, m, base, has_base, rows[i], rows_bits[i])
+
+
+@njit(**JIT_OPTIONS)
+def narrow_block(bits, count, out, start):
+    """float32 ``bits[:count]`` into ``out[start:]``, rounded to nearest even: bfloat16 bits when ``out`` is
+    uint16, float16 bits when it is int16 (``float_bits_to_half``), else the float32 bits.
+    Returns how many written values are NaN/Inf (rounding may overflow a finite float32).
+
+    Every step is cast back to uint32 (numba would compute in 64 bits: half the vector lanes);
+    no step overflows 32 bits, so the result is the same.
+    """
+    target = out[start : start + count]
+    bad = 0
+    if is_half_lane(out):
+        for j in range(count):
+            half = np.uint16(float_bits_to_half(bits[j]))
+            target[j] = np.int16(half)
+            bad += np.uint16(half & np.uint16(0x7C00)) == np.uint16(0x7C00)
+    elif out.itemsize == 2:
+        for j in range(count):
+            b = bits[j]
+            odd = np.uint32(np.uint32(b >> 16) & np.uint32(1))
+            rounded = np.uint32(np.uint32(b + np.uint32(0x7FFF)) + odd)
+            quiet = np.uint32(np.uint32(b >> 16) | np.uint32(0x40))
+            nan = np.uint32(b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            value = np.uint16(quiet if nan else np.uint32(rounded >> 16))
+            target[j] = value
+            bad += np.uint16(value & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    else:
+        for j in range(count):
+            b = bits[j]
+            target[j] = b
+            bad += np.uint32(b & _EXPONENT) == _EXPONENT
+    return bad
+
+
+@njit(**JIT_OPTIONS)
+def count_nonfinite_kernel(bits):
+    """Number of NaN/Inf among float32 values given as their uint32 bits."""
+    bad = 0
+    for j in range(bits.size):
+        bad += (bits[j] & _EXPONENT) == _EXPONENT
+    return bad
+
+
+#: Modules whose compiled code the kernels here inline or call (none), for their cache stamps.
+KERNEL_DEPENDENCIES = ()
 configure_kernel_caches(globals())  # no dependencies: only the cache writes are serialized

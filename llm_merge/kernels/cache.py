@@ -2,11 +2,11 @@
 safe when several worker processes write it at once.
 
 numba checks a cached kernel against its own source file only: the file's modification time in
-older releases, a hash of its content in newer ones (0.68 here). A kernel that inlines kernels
-or constants of another module therefore keeps its stale machine code when only that module
-changes: after an edit, a ``git pull`` into an editable install, or an upgrade that leaves the
-old cache files behind (pip does not remove them). Touching the kernel's file, as this module
-once did, no longer helps once the stamp is a content hash.
+older releases, a hash of its content in newer ones (0.68 here). A kernel that inlines or calls
+kernels, or uses constants, of another module therefore keeps its stale machine code when only that
+module changes: after an edit, a ``git pull`` into an editable install, or an upgrade that leaves the
+old cache files behind (pip does not remove them). Touching the kernel's file does not help where
+the stamp is a content hash.
 
 ``bind_to_dependencies`` adds a digest of the dependencies' contents to the freshness stamp of
 every cached kernel of a module, so numba compiles them afresh whenever one of those modules
@@ -19,7 +19,9 @@ give both entries one data file, so that the index maps a signature to another s
 machine code (shown: ``twice(0.25)`` returning 0). ``serialize_cache_writes`` holds an exclusive
 ``flock`` on a lock file in the cache directory around each such update (POSIX; elsewhere
 numba's own behaviour stays).
-``configure_kernel_caches`` applies both to a module's kernels.
+``configure_kernel_caches`` applies both to a module's kernels. Each kernel module lists, in
+``KERNEL_DEPENDENCIES``, every module whose compiled code or constants end up in its kernels, those
+of its dependencies included (``tests/test_numba_cache.py`` checks that the lists are closed).
 """
 
 from __future__ import annotations

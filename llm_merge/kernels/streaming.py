@@ -1,9 +1,9 @@
 """Whole-tensor statistics streamed over raw input chunks (numba): no full-size copies.
 
-``StreamingTrim`` (TIES trim threshold and L1 scale), ``StreamingRanks`` (DELLA's magnitude
-ranks, as rank tables that ``kernels.fused.FusedChunks`` counts from) and ``StreamingSlerpSums``
-(slerp's norms and dot product). Each takes ``feed(pass_index, raws, base_raw)`` per chunk (raw
-bits: bfloat16 as uint16, float16 as int16, float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
+``StreamingTrim`` (TIES trim threshold and L1 scale) and ``StreamingSlerpSums`` (slerp's norms and
+dot product) here; ``StreamingRanks`` (DELLA's magnitude ranks) in ``kernels.streamed_ranks``, on the
+magnitude histogram here. Each takes ``feed(pass_index, raws, base_raw)`` per chunk (raw bits:
+bfloat16 as uint16, float16 as int16, float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
 and ``statistics()``. Same results as the NumPy methods in ``llm_merge.methods``.
 """
 
@@ -16,7 +16,14 @@ import numpy as np
 from numba import njit
 
 from llm_merge.kernels import blocks
-from llm_merge.kernels.blocks import JIT_OPTIONS, prefetch_inputs, widen_block
+from llm_merge.kernels.blocks import (
+    JIT_OPTIONS,
+    TaskVectorBuffers,
+    prefetch_inputs,
+    task_vector_block,
+    task_vector_row,
+    widen_block,
+)
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.counts import trim_count
 
@@ -47,16 +54,7 @@ _OUTSIDE_SLOTS = 256
 
 
 @njit(**_JIT)
-def _task_vector_row(raw, s, m, base, has_base, out):
-    """out[:m] = the float32 task vector of ``raw[s:s+m]`` (raw bits, as ``widen_block`` takes them) against ``base``."""
-    widen_block(raw, s, m, out.view(np.uint32))
-    if has_base:
-        for j in range(m):
-            out[j] -= base[j]
-
-
-@njit(**_JIT)
-def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts, mixed, mixed_sums, collected,
+def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, mixed, mixed_sums, collected,
                     n_collected):
     """One trim pass over one chunk of every model's task vector t_i.
 
@@ -71,17 +69,20 @@ def _magnitude_pass(raws, base_raw, has_base, n, row, base, refine, high, counts
 
     Pass 2 (``refine``): counts[i, l] of the entries inside bucket high[i] with low 16 bits l,
     branch-free: entries outside the bucket count into spare slots past 65536.
+
+    ``buffers``: a ``TaskVectorBuffers`` of one row, which each model's task vector takes in turn.
     """
     collect = collected.shape[1] > 0
+    rows, rows_bits, base, base_bits = buffers
+    row, bits = rows[0], rows_bits[0]
     block = row.size
-    bits = row.view(np.uint32)
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
         if has_base:
-            _task_vector_row(base_raw, s, m, base, False, base)
+            widen_block(base_raw, s, m, base_bits)
         for i in range(len(raws)):
-            _task_vector_row(raws[i], s, m, base, has_base, row)
+            task_vector_row(raws[i], s, m, base, has_base, row, bits)
             histogram = counts[i]
             if refine:
                 h = np.int64(high[i])
@@ -132,12 +133,11 @@ def _bits_value(bits: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-class _MagnitudeHistogram:
+class MagnitudeHistogram:
     """Per model, counts of |t| by its top 16 bits (bucket), and of the bucket's entries with nonzero low bits."""
 
     def __init__(self, k: int, block: int) -> None:
-        self.row = np.empty(block, np.float32)
-        self.base = np.empty(block, np.float32)
+        self.buffers = TaskVectorBuffers.allocate(1, block)
         self.counts = np.zeros((k, _BUCKETS), np.int64)
         self.mixed = np.zeros((k, _BUCKETS), np.int64)
         self.mixed_sums = np.zeros((k, _BUCKETS), np.float64)
@@ -147,12 +147,12 @@ class _MagnitudeHistogram:
               collected: Optional[np.ndarray] = None) -> np.ndarray:
         """One ``_magnitude_pass`` over a chunk; returns how many mixed entries each model added to ``collected``."""
         n_collected = np.zeros(len(counts), np.int64)
-        _magnitude_pass(*chunk_inputs(raws, base_raw), self.row, self.base, refine, high, counts, self.mixed,
+        _magnitude_pass(*chunk_inputs(raws, base_raw), self.buffers, refine, high, counts, self.mixed,
                         self.mixed_sums, self._no_collection if collected is None else collected, n_collected)
         return n_collected
 
 
-class StreamingTrim(_MagnitudeHistogram):
+class StreamingTrim(MagnitudeHistogram):
     """TIES trim statistics of k task vectors from passes over raw input chunks (no full-size copies).
 
     Pass 1 counts |t| by its top 16 bits (and sums the few entries with nonzero low bits). The
@@ -232,179 +232,15 @@ class StreamingTrim(_MagnitudeHistogram):
 
 
 @njit(**_JIT)
-def rank_block(bits, m, tables, i, out):
-    """out[:m] = the magnitude ranks of the next m elements of model i's task vector (float32 ``bits``).
-
-    ``tables``: (plain_next, mixed_values, mixed_starts, mixed_next), a tuple per model each
-    (``RankTable.arrays``). Elements must come in index order. A plain entry (low 16 bits zero)
-    of bucket h takes rank plain_next[h], which then moves on by one (equal entries rank by
-    index); a mixed one takes mixed_next[u], u its index in the sorted distinct ``mixed_values``
-    (those of bucket h start at mixed_starts[h]; found by binary search). The counter updates
-    chain through memory, so the loop cannot vectorize anyway: the rare mixed entries take a
-    branch (20% faster than listing them branch-free and ranking them after the block).
-    """
-    plain_next, values, starts, mixed_next = tables[0][i], tables[1][i], tables[2][i], tables[3][i]
-    for j in range(m):
-        magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-        bucket = magnitude_bits >> 16
-        if magnitude_bits & np.uint32(0xFFFF):
-            low, high = starts[bucket], starts[bucket + 1]
-            while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
-                middle = (low + high) >> 1
-                if values[middle] < magnitude_bits:
-                    low = middle + 1
-                else:
-                    high = middle
-            out[j] = mixed_next[low]
-            mixed_next[low] += 1
-        else:
-            rank = plain_next[bucket]
-            plain_next[bucket] = rank + 1
-            out[j] = rank
-
-
-@njit(**_JIT)
-def _rank_table(counts, mixed, values):
-    """``RankTable``'s arrays in int64, in one compiled pass over the buckets and the sorted mixed ``values``."""
-    buckets = counts.size
-    above = np.empty(buckets, np.int64)  # entries in larger buckets
-    total = 0
-    for b in range(buckets - 1, -1, -1):
-        above[b] = total
-        total += counts[b]
-    plain_next = above + mixed
-    distinct = 0
-    for j in range(values.size):
-        distinct += j == 0 or values[j] != values[j - 1]
-    mixed_values = np.empty(distinct, values.dtype)
-    mixed_next = np.empty(distinct, np.int64)
-    mixed_starts = np.zeros(buckets + 1, np.int64)
-    u = distinct
-    bucket_end = values.size  # end of the current bucket's run in ``values``, walking down
-    j = values.size
-    while j > 0:  # from the largest value down: each distinct value's run [first, j)
-        first = j - 1
-        while first > 0 and values[first - 1] == values[j - 1]:
-            first -= 1
-        bucket = np.int64(values[j - 1] >> 16)
-        if j == values.size or np.int64(values[j] >> 16) != bucket:
-            bucket_end = j
-        u -= 1
-        mixed_values[u] = values[j - 1]
-        mixed_next[u] = above[bucket] + (bucket_end - j)  # larger buckets, then larger mixed values of this one
-        mixed_starts[bucket + 1] += 1
-        j = first
-    for b in range(buckets):
-        mixed_starts[b + 1] += mixed_starts[b]
-    return plain_next, mixed_values, mixed_starts, mixed_next
-
-
-class RankTable:
-    """The next magnitude rank of every distinct |t| of one task vector, as a pass in index order goes.
-
-    Built from the bucket counts and the sorted magnitudes of the mixed entries (nonzero low
-    bits). Entries larger than a plain entry of bucket h: those of larger buckets and the mixed
-    ones of h. Entries larger than a mixed value v of bucket h: those of larger buckets and the
-    mixed ones of h above v. Equal entries rank by index: each next rank moves on as it is taken.
-    """
-
-    #: Ranks are int32 up to this many elements (smaller tables and rank blocks: ~10% faster), else int64.
-    INT32_MAX_ELEMENTS = (1 << 31) - 1
-
-    def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_values: np.ndarray) -> None:
-        rank = np.int32 if counts.sum() <= self.INT32_MAX_ELEMENTS else np.int64
-        plain_next, self.mixed_values, self.mixed_starts, mixed_next = _rank_table(counts, mixed, np.sort(mixed_values))
-        self.plain_next, self.mixed_next = plain_next.astype(rank), mixed_next.astype(rank)
-
-    @property
-    def arrays(self) -> tuple:
-        """What ``rank_block`` reads (and moves on), in its order."""
-        return self.plain_next, self.mixed_values, self.mixed_starts, self.mixed_next
-
-
-class StreamingRanks(_MagnitudeHistogram):
-    """DELLA's magnitude ranks of k task vectors without full-size arrays: one pass builds each
-    model's ``RankTable``; the apply pass (``FusedChunks``) then ranks each chunk as it goes.
-
-    The table keeps every mixed entry (nonzero low 16 bits of |t|): few for small bfloat16 deltas
-    (~0.5% in the benchmark family), more for larger ones (2.7% at 5 times its delta scale, 10% at
-    20 times). Past ``mixed_fraction_limit`` of the elements the statistics are None and the engine
-    ranks whole tensors instead, which is as fast once about a fifth of the entries are mixed (the
-    apply pass then spends most of its time searching the mixed values) and needs no tables.
-    """
-
-    #: Mixed entries, as a fraction of the elements, past which ranking whole tensors is about as fast
-    #: (della at n_process 2 on bfloat16 families with 10% / 16% / 23% / 36% mixed entries ran 1.75x /
-    #: 1.3x / 1.0x / 0.75x as fast with these tables as with whole-tensor ranks).
-    MIXED_FRACTION_MAX = 1 / 5
-    #: A large tensor's tables stay within the caller's ``budget`` (the engine's ``EXCLUSIVE_BYTES``: so that
-    #: it need not run alone across workers), but may always take this fraction of its elements (a
-    #: 49M-element embedding of 3 models, 256 MB: 11.4%).
-    MIXED_FRACTION_MIN = 1 / 32
-    #: Bytes per mixed entry and model the tables may take: 4 per collected value, 12 per distinct one
-    #: (value, next rank) and the sort and unique temporaries while one model's table is built; 10.3 at
-    #: the peak measured (tracemalloc; a 24.6M-element embedding, 3 models, 16.5% of the entries mixed).
-    BYTES_PER_MIXED = 16
-
-    @classmethod
-    def mixed_fraction_limit(cls, k: int, numel: int, budget: int) -> float:
-        """The most mixed entries of k task vectors of ``numel`` elements, as a fraction of ``numel``,
-        where the tables may take ``budget`` bytes (more only up to ``MIXED_FRACTION_MIN``)."""
-        within_budget = budget / (cls.BYTES_PER_MIXED * k * max(numel, 1))
-        return min(cls.MIXED_FRACTION_MAX, max(cls.MIXED_FRACTION_MIN, within_budget))
-
-    @classmethod
-    def peak_bytes(cls, k: int, numel: int, budget: int) -> int:
-        """Most memory the tables of k task vectors of ``numel`` elements take (``budget``: as above)."""
-        return int(cls.BYTES_PER_MIXED * max(cls.mixed_fraction_limit(k, numel, budget), 0.0) * k * numel)
-
-    def __init__(self, k: int, numel: int, block: int, budget: int) -> None:
-        super().__init__(k, block)
-        self.limit = int(numel * self.mixed_fraction_limit(k, numel, budget))
-        self.collected: Optional[list[list[np.ndarray]]] = [[] for _ in range(k)]
-        self.n_mixed = np.zeros(k, np.int64)
-        self._buffer = np.empty((k, 0), np.uint32)
-        self._unused_high = np.zeros(k, np.uint32)
-
-    def wants(self, pass_index: int) -> bool:
-        return pass_index == 0 and self.collected is not None  # no more chunks once given up
-
-    def feed(self, pass_index: int, raws, base_raw) -> None:
-        """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        if self.collected is None:
-            return
-        if self._buffer.shape[1] < raws[0].size:
-            self._buffer = np.empty((len(self.counts), raws[0].size), np.uint32)
-        added = self._pass(raws, base_raw, False, self._unused_high, self.counts, self._buffer)
-        self.n_mixed += added
-        if self.n_mixed.max() > self.limit:
-            self.collected = None
-            return
-        for i, count in enumerate(added):
-            self.collected[i].append(self._buffer[i, :count].copy())
-
-    def end_pass(self, pass_index: int) -> None:
-        pass
-
-    def statistics(self) -> Optional[list[dict]]:
-        """Per model {"rank_table": RankTable}, or None where too many entries are mixed."""
-        if self.collected is None:
-            return None
-        return [{"rank_table": RankTable(self.counts[i], self.mixed[i], np.concatenate(chunks or [self._buffer[i, :0]]))}
-                for i, chunks in enumerate(self.collected)]
-
-
-@njit(**_JIT)
-def _slerp_sums(raws, base_raw, has_base, n, rows, base, sums):
+def _slerp_sums(raws, base_raw, has_base, n, buffers, sums):
     """Slerp's reduce pass over one chunk: sums += (|y0|², |y1|², y0·y1) of the two task vectors."""
+    rows, rows_bits, base, base_bits = buffers
     block = rows.shape[1]
+    nonfinite = np.zeros(3, np.int64)  # not reported: the apply pass counts them
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
-        if has_base:
-            _task_vector_row(base_raw, s, m, base, False, base)
-        for i in range(2):
-            _task_vector_row(raws[i], s, m, base, has_base, rows[i])
+        task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         y0, y1 = rows[0][:m], rows[1][:m]
         sums[0] += dot64_kernel(y0, y0)
         sums[1] += dot64_kernel(y1, y1)
@@ -415,13 +251,12 @@ class StreamingSlerpSums:
     """Slerp's whole-tensor norms and dot product from one pass over raw chunks of both inputs."""
 
     def __init__(self, block: int) -> None:
-        self.rows = np.empty((2, block), np.float32)
-        self.base = np.empty(block, np.float32)
+        self.buffers = TaskVectorBuffers.allocate(2, block)
         self.sums = np.zeros(3, np.float64)
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        _slerp_sums(*chunk_inputs(raws, base_raw), self.rows, self.base, self.sums)
+        _slerp_sums(*chunk_inputs(raws, base_raw), self.buffers, self.sums)
 
     def wants(self, pass_index: int) -> bool:
         return pass_index == 0
@@ -434,4 +269,6 @@ class StreamingSlerpSums:
         return {"sums": tuple(float(v) for v in self.sums)}
 
 
-configure_kernel_caches(globals(), [blocks.__file__])  # the kernels above inline blocks' (and take its JIT options)
+#: Modules whose compiled code the kernels here inline or call, for their cache stamps.
+KERNEL_DEPENDENCIES = (blocks,)
+configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])
