@@ -25,12 +25,12 @@ def check_types(values: dict[str, Any], source: str) -> None:
         problem = types.type_problem(name, value, FIELD_TYPES[name])
         if problem:
             raise ConfigError(f"{source}: {problem}")
-    for name in ("tensor_parameters",):
-        if isinstance(values.get(name), dict):
-            for option, setting in values[name].items():
-                if option in TENSOR_OPTIONS:
-                    check_setting(setting, setting_kind(option), f"{source}: tensor_parameters.{option}",
-                                  per_model=option.endswith("_list"))
+    tensor_parameters = values.get("tensor_parameters")
+    if isinstance(tensor_parameters, dict):
+        for option, setting in tensor_parameters.items():
+            if option in TENSOR_OPTIONS:
+                check_setting(setting, setting_kind(option), f"{source}: tensor_parameters.{option}",
+                              per_model=option.endswith("_list"))
 
 
 def setting_kind(option: str) -> str:
