@@ -18,6 +18,7 @@ setup(
         "test": ["pytest>=7", "psutil>=5", "import-linter>=2"],
         "paddle": ["paddlepaddle>=2.6"],
         "tokenizers": ["tokenizers>=0.13"],
+        "gguf": ["gguf>=0.19"],
     },
     entry_points={"console_scripts": ["llm-merge=llm_merge.cli.merge:main_entry", "llm-merge-lora=llm_merge.cli.lora:main_entry"]},
 )

@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 from llm_merge.backends import get_ops
 from llm_merge.config.options import MergeConfig
@@ -13,7 +14,13 @@ from llm_merge.config.validate import resolve
 from llm_merge.run.engine import MergerFactory
 from llm_merge.errors import ConfigError
 from llm_merge.io import pdparams, writer
+from llm_merge.io.gguf_output import import_gguf
+from llm_merge.io.gguf_output.layout import GGUFLayout, plan_gguf
+from llm_merge.io.gguf_output.publish import write_gguf_atomically
+from llm_merge.io.gguf_output.writer import GGUFWriterFactory
 from llm_merge.plan.build import build_plan
+from llm_merge.plan.layout import MergePlan
+from llm_merge.plan.reconcile import read_model_config
 from llm_merge.report.records import output_records
 from llm_merge.run import ranks
 from llm_merge.run.pool import run_tasks
@@ -37,6 +44,10 @@ def merge(cfg: MergeConfig) -> Path:
             raise ConfigError("--output_format pdparams: not supported in a multi-rank merge; merge to safetensors")
         pdparams.import_paddle("--output_format pdparams")  # fail now if Paddle is missing
         finalize = functools.partial(pdparams.safetensors_to_pdparams, prefix=cfg.merge_prefix)
+    if cfg.output_format == "gguf":
+        if dist is not None:
+            raise ConfigError("--output_format gguf: not supported in a multi-rank merge; merge to safetensors")
+        import_gguf()  # fail now if the extra is missing
     refuse = "pdparams inputs are not supported in a multi-rank merge; convert them to safetensors first" if dist is not None else None
     # pdparams inputs (only with --allow_pickle) become safetensors copies beside the output, removed at the end
     with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert:
@@ -47,6 +58,15 @@ def merge(cfg: MergeConfig) -> Path:
         factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
         if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
             return ranks.merge_distributed(cfg, plan, factory, dist, output, output_records(cfg, plan))
+        if cfg.output_format == "gguf":  # one .gguf file, converted tensor by tensor as it is merged
+            layout = gguf_layout(plan, cfg.gguf_type, f"{cfg.merge_prefix}.gguf", output.name)
+            make_writer = GGUFWriterFactory(layout)
+            write_gguf_atomically(
+                output, layout, overwrite=cfg.overwrite,
+                fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging, make_writer), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
+                records={name: value for name, value in output_records(cfg, plan).items() if name != "config.json"},
+            )
+            return _merged(plan, output, started)
         writer.write_model_atomically(
             output,
             plan,
@@ -58,8 +78,20 @@ def merge(cfg: MergeConfig) -> Path:
             finalize=finalize,
             tokenizer_files_from=plan.tokenizer_from,
         )
+    return _merged(plan, output, started)
+
+
+def _merged(plan: MergePlan, output: Path, started: float) -> Path:
     log.info(
         "merged %d tensors (%.2f GB) from %d model(s) into %s in %.1f s",
         len(plan.tasks), plan.total_size / 1e9, len(plan.models), output, time.perf_counter() - started,
     )
     return output
+
+
+def gguf_layout(plan: MergePlan, gguf_type: Optional[str], file_name: str, model_name: str) -> GGUFLayout:
+    """The .gguf file of a merge plan: the output's config.json and tokenizer files (``--tokenizer_source``'s)."""
+    source = plan.models[0].path
+    config = plan.config_json if plan.config_json is not None else read_model_config(source)
+    return plan_gguf(plan.shards, config, str(source / "config.json"), plan.tokenizer_from or source, gguf_type,
+                     file_name, model_name)

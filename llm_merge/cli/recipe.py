@@ -15,7 +15,7 @@ from llm_merge.errors import ConfigError
 
 
 #: the merge options recipe mode takes from its command line (the recipe gives the others)
-RECIPE_OPTIONS = ("n_process", "seed", "max_shard_size", "overwrite", "quiet", "model_card")
+RECIPE_OPTIONS = ("n_process", "seed", "max_shard_size", "overwrite", "quiet", "model_card", "output_format", "gguf_type")
 
 
 #: recipe mode's own defaults: a recipe's merge comes with its model card

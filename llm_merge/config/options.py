@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from llm_merge.config import types
 from llm_merge.config.names import DEFAULT_LAYER_PATTERN
+from llm_merge.io.gguf_output import GGUF_TYPES
 
 #: merge_method -> (sparsify_type, merge_type). A new combination is one line here.
 METHOD_TABLE: dict[str, tuple[str, str]] = {
@@ -142,7 +143,12 @@ class MergeConfig:
         "safetensors): they are Python pickles, which can execute code when loaded; only for trusted checkpoints",
     )
     output_format: str = _opt(
-        "safetensors", "output files: {prefix}.safetensors shards, or Paddle {model_state|master_weights}.pdparams shards", ("safetensors", "pdparams")
+        "safetensors", "output files: {prefix}.safetensors shards, Paddle {model_state|master_weights}.pdparams shards, or one "
+        "{prefix}.gguf file for llama.cpp (pip install 'llm_merge[gguf]')", ("safetensors", "pdparams", "gguf")
+    )
+    gguf_type: Optional[str] = _opt(
+        None, "--output_format gguf: type of the matrices (1-D tensors, norms and biases stay F32; default: the merged dtype)",
+        GGUF_TYPES,
     )
     on_missing_tensor: str = _opt(
         "error",

@@ -147,6 +147,8 @@ def _check_run_options(cfg: MergeConfig) -> None:
     parse_size(cfg.max_shard_size)
     if cfg.tokenizer_source == "base" and not cfg.base_model_path:
         raise ConfigError("--tokenizer_source base: needs --base_model_path")
+    if cfg.gguf_type is not None and cfg.output_format != "gguf":
+        raise ConfigError(f"--gguf_type {cfg.gguf_type}: needs --output_format gguf (output_format is {cfg.output_format})")
     compile_layer_pattern(cfg.layer_pattern)
 
 

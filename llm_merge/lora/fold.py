@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -23,7 +23,11 @@ from llm_merge.errors import MergeError
 from llm_merge.io import dtypes, writer
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
+from llm_merge.io.gguf_output.layout import plan_gguf
+from llm_merge.io.gguf_output.publish import write_gguf_atomically
+from llm_merge.io.gguf_output.writer import GGUFWriterFactory
 from llm_merge.io.shards import ShardWriter
+from llm_merge.plan.reconcile import read_model_config
 from llm_merge.run.pool import run_tasks
 from llm_merge.lora.adapter import AdapterTensor
 from llm_merge.lora.options import LoraMergeConfig, resolve_config
@@ -39,10 +43,10 @@ Source = Union[TensorInfo, AdapterTensor]
 class TensorFolder:
     """Writes fold tasks into the staged shards of ``output_dir``; one instance per worker."""
 
-    def __init__(self, output_dir: Path, chunk_elements: Optional[int] = None) -> None:
+    def __init__(self, output_dir: Path, chunk_elements: Optional[int] = None, make_writer: Optional[Callable[[Path], Any]] = None) -> None:
         self.chunk = chunk_elements or CHUNK_ELEMENTS
         self.reader = TensorReader()
-        self.writer = ShardWriter(output_dir)
+        self.writer = make_writer(output_dir) if make_writer is not None else ShardWriter(output_dir)  # e.g. GGUF
         self._scratch = np.empty(0, dtype=np.float32)
 
     def close(self) -> None:
@@ -141,6 +145,15 @@ def merge_lora(cfg: LoraMergeConfig) -> Path:
         plan.folded, adapter.path, adapter.format, adapter.r, adapter.lora_alpha, ", rslora" if adapter.rslora else "", plan.base.path,
     )
     started = time.perf_counter()
+    if cfg.output_format == "gguf":  # one .gguf file, converted tensor by tensor as it is folded
+        config = read_model_config(plan.base.path)
+        layout = plan_gguf(plan.shards, config, str(plan.base.path / "config.json"), plan.base.path, cfg.gguf_type,
+                           f"{cfg.merge_prefix}.gguf", output.name)
+        make_folder = functools.partial(TensorFolder, make_writer=GGUFWriterFactory(layout))
+        write_gguf_atomically(output, layout, overwrite=cfg.overwrite, records={"lora_merge_config.json": _record(plan, cfg)},
+                              fill=lambda staging: run_tasks(plan.tasks, functools.partial(make_folder, staging), cfg.n_process, cfg.quiet, "folding"))
+        log.info("wrote %d tensors to %s in %.1f s", len(layout.tensors), output / layout.file, time.perf_counter() - started)
+        return output
     writer.write_model_atomically(
         output,
         plan,

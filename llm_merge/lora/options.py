@@ -13,6 +13,7 @@ from llm_merge.config.options import _opt
 from llm_merge.config.validate import check_output_apart, parse_size
 from llm_merge.errors import ConfigError
 from llm_merge.io import dtypes, side_files
+from llm_merge.io.gguf_output import GGUF_TYPES, import_gguf
 from llm_merge.lora.adapter import PADDLE_CONFIG, PEFT_CONFIG
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,14 @@ class LoraMergeConfig:
     allow_pickle: bool = _opt(
         False, "load a PaddleNLP lora_model_state.pdparams (a pickle: it can execute code; only for trusted files)"
     )
+    output_format: str = _opt(
+        "safetensors", "output files: {prefix}.safetensors shards, or one {prefix}.gguf file for llama.cpp (pip install 'llm_merge[gguf]')",
+        ("safetensors", "gguf"),
+    )
+    gguf_type: Optional[str] = _opt(
+        None, "--output_format gguf: type of the matrices (1-D tensors, norms and biases stay F32; default: the output dtype)",
+        GGUF_TYPES,
+    )
     overwrite: bool = _opt(False, "replace a non-empty output_path")
     quiet: bool = _opt(False, "no progress bar or summary lines")
 
@@ -55,6 +64,7 @@ def resolve_config(cfg: LoraMergeConfig) -> LoraMergeConfig:
         raise ConfigError(f"--output_dtype: {cfg.output_dtype!r} is not one of {', '.join(dtypes.OUTPUT_DTYPES)}")
     if not isinstance(cfg.n_process, int) or isinstance(cfg.n_process, bool) or cfg.n_process < 1:
         raise ConfigError(f"--n_process: {cfg.n_process} must be an integer >= 1")
+    _check_gguf(cfg)
     parse_size(cfg.max_shard_size)
     base = cfg.model_name_or_path
     if not base:
@@ -77,6 +87,17 @@ def _base_from_adapter_config(adapter: Path) -> str:
                 f"--model_name_or_path: required ({path} names base model {named!r}, which is not a local directory)"
             )
     raise ConfigError("--model_name_or_path: required (the base model directory)")
+
+
+def _check_gguf(cfg: LoraMergeConfig) -> None:
+    if cfg.output_format not in ("safetensors", "gguf"):
+        raise ConfigError(f"--output_format: {cfg.output_format!r} is not one of safetensors, gguf")
+    if cfg.gguf_type is not None and cfg.gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"--gguf_type: {cfg.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if cfg.gguf_type is not None and cfg.output_format != "gguf":
+        raise ConfigError(f"--gguf_type {cfg.gguf_type}: needs --output_format gguf (output_format is {cfg.output_format})")
+    if cfg.output_format == "gguf":
+        import_gguf()
 
 
 def _check_output_path(cfg: LoraMergeConfig) -> None:

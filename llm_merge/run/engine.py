@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -46,10 +46,12 @@ class MergerFactory:
     #: Below this many input bytes, plain NumPy beats loading the compiled kernels.
     COMPILED_MIN_BYTES = 64 << 20
 
-    def __init__(self, cfg: MergeConfig, compiled: bool = True, output_dir: Optional[Path] = None) -> None:
+    def __init__(self, cfg: MergeConfig, compiled: bool = True, output_dir: Optional[Path] = None,
+                 make_writer: Optional[Callable[[Path], Any]] = None) -> None:
         self.cfg = cfg
         self.compiled = compiled
         self.output_dir = output_dir
+        self.make_writer = make_writer  # the output's writer in a worker (None: ShardWriter; e.g. GGUF)
         if compiled and cfg.tensor_type == "np":
             get_ops("np", compiled=True)  # import the kernels before workers fork
 
@@ -59,18 +61,20 @@ class MergerFactory:
         forced = os.environ.get("LLM_MERGE_NUMBA")
         return forced != "0" if forced in ("0", "1") else input_bytes >= cls.COMPILED_MIN_BYTES
 
-    def bind(self, output_dir: Path) -> "MergerFactory":
-        return MergerFactory(self.cfg, self.compiled, output_dir)
+    def bind(self, output_dir: Path, make_writer: Optional[Callable[[Path], Any]] = None) -> "MergerFactory":
+        return MergerFactory(self.cfg, self.compiled, output_dir, make_writer)
 
     def __call__(self) -> "TensorMerger":
         ops = get_ops(self.cfg.tensor_type, self.cfg.device, compiled=self.compiled)
-        return TensorMerger(self.cfg, ops, self.output_dir, compiled=self.compiled)
+        writer = self.make_writer(self.output_dir) if self.make_writer is not None else None
+        return TensorMerger(self.cfg, ops, self.output_dir, compiled=self.compiled, writer=writer)
 
 
 class TensorMerger:
     """Merges tasks of one plan; one instance per worker process."""
 
-    def __init__(self, cfg: MergeConfig, ops: Any, output_dir: Path, chunk_elements: int = CHUNK_ELEMENTS, compiled: bool = True) -> None:
+    def __init__(self, cfg: MergeConfig, ops: Any, output_dir: Path, chunk_elements: int = CHUNK_ELEMENTS, compiled: bool = True,
+                 writer: Any = None) -> None:
         self.cfg = cfg
         self.ops = ops
         self.host = ops if isinstance(ops, NumpyOps) else NumpyOps(compiled)
@@ -82,7 +86,7 @@ class TensorMerger:
         self.prepare_fn = self._compiled_twin("prepare", self.sparsifier) or self.sparsifier.prepare
         self.options = self._all_options = dataclasses.asdict(cfg)
         self.reader = TensorReader()
-        self.writer = ShardWriter(output_dir)
+        self.writer = writer if writer is not None else ShardWriter(output_dir)  # write(file, offset, data), directory, close()
         self._buffers: dict[str, np.ndarray] = {}
         self._nonfinite: list[int] = []  # NaN/Inf values read, per input (the base last)
         self._out_nonfinite = 0  # NaN/Inf values written
