@@ -117,6 +117,27 @@ def test_workers_write_the_same_bytes(family, tmp_path):
     assert (tmp_path / "n1" / "gg" / "model.gguf").read_bytes() == (tmp_path / "n2" / "gg" / "model.gguf").read_bytes()
 
 
+def test_chunks_of_any_size_give_the_same_file(family, tmp_path, monkeypatch):
+    """Writes split at arbitrary elements (mid-row, mid-head) and small conversion blocks change no byte."""
+    from llm_merge.io.gguf_output import writer
+
+    args = ("--output_format", "gguf", "--gguf_type", "q4_1")
+    assert main(merge_args(family, tmp_path / "a" / "gg", *args)) == 0
+    whole = writer.GGUFTensorWriter.write
+    rng = np.random.default_rng(0)
+
+    def split(self, file, offset, data):
+        raw = np.ascontiguousarray(data).reshape(-1)
+        cuts = np.sort(rng.choice(np.arange(1, raw.size), size=min(5, raw.size - 1), replace=False)) if raw.size > 1 else []
+        for piece, start in zip(np.split(raw, cuts), [0, *cuts]):
+            whole(self, file, offset + int(start) * raw.itemsize, piece)
+
+    monkeypatch.setattr(writer.GGUFTensorWriter, "write", split)
+    monkeypatch.setattr(writer, "BLOCK_ELEMENTS", 100)
+    assert main(merge_args(family, tmp_path / "b" / "gg", *args)) == 0
+    assert (tmp_path / "a" / "gg" / "model.gguf").read_bytes() == (tmp_path / "b" / "gg" / "model.gguf").read_bytes()
+
+
 def fields(path: Path) -> dict:
     reader = gguf.GGUFReader(path)
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
@@ -187,14 +208,17 @@ def test_llama3_rope_scaling_becomes_rope_freqs(family, tmp_path):
     assert fields(tmp_path / "gg" / "model.gguf")["llama.rope.freq_base"] == 500000.0
 
 
-def write_qwen2(directory: Path, seed: int) -> dict:
-    """A tiny Qwen2 checkpoint (float32, q/k/v biases) with the test tokenizer."""
+def write_qwen(directory: Path, seed: int, architecture: str = "Qwen2ForCausalLM") -> dict:
+    """A tiny Qwen2 (float32, q/k/v biases) or Qwen3 (q/k norms) checkpoint with the test tokenizer."""
     rng = np.random.default_rng(seed)
     tensors = {"model.embed_tokens.weight": rng.normal(size=(300, 32)), "model.norm.weight": rng.normal(size=32),
                "lm_head.weight": rng.normal(size=(300, 32))}
     for part, rows in (("q", 32), ("k", 16), ("v", 16)):
         tensors[f"model.layers.0.self_attn.{part}_proj.weight"] = rng.normal(size=(rows, 32))
-        tensors[f"model.layers.0.self_attn.{part}_proj.bias"] = rng.normal(size=rows)
+        if architecture == "Qwen2ForCausalLM":
+            tensors[f"model.layers.0.self_attn.{part}_proj.bias"] = rng.normal(size=rows)
+        elif part != "v":
+            tensors[f"model.layers.0.self_attn.{part}_norm.weight"] = rng.normal(size=8)
     tensors.update({"model.layers.0.self_attn.o_proj.weight": rng.normal(size=(32, 32)),
                     "model.layers.0.mlp.gate_proj.weight": rng.normal(size=(64, 32)),
                     "model.layers.0.mlp.up_proj.weight": rng.normal(size=(64, 32)),
@@ -205,7 +229,7 @@ def write_qwen2(directory: Path, seed: int) -> dict:
     directory.mkdir()
     write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
     (directory / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "architectures": [architecture], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0, "max_position_embeddings": 512}))
     write_bpe_tokenizer(directory, ADDED)
@@ -213,8 +237,8 @@ def write_qwen2(directory: Path, seed: int) -> dict:
 
 
 def test_qwen2_keeps_q_k_order_and_biases_in_f32(tmp_path):
-    write_qwen2(tmp_path / "a", 0)
-    write_qwen2(tmp_path / "b", 1)
+    write_qwen(tmp_path / "a", 0)
+    write_qwen(tmp_path / "b", 1)
     args = ["--model_path_list", str(tmp_path / "a"), str(tmp_path / "b"), "--quiet"]
     assert main(args + ["--output_path", str(tmp_path / "st")]) == 0
     assert main(args + ["--output_path", str(tmp_path / "gg"), "--output_format", "gguf", "--gguf_type", "f16"]) == 0
@@ -228,6 +252,16 @@ def test_qwen2_keeps_q_k_order_and_biases_in_f32(tmp_path):
         assert np.asarray(bias.data).tobytes() == merged[f"model.layers.0.self_attn.{part}_proj.bias"].tobytes()
         weight = found[f"blk.0.attn_{part}.weight"]  # not permuted
         assert np.asarray(weight.data).tobytes() == converted(merged[f"model.layers.0.self_attn.{part}_proj.weight"], "F16")
+
+
+def test_qwen3_q_k_norms(tmp_path):
+    write_qwen(tmp_path / "a", 0, "Qwen3ForCausalLM")
+    assert main(["--model_path_list", str(tmp_path / "a"), str(tmp_path / "a"), "--output_path", str(tmp_path / "gg"),
+                 "--quiet", "--output_format", "gguf"]) == 0
+    found = {t.name: t for t in gguf.GGUFReader(tmp_path / "gg" / "model.gguf").tensors}
+    assert fields(tmp_path / "gg" / "model.gguf")["general.architecture"] == "qwen3"
+    assert found["blk.0.attn_q_norm.weight"].tensor_type.name == found["blk.0.attn_k_norm.weight"].tensor_type.name == "F32"
+    assert found["blk.0.attn_q.weight"].tensor_type.name == "F32"  # the merged dtype
 
 
 def test_lora_fold_and_recipe_write_gguf(family, tmp_path):
