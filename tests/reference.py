@@ -119,10 +119,11 @@ def magprune_keep_probs(t, p, epsilon):
     """Per-entry keep probability keep_r (float64, same shape as t)."""
     a = np.abs(np.asarray(t, dtype=np.float32)).reshape(-1)
     n = a.size
-    order = np.argsort(-a, kind="stable")  # rank 0 = largest, ties -> lower index first
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    q = (1.0 - p) - epsilon / 2.0 + epsilon * rank.astype(np.float64) / n
+    ascending = np.sort(a)
+    above = np.searchsorted(ascending, a, side="right")  # entries <= each one
+    equal = above - np.searchsorted(ascending, a, side="left")
+    rank = (n - above) + (equal - 1) / 2.0  # midrank: rank 0 = largest, equal |t| share the mean rank
+    q = (1.0 - p) - epsilon / 2.0 + epsilon * rank / n
     return (1.0 - q).reshape(np.shape(t))
 
 

@@ -119,15 +119,15 @@ def test_rng_streams_are_chunk_independent(pd):
     assert np.array_equal(whole, np.concatenate(parts))
 
 
-def test_descending_ranks_and_kth_largest_match_numpy(pd):
+def test_midranks_and_kth_largest_match_numpy(pd):
     rng = np.random.default_rng(3)
     x = np.abs(rng.standard_normal(50_001).astype(np.float32))
     x[::5] = 0.0
-    x[3::17] = x[4]  # ties broken by index
+    x[3::17] = x[4]  # ties share their mean rank
     x[11::101] = np.float32(np.inf)
-    x[13] = np.nan  # NumPy sorts NaN's bit pattern above +inf
-    ranks = pd.descending_ranks(pd.from_numpy(x))
-    assert np.array_equal(pd.to_numpy(ranks).astype(np.int64), NP.descending_ranks(x).astype(np.int64))
+    x[13] = np.nan  # NaN's bit pattern ranks above +inf
+    ranks = pd.doubled_midranks(pd.from_numpy(x))
+    assert np.array_equal(pd.to_numpy(ranks).astype(np.int64), NP.doubled_midranks(x).astype(np.int64))
     finite = x[np.isfinite(x)]
     for k in (1, 2, 7, 1000, finite.size // 2, finite.size - 1, finite.size):
         assert pd.kth_largest(pd.from_numpy(finite), k) == NP.kth_largest(finite, k), k

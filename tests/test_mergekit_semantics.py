@@ -135,3 +135,19 @@ def test_config_json_names_the_output_dtype(tmp_path):
                       merge_method="ties", semantics="mergekit", output_dtype="bfloat16"))
     config = json.loads((out / "config.json").read_text())
     assert (config["torch_dtype"], config["dtype"], config["model_type"]) == ("bfloat16", "bfloat16", "llama")
+
+
+def test_della_keeps_tied_columns_at_one_rate(tmp_path):
+    """A row whose |t| all tie: every entry has midrank (cols - 1) / 2, so every column keeps at density
+    (ranks by index would keep the first column at density - eps and the last at density + eps)."""
+    rows, cols = 2000, 32
+    signs = np.where(np.random.default_rng(5).random((rows, cols)) < 0.5, 1.0, -1.0)
+    base = {"model.layers.0.w": np.zeros((rows, cols), np.float32)}
+    delta = {"model.layers.0.w": (0.25 * signs).astype(np.float32)}
+    dirs = [write_checkpoint(tmp_path / "b", base, extra_files=False), write_checkpoint(tmp_path / "m", delta, extra_files=False)]
+    out = tmp_path / "o"
+    merge(MergeConfig(model_path_list=[str(dirs[1])], base_model_path=str(dirs[0]), output_path=str(out), quiet=True,
+                      merge_method="della_linear", semantics="mergekit", reserve_p=0.5, epsilon=0.4, rescale=False))
+    rate = (read_checkpoint(out)["model.layers.0.w"] != 0).mean(axis=0)
+    noise = 4 * np.sqrt(0.25 / rows)
+    assert np.abs(rate - 0.5).max() < noise and abs(rate[0] - rate[-1]) < 2 * noise

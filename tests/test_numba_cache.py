@@ -74,8 +74,7 @@ def test_a_changed_dependency_recompiles_and_an_unchanged_one_loads_the_cache(tm
 
 
 #: The modules of llm_merge.kernels that define compiled kernels.
-KERNEL_MODULES = ("blocks", "method_blocks", "fused", "twins", "streaming", "streamed_ranks", "ranks", "rank_runs",
-                  "rank_parts")
+KERNEL_MODULES = ("blocks", "method_blocks", "fused", "twins", "streaming", "ranks")
 
 
 def _imported_from(module) -> dict:

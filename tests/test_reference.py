@@ -102,8 +102,8 @@ def test_trim_all_zero_factor_one():
 # --------------------------------------------------------------------------- magprune
 def test_magprune_keep_probs_ranks_and_ties():
     t = np.array([[0.5, -0.2, 0.2], [0.1, 0.0, -0.9]], dtype=np.float32)
-    # ranks by |t| desc, ties -> lower flat index first: 0.9(5)=0, 0.5(0)=1, 0.2(1)=2, 0.2(2)=3, 0.1(3)=4, 0(4)=5
-    ranks = np.array([1, 2, 3, 4, 5, 0])
+    # midranks by |t| desc, ties share the mean: 0.9(5)=0, 0.5(0)=1, 0.2(1)=0.2(2)=2.5, 0.1(3)=4, 0(4)=5
+    ranks = np.array([1, 2.5, 2.5, 4, 5, 0])
     q = (1 - 0.7) - 0.14 / 2 + 0.14 * ranks / 6
     exp = (1 - q).reshape(2, 3)
     np.testing.assert_array_equal(R.magprune_keep_probs(t, 0.7, 0.14), exp)

@@ -89,8 +89,43 @@ def test_draw_key_depends_on_seed_tensor_and_model():
     assert len(keys) == 8
 
 
-def test_magnitude_ranks_break_ties_by_index():
-    np.testing.assert_array_equal(OPS.descending_ranks(np.abs(T)), [3, 0, 1, 2, 4])
+def test_magnitude_midranks_share_ties():
+    """|T| = 0.1, 0.5, 0.3, 0.3, 0.05: ranks 3, 0, 1.5, 1.5, 4 (the two 0.3 span ranks 1 and 2), doubled."""
+    np.testing.assert_array_equal(OPS.doubled_midranks(np.abs(T)), [6, 0, 3, 3, 8])
+    np.testing.assert_array_equal(NumpyOps(compiled=False).doubled_midranks(T), [6, 0, 3, 3, 8])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_magprune_keeps_tied_rows_at_one_rate(compiled):
+    """All |t| equal (bf16 deltas tie massively): the first and the last rows keep entries at the same rate,
+    p on average, where ranks by index would keep the first rows at p + eps/2 and the last at p - eps/2."""
+    ops = NumpyOps(compiled=compiled)
+    rows, cols, p, eps = 64, 256, 0.5, 0.4
+    t = np.where(np.random.default_rng(3).random((rows, cols)) < 0.5, 0.01, -0.01).astype(np.float32).ravel()
+    prepared = methods.get("sparsify", "magprune").prepare(t, ops=ops)
+    magprune = ops.kernel("sparsify", "magprune") or methods.get("sparsify", "magprune").fn
+    kept = np.zeros(rows * cols)
+    draws = 200
+    for seed in range(draws):
+        out = magprune(t, **prepared, numel=t.size, reserve_p=p, epsilon=eps, rescale=False, rng=CounterRNG(seed, 0),
+                       ops=ops)
+        kept += out != 0
+    by_row = kept.reshape(rows, cols).mean(axis=1) / draws
+    first, last = by_row[:8].mean(), by_row[-8:].mean()  # 8 x 256 x 200 draws each: sd ~0.0025
+    assert abs(first - last) < 0.015 and abs(first - p) < 0.015 and abs(last - p) < 0.015, (first, last)
+
+
+def test_magprune_expected_kept_count_is_unchanged_by_midranks():
+    """Midranks sum like 0..n-1, so the keep probabilities sum to n p + eps / 2, as with any order of ties."""
+    t = np.round(np.random.default_rng(4).normal(size=10_001), 1).astype(np.float32)  # heavy ties
+    t[t == 0] = 0.1  # a kept entry shows as nonzero
+    n, p, eps = t.size, 0.4, 0.3
+    ranks = OPS.doubled_midranks(np.abs(t)).astype(np.float64) * 0.5
+    keep = (p + eps / 2) - ranks * (eps / n)
+    assert keep.sum() == pytest.approx(n * p + eps / 2, rel=1e-12)
+    kept = np.mean([np.count_nonzero(sparsify("magprune", t, key=seed, reserve_p=p, epsilon=eps, rescale=False))
+                    for seed in range(40)])
+    assert kept == pytest.approx(n * p + eps / 2, abs=4 * np.sqrt(n * p * (1 - p) / 40))
 
 
 def test_magprune_epsilon_zero_is_dare_like():

@@ -30,8 +30,6 @@ def _load_kernels(compiled: bool):
     numba_kernels.initialize()
     return numba_kernels
 
-#: Largest tensor whose ranks are computed with one packed 64-bit sort key.
-_PACKED_RANK_LIMIT = 1 << 32
 
 #: Raw lanes of the compiled kernels for 16-bit floats, read and written as stored: bfloat16 bits as
 #: uint16, float16 bits as int16 (numba has no float16; ``kernels.blocks.is_half_lane``). Other floats
@@ -98,26 +96,18 @@ class NumpyOps:
             return self._kernels.kth_largest(x, k)
         return float(np.partition(x.ravel(), x.size - k)[x.size - k])
 
-    def descending_ranks(self, x: np.ndarray) -> np.ndarray:
-        """Rank of each value of a non-negative float32 vector, 0 the largest, ties by lower index."""
-        flat = x.ravel()
-        n = flat.size
-        if self._kernels and n < _PACKED_RANK_LIMIT:
-            return self._kernels.descending_ranks(flat)
-        if n >= _PACKED_RANK_LIMIT:
-            order = np.argsort(-flat, kind="stable")
-        else:
-            # Non-negative float32 bit patterns sort like the values; invert them for descending
-            # order and pack the index in the low 32 bits, so one plain sort breaks ties by index.
-            keys = (~flat.view(np.uint32)).astype(np.uint64)
-            keys <<= np.uint64(32)
-            keys |= np.arange(n, dtype=np.uint64)
-            keys.sort()
-            order = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-            del keys
-        ranks = np.empty(n, dtype=np.uint32 if n < _PACKED_RANK_LIMIT else np.int64)
-        ranks[order] = np.arange(n, dtype=ranks.dtype)
-        return ranks
+    def doubled_midranks(self, x: np.ndarray) -> np.ndarray:
+        """Doubled midrank of each |x| (sign ignored), 0 the largest: 2 #{larger} + #{equal} - 1; uint32 up
+        to 2^31 elements, else int64. Magnitudes compare as their float32 bit patterns (NaN the largest)."""
+        flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
+        if self._kernels:
+            return self._kernels.doubled_midranks(flat)
+        keys = flat.view(np.uint32) & np.uint32(0x7FFFFFFF)
+        distinct, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        del keys, distinct
+        larger = flat.size - np.cumsum(counts)  # distinct keys ascending: entries above each
+        doubled = 2 * larger + counts - 1
+        return doubled[inverse.ravel()].astype(np.uint32 if flat.size <= 1 << 31 else np.int64)
 
     def streaming_peak_bytes(self, kernel: str, *, k: int, numel: int, budget: int) -> int:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables,

@@ -27,8 +27,6 @@ from llm_merge.errors import MergeError
 from llm_merge.kernels.counter_rng import GAMMA, MIX1, MIX2, UNIT, keep_threshold
 
 DEVICES = ("cpu", "gpu", "low_gpu_mem")
-#: Largest tensor whose ranks are computed with one packed 64-bit sort key (as in NumpyOps).
-_PACKED_RANK_LIMIT = 1 << 32
 _INSTALL_HINT = (
     "install a CUDA build of PaddlePaddle (pip install paddlepaddle-gpu, matching your CUDA version; "
     "see https://www.paddlepaddle.org.cn/install/quick) or use --device cpu"
@@ -224,34 +222,24 @@ class PaddleOps:
         value, _ = paddle.kthvalue(flat, n - k + 1)
         return float(value.item())
 
-    def descending_ranks(self, x):
-        """Rank of each value of a non-negative float32 vector, 0 the largest, ties by lower index.
+    def doubled_midranks(self, x):
+        """Doubled midrank of each |x|, 0 the largest: 2 #{larger} + #{equal} - 1 (as ``NumpyOps``).
 
-        On the device the ranks are an int32 (int64 from 2^31 elements) tensor; NumPy input gives
-        NumpyOps' ranks. The order is NumpyOps' exactly, NaN included (sorted as the largest).
+        On the device an int32 tensor (int64 from 2^30 elements); NumPy input gives NumpyOps' ranks.
+        Magnitudes compare as their float32 bit patterns, NaN included (the largest), as in NumpyOps.
         """
         if not _is_tensor(x):
-            return self._host.descending_ranks(x)
+            return self._host.doubled_midranks(x)
         flat = x.flatten()
         n = flat.shape[0]
-        index = paddle.arange(n, dtype="int64")
-        if n >= _PACKED_RANK_LIMIT:
-            order = paddle.argsort(-flat, stable=True)
-        else:
-            # Bit patterns of non-negative float32 (NaN included) sort like the values and are
-            # < 2^31; (2^31 - 1 - bits) << 32 | index is a non-negative int64 whose ascending
-            # order is the descending order of the values, ties by lower index (as NumpyOps).
-            bits = paddle.view(flat, "int32").astype("int64")
-            keys = paddle.subtract(self._const(0x7FFFFFFF, "int64"), bits)
-            del bits
-            keys = paddle.bitwise_left_shift(keys, self._const(32, "int64"))
-            keys = paddle.bitwise_or(keys, index)
-            keys = paddle.sort(keys)
-            order = paddle.bitwise_and(keys, self._const(0xFFFFFFFF, "int64"))
-            del keys
-        rank_dtype = "int32" if n < 1 << 31 else "int64"
-        ranks = paddle.zeros([n], dtype=rank_dtype)
-        return paddle.scatter(ranks, order, index.astype(rank_dtype), overwrite=True)
+        keys = paddle.bitwise_and(paddle.view(flat.astype("float32"), "int32"), self._const(0x7FFFFFFF, "int32"))
+        ascending = paddle.sort(keys)
+        # 2 #{larger} + #{equal} - 1 = 2n - #{at most} - #{less} - 1
+        at_most = paddle.searchsorted(ascending, keys, right=True)
+        less = paddle.searchsorted(ascending, keys, right=False)
+        del ascending, keys
+        doubled = paddle.subtract(self._const(2 * n - 1, "int64"), paddle.add(at_most, less))
+        return doubled.astype("int32" if n < 1 << 30 else "int64")
 
     # -- random draws -----------------------------------------------------------------
     def rng(self, key: int, offset: int) -> "PaddleCounterRNG":

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llm_merge.kernels import blocks, counter_rng, method_blocks, streamed_ranks
+from llm_merge.kernels import blocks, counter_rng, method_blocks, ranks
 from llm_merge.kernels.blocks import (  # noqa: F401 (count_nonfinite_kernel re-exported)
     JIT_OPTIONS,
     TaskVectorBuffers,
@@ -35,8 +35,8 @@ from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-e
     sparsify_constants,
     sparsify_rows,
 )
-from llm_merge.kernels.ranks import magnitude_ranks_fast  # noqa: F401 (re-exported)
-from llm_merge.kernels.streamed_ranks import RankTable, StreamingRanks, rank_block  # noqa: F401 (re-exported)
+from llm_merge.kernels.ranks import RankTable, magnitude_midranks, rank_block  # noqa: F401 (re-exported)
+from llm_merge.kernels.streamed_ranks import StreamingRanks  # noqa: F401 (re-exported)
 from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
     StreamingSlerpSums,
     StreamingTrim,
@@ -48,7 +48,7 @@ from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
 from llm_merge.kernels.twins import (  # noqa: F401 (re-exported)
     KERNELS,
     dare,
-    descending_ranks,
+    doubled_midranks,
     kth_largest,
     linear,
     magnitude_ranks,
@@ -74,14 +74,14 @@ class BlockBuffers(NamedTuple):
 
 
 class MagnitudeRanks(NamedTuple):
-    """Where magprune's ranks come from: this chunk's slice of whole-tensor ranks, or rank tables."""
+    """Where magprune's doubled midranks come from: this chunk's slice of whole-tensor ranks, or rank tables."""
 
     chunk: tuple  # per model: its ranks of this chunk's elements (uint32; empty when tables are used)
-    tables: tuple  # (plain_next, mixed_values, mixed_starts, mixed_next), a tuple per model each; empty arrays: none
+    tables: tuple  # per model: its ``RankTable.arrays``; one model's of empty arrays: none
 
 
 #: ``MagnitudeRanks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
-_NO_TABLES = tuple((np.zeros(0, dtype),) for dtype in (np.int32, np.uint32, np.int64, np.int32))
+_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.int64, np.uint32, np.int64, np.int64)),)
 
 
 @njit(**JIT_OPTIONS)
@@ -91,7 +91,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
     ``sparsifier`` and ``merger``: the methods' constants (``SparsifyConstants``, ``MergeConstants``);
     element 0 of the chunk is element ``offset`` of the tensor. Works in blocks of
     ``buffers.task_vectors.rows.shape[1]`` elements. Magnitude ranks come from ``ranks.chunk`` or, when
-    ``ranks.tables`` holds rank tables, are counted block by block from them. ``nonfinite`` counts
+    ``ranks.tables`` holds rank tables, are looked up block by block in them. ``nonfinite`` counts
     NaN/Inf values: of each model's input, of the base's (index k) and of the output (index k + 1).
     """
     rows, rows_bits, base, base_bits = buffers.task_vectors  # once per chunk: see task_vector_block
@@ -107,7 +107,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
         task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         if streamed_ranks:
             for i in range(k):
-                rank_block(rows_bits[i], m, tables, i, block_ranks[i])
+                rank_block(rows_bits[i], m, tables[i], block_ranks[i])
             sparsify_rows(rows, m, sparsifier, offset + s, block_ranks, 0)
         else:
             sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s)
@@ -132,10 +132,10 @@ class FusedChunks:
         self.sparsifier = sparsify_constants(sparsify_type, keys, options, numel, stats)
         self.merger = merge_constants(merge_type, options["weight_list"], options["normalize"],
                                       options["ties_elect_type"], coefficients)
-        self.ranks = [s.get("ranks") for s in stats]
+        self.ranks = [s.get("doubled_midranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)
-        self.tables = tuple(zip(*(t.arrays for t in tables))) if streamed else _NO_TABLES
+        self.tables = tuple(t.arrays for t in tables) if streamed else _NO_TABLES
         self._no_ranks = np.zeros(0, np.uint32)
         self._buffers = BlockBuffers.allocate(len(keys), self.BLOCK)
 
@@ -201,5 +201,5 @@ def initialize() -> None:
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.
-KERNEL_DEPENDENCIES = (blocks, counter_rng, method_blocks, streamed_ranks)
+KERNEL_DEPENDENCIES = (blocks, counter_rng, method_blocks, ranks)
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

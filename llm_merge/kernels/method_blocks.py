@@ -42,7 +42,7 @@ class SparsifyConstants(NamedTuple):
     trim_threshold: np.ndarray  # float32 per model: trim keeps |t| >= this
     trim_scale: np.ndarray  # float32 per model: trim's L1 scale of kept entries
     top: float  # magprune's keep probability of rank 0
-    step: float  # magprune's keep probability lost per rank
+    step: float  # magprune's keep probability lost per rank (ranks are midranks: halves too)
 
 
 class MergeConstants(NamedTuple):
@@ -122,13 +122,14 @@ def trim_block(source, target, count, threshold, scale):
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def magprune_block(source, target, count, ranks, key, offset, top, step, rescale):
-    """Magprune: keep entry j (of magnitude rank ``ranks[j]``) with probability top - rank * step, by draw
-    ``offset + j``; kept entries are divided by that probability when rescale, the others are 0."""
+def magprune_block(source, target, count, doubled_midranks, key, offset, top, step, rescale):
+    """Magprune: keep entry j, of magnitude midrank r = ``doubled_midranks[j]`` / 2, with probability
+    top - r * step, by draw ``offset + j``; kept entries are divided by that probability when rescale,
+    the others are 0."""
     zero = np.float32(0.0)
     z = _draw_state(key, offset)
     for j in range(count):
-        keep_prob = top - np.float64(ranks[j]) * step
+        keep_prob = top - np.float64(doubled_midranks[j]) * 0.5 * step
         kept = _mix53(z) < np.uint64(math.floor(keep_prob * UNIT))
         z += np.uint64(GAMMA)
         target[j] = (source[j] / np.float32(keep_prob) if rescale else source[j]) if kept else zero

@@ -1,33 +1,15 @@
-"""Exact magnitude ranks of a float32 vector: fast, in bounded memory.
+"""DELLA's magnitude midranks from counts per distinct magnitude (numba).
 
-``magnitude_ranks_fast(t)`` gives each element its position in the stable descending
-order of ``t.view(uint32) & 0x7FFFFFFF`` (0 the largest magnitude, ties by lower index,
-NaN patterns just large integers), as a stable sort of those keys would.
+Rank 0 is the largest |t|; entries of equal |t| share the mean of the ranks they span, so an
+entry's rank depends on its magnitude alone: r = #{larger} + (#{equal} - 1) / 2. Ranks are kept
+doubled, 2r = 2 #{larger} + #{equal} - 1, an integer.
 
-Key = the 31 magnitude bits, bucket = its top 15 bits, low = its low 16 bits.
-
-1. One pass counts the 32768 buckets; a bucket's first rank is the count of all larger
-   buckets. Big buckets (at least ``RANK_DIRECT_MIN`` entries) whose lows are few in a
-   strided sample are *direct* when together they hold half the entries (bf16-derived
-   deltas): each gets a row of 65536 counters, one per low. The other buckets are cut
-   into a few dozen *parts* of adjacent buckets.
-2. One pass over ``t`` counts each direct entry in its (bucket, low) counter and copies
-   each other key to its part's next slot of a 4 bytes/entry buffer (index order).
-3. Each part is ranked in place, in cache (a part larger than ``RANK_GROUP_MAX`` is first
-   scattered into groups of adjacent buckets): few distinct lows -> count (bucket, low)
-   pairs; one big bucket -> count its 65536 lows; else a stable LSD radix sort of the
-   words ``(0xFFFF - low) << 16 | position`` and a counting pass over the buckets.
-   Direct counters become first ranks (prefix sums).
-4. One pass over ``t`` replays step 2: ``ranks[j]`` = the next rank of j's (bucket, low)
-   counter, or the rank left in j's buffer slot.
-
-Steps 1, 2 and 4 are in ``kernels.rank_runs``, step 3 in ``kernels.rank_parts``.
-
-Keys enter the buffer in index order and every pass is stable, so ties keep index order.
-At most ``RANK_SUPER_MAX`` keys are buffered and ``RANK_DIRECT_MAX`` rows are used at once:
-a bigger tensor is done in several runs of adjacent buckets (steps 2-4 per run). Vectors
-of at most ``RANK_SMALL_MAX`` entries take a plain LSD radix sort. Counter updates are
-unrolled with an equality correction, so runs of one key do not serialize on one counter.
+Key = the 31 magnitude bits of a float32 (NaN patterns are just large keys); bucket = its top 15
+bits, low = its low 16 bits. A *plain* entry has low bits 0 (bfloat16 and float16 deltas mostly
+do), so its bucket alone gives its key; the other, *mixed*, keys are collected and sorted. A
+``RankTable`` holds the doubled rank of each bucket's plain key and of each distinct mixed key;
+``rank_block`` looks them up (no state, any order). ``magnitude_midranks`` ranks a whole vector
+this way; ``kernels.streamed_ranks`` builds the tables chunk by chunk instead.
 """
 
 from __future__ import annotations
@@ -35,98 +17,133 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_merge.kernels import blocks, rank_parts
 from llm_merge.kernels.blocks import JIT_OPTIONS
 from llm_merge.kernels.cache import configure_kernel_caches
-from llm_merge.kernels.rank_parts import LOWS, MAGNITUDE, RankLimits
-from llm_merge.kernels.rank_runs import plan_runs, rank_run
 
-#: Vectors of at most this many entries are ranked by a plain LSD radix sort (16 bytes/entry of scratch).
-RANK_SMALL_MAX = 1 << 16
-#: Most non-direct entries buffered at once (4 bytes each: 128 MB); more take several runs.
-RANK_SUPER_MAX = 1 << 25
-#: A bucket of at least this many entries is ranked through a table of its 65536 low values.
-RANK_DIRECT_MIN = 1 << 16
-#: Most direct tables at once (256 KB each).
-RANK_DIRECT_MAX = 128
-#: Entries sampled to tell the buckets with few distinct lows (the direct ones).
-RANK_SAMPLES = 1 << 16
-#: A group with at most this many distinct lows is ranked by counting (bucket, low) pairs.
-RANK_FEW_MAX = 1024
-#: A buffered bucket of at least this many entries is ranked by counting its 65536 lows.
-RANK_COUNT_MIN = 1 << 15
-#: Target number of parts of the buffer (write streams of the main scatter).
-RANK_FANOUT = 32
-#: Most entries of a radix-sorted group (at most 65536: positions are packed in 16 bits).
-RANK_GROUP_MAX = 1 << 16
+#: Buckets of the 31-bit magnitude key by its top 15 bits.
+BUCKETS = 1 << 15
+_MAGNITUDE = np.uint32(0x7FFFFFFF)
+_LOW = np.uint32(0xFFFF)
 
 
 @njit(**JIT_OPTIONS)
-def _small_ranks(bits, ranks):
-    """Ranks of a small vector: a stable LSD radix sort (3 passes of 11 bits) of ``0x7FFFFFFF - key``
-    with the indices, the last pass handing out ranks."""
-    n = bits.size
-    counts = np.zeros((3, 2048), np.int64)
-    for j in range(n):
-        key = MAGNITUDE - (np.int64(bits[j]) & MAGNITUDE)
-        counts[0, key & 2047] += 1
-        counts[1, (key >> 11) & 2047] += 1
-        counts[2, key >> 22] += 1
-    for p in range(3):
-        total = 0
-        for b in range(2048):
-            c = counts[p, b]
-            counts[p, b] = total
-            total += c
-    keys_a = np.empty(n, np.uint32)
-    index_a = np.empty(n, np.uint32)
-    for j in range(n):
-        key = MAGNITUDE - (np.int64(bits[j]) & MAGNITUDE)
-        q = counts[0, key & 2047]
-        counts[0, key & 2047] = q + 1
-        keys_a[q] = key
-        index_a[q] = j
-    keys_b = np.empty(n, np.uint32)
-    index_b = np.empty(n, np.uint32)
-    for j in range(n):
-        key = np.int64(keys_a[j])
-        q = counts[1, (key >> 11) & 2047]
-        counts[1, (key >> 11) & 2047] = q + 1
-        keys_b[q] = key
-        index_b[q] = index_a[j]
-    for j in range(n):
-        key = np.int64(keys_b[j])
-        q = counts[2, key >> 22]
-        counts[2, key >> 22] = q + 1
-        ranks[index_b[j]] = q
-    return ranks
+def _rank_table(counts, mixed, values):
+    """(plain, mixed_values, mixed_starts, mixed_ranks), all int64 but the uint32 values, from the
+    bucket counts, their mixed counts and the sorted mixed keys ``values``.
 
-
-def magnitude_ranks_fast(t: np.ndarray) -> np.ndarray:
-    """uint32 rank of each float32 by magnitude (sign bit ignored): 0 the largest, ties by lower index.
-
-    Same output as ``kernels.fused.magnitude_ranks`` (any shape is flattened). Extra memory:
-    16 bytes/entry up to ``RANK_SMALL_MAX`` entries; above, 4 bytes per entry of non-direct
-    buckets (at most ``RANK_SUPER_MAX`` of them), at most ``RANK_DIRECT_MAX`` tables of 256 KB,
-    and a few MB of cache-sized scratch.
+    Keys larger than bucket h's plain key: those of larger buckets and h's mixed ones. Keys larger
+    than a mixed key v of bucket h: those of larger buckets and h's mixed ones above v.
     """
-    flat = np.ascontiguousarray(t, dtype=np.float32).ravel()
-    bits = flat.view(np.uint32)
-    ranks = np.empty(flat.size, np.uint32)
-    if flat.size <= RANK_SMALL_MAX:
-        return _small_ranks(bits, ranks)
-    limits = RankLimits(
-        super_max=max(1, RANK_SUPER_MAX), direct_min=max(1, RANK_DIRECT_MIN), direct_max=max(1, RANK_DIRECT_MAX),
-        samples=RANK_SAMPLES, fanout=RANK_FANOUT, group_max=max(1, min(RANK_GROUP_MAX, LOWS)),
-        count_min=RANK_COUNT_MIN, max_distinct=min(max(0, RANK_FEW_MAX), LOWS - 1))
-    counts, first, is_direct, bottom, top, run_low, run_high, longest = plan_runs(bits, limits)
-    buffer = np.empty(longest + 1, np.uint32)  # + the trash slot of the scatter
-    for low, high in zip(run_low.tolist(), run_high.tolist()):
-        if first[low] - first[high] + counts[low] > 0:  # entries in [low, high]
-            rank_run(bits, counts, first, bottom, top, low, high, run_low.size == 1, is_direct, limits, buffer, ranks)
-    return ranks
+    buckets = counts.size
+    above = np.empty(buckets, np.int64)  # entries in larger buckets
+    total = 0
+    for b in range(buckets - 1, -1, -1):
+        above[b] = total
+        total += counts[b]
+    plain = 2 * (above + mixed) + (counts - mixed) - 1
+    distinct = 0
+    for j in range(values.size):
+        distinct += j == 0 or values[j] != values[j - 1]
+    mixed_values = np.empty(distinct, values.dtype)
+    mixed_ranks = np.empty(distinct, np.int64)
+    mixed_starts = np.zeros(buckets + 1, np.int64)
+    u = distinct
+    bucket_end = values.size  # end of the current bucket's run in ``values``, walking down
+    j = values.size
+    while j > 0:  # from the largest key down: each distinct key's run [first, j)
+        first = j - 1
+        while first > 0 and values[first - 1] == values[j - 1]:
+            first -= 1
+        bucket = np.int64(values[j - 1] >> 16)
+        if j == values.size or np.int64(values[j] >> 16) != bucket:
+            bucket_end = j
+        u -= 1
+        mixed_values[u] = values[j - 1]
+        mixed_ranks[u] = 2 * (above[bucket] + (bucket_end - j)) + (j - first) - 1
+        mixed_starts[bucket + 1] += 1
+        j = first
+    for b in range(buckets):
+        mixed_starts[b + 1] += mixed_starts[b]
+    return plain, mixed_values, mixed_starts, mixed_ranks
+
+
+class RankTable:
+    """The doubled midrank of every distinct |t| of one vector: per bucket for plain keys, per
+    distinct key for mixed ones (sorted, with each bucket's start)."""
+
+    def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_keys: np.ndarray) -> None:
+        self.plain, self.mixed_values, self.mixed_starts, self.mixed_ranks = _rank_table(
+            counts, mixed, np.sort(mixed_keys))
+
+    @property
+    def arrays(self) -> tuple:
+        """What ``rank_block`` reads, in its order."""
+        return self.plain, self.mixed_values, self.mixed_starts, self.mixed_ranks
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _doubled_rank(key, plain, values, starts, ranks):
+    """The doubled midrank of magnitude key ``key`` (uint32) from a ``RankTable``'s arrays."""
+    bucket = key >> 16
+    if key & _LOW:
+        low, high = starts[bucket], starts[bucket + 1]
+        while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
+            middle = (low + high) >> 1
+            if values[middle] < key:
+                low = middle + 1
+            else:
+                high = middle
+        return ranks[low]
+    return plain[bucket]
+
+
+@njit(**JIT_OPTIONS)
+def rank_block(bits, m, table, out):
+    """out[:m] = the doubled midranks of the float32 bit patterns ``bits[:m]`` (sign ignored) from
+    ``table`` (``RankTable.arrays``)."""
+    plain, values, starts, ranks = table
+    for j in range(m):
+        out[j] = _doubled_rank(bits[j] & _MAGNITUDE, plain, values, starts, ranks)
+
+
+@njit(**JIT_OPTIONS)
+def count_keys(bits, counts, mixed, collected):
+    """Count |t| keys per bucket (``counts``) and mixed ones (``mixed``); when ``collected`` has room,
+    also copy the mixed keys there, in order. Returns how many mixed keys were seen."""
+    collect = collected.size > 0
+    n_mixed = 0
+    for j in range(bits.size):
+        key = bits[j] & _MAGNITUDE
+        bucket = key >> 16
+        counts[bucket] += 1
+        if key & _LOW:
+            mixed[bucket] += 1
+            if collect:
+                collected[n_mixed] = key
+            n_mixed += 1
+    return n_mixed
+
+
+def magnitude_midranks(t: np.ndarray) -> np.ndarray:
+    """Doubled midrank of every |t| (any shape, flattened): uint32 up to 2^31 elements, else int64.
+
+    Extra memory: 4 bytes per mixed entry (all of them for most float32 deltas) and the sort's
+    buffer, and 12 bytes per distinct mixed key.
+    """
+    bits = np.ascontiguousarray(t, dtype=np.float32).ravel().view(np.uint32)
+    counts = np.zeros(BUCKETS, np.int64)
+    mixed = np.zeros(BUCKETS, np.int64)
+    n_mixed = count_keys(bits, counts, mixed, np.empty(0, np.uint32))
+    keys = np.empty(n_mixed, np.uint32)
+    if n_mixed:
+        count_keys(bits, np.zeros(BUCKETS, np.int64), np.zeros(BUCKETS, np.int64), keys)
+    table = RankTable(counts, mixed, keys)
+    del keys
+    out = np.empty(bits.size, np.uint32 if bits.size <= 1 << 31 else np.int64)
+    rank_block(bits, bits.size, table.arrays, out)
+    return out
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.
-KERNEL_DEPENDENCIES = (blocks, rank_parts)
+KERNEL_DEPENDENCIES = ()
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

@@ -1,7 +1,7 @@
 """Compiled drop-in twins of registered NumPy methods: same keyword parameters, same bits.
 
 The sparsifiers and merges call the block functions of ``kernels.method_blocks`` that the fused
-pass also runs; the statistics (trim threshold, magnitude ranks) have their own kernels here and
+pass also runs; the statistics (trim threshold, magnitude midranks) have their own kernels here and
 in ``kernels.ranks``. ``KERNELS`` maps each registered (kind, name) to its twin.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_merge.kernels import blocks, streaming
+from llm_merge.kernels import blocks, ranks, streaming
 from llm_merge.kernels.blocks import JIT_OPTIONS
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.counter_rng import keep_threshold
@@ -23,7 +23,7 @@ from llm_merge.kernels.method_blocks import (
     merge_rows,
     trim_block,
 )
-from llm_merge.kernels.ranks import magnitude_ranks_fast
+from llm_merge.kernels.ranks import magnitude_midranks
 from llm_merge.kernels.streaming import float_of_bits, kth_bucket
 
 
@@ -35,10 +35,10 @@ def dare(t, *, reserve_p, rescale, rng, ops):
     return out
 
 
-def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
+def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
     top, step = magprune_line(reserve_p, epsilon, numel)
     out = np.empty_like(t)
-    magprune_block(t, out, t.size, ranks, np.uint64(rng.key), rng.offset, top, step, rescale)
+    magprune_block(t, out, t.size, doubled_midranks, np.uint64(rng.key), rng.offset, top, step, rescale)
     return out
 
 
@@ -114,14 +114,14 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     return {"threshold": threshold, "l1_scale": (total / kept if kept > 0 else 1.0) if rescale else 1.0}
 
 
-def descending_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks of a non-negative float32 vector, 0 the largest, ties by lower index."""
-    return magnitude_ranks_fast(np.ascontiguousarray(x.ravel(), dtype=np.float32))
+def doubled_midranks(x: np.ndarray) -> np.ndarray:
+    """Doubled midranks of a float32 vector's magnitudes, 0 the largest (``kernels.ranks``)."""
+    return magnitude_midranks(x)
 
 
 def magnitude_ranks(t, *, ops):
     """Compiled twin of ``methods.sparsify.magnitude_ranks`` (no |t| copy; bounded extra memory)."""
-    return {"ranks": descending_ranks(t)}
+    return {"doubled_midranks": magnitude_midranks(t)}
 
 
 def kth_largest(x: np.ndarray, k: int) -> float:
@@ -136,5 +136,5 @@ KERNELS = {("prepare", "trim"): trim_threshold, ("prepare", "magprune"): magnitu
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps (the block
 #: functions of method_blocks are called from Python here: compiled and cached there).
-KERNEL_DEPENDENCIES = (blocks, streaming)
+KERNEL_DEPENDENCIES = (blocks, ranks, streaming)
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

@@ -9,7 +9,9 @@ They differ from the PaddleNLP ones in ``sparsify.py`` as mergekit 0.1.5's ``spa
 * ``random`` (dare_ties, dare_linear): the same Bernoulli(density) draws as ``dare``;
 * ``della_magprune`` (della, della_linear): ranks |t| within each row (dim 1; a 1-D tensor is one
   row), keep probability (density − ε) + 2ε·rank/(row length − 1) from the smallest entry to the
-  largest, where PaddleNLP ranks over the whole tensor;
+  largest, where PaddleNLP ranks over the whole tensor. Ranks are midranks (equal |t| share the mean
+  of the ranks they span: #{smaller} + (#{equal} − 1)/2), which gives every entry exactly the keep
+  probability that mergekit's arbitrary order of ties gives on average;
 * with ``rescale``, all three multiply the kept entries by ‖t‖₁ / ‖kept‖₁ (skipped when either is
   below 1e-7), where PaddleNLP divides by the keep probability.
 
@@ -191,6 +193,26 @@ def _row_view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x.reshape(shape[0], shape[1], -1)
 
 
+def row_midranks(size: np.ndarray) -> np.ndarray:
+    """float64 ascending midrank of every entry of ``size`` (non-negative float32) along axis 1: 0 the
+    smallest, equal values (equal float32 bits) the mean of the ranks they span."""
+    keys = size.view(np.uint32)
+    order = np.argsort(keys, axis=1, kind="stable")
+    ordered = np.take_along_axis(keys, order, axis=1)
+    length = size.shape[1]
+    position = np.arange(length).reshape(1, -1, 1)
+    starts = np.ones(ordered.shape, bool)  # where a run of equal keys starts, in sorted order
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = np.ones(ordered.shape, bool)  # where one ends
+    ends[:, :-1] = starts[:, 1:]
+    del ordered
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, length - 1), axis=1), axis=1), axis=1)
+    midranks = np.empty(size.shape, np.float64)
+    np.put_along_axis(midranks, order, (first + last) / 2.0, axis=1)
+    return midranks
+
+
 def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops):
     """Per-entry keep probability from the entry's magnitude rank in its row, and the L1 rescale factor."""
     if reserve_p >= 1.0:
@@ -200,16 +222,13 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
     length = rows.shape[1]
     per_row = length * rows.shape[2]
     block = max(1, _STEP // max(per_row, 1))
-    positions = np.arange(length, dtype=np.float64).reshape(1, -1, 1)
-    # rank_norm = (rank - min) / (max - min); a row of one entry has no spread (mergekit: 0/0), use the middle
-    rank_norm = positions / (length - 1) if length > 1 else np.full_like(positions, 0.5)
     probs = np.empty(x.size, dtype=np.float32)
     l1 = MaskedL1()
     for r in range(0, rows.shape[0], block):
         size = np.abs(rows[r : r + block])
-        order = np.argsort(size, axis=1, kind="stable")  # ascending: the smallest entry gets density - epsilon
-        piece = np.empty(size.shape, dtype=np.float64)
-        np.put_along_axis(piece, order, np.broadcast_to(rank_norm, size.shape), axis=1)
+        # rank_norm = rank / (length - 1), the smallest entry 0; a row of one entry has no spread
+        # (mergekit: 0/0), use the middle
+        piece = row_midranks(size) / (length - 1) if length > 1 else np.full(size.shape, 0.5)
         piece *= 2.0 * epsilon
         piece += reserve_p - epsilon
         s = r * per_row

@@ -61,21 +61,16 @@ def trim(t, *, threshold, l1_scale, ops):
 
 
 def magnitude_ranks(t, *, ops):
-    """Rank of every entry by |t|, 0 the largest, ties by lower index first."""
-    return {"ranks": ops.descending_ranks(ops.abs(t))}
+    """Doubled midrank of every entry by |t|, 0 the largest: 2 #{larger} + #{equal} - 1 (equal |t| share
+    the mean of the ranks they span)."""
+    return {"doubled_midranks": ops.doubled_midranks(ops.abs(t))}
 
 
-#: Magnitude ranks stream (compiled) for 16-bit float inputs: their deltas have few significant bits, so most
-#: have zero low 16 bits, which keeps the rank tables small (where too many do not, the streamed statistics
-#: give up early and whole-tensor ranks follow); float32 deltas almost never do.
-_RANKS_STREAM_FOR = frozenset({"BF16", "F16"})
-
-
-# statistic_bytes: the ranks and the rank sort's buffer (earlier models' ranks are spilled when large)
-@register("sparsify", "magprune", prepare=magnitude_ranks, produces=("ranks",), kernel="magprune", fused=True,
-          streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=8)
-def magprune(t, *, ranks, numel, reserve_p, epsilon, rescale, rng, ops):
-    """DELLA MAGPRUNE: drop rank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
-    keep_prob = (reserve_p + epsilon / 2) - ops.float64(ranks) * (epsilon / numel)
+# statistic_bytes: the ranks and the rank tables' sort buffer (earlier models' ranks are spilled when large)
+@register("sparsify", "magprune", prepare=magnitude_ranks, produces=("doubled_midranks",), kernel="magprune", fused=True,
+          streamed_dtypes=ANY_DTYPE, statistic_bytes=8)
+def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
+    """DELLA MAGPRUNE: drop midrank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
+    keep_prob = (reserve_p + epsilon / 2) - ops.float64(doubled_midranks) * 0.5 * (epsilon / numel)
     kept = kept_by_draws(t, keep_prob, rng, ops)
     return ops.divide(kept, ops.float32(keep_prob)) if rescale else kept
