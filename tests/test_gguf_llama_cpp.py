@@ -38,7 +38,7 @@ def train_llama(directory: Path) -> None:
     """A 2-layer Llama (GQA, 4 heads) trained for 60 steps on ``next_token``, saved in float32."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       bos_token_id=272, eos_token_id=273, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -91,7 +91,7 @@ def transformers_logits(directory: Path) -> list[np.ndarray]:
 
 
 def llama_cpp_logits(path: Path) -> list[np.ndarray]:
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=1, verbose=False)
     found = []
     for prompt in PROMPTS:
         model.reset()
@@ -100,7 +100,7 @@ def llama_cpp_logits(path: Path) -> list[np.ndarray]:
     return found
 
 
-@pytest.mark.parametrize("gguf_type, tolerance", [("f32", 1e-3), ("f16", 3e-2)])
+@pytest.mark.parametrize("gguf_type, tolerance", [("f32", 1e-3), ("f16", 5e-3)])
 def test_logits_match_transformers(merged, gguf_type, tolerance):
     directory, files = merged
     want, got = transformers_logits(directory), llama_cpp_logits(files[gguf_type])
@@ -114,6 +114,7 @@ def test_logits_match_transformers(merged, gguf_type, tolerance):
 def test_q8_0_picks_the_same_next_token(merged):
     directory, files = merged
     want, got = transformers_logits(directory), llama_cpp_logits(files["q8_0"])
+    print(f"q8_0: largest |logit difference| {max(float(np.abs(w - g).max()) for w, g in zip(want, got)):.2e}")
     assert [int(w[-1].argmax()) for w in want] == [int(g[-1].argmax()) for g in got]
     assert [int(w[-1].argmax()) for w in want] == [int(next_token(torch.tensor(p[-1]))) for p in PROMPTS]  # it learned
 
@@ -122,6 +123,6 @@ def test_tokenizer_matches(merged):
     """llama.cpp splits text into the same tokens as the tokenizer.json it came from."""
     directory, files = merged
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
-    model = llama_cpp.Llama(model_path=str(files["f32"]), n_ctx=64, vocab_only=True, verbose=False)
+    model = llama_cpp.Llama(model_path=str(files["f32"]), n_ctx=256, vocab_only=True, verbose=False)
     for text in ("the cat sat on the mat", "Where is it? 42 rats, there!", "hello\nworld  in   the    air"):
         assert model.tokenize(text.encode(), add_bos=False) == tokenizer.encode(text)

@@ -185,6 +185,36 @@ def test_union_vocabulary_matches_embedding_rows(family, tmp_path):
     check_tensors_equal(path, tmp_path / "st", "F32")
 
 
+def test_sentencepiece_tokenizer_model(family, tmp_path):
+    """A tokenizer.model (Llama-2 / Mistral style): pieces, scores and types from sentencepiece, padded to the rows."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    words = ["the", "cat", "sat", "on", "mat", "where", "is", "it", "rats", "there", "hello", "world", "merge"]
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(words, size=8)) for _ in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=290, model_type="bpe",
+                                   byte_fallback=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    models = []
+    for name in ("ft1", "ft2"):
+        directory = tmp_path / name
+        directory.mkdir()
+        for item in (family / name).iterdir():
+            if not item.name.startswith("tokenizer"):
+                (directory / item.name).write_bytes(item.read_bytes())
+        (directory / "tokenizer.model").write_bytes(model.getvalue())
+        models.append(str(directory))
+    assert main(["--model_path_list", *models, "--output_path", str(tmp_path / "gg"), "--quiet", "--output_format", "gguf"]) == 0
+    keys = fields(tmp_path / "gg" / "model.gguf")
+    assert keys["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in keys
+    assert keys["tokenizer.ggml.tokens"] == [sp.IdToPiece(i) for i in range(290)] + [f"[PAD{i}]" for i in range(290, 300)]
+    np.testing.assert_allclose(keys["tokenizer.ggml.scores"][:290], [sp.GetScore(i) for i in range(290)])
+    kinds = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(290)]
+    assert keys["tokenizer.ggml.token_type"] == kinds + [5] * 10
+
+
 def test_llama3_rope_scaling_becomes_rope_freqs(family, tmp_path):
     base = tmp_path / "m"
     base.mkdir()

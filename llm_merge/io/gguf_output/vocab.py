@@ -10,7 +10,9 @@ always matches the embedding, by construction.
   (``PRE_TOKENIZERS``; ``default`` when it is none of them).
 * ``tokenizer.json`` with a byte-fallback BPE model (SentencePiece-style: Llama-2, Mistral):
   GGUF model ``llama``, scores ``-id`` (lower ids merge first, as in SentencePiece BPE).
-* only ``tokenizer.model``: the ``gguf`` package's SentencePiece reader (needs ``sentencepiece``).
+* ``tokenizer.model`` (preferred where ``sentencepiece`` is installed, as by llama.cpp's converter; needed
+  when ``tokenizer.json`` is not BPE): the ``gguf`` package's SentencePiece reader, GGUF model ``llama``.
+* Added tokens of ``tokenizer.json`` (special: CONTROL, others: USER_DEFINED) in every case.
 
 Special token ids, ``add_bos/eos``, and the chat template come from the ``gguf`` package's
 ``SpecialVocab`` (tokenizer.json, tokenizer_config.json, chat_template.jinja, config.json).
@@ -58,10 +60,12 @@ class Vocabulary:
 def read_vocabulary(gguf: Any, directory: Path, rows: int) -> Vocabulary:
     """The vocabulary of ``directory``'s tokenizer files, padded to ``rows`` tokens."""
     json_path, model_path = directory / "tokenizer.json", directory / "tokenizer.model"
-    if json_path.is_file():
-        return _from_tokenizer_json(side_files.read_json(json_path), json_path, directory, rows)
-    if model_path.is_file():
-        return _from_sentencepiece(gguf, model_path, directory, rows)
+    tokenizer = side_files.read_json(json_path) if json_path.is_file() else None
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    if model_path.is_file() and (_has_sentencepiece() or not (isinstance(model, dict) and model.get("type") == "BPE")):
+        return _from_sentencepiece(gguf, model_path, tokenizer, directory, rows)
+    if tokenizer is not None:
+        return _from_tokenizer_json(tokenizer, json_path, directory, rows)
     raise MergeError(f"--output_format gguf: {directory} has no tokenizer.json or tokenizer.model; "
                      "a GGUF file needs the tokenizer (--tokenizer_source picks another model's)")
 
@@ -76,17 +80,30 @@ def _from_tokenizer_json(tokenizer: Any, path: Path, directory: Path, rows: int)
     for text, token_id in model["vocab"].items():
         kind = _BYTE if byte_fallback and _BYTE_TOKEN.fullmatch(text) else _UNKNOWN if text == model.get("unk_token") else _NORMAL
         by_id[token_id] = (text, kind)
-    for added in tokenizer.get("added_tokens") or []:
-        text = added.get("content", "")
-        special = added.get("special") or _looks_special(text)
-        by_id[added["id"]] = (text if special else text.replace("\u2581", " "), _CONTROL if special else _USER_DEFINED)
+    _add_added_tokens(by_id, tokenizer)
     tokens, types = _padded(by_id, rows, path)
     scores = tuple(-float(i) if kind == _NORMAL else 0.0 for i, kind in enumerate(types)) if byte_fallback else None
     pre = None if byte_fallback else _pre_tokenizer(tokenizer.get("pre_tokenizer"), path)
     return Vocabulary("llama" if byte_fallback else "gpt2", pre, tokens, types, scores, directory)
 
 
-def _from_sentencepiece(gguf: Any, path: Path, directory: Path, rows: int) -> Vocabulary:
+def _add_added_tokens(by_id: dict[int, tuple[str, int]], tokenizer: Any) -> None:
+    """tokenizer.json's added tokens: special ones CONTROL, the others USER_DEFINED (spaces pre-normalized)."""
+    for added in (tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None) or []:
+        text = added.get("content", "")
+        special = added.get("special") or _looks_special(text)
+        by_id[added["id"]] = (text if special else text.replace("\u2581", " "), _CONTROL if special else _USER_DEFINED)
+
+
+def _has_sentencepiece() -> bool:
+    try:
+        import sentencepiece  # noqa: F401  (the gguf package reads tokenizer.model with it)
+    except ImportError:
+        return False
+    return True
+
+
+def _from_sentencepiece(gguf: Any, path: Path, tokenizer: Any, directory: Path, rows: int) -> Vocabulary:
     try:
         reader = gguf.vocab.SentencePieceVocab(directory)
     except (RuntimeError, ImportError):
@@ -97,6 +114,7 @@ def _from_sentencepiece(gguf: Any, path: Path, directory: Path, rows: int) -> Vo
     for token_id, (text, score, kind) in enumerate(reader.all_tokens()):
         by_id[token_id] = (text.decode("utf-8", errors="replace"), int(kind))
         scores[token_id] = float(score)
+    _add_added_tokens(by_id, tokenizer)
     tokens, types = _padded(by_id, rows, path)
     return Vocabulary("llama", None, tokens, types, tuple(scores.get(i, 0.0) for i in range(rows)), directory)
 
