@@ -351,6 +351,21 @@ def test_errors_before_any_work(family, tmp_path, capsys, case, code, message):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_multi_rank_and_lora_flag_errors(family, tmp_path, capsys):
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--output_format gguf: not supported in a multi-rank merge"):
+        merge(MergeConfig(model_path_list=[str(family / "ft1")], output_path=str(tmp_path / "gg"), output_format="gguf",
+                          rank=0, world_size=2, quiet=True))
+    assert lora_main(["--model_name_or_path", str(family / "base"), "--lora_path", str(tmp_path), "--output_path",
+                      str(tmp_path / "gg"), "--gguf_type", "f16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "llm_merge: error: --gguf_type f16: needs --output_format gguf (output_format is safetensors)")
+    assert not (tmp_path / "gg").exists()
+
+
 def test_missing_gguf_package_says_how_to_install(family, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     assert main(merge_args(family, tmp_path / "gg", "--output_format", "gguf")) == 2
