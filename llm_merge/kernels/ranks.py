@@ -23,7 +23,6 @@ from llm_merge.kernels.cache import configure_kernel_caches
 #: Buckets of the 31-bit magnitude key by its top 15 bits.
 BUCKETS = 1 << 15
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
-_LOW = np.uint32(0xFFFF)
 
 
 @njit(**JIT_OPTIONS)
@@ -81,29 +80,30 @@ class RankTable:
         return self.plain, self.mixed_values, self.mixed_starts, self.mixed_ranks
 
 
-@njit(inline="always", **JIT_OPTIONS)
-def _doubled_rank(key, plain, values, starts, ranks):
-    """The doubled midrank of magnitude key ``key`` (uint32) from a ``RankTable``'s arrays."""
-    bucket = key >> 16
-    if key & _LOW:
-        low, high = starts[bucket], starts[bucket + 1]
-        while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
-            middle = (low + high) >> 1
-            if values[middle] < key:
-                low = middle + 1
-            else:
-                high = middle
-        return ranks[low]
-    return plain[bucket]
-
-
 @njit(**JIT_OPTIONS)
 def rank_block(bits, m, table, out):
     """out[:m] = the doubled midranks of the float32 bit patterns ``bits[:m]`` (sign ignored) from
-    ``table`` (``RankTable.arrays``)."""
+    ``table`` (``RankTable.arrays``): a plain key's is its bucket's, a mixed key's is found by binary
+    search among its bucket's distinct mixed keys.
+
+    Written as one loop: the same lookup as an inlined helper function that returns from inside its
+    search loop ran 20x slower (33 against 1.8 ns per plain entry, numba 0.68).
+    """
     plain, values, starts, ranks = table
     for j in range(m):
-        out[j] = _doubled_rank(bits[j] & _MAGNITUDE, plain, values, starts, ranks)
+        key = np.int64(bits[j] & _MAGNITUDE)
+        bucket = key >> 16
+        if key & 0xFFFF:
+            low, high = starts[bucket], starts[bucket + 1]
+            while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
+                middle = (low + high) >> 1
+                if values[middle] < key:
+                    low = middle + 1
+                else:
+                    high = middle
+            out[j] = ranks[low]
+        else:
+            out[j] = plain[bucket]
 
 
 @njit(**JIT_OPTIONS)
@@ -116,7 +116,7 @@ def count_keys(bits, counts, mixed, collected):
         key = bits[j] & _MAGNITUDE
         bucket = key >> 16
         counts[bucket] += 1
-        if key & _LOW:
+        if key & 0xFFFF:
             mixed[bucket] += 1
             if collect:
                 collected[n_mixed] = key
