@@ -95,6 +95,8 @@ class Adapter:
     alpha_pattern: dict[str, float]
     fan_in_fan_out: bool
     tensors: dict[str, AdapterTensor]
+    #: PEFT's ensure_weight_tying: the adapter repeats, for a tied output head, what it holds for the embedding
+    ties_head: bool = False
 
     def rank_and_scale(self, module: str) -> tuple[int, float]:
         """(r, scale) of one module: lora_alpha / r, or lora_alpha / sqrt(r) with rslora (PEFT patterns apply)."""
@@ -162,11 +164,12 @@ def open_adapter(directory: str | Path, allow_pickle: bool = False) -> Adapter:
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=bool(raw.get("fan_in_fan_out")),
         tensors=tensors,
+        ties_head=fmt == PEFT and bool(raw.get("ensure_weight_tying")),
     )
 
 
 #: true/false keys of an adapter config that change how it folds (a string there is an error, never truthy).
-_FLAGS = ("use_rslora", "rslora", "fan_in_fan_out")
+_FLAGS = ("use_rslora", "rslora", "fan_in_fan_out", "ensure_weight_tying")
 
 
 def _check_flag(config_file: Path, raw: dict, key: str) -> None:

@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from llm_merge.config.names import HEAD_NAME
 from llm_merge.config.validate import parse_size
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
@@ -93,6 +94,7 @@ def pair_adapter(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, LoraPair
     the base, rank or shape mismatches, and unsupported tensors, before anything is written.
     """
     halves, replacements, embedding = _sort_tensors(adapter)
+    _drop_tied_head(adapter, base, halves, replacements)
     targets = _check_targets(adapter, base, halves, replacements)
     problems: list[str] = []
     pending = [p for p in (_fitted_pair(adapter, base, module, side, targets[module], problems)
@@ -122,6 +124,8 @@ def _sort_tensors(adapter: Adapter) -> tuple[dict[str, dict[str, AdapterTensor]]
                 problems.append(f"{name}: not a lora_A/lora_B tensor (unsupported LoRA variant)")
                 continue
             target = name[len(PEFT_PREFIX):] if adapter.format == PEFT and name.startswith(PEFT_PREFIX) else name
+            if adapter.format == PEFT:  # PEFT stores an adapted layer's own parameters (a bias) under base_layer
+                target = target.replace(".base_layer.", ".")
             replacements[target] = tensor
             continue
         side = halves.setdefault(module, {})
@@ -141,6 +145,17 @@ def _sort_tensors(adapter: Adapter) -> tuple[dict[str, dict[str, AdapterTensor]]
     if unpaired:
         raise MergeError(f"{adapter.weights_file}: unpaired LoRA tensors: {_listing(unpaired)}")
     return halves, replacements, embedding
+
+
+def _drop_tied_head(adapter: Adapter, base: Checkpoint, halves: dict, replacements: dict) -> None:
+    """PEFT's ``ensure_weight_tying`` repeats the embedding's tensors for a tied output head; a base without
+    ``lm_head.weight`` (tied) takes its head from the embedding, so those copies are left out."""
+    head = HEAD_NAME.rsplit(".", 1)[0]
+    if adapter.ties_head and HEAD_NAME not in base.tensors and (head in halves or HEAD_NAME in replacements):
+        log.info("%s: leaving out the tied output head's tensors (ensure_weight_tying; the base ties lm_head to "
+                 "its embedding)", adapter.weights_file)
+        halves.pop(head, None)
+        replacements.pop(HEAD_NAME, None)
 
 
 def _check_targets(adapter: Adapter, base: Checkpoint, halves: dict, replacements: dict) -> dict[str, str]:
