@@ -184,6 +184,9 @@ def test_sv_epsilon_and_max_rank(family, tmp_path):
     for row in singular["modules"]:
         if row["status"] == "lora":
             assert row["max_singular_value"] > threshold and row["rank"] >= 1
+    factored = [row for row in singular["modules"] if row["status"] in ("lora", "below_sv_epsilon")]
+    overall = sum((row["relative_error"] * row["delta_norm"]) ** 2 for row in factored) / sum(row["delta_norm"] ** 2 for row in factored)
+    assert singular["summary"]["relative_error"] == pytest.approx(overall ** 0.5)  # modules left out miss all of it
     assert singular["summary"]["below_sv_epsilon"] == [m for m, s in statuses.items() if s == "below_sv_epsilon"]
 
 

@@ -128,9 +128,10 @@ def _report(cfg: ExtractConfig, layout: AdapterLayout, adapter_bytes: int, secon
     """extract_report.json: options, the adapter's r, per-tensor rows and a summary."""
     rows = layout.rows
     adapted = [row for row in rows if row["status"] in (LORA, LORA_EMBEDDING)]
-    norms = sum(row["delta_norm"] ** 2 for row in adapted)
-    missed = sum((row["relative_error"] * row["delta_norm"]) ** 2 for row in adapted)
-    kept = sum(row["energy_kept"] * row["delta_norm"] ** 2 for row in adapted)
+    factored = adapted + [row for row in rows if row["status"] == "below_sv_epsilon"]  # these miss all of it
+    norms = sum(row["delta_norm"] ** 2 for row in factored)
+    missed = sum((row["relative_error"] * row["delta_norm"]) ** 2 for row in factored)
+    kept = sum(row["energy_kept"] * row["delta_norm"] ** 2 for row in factored)
     summary = {
         "lora_modules": len(adapted),
         "saved_tensors": sum(row["status"] == "saved" for row in rows),
