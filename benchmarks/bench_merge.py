@@ -10,7 +10,9 @@ floor, and peak RSS of the process tree (a method's runs alternate between the
 n_process values, so a drift of the machine's speed does not bias the speed-up). All
 files are page-cache warm (a warm-up read precedes the measurements and nothing is
 dropped from the cache), and each method first runs an untimed warm-up merge, so that
-a fresh install's one-time kernel compilation is not timed. See README.md.
+a fresh install's one-time kernel compilation is not timed. The ``startup`` row is the
+fixed cost of a merge command: a linear merge of the README's toy family (a few MB). See
+README.md.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ from llm_merge.io.safetensors_format import read_header  # noqa: E402
 from llm_merge.toy import family_size_for_params, make_family  # noqa: E402
 
 ALL_METHODS = ["linear", "slerp", "ties", "della", "della_linear", "dare_linear", "dare_ties"]
+#: The start-up row: a whole merge command whose merge work is ~0.01 s (``measure_startup``).
+STARTUP = "startup"
+#: Sizes of the start-up row's family: ``tools/make_toy_models.py``'s defaults (the README's set-up),
+#: base + 3 bf16 fine-tunes of 1.3 MB each.
+STARTUP_FAMILY = dict(hidden=128, intermediate=352, layers=2, vocab=1024, heads=4, kv_heads=2)
+#: The method the start-up row runs: the lightest (no statistics, no random draws).
+STARTUP_METHOD = "linear"
 TWO_MODEL_METHODS = {"slerp"}
 N_FINE_TUNES = 3
 DTYPE = "bfloat16"
@@ -61,12 +70,12 @@ FLOOR_REPEAT = 5  # the floor is cheap; best-of-5 hides writeback hiccups
 class Row:
     """One line of the result table."""
 
-    kind: str  # "io_floor" or "merge"
+    kind: str  # "io_floor", "merge" or "startup"
     method: str
     n_process: int
     seconds: float
     input_bytes: int
-    floor_seconds: float
+    floor_seconds: float | None  # None: no I/O floor (the start-up row)
     peak_rss_bytes: int | None
     speedup: float | None = None  # the same row's seconds at n_process 1 / these seconds
 
@@ -75,8 +84,8 @@ class Row:
         return self.input_bytes / GB / self.seconds
 
     @property
-    def x_floor(self) -> float:
-        return self.seconds / self.floor_seconds
+    def x_floor(self) -> float | None:
+        return None if self.floor_seconds is None else self.seconds / self.floor_seconds
 
     def to_json(self) -> dict:
         return asdict(self) | {"input_gbps": self.input_gbps, "x_io_floor": self.x_floor}
@@ -380,6 +389,36 @@ class Tool:
         return words
 
 
+def measure_startup(tools: list[Tool], work_dir: Path, args: argparse.Namespace, extra: list[str]) -> list[Row]:
+    """The ``startup`` row of each tool: wall seconds, launch to exit, of a ``STARTUP_METHOD`` merge of a
+    ``STARTUP_FAMILY`` family at n_process 1 (best of ``--repeat``, after ``--warmup_runs`` untimed runs).
+
+    Its merge work (reading, merging and writing 4 x 1.3 MB) takes ~0.01 s, so the row is the command's
+    fixed cost: interpreter start, imports, flags, planning, staging, verifying and publishing.
+    """
+    family_dir = work_dir / "startup_family"
+    made = make_family(family_dir, n_models=N_FINE_TUNES, dtype=DTYPE, seed=args.seed, **STARTUP_FAMILY)
+    family = Family(Path(made["base"]), [Path(f) for f in made["fine_tunes"]], {})
+    input_bytes = sum(total_bytes(weight_files(m)) for m in family.inputs(STARTUP_METHOD))
+    rows = []
+    try:
+        for tool in tools:
+            runs = []
+            for run in range(args.warmup_runs + args.repeat):
+                out_dir = work_dir / "out_startup"
+                try:
+                    runs.append(run_and_measure(tool.command(STARTUP_METHOD, family, out_dir, 1, extra), work_dir / "logs"))
+                finally:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                timed = "untimed warm-up" if run < args.warmup_runs else "run"
+                print(f"{tool.row_name(STARTUP)} ({STARTUP_METHOD}, toy family), {timed}: {runs[-1][0]:.2f} s", flush=True)
+            seconds, peaks = zip(*runs[args.warmup_runs:])
+            rows.append(Row("startup", tool.row_name(STARTUP), 1, min(seconds), input_bytes, None, max(peaks)))
+    finally:
+        shutil.rmtree(family_dir, ignore_errors=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 def add_row(rows: list[Row], row: Row) -> None:
@@ -393,7 +432,7 @@ def add_row(rows: list[Row], row: Row) -> None:
 def format_table(rows: list[Row]) -> str:
     header = ["method", "n_process", "seconds", "input GB/s", "x I/O floor", "speed-up", "peak RSS (MB)"]
     lines = [[r.method, str(r.n_process), f"{r.seconds:.2f}", f"{r.input_gbps:.2f}",
-              f"{r.x_floor:.2f}", "-" if r.speedup is None else f"{r.speedup:.2f}",
+              "-" if r.x_floor is None else f"{r.x_floor:.2f}", "-" if r.speedup is None else f"{r.speedup:.2f}",
               "-" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / 1e6:.0f}"]
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -424,8 +463,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard_size_mb", type=float, default=200,
                    help="max shard size of the generated family in MB (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="family seed (default: 0)")
-    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS,
-                   metavar="METHOD", help=f"merge methods (default: all: {' '.join(ALL_METHODS)})")
+    p.add_argument("--methods", nargs="+", default=[*ALL_METHODS, STARTUP], choices=[*ALL_METHODS, STARTUP],
+                   metavar="METHOD", help=f"merge methods, and {STARTUP} for the start-up row (a linear merge of "
+                                          f"a toy family of a few MB; default: all: {' '.join(ALL_METHODS)} {STARTUP})")
     p.add_argument("--n_process", nargs="+", type=int, default=[1, 2],
                    help="process counts to measure (default: 1 2)")
     p.add_argument("--repeat", type=int, default=1,
@@ -483,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
-    if args.model_path_list is not None:
+    methods = [m for m in args.methods if m != STARTUP]
+    if not methods:  # the start-up row alone: no family to set up, no floor
+        family, where = Family(Path(), [], {}), "-"
+    elif args.model_path_list is not None:
         family = given_family(args.base_model_path, args.model_path_list)
         where = f"{args.base_model_path} + {len(args.model_path_list)} fine-tunes"
     else:
@@ -492,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
         family = ensure_family(family_dir, args.params, args.shard_size_mb, args.seed)
         where = str(family_dir)
 
-    files = {m: weight_files(m) for m in [family.base, *family.fine_tunes]}
-    input_sets = {tuple(family.inputs(m)) for m in args.methods}
+    files = {m: weight_files(m) for m in [family.base, *family.fine_tunes]} if methods else {}
+    input_sets = {tuple(family.inputs(m)) for m in methods}
     input_bytes = {s: sum(total_bytes(files[m]) for m in s) for s in input_sets}
-    output_sizes = [f.stat().st_size for f in files[family.fine_tunes[0]]]
+    output_sizes = [f.stat().st_size for f in files[family.fine_tunes[0]]] if methods else []
     for s, nbytes in sorted(input_bytes.items()):
-        users = [m for m in args.methods if tuple(family.inputs(m)) == s]
+        users = [m for m in methods if tuple(family.inputs(m)) == s]
         print(f"inputs of {', '.join(users)}: {' + '.join(str(m) for m in s)} = {nbytes / GB:.3f} GB; "
               f"output ~ {sum(output_sizes) / GB:.3f} GB")
 
@@ -538,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(out_dir, ignore_errors=True)
 
-        for method in args.methods:
+        for method in methods:
             for tool in tools:
                 for warmup in range(args.warmup_runs):
                     seconds, _ = run_merge(tool, method, max(args.n_process))
@@ -557,12 +600,15 @@ def main(argv: list[str] | None = None) -> int:
                 floor = floors[s, n_process]
                 add_row(rows, Row("io_floor", f"io_floor[{len(s)} models]", n_process, floor, input_bytes[s],
                                   floor, None))
-            for method in args.methods:
+            for method in methods:
                 s = tuple(family.inputs(method))
                 for tool in tools:
                     seconds, peaks = zip(*runs[tool.row_name(method), n_process])
                     add_row(rows, Row("merge", tool.row_name(method), n_process, min(seconds), input_bytes[s],
                                       floors[s, n_process], max(peaks)))
+        if STARTUP in args.methods:
+            for row in measure_startup(tools, work_dir, args, extra):
+                add_row(rows, row)
     finally:
         if own_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -579,13 +625,17 @@ def main(argv: list[str] | None = None) -> int:
         "merge process tree; shared pages are counted once per process",
         f"each method ran {args.warmup_runs} untimed warm-up merge(s) at n_process {max(args.n_process)} "
         "before its timed runs (a cold numba cache compiles the kernels in the first run of a fresh install)",
+        f"{STARTUP}: wall seconds, launch to exit, of a {STARTUP_METHOD} merge at n_process 1 of a toy family "
+        "(tools/make_toy_models.py's defaults: base + 3 bf16 fine-tunes, 1.3 MB each; ~0.01 s of merge work): "
+        "the fixed cost of a merge command",
     ]
-    print(f"\nfamily: {where} ({family.describe()}, {len(files[family.fine_tunes[0]])} shards/model)")
+    if methods:
+        print(f"\nfamily: {where} ({family.describe()}, {len(files[family.fine_tunes[0]])} shards/model)")
     print(format_table(rows))
     print("\nnotes:\n" + "\n".join(f"  - {n}" for n in notes))
     if args.json:
         args.json.write_text(json.dumps(
-            {"machine": machine, "family": family.spec | {"base": str(family.base), "fine_tunes": [str(f) for f in family.fine_tunes]},
+            {"machine": machine, "family": family.spec | {"base": str(family.base), "fine_tunes": [str(f) for f in family.fine_tunes]} if methods else None,
              "command": prefix, "compare": {t.label: t.prefix for t in tools[1:]}, "extra_args": extra, "notes": notes,
              "warmup_seconds": warmups, "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
         print(f"wrote {args.json}")

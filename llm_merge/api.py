@@ -6,7 +6,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from llm_merge.backends import get_ops
 from llm_merge.config.options import MergeConfig
@@ -15,15 +15,15 @@ from llm_merge.run.engine import MergerFactory
 from llm_merge.errors import ConfigError
 from llm_merge.io import pdparams, writer
 from llm_merge.io.gguf_output import import_gguf
-from llm_merge.io.gguf_output.layout import GGUFLayout, plan_gguf
-from llm_merge.io.gguf_output.publish import write_gguf_atomically
-from llm_merge.io.gguf_output.writer import GGUFWriterFactory
 from llm_merge.plan.build import build_plan
 from llm_merge.plan.layout import MergePlan
 from llm_merge.plan.reconcile import read_model_config
 from llm_merge.report.records import output_records
 from llm_merge.run import ranks
 from llm_merge.run.pool import run_tasks
+
+if TYPE_CHECKING:
+    from llm_merge.io.gguf_output.layout import GGUFLayout
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def merge(cfg: MergeConfig) -> Path:
     renamed into place only after every tensor is written and verified.
     """
     cfg = resolve(cfg)
-    get_ops(cfg.tensor_type, cfg.device)  # fail now if the backend is unavailable
+    get_ops(cfg.tensor_type, cfg.device, compiled=False)  # fail now if the backend is unavailable (kernels: MergerFactory)
     output = Path(cfg.output_path)
     dist = ranks.context(cfg)
     finalize = None
@@ -59,6 +59,10 @@ def merge(cfg: MergeConfig) -> Path:
         if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
             return ranks.merge_distributed(cfg, plan, factory, dist, output, output_records(cfg, plan))
         if cfg.output_format == "gguf":  # one .gguf file, converted tensor by tensor as it is merged
+            # imported here: the GGUF writer's modules (and ml_dtypes, ~0.6 s) load only for this output
+            from llm_merge.io.gguf_output.publish import write_gguf_atomically
+            from llm_merge.io.gguf_output.writer import GGUFWriterFactory
+
             layout = gguf_layout(plan, cfg.gguf_type, f"{cfg.merge_prefix}.gguf", output.name)
             make_writer = GGUFWriterFactory(layout)
             write_gguf_atomically(
@@ -91,6 +95,8 @@ def _merged(plan: MergePlan, output: Path, started: float) -> Path:
 
 def gguf_layout(plan: MergePlan, gguf_type: Optional[str], file_name: str, model_name: str) -> GGUFLayout:
     """The .gguf file of a merge plan: the output's config.json and tokenizer files (``--tokenizer_source``'s)."""
+    from llm_merge.io.gguf_output.layout import plan_gguf
+
     source = plan.models[0].path
     config = plan.config_json if plan.config_json is not None else read_model_config(source)
     return plan_gguf(plan.shards, config, str(source / "config.json"), plan.tokenizer_from or source, gguf_type,

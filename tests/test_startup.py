@@ -1,0 +1,73 @@
+"""What a merge command imports: only what its inputs and method need (start-up cost, benchmarks/README.md
+"Start-up"). Each check runs the command's ``main`` in a fresh interpreter and lists ``sys.modules``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_merge.toy import make_family
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Prints the exit code and the loaded modules of interest after ``main(argv)`` of ``llm_merge.cli.merge``.
+_PROBE = """
+import json, sys
+from llm_merge.cli.merge import main
+try:
+    code = main(json.loads(sys.argv[1]))
+except SystemExit as exc:  # --help
+    code = exc.code
+watched = ("numpy", "numba", "ml_dtypes", "llm_merge.api", "llm_merge.kernels", "llm_merge.io.gguf_output.")
+print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.startswith(watched))}))
+"""
+
+
+def loaded_modules(argv, numba=None):
+    """(exit code, watched modules) of a merge command run in a fresh interpreter; ``numba``: LLM_MERGE_NUMBA or unset."""
+    env = {name: value for name, value in os.environ.items() if name != "LLM_MERGE_NUMBA"}
+    if numba is not None:
+        env["LLM_MERGE_NUMBA"] = numba
+    result = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([str(a) for a in argv])], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    return report["code"], set(report["modules"])
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A bfloat16 base and two fine-tunes, a few KB each."""
+    root = tmp_path_factory.mktemp("family")
+    made = make_family(root, n_models=2, hidden=32, intermediate=64, layers=1, vocab=64, heads=2, kv_heads=1)
+    return made["base"], made["fine_tunes"]
+
+
+def merge_argv(family, method, output):
+    base, fine_tunes = family
+    return ["--merge_method", method, "--base_model_path", base, "--model_path_list", *fine_tunes,
+            "--output_path", output, "--quiet"]
+
+
+def test_help_imports_neither_numpy_nor_the_merge(tmp_path):
+    code, modules = loaded_modules(["--help"])
+    assert code == 0 and not modules
+
+
+@pytest.mark.parametrize("method", ["linear", "della"])
+def test_a_small_merge_loads_no_compiled_kernels(family, tmp_path, method):
+    """Below MergerFactory.COMPILED_MIN_BYTES the merge runs in NumPy: numba and the compiled kernels stay
+    unloaded (the kernels room's light modules, shared with the NumPy methods, import no numba), and so does
+    the GGUF writer."""
+    code, modules = loaded_modules(merge_argv(family, method, tmp_path / "out"))
+    assert code == 0 and "llm_merge.api" in modules
+    assert "numba" not in modules and "llm_merge.kernels.fused" not in modules
+    assert not any(m.startswith("llm_merge.io.gguf_output.") for m in modules)
+
+
+def test_a_forced_compiled_merge_loads_the_kernels(family, tmp_path):
+    code, modules = loaded_modules(merge_argv(family, "linear", tmp_path / "out"), numba="1")
+    assert code == 0 and {"numba", "llm_merge.kernels.fused"} <= modules
