@@ -19,6 +19,7 @@ setup(
         "paddle": ["paddlepaddle>=2.6"],
         "tokenizers": ["tokenizers>=0.13"],
         "gguf": ["gguf>=0.19"],
+        "report": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["llm-merge=llm_merge.cli.merge:main_entry", "llm-merge-lora=llm_merge.cli.lora:main_entry",
                                       "llm-merge-extract-lora=llm_merge.cli.extract_lora:main_entry"]},

@@ -18,6 +18,7 @@ from llm_merge.io.gguf_output import import_gguf
 from llm_merge.plan.build import build_plan
 from llm_merge.plan.layout import MergePlan
 from llm_merge.plan.reconcile import read_model_config
+from llm_merge.report.inspection.merge_check import check_models, model_names
 from llm_merge.report.records import output_records
 from llm_merge.run import ranks
 from llm_merge.run.pool import run_tasks
@@ -35,8 +36,13 @@ def merge(cfg: MergeConfig) -> Path:
     renamed into place only after every tensor is written and verified.
     """
     cfg = resolve(cfg)
-    get_ops(cfg.tensor_type, cfg.device, compiled=False)  # fail now if the backend is unavailable (kernels: MergerFactory)
     output = Path(cfg.output_path)
+    if cfg.dry_run:  # the plan only: headers are read, nothing is written
+        from llm_merge.report.dry_run import format_plan_summary
+
+        log.info("%s", format_plan_summary(plan_merge(cfg)))
+        return output
+    get_ops(cfg.tensor_type, cfg.device, compiled=False)  # fail now if the backend is unavailable (kernels: MergerFactory)
     dist = ranks.context(cfg)
     finalize = None
     if cfg.output_format == "pdparams":
@@ -52,6 +58,8 @@ def merge(cfg: MergeConfig) -> Path:
     # pdparams inputs (only with --allow_pickle) become safetensors copies beside the output, removed at the end
     with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert:
         plan = build_plan(cfg, convert)
+        # sampled rows of a few matrices: a model that does not share the base stops here (unless --force)
+        check_models(plan.tasks, model_names(plan, None if cfg.slices else cfg.model_path_list), plan.base is not None, cfg.force)
         if finalize is not None:
             pdparams.check_output_dtypes(plan.tasks)
         started = time.perf_counter()
@@ -83,6 +91,22 @@ def merge(cfg: MergeConfig) -> Path:
             tokenizer_files_from=plan.tokenizer_from,
         )
     return _merged(plan, output, started)
+
+
+def plan_merge(cfg: MergeConfig) -> dict:
+    """``--dry_run``: the plan of a merge as plain values (tensors, bytes, shards, expected time and peak
+    memory; ``report.dry_run``), from checkpoint headers only."""
+    from llm_merge.report.dry_run import plan_summary
+
+    cfg = resolve(cfg)
+    return plan_summary(cfg, build_plan(cfg, _refuse_conversion))
+
+
+def _refuse_conversion(directory: Path, prefix: str) -> None:
+    """A dry run reads no tensor data, so .pdparams inputs (converted before planning) cannot be planned."""
+    if any(directory.glob("*.pdparams")):
+        raise ConfigError(f"--dry_run: {directory} holds .pdparams weights, which are read to be converted before "
+                          "planning; convert them to safetensors first, or merge without --dry_run")
 
 
 def _merged(plan: MergePlan, output: Path, started: float) -> Path:

@@ -59,9 +59,20 @@ def _merge_command(argv: Optional[Sequence[str]]) -> None:
     raw, _ = parse_config(argv)
     cfg = resolve(raw)
     quiet_logging(cfg.quiet)
+    if cfg.dry_run:
+        print(dry_run_text(cfg))
+        return
     from llm_merge.api import merge  # after validation: keeps --help fast
 
     merge(cfg)
+
+
+def dry_run_text(cfg: MergeConfig) -> str:
+    """``--dry_run``: the merge's plan as text (headers only; nothing is read or written)."""
+    from llm_merge.api import plan_merge
+    from llm_merge.report.dry_run import format_plan_summary
+
+    return format_plan_summary(plan_merge(cfg))
 
 
 def _one_blas_thread() -> None:
@@ -75,8 +86,13 @@ def _one_blas_thread() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a merge from command-line flags, or a mergekit YAML recipe; returns the process exit code."""
-    if recipe.is_recipe_invocation(sys.argv[1:] if argv is None else argv):
+    """Run a merge from command-line flags, a mergekit YAML recipe, or ``inspect ...``; returns the process exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["inspect"]:  # llm-merge inspect --base_model_path BASE --model_path_list A B ...
+        from llm_merge.cli import inspection
+
+        return inspection.main(args[1:])
+    if recipe.is_recipe_invocation(args):
         return recipe.main(argv)
     return run_command(argv, _merge_command)
 

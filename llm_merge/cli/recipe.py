@@ -15,7 +15,8 @@ from llm_merge.errors import ConfigError
 
 
 #: the merge options recipe mode takes from its command line (the recipe gives the others)
-RECIPE_OPTIONS = ("n_process", "seed", "max_shard_size", "overwrite", "quiet", "model_card", "output_format", "gguf_type")
+RECIPE_OPTIONS = ("n_process", "seed", "max_shard_size", "overwrite", "quiet", "model_card", "output_format", "gguf_type",
+                  "force", "dry_run")
 
 
 #: recipe mode's own defaults: a recipe's merge comes with its model card
@@ -54,6 +55,11 @@ def _recipe_command(argv: Optional[Sequence[str]]) -> None:
     options["recipe_text"], recipe = read_recipe(recipe_path)
     cfg = resolve(recipe_to_config(recipe, output_path, base_dir=Path(recipe_path).resolve().parent, **options))
     quiet_logging(cfg.quiet)
+    if cfg.dry_run:
+        from llm_merge.cli.merge import dry_run_text
+
+        print(dry_run_text(cfg))
+        return
     from llm_merge.api import merge  # after validation: keeps refusals fast
 
     merge(cfg)

@@ -169,6 +169,14 @@ class MergeConfig:
         None, "how worker processes are started (default: the platform's)", ("fork", "spawn", "forkserver")
     )
     overwrite: bool = _opt(False, "replace a non-empty output_path (otherwise refused)")
+    force: bool = _opt(
+        False, "merge even when the compatibility check (sampled rows, before any work) finds a model that does not "
+        "share the base; it is then a warning (see llm-merge inspect)"
+    )
+    dry_run: bool = _opt(
+        False, "print the plan (tensors, bytes, shards, expected time and peak memory) without reading tensor data "
+        "or writing anything"
+    )
     quiet: bool = _opt(False, "no progress bar (it is also off when stderr is not a terminal)")
     # -- one merge across many processes / nodes (llm_merge/distributed.py); merge_config.json records their defaults
     rank: Optional[int] = _opt(

@@ -15,7 +15,8 @@ def model_card(cfg: MergeConfig, recipe_text: Optional[str] = None) -> str:
     """A short README.md for the merged model: method, inputs and the options that differ from the defaults."""
     defaults = MergeConfig()
     skip = {"model_path_list", "base_model_path", "output_path", "overwrite", "quiet", "n_process", "model_card",
-            "merge_type", "sparsify_type", "start_method", "rank", "world_size", "resume", "dist_timeout"}
+            "merge_type", "sparsify_type", "start_method", "rank", "world_size", "resume", "dist_timeout",
+            "force", "dry_run"}
     lines = ["---", "tags:", "- merge", "- llm_merge", "---", "", f"# {Path(cfg.output_path).name}", "",
              f"Merged with [llm_merge](https://github.com/) {__version__} using **{cfg.merge_method}**.", ""]
     if cfg.base_model_path:
