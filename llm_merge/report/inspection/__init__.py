@@ -3,6 +3,7 @@ verdict (also run, on sampled rows, before every merge), data-free suggestions a
 
 ``geometry`` the statistics of one tensor (pure math) · ``worker`` one tensor task in a worker ·
 ``summary`` per-tensor sums -> per-layer and per-model figures · ``verdict`` the compatibility rules ·
-``suggest`` weights, densities and methods · ``text`` / ``html`` the terminal table and the HTML report ·
-``inspect`` the command's flow · ``merge_check`` the cheap check before a merge · ``options`` the flags.
+``assemble`` the report from the sums · ``suggest`` weights, densities and methods · ``text`` / ``html`` the
+terminal table and the HTML report · ``inspect_models`` the command's flow · ``merge_check`` the cheap check
+before a merge · ``options`` the flags.
 """
