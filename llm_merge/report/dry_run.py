@@ -2,8 +2,9 @@
 
 The expected time and peak memory are estimates from this project's benchmarks (benchmarks/README.md,
 a 2-core VM, compiled kernels, warm page cache): input bytes over a per-method input rate, scaled by
-``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up; per worker ``PROCESS_BYTES`` plus the chunk
-buffers and, for sparsifiers with whole-tensor statistics, at most the largest tensor's statistics. A
+``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up; per worker ``PROCESS_BYTES`` (chunk buffers
+included) plus, for sparsifiers with whole-tensor statistics, the largest tensor's statistics (a few MB
+where the compiled kernels stream them, else the whole task vector and its statistics, capped). A
 cold page cache or a slow disk can make a merge several times slower.
 """
 
@@ -13,8 +14,9 @@ import os
 from typing import Any
 
 from llm_merge import methods
-from llm_merge.config.options import MergeConfig
+from llm_merge.config.options import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.plan.layout import MergePlan
+from llm_merge.run.engine import MergerFactory
 
 #: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
 INPUT_BYTES_PER_SECOND = {"none": 2.0e9, "dare": 1.7e9, "trim": 1.0e9, "magprune": 0.55e9, "breadcrumbs": 0.5e9,
@@ -25,12 +27,13 @@ DEFAULT_INPUT_BYTES_PER_SECOND = 0.5e9
 WORKER_SCALING = 0.75
 #: Interpreter, imports and planning, seconds.
 START_SECONDS = 0.5
-#: Resident memory of one merging process before its tensors (peak RSS of a linear merge, one worker).
+#: Peak resident memory per worker of a merge without whole-tensor statistics, chunk buffers included (the
+#: benchmarks' linear merge: 174 MB at n_process 1, 351 MB for all processes at n_process 2).
 PROCESS_BYTES = 175_000_000
-#: Chunk buffers per input and worker (float32 chunks of the generic path, raw chunks of the compiled one).
-CHUNK_BUFFER_BYTES = 8 << 20
 #: Whole-tensor statistics of one task at most (larger ones stream or run one at a time: run/engine.py).
 STATISTICS_CAP_BYTES = 256 << 20
+#: Streamed statistics of one task (trim thresholds, bfloat16 rank tables: della measured 191 MB against 174).
+STREAMED_STATISTICS_BYTES = 16 << 20
 
 
 def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
@@ -43,9 +46,12 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     seconds = START_SECONDS + input_bytes / (rate * workers ** WORKER_SCALING)
     sparsifier = methods.get("sparsify", cfg.sparsify_type)
     largest = max((t.numel for t in merged), default=0)
-    statistics = min((4 + sparsifier.statistic_bytes) * largest, STATISTICS_CAP_BYTES) if sparsifier.prepare else 0
-    inputs = max((len(t.inputs) + (t.base is not None) for t in tasks), default=0)
-    per_worker = PROCESS_BYTES + CHUNK_BUFFER_BYTES * (inputs + 1) + statistics
+    statistics = 0
+    if sparsifier.prepare and not _streamed(cfg, sparsifier, merged, input_bytes):
+        statistics = min((4 + sparsifier.statistic_bytes) * largest, STATISTICS_CAP_BYTES)
+    elif sparsifier.prepare:
+        statistics = STREAMED_STATISTICS_BYTES
+    per_worker = PROCESS_BYTES + statistics
     return {
         "merge_method": cfg.merge_method or f"{cfg.sparsify_type} + {cfg.merge_type}",
         "models": [str(m.path) for m in plan.models],
@@ -61,24 +67,37 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
         "shards": [{"file": s.file, "bytes": s.size, "tensors": len(s.names)} for s in plan.shards],
         "n_process": cfg.n_process,
         "expected_seconds": round(seconds, 1),
-        "expected_peak_bytes": per_worker * workers + (PROCESS_BYTES if workers > 1 else 0),
+        "expected_peak_bytes": per_worker * workers,
         "largest_tensor_elements": largest,
     }
 
 
+def _size(nbytes: int) -> str:
+    """Bytes in MB below 1 GB, else in GB (decimal units)."""
+    return f"{nbytes / 1e6:.2f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:.2f} GB"
+
+
+def _streamed(cfg: MergeConfig, sparsifier, merged: list, input_bytes: int) -> bool:
+    """Whether the compiled kernels stream the sparsifier's statistics (no whole task vector; run/engine.py decides
+    per task: the NumPy backend, kernels worth compiling, fused methods, one value per option, streamed dtypes)."""
+    in_dtypes = {i.dtype for t in merged for i in (*t.inputs, *([t.base] if t.base is not None else []))}
+    return (cfg.tensor_type == "np" and MergerFactory.worth_compiling(input_bytes) and sparsifier.fused
+            and methods.get("merge", cfg.merge_type).fused and cfg.scale == 1.0 and not cfg.tensor_parameters
+            and all(getattr(cfg, f"{name}_list") is None for name in PER_MODEL_OPTIONS) and sparsifier.streams(in_dtypes))
+
+
 def format_plan_summary(summary: dict[str, Any]) -> str:
     """The summary as a few lines for the terminal."""
-    gb = 1e9
     base = f", base {summary['base_model_path']}" if summary["base_model_path"] else ""
     lines = [
         f"dry run: {summary['merge_method']} merge of {len(summary['models'])} model(s){base} into {summary['output_path']} "
         f"({summary['output_format']}); nothing was read or written",
         f"tensors: {summary['tensors']} ({summary['merged_tasks']} merged, {summary['copied_tasks']} copied"
         + (f", {summary['tasks']} tasks" if summary["tasks"] != summary["tensors"] else "") + ")",
-        f"bytes: {summary['input_bytes'] / gb:.3f} GB read, {summary['output_bytes'] / gb:.3f} GB written",
+        f"bytes: {_size(summary['input_bytes'])} read, {_size(summary['output_bytes'])} written",
         f"shards: {len(summary['shards'])}",
     ]
-    lines += [f"  {s['file']}  {s['bytes'] / gb:.3f} GB  {s['tensors']} tensors" for s in summary["shards"][:20]]
+    lines += [f"  {s['file']}  {_size(s['bytes'])}  {s['tensors']} tensors" for s in summary["shards"][:20]]
     if len(summary["shards"]) > 20:
         lines.append(f"  ... and {len(summary['shards']) - 20} more")
     lines += [

@@ -67,8 +67,8 @@ def suggestions(report: dict, total: dict, density_mass: float) -> dict[str, Any
     keep = [i for i, v in enumerate(report["verdict"]) if v["level"] != MISMATCH]
     excluded = [models[i] for i in range(len(models)) if i not in keep]
     result: dict[str, Any] = {"excluded": excluded}
-    if not keep:
-        return {**result, "note": "every model was rejected by the compatibility check; nothing to suggest"}
+    if len(keep) < 2:
+        return {**result, "note": f"{len(keep)} model(s) share the base; a merge needs two, so there is nothing to suggest"}
     norms = [summary["task_vector_norm"][i] for i in keep]
     cosines = [[summary["task_vector_cosine"][i][j] for j in keep] for i in keep]
     weights, factors = suggest.suggest_weights(norms, cosines)
@@ -77,12 +77,9 @@ def suggestions(report: dict, total: dict, density_mass: float) -> dict[str, Any
     top20 = _mean(summary["top_mass"][i]["0.2"] for i in keep)
     tied = _mean(summary["tied_fraction"][i] for i in keep)
     subset = subset_index(total, keep)
-    if len(keep) < 2:
-        signs = {"relative_sign_conflict": None, "sign_conflict_rate": None}
-    else:
-        if subset is None:  # two or more models rejected: the sign figures of all of them
-            result["note_sign_figures"] = "the sign-conflict figures behind the methods include the rejected models"
-        signs = _clean(figures(total, subset or 0))
+    if subset is None:  # two or more models rejected: the sign figures of all of them
+        result["note_sign_figures"] = "the sign-conflict figures behind the methods include the rejected models"
+    signs = _clean(figures(total, subset or 0))
     evidence, methods = suggest.suggest_methods(len(keep), signs["relative_sign_conflict"], signs["sign_conflict_rate"],
                                       mean_pairwise(cosines), top20, tied)
     chosen = methods[0]

@@ -14,7 +14,11 @@ TENSOR_ROWS = 200
 
 
 def _num(value: Optional[float], spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` in ``spec``; an unknown value as ``-``, right-aligned to the spec's width."""
+    if value is None:
+        width = spec.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(value, spec)
 
 
 def short_names(paths: Sequence[str]) -> list[str]:
