@@ -61,13 +61,42 @@ def test_help_imports_neither_numpy_nor_the_merge(tmp_path):
 def test_a_small_merge_loads_no_compiled_kernels(family, tmp_path, method):
     """Below MergerFactory.COMPILED_MIN_BYTES the merge runs in NumPy: numba and the compiled kernels stay
     unloaded (the kernels room's light modules, shared with the NumPy methods, import no numba), and so does
-    the GGUF writer."""
+    the GGUF writer.
+    bfloat16 is read, widened and narrowed as bits: no ml_dtypes."""
     code, modules = loaded_modules(merge_argv(family, method, tmp_path / "out"))
-    assert code == 0 and "llm_merge.api" in modules
+    assert code == 0 and "llm_merge.api" in modules and "ml_dtypes" not in modules
     assert "numba" not in modules and "llm_merge.kernels.fused" not in modules
     assert not any(m.startswith("llm_merge.io.gguf_output.") for m in modules)
 
 
 def test_a_forced_compiled_merge_loads_the_kernels(family, tmp_path):
     code, modules = loaded_modules(merge_argv(family, "linear", tmp_path / "out"), numba="1")
-    assert code == 0 and {"numba", "llm_merge.kernels.fused"} <= modules
+    assert code == 0 and {"numba", "llm_merge.kernels.fused"} <= modules and "ml_dtypes" not in modules
+
+
+def test_numpy_bfloat16_conversions_match_ml_dtypes_bit_for_bit():
+    """The NumPy backend's bfloat16 bit operations give ml_dtypes' bytes: rounding to nearest even,
+    overflow to Inf, NaN as 0x7FC0 / 0xFFC0; widening is exact."""
+    import ml_dtypes
+    import numpy as np
+
+    from llm_merge.backends.numpy_backend import NumpyOps
+    from llm_merge.io import dtypes
+
+    ops = NumpyOps(compiled=False)
+    exponents = np.arange(256, dtype=np.uint32) << 23
+    significands = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0x17FFF, 0x18000, 0x7F8000, 0x7FFFFF, 0x400000], np.uint32)
+    structured = (exponents[:, None] | significands[None, :]).ravel()
+    random_bits = np.random.default_rng(0).integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([structured, structured | np.uint32(0x80000000), random_bits])
+    with np.errstate(invalid="ignore"):
+        expected = bits.view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    for dtype in (dtypes.BFLOAT16_BITS, np.dtype(ml_dtypes.bfloat16)):
+        narrowed = ops.narrow(bits.view(np.float32), dtype)
+        assert narrowed.dtype == dtype
+        np.testing.assert_array_equal(narrowed.view(np.uint16), expected)
+        widened = np.empty(bits.size, np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # the engine's setting: NaN/Inf are counted
+            ops.widen(narrowed, widened)
+        np.testing.assert_array_equal(widened.view(np.uint32), expected.astype(np.uint32) << 16)
+        assert ops.count_nonfinite(narrowed) == np.count_nonzero(~np.isfinite(expected.view(ml_dtypes.bfloat16)))

@@ -11,9 +11,9 @@ import logging
 import os
 from typing import Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
+from llm_merge.io import dtypes
 from llm_merge.kernels.counter_rng import CounterRNG
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,16 @@ def _load_kernels(compiled: bool):
     return numba_kernels
 
 
-#: Raw lanes of the compiled kernels for 16-bit floats, read and written as stored: bfloat16 bits as
-#: uint16, float16 bits as int16 (numba has no float16; ``kernels.blocks.is_half_lane``). Other floats
-#: pass through float32 bits (uint32).
-HALF_LANES = {np.dtype(ml_dtypes.bfloat16): np.uint16, np.dtype(np.float16): np.int16}
+#: Raw lanes of the compiled kernels for 16-bit floats, read and written as stored: bfloat16 bits
+#: (``dtypes.stored``'s ``BFLOAT16_BITS``) as uint16, float16 bits as int16 (numba has no float16;
+#: ``kernels.blocks.is_half_lane``). Other floats pass through float32 bits (uint32).
+HALF_LANES = {dtypes.BFLOAT16_BITS: np.uint16, np.dtype(np.float16): np.int16}
+
+
+def half_lane(dtype: np.dtype) -> Optional[type]:
+    """``HALF_LANES``'s lane of a 16-bit float dtype (bfloat16 in either form: ``dtypes.is_bfloat16``), else None."""
+    dtype = np.dtype(dtype)
+    return np.uint16 if dtypes.is_bfloat16(dtype) else HALF_LANES.get(dtype)
 
 
 #: itemsize -> (unsigned type of the bits, exponent mask); bfloat16's mask is set apart (same itemsize as float16).
@@ -138,7 +144,7 @@ class NumpyOps:
     # -- host conversions (used by the engine whatever the backend) --------------------
     def widen(self, stored: np.ndarray, out: np.ndarray) -> int:
         """Upcast a chunk in its stored float dtype into the float32 ``out``; returns the NaN/Inf count."""
-        lane = HALF_LANES.get(stored.dtype) if self._kernels else None
+        lane = half_lane(stored.dtype) if self._kernels else None
         if lane is not None:
             return self._kernels.widen_bits(stored.view(lane), out.view(np.uint32))
         if stored.dtype == np.float32:
@@ -146,7 +152,7 @@ class NumpyOps:
                 np.copyto(out, stored)
             if self._kernels:
                 return int(self._kernels.count_nonfinite_kernel(out.view(np.uint32)))
-        elif stored.dtype == ml_dtypes.bfloat16:
+        elif dtypes.is_bfloat16(stored.dtype):
             # bfloat16 is the top half of a float32: widening is a 16-bit shift.
             np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
         else:
@@ -157,16 +163,18 @@ class NumpyOps:
 
     def narrow(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Cast a float32 chunk to the output dtype (round to nearest even)."""
-        lane = HALF_LANES.get(np.dtype(dtype)) if self._kernels else None
+        lane = half_lane(dtype) if self._kernels else None
         if lane is not None:
             return self._kernels.narrow_bits(x.ravel().view(np.uint32), np.empty(x.size, lane)).view(dtype)
+        if dtypes.is_bfloat16(dtype):
+            return narrow_bfloat16(x).reshape(x.shape).view(dtype)
         return x.astype(dtype, copy=False)
 
     @staticmethod
     def count_nonfinite(x: np.ndarray) -> int:
         """NaN/Inf values in an output chunk (bfloat16, float16, float32 or float64), from their exponent bits."""
         bits, exponent = _EXPONENT_BITS[np.dtype(x.dtype).itemsize]
-        if np.dtype(x.dtype) == np.dtype(ml_dtypes.bfloat16):
+        if dtypes.is_bfloat16(x.dtype):
             exponent = bits(0x7F80)
         masked = np.bitwise_and(x.view(bits), exponent)
         return int(np.count_nonzero(masked == exponent))
@@ -174,3 +182,17 @@ class NumpyOps:
     @staticmethod
     def rng(key: int, offset: int) -> CounterRNG:
         return CounterRNG(key, offset)
+
+
+def narrow_bfloat16(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) of float32 values, as ``x.astype(ml_dtypes.bfloat16)`` gives them: the top half
+    of the bits rounded to nearest even (overflow to Inf), and NaN as 0x7FC0 / 0xFFC0 by its sign."""
+    bits = x.ravel().view(np.uint32)
+    rounded = (bits >> np.uint32(16)) & np.uint32(1)
+    rounded += bits
+    rounded += np.uint32(0x7FFF)  # finite values stay below 2^32: 0xFF7FFFFF + 0x8000 at most
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        out[nan] = np.where(bits[nan] >> np.uint32(31), np.uint16(0xFFC0), np.uint16(0x7FC0))
+    return out

@@ -33,7 +33,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
@@ -217,8 +216,8 @@ def load_state_dict(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(value, np.ndarray):
             log.warning("%s: entry %r is a %s, not a tensor; skipped", path, name, type(value).__name__)
             continue
-        if value.dtype == np.uint16:
-            value = value.view(ml_dtypes.bfloat16)  # Paddle stores bfloat16 as uint16 (paddle.uint16 is paddle.bfloat16)
+        if value.dtype == np.uint16:  # Paddle stores bfloat16 as uint16 (paddle.uint16 is paddle.bfloat16)
+            value = value.view(dtypes.to_numpy("BF16"))  # ml_dtypes' type, which safetensors' writer knows
         try:
             dtypes.to_safetensors(value.dtype)
         except MergeError:

@@ -78,25 +78,26 @@ class TensorReader:
         return out
 
     def read_stored(self, info: TensorInfo, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Elements ``[start, start+count)`` in the stored dtype, into ``out`` or a reused scratch buffer.
+        """Elements ``[start, start+count)`` in their ``dtypes.stored`` dtype (bfloat16 as its bits), into ``out``
+        or a reused scratch buffer.
 
         Without ``out`` the result is only valid until the next call.
         """
-        stored = dtypes.to_numpy(info.dtype)
+        stored = dtypes.stored(info.dtype)
         if out is None:
             out = self._scratch_view(count * stored.itemsize).view(stored)
         read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * stored.itemsize, info.file)
         return out
 
     def map_stored(self, info: TensorInfo, start: int, count: int) -> Optional[np.ndarray]:
-        """Elements ``[start, start+count)`` in the stored dtype as a read-only view of the file (no copy).
+        """Elements ``[start, start+count)`` in their ``dtypes.stored`` dtype as a read-only view of the file (no copy).
 
         The view maps just these bytes (from the page below them); the mapping is released with the
         last array viewing it. None where ``read_stored`` must copy them instead: bytes not aligned
         to the element size, bytes past the end of the file (the read names the truncation), or a
         file system that refuses to map the file (then no chunk of that file is mapped again).
         """
-        stored = dtypes.to_numpy(info.dtype)
+        stored = dtypes.stored(info.dtype)
         offset = info.start + start * stored.itemsize
         if offset % stored.itemsize or count <= 0 or info.file in self._unmappable:
             return None
@@ -118,7 +119,9 @@ class TensorReader:
     def read_f32(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
         """Fill the float32 vector ``out`` with elements ``[start, start+len(out))`` upcast to float32."""
         stored = self.read_stored(info, start, out.size, out if info.dtype == "F32" else None)
-        if stored is not out:
+        if info.dtype == "BF16":  # the top half of a float32: a 16-bit shift
+            np.left_shift(stored.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        elif stored is not out:
             np.copyto(out, stored, casting="unsafe")
         return out
 

@@ -28,7 +28,7 @@ def run_statistic(stats: Any, chunks: Callable[[], Iterable[tuple[list[np.ndarra
 def lane_of(infos) -> type:
     """Raw element type the fused kernel reads or writes: the stored 16-bit lane when every tensor has that
     dtype (``HALF_LANES``: bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
-    lanes = {HALF_LANES.get(dtypes.to_numpy(info.dtype), np.uint32) for info in infos}
+    lanes = {HALF_LANES.get(dtypes.stored(info.dtype), np.uint32) for info in infos}
     return lanes.pop() if len(lanes) == 1 else np.uint32
 
 

@@ -157,7 +157,7 @@ class TensorMerger:
             self.writer.write(task.out.file, task.out.start + start * itemsize, data)
 
     def _convert(self, task: TensorTask) -> None:
-        out_dtype = dtypes.to_numpy(task.out.dtype)
+        out_dtype = dtypes.stored(task.out.dtype)
         self._nonfinite, self._out_nonfinite = [0], 0
         for start in range(0, task.numel, self.chunk):
             count = min(self.chunk, task.numel - start)
@@ -189,7 +189,7 @@ class TensorMerger:
                 sums = self._bind(self.merger.reduce, ys, {"start": start})
                 for name, value in sums.items():
                     reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
-        out_dtype = dtypes.to_numpy(task.out.dtype)
+        out_dtype = dtypes.stored(task.out.dtype)
         self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
         self._out_nonfinite = 0
         fused = self._fused(keys, prepared, reduced, n)
@@ -332,7 +332,7 @@ class TensorMerger:
                 return mapped.view(lane)
         bits = self._buffer(buffer, count, lane)
         if as_stored:
-            self.reader.read_stored(info, start, count, bits.view(dtypes.to_numpy(info.dtype)))
+            self.reader.read_stored(info, start, count, bits.view(dtypes.stored(info.dtype)))
         else:  # converted as the generic path converts (the kernel counts NaN/Inf itself)
             self.host.widen(self.reader.read_stored(info, start, count), bits.view(np.float32))
         frozen = bits.view()
