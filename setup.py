@@ -20,7 +20,9 @@ setup(
         "tokenizers": ["tokenizers>=0.13"],
         "gguf": ["gguf>=0.19"],
         "report": ["matplotlib>=3.5"],
+        "moe": ["torch>=2.1", "transformers>=4.48", "tokenizers>=0.13"],
     },
     entry_points={"console_scripts": ["llm-merge=llm_merge.cli.merge:main_entry", "llm-merge-lora=llm_merge.cli.lora:main_entry",
-                                      "llm-merge-extract-lora=llm_merge.cli.extract_lora:main_entry"]},
+                                      "llm-merge-extract-lora=llm_merge.cli.extract_lora:main_entry",
+                                      "llm-merge-moe=llm_merge.cli.moe:main_entry"]},
 )
