@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, option_help, quiet_logging, run_command
 from llm_merge.config.options import MergeConfig
-from llm_merge.config.recipe_files import read_recipe
+from llm_merge.config.recipe_files import read_recipe_documents
 from llm_merge.config.recipes import recipe_to_config
 from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("recipe", nargs="?", help="mergekit YAML recipe")
     parser.add_argument("output_path", nargs="?", help=option_help(MergeConfig, "output_path"))
     parser.add_argument("--config", dest="config_flag", metavar="RECIPE", help="the recipe (instead of the positional one)")
+    parser.add_argument("--intermediate_dir", metavar="DIR", help="multi-document recipes: where the named documents "
+                        "are built (an intermediate built from the same document and inputs is reused)")
     add_option_flags(parser, MergeConfig, RECIPE_OPTIONS, defaults=RECIPE_DEFAULTS)
     add_debug_and_version(parser)
     return parser
@@ -52,7 +54,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[str, str, dict[str
 
 def _recipe_command(argv: Optional[Sequence[str]]) -> None:
     recipe_path, output_path, options = parse_args(argv)
-    options["recipe_text"], recipe = read_recipe(recipe_path)
+    intermediate_dir = options.pop("intermediate_dir", None)
+    text, documents = read_recipe_documents(recipe_path)
+    if len(documents) == 1 and not isinstance(documents[0], dict):
+        raise ConfigError(f"recipe {recipe_path}: expected a mapping with merge_method, models, ...")
+    if len(documents) > 1 or "name" in documents[0]:
+        from llm_merge.cli.recipe_multi import run_documents
+
+        quiet_logging(bool(options.get("quiet")))
+        run_documents(documents, recipe_path, output_path, intermediate_dir, options)
+        return
+    options["recipe_text"], recipe = text, documents[0]
     cfg = resolve(recipe_to_config(recipe, output_path, base_dir=Path(recipe_path).resolve().parent, **options))
     quiet_logging(cfg.quiet)
     if cfg.dry_run:

@@ -120,6 +120,9 @@ class MergeConfig:
     )
     model_card: bool = _opt(False, "write a README.md model card (method, models, options, recipe) into the output")
     recipe_text: Optional[str] = _opt(None, "the mergekit recipe this merge was made from (set by recipe mode; shown in the model card)")
+    recipe_hash: Optional[str] = _opt(
+        None, "multi-document recipes: hash of the document and its inputs (set by recipe mode; an intermediate with the "
+        "same hash is reused)")
     nuslerp_flatten: bool = _opt(True, "nuslerp: interpolate the whole tensor as one vector (false: each row, or each column with nuslerp_row_wise)")
     nuslerp_row_wise: bool = _opt(False, "nuslerp with nuslerp_flatten false: vectors along dimension 0 (columns of a matrix) instead of rows")
     model_stock_filter_wise: bool = _opt(False, "model_stock: one ratio t per row (mergekit filter_wise) instead of per tensor")

@@ -28,6 +28,32 @@ def read_recipe(path: str | os.PathLike) -> tuple[str, dict]:
     return text, recipe
 
 
+def read_recipe_documents(path: str | os.PathLike) -> tuple[str, list[Any]]:
+    """A recipe file's text and its YAML documents (``---``-separated; one bounded read, each document's
+    aliases bounded as ``parse_yaml``'s)."""
+    import yaml
+
+    label = f"recipe {path}"
+    text = side_files.read_text(path, label, error=ConfigError)
+    loader = yaml.SafeLoader(text)
+    documents = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            _expanded_size(node, {}, set())
+            documents.append(loader.construct_document(node))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{label}: nested too deeply") from None
+    finally:
+        loader.dispose()
+    documents = [d for d in documents if d is not None]
+    if not documents:
+        raise ConfigError(f"{label}: expected a mapping with merge_method, models, ...")
+    return text, documents
+
+
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load``, refusing recursive aliases and documents whose aliases expand past MAX_RECIPE_NODES.
 
