@@ -35,6 +35,8 @@ def test_defaults_resolve_to_linear_with_unit_weights():
 def test_method_table_rows(method):
     if method == "passthrough":  # copies exactly one model, without a base
         resolved = resolve(cfg(merge_method=method, model_path_list=["a"]))
+    elif method == "nearswap":  # one model against a base, with its threshold
+        resolved = resolve(cfg(merge_method=method, model_path_list=["a"], base_model_path="base", nearswap_t=0.1))
     else:
         resolved = resolve(cfg(merge_method=method, base_model_path="base"))
     assert (resolved.sparsify_type, resolved.merge_type) == METHOD_TABLE[method]

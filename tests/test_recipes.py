@@ -204,7 +204,8 @@ def test_recipe_method_table_is_consistent():
         assert spec.merge_method in METHOD_TABLE, name
         assert spec.parameters <= KNOWN_PARAMETERS, name
         assert set(spec.defaults) <= {"normalize", "rescale"}, name
-    assert BOOL_PARAMETERS == {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise"}
+    assert BOOL_PARAMETERS == {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_flatten", "nuslerp_row_wise",
+                               "normalize_weights"}
 
 
 # --------------------------------------------------------------------------- configs/*.yml end to end

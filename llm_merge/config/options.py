@@ -30,6 +30,8 @@ METHOD_TABLE: dict[str, tuple[str, str]] = {
     "model_stock": ("none", "model_stock"),
     "nuslerp": ("none", "nuslerp"),
     "passthrough": ("none", "passthrough"),
+    "nearswap": ("none", "nearswap"),
+    "multislerp": ("none", "multislerp"),
 }
 
 
@@ -40,7 +42,7 @@ MERGEKIT_SPARSIFY: dict[str, str] = {"trim": "magnitude", "dare": "random", "mag
 SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs", *MERGEKIT_SPARSIFY.values())
 
 
-MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough")
+MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough", "nearswap", "multislerp")
 
 
 #: Options that may be given once per model (``{name}_list``), overriding the scalar for that model's sparsifier.
@@ -49,7 +51,7 @@ PER_MODEL_OPTIONS = ("reserve_p", "epsilon", "gamma")
 
 #: Options that ``tensor_parameters`` may set per tensor (scalars, or one value per model for the *_list ones).
 TENSOR_OPTIONS = ("weight_list", "normalize", "reserve_p", "epsilon", "gamma", "rescale", "scale", "slerp_alpha",
-                  "reserve_p_list", "epsilon_list", "gamma_list")
+                  "reserve_p_list", "epsilon_list", "gamma_list", "nearswap_t")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -126,6 +128,11 @@ class MergeConfig:
     nuslerp_flatten: bool = _opt(True, "nuslerp: interpolate the whole tensor as one vector (false: each row, or each column with nuslerp_row_wise)")
     nuslerp_row_wise: bool = _opt(False, "nuslerp with nuslerp_flatten false: vectors along dimension 0 (columns of a matrix) instead of rows")
     model_stock_filter_wise: bool = _opt(False, "model_stock: one ratio t per row (mergekit filter_wise) instead of per tensor")
+    nearswap_t: Optional[float] = _opt(
+        None, "nearswap (required, > 0; mergekit's t): each entry moves from the base to the model where they differ "
+        "by at most this, and by this much towards the model elsewhere")
+    multislerp_normalize_weights: bool = _opt(True, "multislerp: divide the weights by their sum (mergekit's normalize_weights)")
+    multislerp_eps: float = _opt(1e-8, "multislerp: added to each norm before dividing by it (mergekit's eps), >= 0")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")
@@ -216,5 +223,5 @@ FIELD_TYPES = types.hints_of(MergeConfig)
 
 
 #: options a slice's or a source's ``parameters`` may set (per model: weight and PER_MODEL_OPTIONS)
-SLICE_OPTIONS = ("weight", *PER_MODEL_OPTIONS, "normalize", "rescale", "scale", "slerp_alpha")
+SLICE_OPTIONS = ("weight", *PER_MODEL_OPTIONS, "normalize", "rescale", "scale", "slerp_alpha", "nearswap_t")
 

@@ -47,6 +47,8 @@ SHARED = {
     "nuslerp_flatten": SharedParameter("nuslerp_flatten", boolean=True, per_tensor=False),
     "nuslerp_row_wise": SharedParameter("nuslerp_row_wise", boolean=True, per_tensor=False),
     "int8_mask": SharedParameter(None, boolean=True),  # computation is always float32
+    "normalize_weights": SharedParameter("multislerp_normalize_weights", boolean=True, per_tensor=False),
+    "eps": SharedParameter("multislerp_eps", boolean=False),
 }
 
 

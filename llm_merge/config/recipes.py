@@ -66,6 +66,29 @@ def _base_first_inputs(method: str, models: Models, base: Optional[str]) -> tupl
     return [(base, {})] + others, {"model_path_list": [base, others[0][0]]}
 
 
+def _base_and_one_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """nearswap: base_model and exactly one other model, whose task vector is merged."""
+    models, values = _task_vector_inputs(method, models, base)
+    if len(models) != 1:
+        raise ConfigError(f"recipe: {method} merges base_model with exactly 1 other model, got {len(models)}")
+    return models, values
+
+
+def _renamed_options(values: dict, renames: Mapping[str, str]) -> dict:
+    """``values`` (and their tensor_parameters and slice parameters) with options renamed as the method reads them."""
+    def rename(mapping: dict) -> dict:
+        return {renames.get(k, k): v for k, v in mapping.items()}
+
+    out = rename(values)
+    if isinstance(out.get("tensor_parameters"), dict):
+        out["tensor_parameters"] = rename(out["tensor_parameters"])
+    if out.get("slices"):
+        out["slices"] = [{**s, "parameters": rename(s["parameters"]),
+                          "sources": [{**src, "parameters": rename(src["parameters"])} for src in s["sources"]]}
+                         for s in out["slices"]]
+    return out
+
+
 def _single_model_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
     """passthrough: exactly one model, no base."""
     if base is not None or len(models) != 1:
@@ -173,6 +196,7 @@ class RecipeMethod:
     arrange_slice: Callable[[dict, list[dict], list[dict], Optional[str]], tuple[dict, list[dict]]] = _slice_as_given
     unset: Mapping[str, Any] = field(default_factory=dict)  # values when no parameter sets them
     slices_need_weights: bool = True  # a slice source other than the base needs a weight (when per_model has one)
+    renames: Mapping[str, str] = field(default_factory=dict)  # our option -> the one this method reads instead
 
     @property
     def parameters(self) -> set[str]:
@@ -195,6 +219,8 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
     "model_stock": RecipeMethod("model_stock", (), ("filter_wise",)),
     "passthrough": RecipeMethod("passthrough", (PASSTHROUGH_SCALE,), inputs=_single_model_inputs,
                                 per_model_settings=_passthrough_scale, arrange_slice=_source_scale_to_slice),
+    "nearswap": RecipeMethod("nearswap", (), ("t",), inputs=_base_and_one_inputs, renames={"slerp_alpha": "nearswap_t"}),
+    "multislerp": RecipeMethod("multislerp", ("weight",), ("normalize_weights", "eps"), inputs=_optional_base_inputs),
     #                          merge_method        normalize rescale  per-model parameters besides weight
     "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
     "ties": _task_arithmetic_family("ties", True, False, "density"),
@@ -242,7 +268,7 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
     if tensor_parameters:
         values["tensor_parameters"] = tensor_parameters
     values.update(options)
-    return config_from_dict(values, source="recipe")
+    return config_from_dict(_renamed_options(values, spec.renames), source="recipe")
 
 
 def _recipe_method(recipe: dict) -> tuple[str, RecipeMethod]:

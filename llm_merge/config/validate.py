@@ -85,9 +85,27 @@ def _check_models(cfg: MergeConfig, merge_type: str) -> list[float]:
     if merge_type == "passthrough" and (n_models != 1 or cfg.base_model_path):
         raise ConfigError(f"--merge_method passthrough: copies exactly 1 model without a base, got {n_models} model(s)"
                           + (" and a base" if cfg.base_model_path else ""))
+    _check_nearswap_multislerp(cfg, merge_type, weights)
     if merge_type == "model_stock" and (n_models < 2 or not cfg.base_model_path):
         raise ConfigError("--merge_method model_stock: needs --base_model_path and at least 2 models")
     return weights
+
+
+def _check_nearswap_multislerp(cfg: MergeConfig, merge_type: str, weights: list[float]) -> None:
+    """nearswap: one model, a base and --nearswap_t > 0; multislerp: weights that can be normalized, eps >= 0."""
+    n_models = len(cfg.model_path_list)
+    if merge_type == "nearswap":
+        if n_models != 1 or not cfg.base_model_path:
+            raise ConfigError(f"--merge_method nearswap: needs --base_model_path and exactly 1 model, got {n_models}"
+                              + ("" if cfg.base_model_path else " and no base"))
+        t = cfg.nearswap_t
+        if t is None or not (math.isfinite(t) and t > 0):
+            raise ConfigError(f"--nearswap_t: {t} must be a number > 0 (required by nearswap)")
+    if merge_type == "multislerp":
+        if cfg.multislerp_normalize_weights and sum(weights) == 0:
+            raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --multislerp_normalize_weights false")
+        if not (math.isfinite(cfg.multislerp_eps) and cfg.multislerp_eps >= 0):
+            raise ConfigError(f"--multislerp_eps: {cfg.multislerp_eps} must be a finite number >= 0")
 
 
 def _check_per_model_lists(cfg: MergeConfig, sparsify_type: Optional[str]) -> None:

@@ -1,0 +1,70 @@
+"""mergekit's nearswap and multislerp (mergekit/merge_methods/nearswap.py, multislerp.py).
+
+Same contract as ``extra.py``: float32 chunks in, a new chunk out; whole-tensor statistics come from a
+registered ``reduce`` (additive sums over the chunks). No compiled kernels: the NumPy (or Paddle) path.
+
+* **nearswap** (base b, one model x, threshold t > 0): mergekit's w = clamp(t / |b − x|, 0, 1) (1 where
+  b = x), result w·x + (1 − w)·b. On the task vector y = x − b that is b + w·y = b + clip(y, −t, t): the
+  engine adds the base, so the merge is a clip of the task vector.
+* **multislerp** (any number of inputs y_i, task vectors when there is a base): with weights w (divided
+  by their sum when ``multislerp_normalize_weights``), n_i = ‖y_i‖, u_i = y_i / (n_i + eps),
+  mean = Σ w_i u_i, mergekit projects the u_i on the tangent space at mean/‖mean‖, sums them with the
+  weights there and maps back. That tangent sum is Σ w_i u_i − ⟨Σ w_i u_i, m⟩·m = 0 exactly (m the unit
+  mean), so its exponential map returns m (mergekit's result differs by float rounding only):
+  result = m · Σ w_i n_i = Σ c_i y_i, c_i = w_i / (n_i + eps) · Σ_j w_j n_j / ‖mean‖. When ‖mean‖ < eps:
+  two inputs fall back to Σ w_i y_i, more are an error (as mergekit). One input is returned as is.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llm_merge.errors import MergeError
+from llm_merge.methods.registry import register
+
+
+@register("merge", "nearswap", inputs=1)
+def nearswap(ys, *, nearswap_t, ops):
+    """mergekit nearswap on the task vector: clip(y, −t, t) (the engine adds the base)."""
+    y = ys[0]
+    t = ops.float32(nearswap_t)
+    return ops.where(y > t, t, ops.where(y < -t, -t, y))
+
+
+def multislerp_sums(ys, *, ops):
+    """Additive statistics: ⟨y_i, y_j⟩ for every pair i ≤ j, row by row of the upper triangle."""
+    return {"sums": tuple(ops.dot64(ys[i], ys[j]) for i in range(len(ys)) for j in range(i, len(ys)))}
+
+
+def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: bool, multislerp_eps: float) -> list[float]:
+    """The c_i of result = Σ c_i y_i (see the module docstring), from the Gram entries of ``multislerp_sums``."""
+    k = len(weight_list)
+    if k == 1:
+        return [1.0]
+    g = [[0.0] * k for _ in range(k)]
+    entries = iter(sums)
+    for i in range(k):
+        for j in range(i, k):
+            g[i][j] = g[j][i] = float(next(entries))
+    total = math.fsum(weight_list)
+    w = [x / total for x in weight_list] if multislerp_normalize_weights else [float(x) for x in weight_list]
+    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
+    a = [w[i] / (norms[i] + multislerp_eps) for i in range(k)]  # mean = Σ a_i y_i
+    mean_norm = math.sqrt(max(math.fsum(a[i] * a[j] * g[i][j] for i in range(k) for j in range(k)), 0.0))
+    if mean_norm < multislerp_eps:
+        if k == 2:
+            return w
+        raise MergeError("multislerp: the weighted sum of the normalized inputs is zero (antipodal inputs with "
+                         "balancing weights); use other weights")
+    avg_norm = math.fsum(wi * ni for wi, ni in zip(w, norms))
+    return [ai * avg_norm / mean_norm for ai in a]
+
+
+@register("merge", "multislerp", reduce=multislerp_sums, produces=("sums",))
+def multislerp(ys, *, sums, weight_list, multislerp_normalize_weights, multislerp_eps, ops):
+    """mergekit multislerp: barycentric interpolation on the hypersphere of the whole tensors."""
+    coefficients = multislerp_coefficients(sums, weight_list, multislerp_normalize_weights, multislerp_eps)
+    total = ys[0] * ops.float32(coefficients[0])
+    for y, c in zip(ys[1:], coefficients[1:]):
+        total += y * ops.float32(c)
+    return total
