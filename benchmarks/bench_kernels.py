@@ -3,9 +3,10 @@
 
 Loads one tensor of the base and every fine-tune into memory (bfloat16 bits, read-only,
 1M-element chunks as the engine passes them) and times, best of ``--repeat``, the
-statistics passes (TIES trim threshold, DELLA rank tables) and the fused apply pass of
-each method. Prints nanoseconds per element and model: the numbers behind the "where
-the time goes" notes in README.md, without the I/O, start-up and scheduling around them.
+statistics passes (TIES trim threshold, DELLA rank tables; mergekit's magnitude selection,
+random's L1 sums, della_magprune's row ranks and keep bits) and the fused apply pass of each
+method. Prints nanoseconds per element and model: the numbers behind the "where the time goes"
+notes in README.md, without the I/O, start-up and scheduling around them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ APPLY_PASSES = [
     ("dare_ties", "dare", "ties", None),
     ("della", "magprune", "ties", "ranks"),
     ("della_linear", "magprune", "linear", "ranks"),
+    ("mergekit ties", "magnitude", "ties", "magnitude"),
+    ("mergekit dare_ties", "random", "ties", "random"),
+    ("mergekit della", "della_magprune", "ties", "della_magprune"),
 ]
+#: Streamed statistics timed, by the label of ``statistics``.
+STATISTICS = ("trim", "ranks", "magnitude", "random", "della_magprune")
 
 
 def default_tensor(checkpoint: Checkpoint) -> str:
@@ -72,11 +78,18 @@ def chunks(raws: list[np.ndarray], base: np.ndarray):
         yield start, [r[start:start + CHUNK] for r in raws], base[start:start + CHUNK]
 
 
-def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dict) -> list[dict]:
+def statistics(kind: str, raws: list[np.ndarray], base: np.ndarray, options: dict, shape: tuple) -> list[dict]:
     """Every pass of one streamed statistic over the tensor; the per-model results."""
     k, n = len(raws), base.size
+    per_model, keys = [options] * k, list(range(1, k + 1))
     if kind == "trim":
         stats = fused.StreamingTrim(k, n, options["reserve_p"], options["rescale"], BLOCK)
+    elif kind == "magnitude":
+        stats = fused.StreamingMagnitude(n, per_model, options["rescale"], BLOCK)
+    elif kind == "random":
+        stats = fused.StreamingRandomL1(keys, per_model, options["rescale"], BLOCK)
+    elif kind == "della_magprune":
+        stats = fused.StreamingRowKeep.create(n, shape, keys, per_model, options["rescale"])
     else:
         stats = fused.StreamingRanks(k, n, BLOCK, TensorMerger.EXCLUSIVE_BYTES)
     return run_statistic(stats, lambda: ((chunk, base_chunk) for _, chunk, base_chunk in chunks(raws, base)))
@@ -124,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
           f"best of {args.repeat}")
     print(f"{'pass':44s} {'ns':>6s}")
     statistics_ns = {}
-    for kind in ("trim", "ranks"):
-        statistics_ns[kind] = best_ns(lambda: statistics(kind, raws, base, options), args.repeat, n * k)
+    shape = checkpoints[0].tensors[name].shape
+    for kind in STATISTICS:
+        statistics_ns[kind] = best_ns(lambda: statistics(kind, raws, base, options, shape), args.repeat, n * k)
         print(f"{'statistics: ' + kind:44s} {statistics_ns[kind]:6.2f}")
-    ready = {kind: statistics(kind, raws, base, options) for kind in ("trim", "ranks")}
+    ready = {kind: statistics(kind, raws, base, options, shape) for kind in STATISTICS}
     for label, sparsify, merge, stats in APPLY_PASSES:
         ns = best_ns(lambda: apply(sparsify, merge, ready.get(stats), raws, base, options, out), args.repeat, n * k)
         print(f"{'apply: ' + label:44s} {ns:6.2f}")

@@ -38,8 +38,10 @@ def test_bench_kernels_times_every_pass(tmp_path, capsys):
     timed = {line.rsplit(None, 1)[0]: float(line.rsplit(None, 1)[1]) for line in lines
              if line.startswith(("statistics:", "apply:"))}
     assert set(timed) == {"statistics: trim", "statistics: ranks", "apply: linear", "apply: ties",
-                          "apply: dare_linear", "apply: dare_ties", "apply: della (statistics subtracted)",
-                          "apply: della_linear (statistics subtracted)"}
+                          "apply: dare_linear", "apply: dare_ties", "apply: della",
+                          "apply: della_linear", "statistics: magnitude", "statistics: random",
+                          "statistics: della_magprune", "apply: mergekit ties", "apply: mergekit dare_ties",
+                          "apply: mergekit della"}
     assert all(timed[name] > 0 for name in timed if name.startswith("statistics"))
 
 

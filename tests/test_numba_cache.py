@@ -74,7 +74,8 @@ def test_a_changed_dependency_recompiles_and_an_unchanged_one_loads_the_cache(tm
 
 
 #: The modules of llm_merge.kernels that define compiled kernels.
-KERNEL_MODULES = ("blocks", "method_blocks", "fused", "twins", "streaming", "ranks")
+KERNEL_MODULES = ("blocks", "method_blocks", "fused", "twins", "streaming", "ranks", "draws", "mergekit_blocks",
+                  "mergekit_streaming", "row_ranks")
 
 
 def _imported_from(module) -> dict:

@@ -117,19 +117,34 @@ class NumpyOps:
 
     def streaming_peak_bytes(self, kernel: str, *, k: int, numel: int, budget: int) -> int:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables,
-        which keep within ``budget`` bytes where they can: ``StreamingRanks.mixed_fraction_limit``)."""
-        if kernel != "magprune":
-            return 0
-        return self._kernels.StreamingRanks.peak_bytes(k, numel, budget)
-
-    def streaming_prepare(self, kernel: str, *, k: int, numel: int, options: dict, budget: int):
-        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``kernels.streaming.StreamingTrim`` /
-        ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can), for a sparsifier whose spec
-        streams them (``Method.streams``)."""
-        block = self._kernels.FusedChunks.BLOCK
+        which keep within ``budget`` bytes where they can: ``StreamingRanks.mixed_fraction_limit``; della_magprune's
+        keep bits)."""
         if kernel == "magprune":
-            return self._kernels.StreamingRanks(k, numel, block, budget)
-        return self._kernels.StreamingTrim(k, numel, options["reserve_p"], options["rescale"], block)
+            return self._kernels.StreamingRanks.peak_bytes(k, numel, budget)
+        if kernel == "della_magprune":
+            return self._kernels.StreamingRowKeep.peak_bytes(k, numel)
+        return 0
+
+    def streaming_prepare(self, kernel: str, *, k: int, numel: int, options: dict, budget: int,
+                          model_options: Optional[list[dict]] = None, keys: Optional[list[int]] = None,
+                          shape: tuple = ()):
+        """Whole-tensor statistics fed raw chunks of all k inputs per pass (``kernels.streaming.StreamingTrim`` /
+        ``StreamingRanks``, whose tables keep within ``budget`` bytes where they can; mergekit's
+        ``StreamingMagnitude``, ``StreamingRandomL1``, ``StreamingRowKeep``), for a sparsifier whose spec streams
+        them (``Method.streams``); None where they do not stream this tensor. ``model_options``: each model's
+        options (default ``options``), ``keys``: each model's random stream, ``shape``: the tensor's."""
+        kernels, block = self._kernels, self._kernels.FusedChunks.BLOCK
+        model_options = model_options or [options] * k
+        rescale = options["rescale"]
+        if kernel == "magprune":
+            return kernels.StreamingRanks(k, numel, block, budget)
+        if kernel == "magnitude":
+            return kernels.StreamingMagnitude(numel, model_options, rescale, block)
+        if kernel == "random":
+            return kernels.StreamingRandomL1(keys, model_options, rescale, block)
+        if kernel == "della_magprune":
+            return kernels.StreamingRowKeep.create(numel, shape, keys, model_options, rescale)
+        return kernels.StreamingTrim(k, numel, [o["reserve_p"] for o in model_options], rescale, block)
 
     def streaming_reduce(self, kernel: Optional[str], *, k: int):
         """The merge's whole-tensor sums fed raw chunks of all k inputs (``kernels.streaming.StreamingSlerpSums``), or None."""

@@ -17,7 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llm_merge.kernels import blocks, counter_rng, method_blocks, ranks
+from llm_merge.errors import MergeError
+from llm_merge.kernels import blocks, counter_rng, draws, mergekit_blocks, method_blocks, ranks
 from llm_merge.kernels.blocks import (  # noqa: F401 (count_nonfinite_kernel re-exported)
     JIT_OPTIONS,
     TaskVectorBuffers,
@@ -35,7 +36,9 @@ from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-e
     sparsify_constants,
     sparsify_rows,
 )
+from llm_merge.kernels.mergekit_streaming import StreamingMagnitude, StreamingRandomL1  # noqa: F401 (re-exported)
 from llm_merge.kernels.ranks import RankTable, magnitude_midranks, rank_block  # noqa: F401 (re-exported)
+from llm_merge.kernels.row_ranks import StreamingRowKeep, keep_bits  # noqa: F401 (StreamingRowKeep re-exported)
 from llm_merge.kernels.streamed_ranks import StreamingRanks  # noqa: F401 (re-exported)
 from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
     StreamingSlerpSums,
@@ -127,9 +130,12 @@ class FusedChunks:
     #: 8 models (1024 measured fastest on a 48 KB L1: TIES 2.7 ns/element against 3.3 at 16384).
     BLOCK = 1 << 10
 
-    def __init__(self, *, sparsify_type, merge_type, keys, prepared, numel, options, coefficients=None):
+    def __init__(self, *, sparsify_type, merge_type, keys, prepared, numel, options, coefficients=None,
+                 model_options=None):
+        """``model_options``: each model's options (per-model densities; default ``options`` for all)."""
         stats = prepared or [{}] * len(keys)
-        self.sparsifier = sparsify_constants(sparsify_type, keys, options, numel, stats)
+        masks = [keep_bits(s, key, numel) for s, key in zip(stats, keys)]  # della_magprune's
+        self.sparsifier = sparsify_constants(sparsify_type, keys, options, numel, stats, model_options, masks)
         self.merger = merge_constants(merge_type, options["weight_list"], options["normalize"],
                                       options["ties_elect_type"], coefficients)
         self.ranks = [s.get("doubled_midranks") for s in stats]
@@ -137,6 +143,7 @@ class FusedChunks:
         streamed = bool(tables) and all(t is not None for t in tables)
         self.tables = tuple(t.arrays for t in tables) if streamed else _NO_TABLES
         self._no_ranks = np.zeros(0, np.uint32)
+        self._next_start = 0
         self._buffers = BlockBuffers.allocate(len(keys), self.BLOCK)
 
     def run(self, raws, base_raw, start, out) -> np.ndarray:
@@ -144,9 +151,13 @@ class FusedChunks:
 
         ``raws``: one uint16 (bfloat16 bits), int16 (float16 bits) or uint32 (float32 bits) array per
         model, all of one type; ``out``: a lane of the output dtype (uint16, int16 or uint32), their
-        length. Returns the NaN/Inf counts of each input, of the base, then of the output.
+        length. Returns the NaN/Inf counts of each input, of the base, then of the output. Chunks come in
+        order while magnitude still counts the entries it drops (``kernels.mergekit_blocks.band_block``).
         """
         count = out.size
+        if start != self._next_start and (self.sparsifier.band_cuts[:, 0] < 0).any():
+            raise MergeError(f"fused pass: chunk at element {start} out of order (expected {self._next_start})")
+        self._next_start = start + count
         chunk_ranks = tuple(r[start : start + count] if r is not None else self._no_ranks for r in self.ranks)
         raws, base_raw, has_base, _ = chunk_inputs(raws, base_raw)
         nonfinite = np.zeros(len(raws) + 2, np.int64)
@@ -201,5 +212,5 @@ def initialize() -> None:
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.
-KERNEL_DEPENDENCIES = (blocks, counter_rng, method_blocks, ranks)
+KERNEL_DEPENDENCIES = (blocks, counter_rng, draws, mergekit_blocks, method_blocks, ranks)
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

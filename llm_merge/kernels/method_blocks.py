@@ -1,10 +1,11 @@
 """Each method's compiled math, written once: the block functions of the sparsifiers (DARE, trim,
-magprune) and of the merges (linear, TIES) that the fused chunk pass (``kernels.fused``) and the
-drop-in twins of the NumPy methods (``kernels.twins``) both call.
+magprune; mergekit's random, magnitude and della_magprune in ``kernels.mergekit_blocks``) and of the
+merges (linear, TIES) that the fused chunk pass (``kernels.fused``) and the drop-in twins of the NumPy
+methods (``kernels.twins``) call.
 
 Each follows the float32 operation order of its NumPy twin in ``llm_merge.methods`` (IEEE
 semantics, no fastmath), so both give the same bits; ``tests/test_kernels.py`` holds them to that.
-Random draws use the counter-based splitmix64 stream of ``llm_merge.kernels.counter_rng``.
+Random draws use the counter-based splitmix64 stream of ``llm_merge.kernels.counter_rng`` (``kernels.draws``).
 
 A sparsifier's block function reads ``source[:count]`` and writes ``target[:count]``: the fused pass
 passes one task-vector row as both (in place), a twin its input and a fresh output. A merge's reads
@@ -15,34 +16,42 @@ the models' entries from ``rows``: a 2-D array (the fused pass's rows) or a tupl
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from llm_merge.kernels import blocks, counter_rng
+from llm_merge.kernels import blocks, counter_rng, draws, mergekit_blocks
 from llm_merge.kernels.blocks import JIT_OPTIONS
 from llm_merge.kernels.cache import configure_kernel_caches
-from llm_merge.kernels.counter_rng import GAMMA, MIX1, MIX2, UNIT, keep_threshold
+from llm_merge.kernels.counter_rng import GAMMA, UNIT, keep_threshold
+from llm_merge.kernels.draws import draw_state as _draw_state, mix53 as _mix53
+from llm_merge.kernels.mergekit_blocks import band_block, masked_block, random_block
 
-NONE, DARE, TRIM, MAGPRUNE = 0, 1, 2, 3
-SPARSIFY_CODES = {"none": NONE, "dare": DARE, "trim": TRIM, "magprune": MAGPRUNE}
+NONE, DARE, TRIM, MAGPRUNE, RANDOM, BAND, MASKED = 0, 1, 2, 3, 4, 5, 6
+SPARSIFY_CODES = {"none": NONE, "dare": DARE, "trim": TRIM, "magprune": MAGPRUNE, "random": RANDOM,
+                  "magnitude": BAND, "della_magprune": MASKED}
 LINEAR, TIES = 0, 1
 
 
 class SparsifyConstants(NamedTuple):
     """A sparsifier's constants for one tensor of k models (``sparsify_constants`` builds them)."""
 
-    code: int  # NONE, DARE, TRIM or MAGPRUNE
+    code: int  # one of SPARSIFY_CODES
     keys: np.ndarray  # uint64 per model: its stream of random draws
-    dare_threshold: int  # DARE keeps an entry iff its 53-bit draw is below this
-    dare_p: np.float32  # DARE's divisor of kept entries (reserve_p)
+    dare_threshold: np.ndarray  # uint64 per model: DARE / random keep an entry iff its 53-bit draw is below this
+    dare_p: np.ndarray  # float32 per model: DARE's divisor of kept entries (reserve_p)
     rescale: bool  # DARE / magprune: divide kept entries by their keep probability
     trim_threshold: np.ndarray  # float32 per model: trim keeps |t| >= this
-    trim_scale: np.ndarray  # float32 per model: trim's L1 scale of kept entries
-    top: float  # magprune's keep probability of rank 0
-    step: float  # magprune's keep probability lost per rank (ranks are midranks: halves too)
+    l1_scale: np.ndarray  # float32 per model: the L1 scale of kept entries (trim, mergekit's sparsifiers)
+    scaled: np.ndarray  # bool per model: mergekit's sparsifiers multiply by l1_scale (their factor is not 1)
+    top: np.ndarray  # float64 per model: magprune's keep probability of rank 0
+    step: np.ndarray  # float64 per model: magprune's keep probability lost per rank (midranks: halves too)
+    keep_all: np.ndarray  # bool per model: magnitude / della_magprune return the task vector (density 1)
+    band_bounds: np.ndarray  # (k, 2) float32: magnitude keeps low < |t| < high (``band_mask``) ...
+    band_cuts: np.ndarray  # (k, 2) int64: ... and |t| == low from element low_cut, |t| == high before high_cut
+    masks: tuple  # per model: della_magprune's keep bits (uint8, bit j % 8 of byte j // 8; empty elsewhere)
 
 
 class MergeConstants(NamedTuple):
@@ -60,15 +69,35 @@ def magprune_line(reserve_p: float, epsilon: float, numel: int) -> tuple[float, 
     return reserve_p + epsilon / 2, epsilon / numel
 
 
-def sparsify_constants(sparsify_type: str, keys, options: dict, numel: int, stats: list[dict]) -> SparsifyConstants:
-    """The constants of sparsifier ``sparsify_type`` from the options and each model's statistics."""
-    p = options["reserve_p"]
-    top, step = magprune_line(p, options["epsilon"], numel)
+#: ``SparsifyConstants.band_bounds`` / ``band_cuts`` of a model that magnitude does not select from.
+_NO_BAND = ((0.0, 0.0), (0, 0))
+
+
+def sparsify_constants(sparsify_type: str, keys, options: dict, numel: int, stats: list[dict],
+                       model_options: Optional[list[dict]] = None, masks: Optional[list] = None) -> SparsifyConstants:
+    """The constants of sparsifier ``sparsify_type`` from each model's options (``model_options``, default
+    ``options`` for every model), statistics and keep bits (``masks``: della_magprune's, None where it keeps all)."""
+    per_model = model_options or [options] * len(keys)
+    p = [o["reserve_p"] for o in per_model]
+    lines = np.array([magprune_line(o["reserve_p"], o["epsilon"], numel) for o in per_model], np.float64).reshape(-1, 2)
+    l1 = [s.get("l1_scale", 1.0) for s in stats]
+    selections = [s.get("selection") for s in stats]
+    bands = [(sel[0::2], sel[1::2]) if sel is not None else _NO_BAND for sel in selections]
+    masks = masks if masks is not None else [None] * len(keys)
     return SparsifyConstants(
-        code=SPARSIFY_CODES[sparsify_type], keys=np.asarray(keys, dtype=np.uint64), dare_threshold=keep_threshold(p),
-        dare_p=np.float32(p), rescale=options["rescale"],
-        trim_threshold=np.array([s.get("threshold", 0.0) for s in stats], np.float32),
-        trim_scale=np.array([s.get("l1_scale", 1.0) for s in stats], np.float32), top=top, step=step)
+        code=SPARSIFY_CODES[sparsify_type], keys=np.asarray(keys, dtype=np.uint64),
+        dare_threshold=np.array([keep_threshold(v) for v in p], np.uint64), dare_p=np.array(p, np.float32),
+        rescale=options["rescale"], trim_threshold=np.array([s.get("threshold", 0.0) for s in stats], np.float32),
+        l1_scale=np.array(l1, np.float32), scaled=np.array([v != 1.0 for v in l1], np.bool_),
+        top=np.ascontiguousarray(lines[:, 0]), step=np.ascontiguousarray(lines[:, 1]),
+        keep_all=np.array([(sel is None) if sparsify_type == "magnitude" else (mask is None)
+                           for sel, mask in zip(selections, masks)], np.bool_),
+        band_bounds=np.array([b[0] for b in bands], np.float32).reshape(-1, 2),
+        band_cuts=np.array([b[1] for b in bands], np.int64).reshape(-1, 2),
+        masks=tuple(m if m is not None else _NO_MASK for m in masks))
+
+
+_NO_MASK = np.zeros(0, np.uint8)
 
 
 def merge_constants(merge_type: str, weight_list, normalize: bool, ties_elect_type: str,
@@ -81,24 +110,6 @@ def merge_constants(merge_type: str, weight_list, normalize: bool, ties_elect_ty
         return MergeConstants(LINEAR, np.asarray(coefficients, np.float32), False, total_weight, by_count)
     code = LINEAR if merge_type == "linear" else TIES
     return MergeConstants(code, np.asarray(weight_list, np.float32), normalize, total_weight, by_count)
-
-
-@njit(inline="always", **JIT_OPTIONS)
-def _draw_state(key, index):
-    """splitmix64's state for element ``index`` of stream ``key``; element index + 1's is this + GAMMA.
-
-    Loops step the state by GAMMA instead of multiplying per element: draws ~25% faster.
-    """
-    return np.uint64(key) + np.uint64(index + 1) * np.uint64(GAMMA)
-
-
-@njit(inline="always", **JIT_OPTIONS)
-def _mix53(z):
-    """The 53-bit draw of splitmix64 state ``z`` (as ``llm_merge.kernels.counter_rng``)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
-    z = z ^ (z >> np.uint64(31))
-    return z >> np.uint64(11)
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -144,12 +155,13 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
     """
     c = sparsifier
     if c.code == DARE:
-        keys = c.keys  # each field taken from the tuple costs a reference count update: once per block
+        # each field taken from the tuple costs a reference count update: once per block
+        keys, thresholds, divisors = c.keys, c.dare_threshold, c.dare_p
         for i in range(rows.shape[0]):
             row = rows[i]
-            dare_block(row, row, count, keys[i], offset, c.dare_threshold, c.dare_p, c.rescale)
+            dare_block(row, row, count, keys[i], offset, thresholds[i], divisors[i], c.rescale)
     elif c.code == TRIM:
-        thresholds, scales = c.trim_threshold, c.trim_scale
+        thresholds, scales = c.trim_threshold, c.l1_scale
         for i in range(rows.shape[0]):
             row = rows[i]
             trim_block(row, row, count, thresholds[i], scales[i])
@@ -157,8 +169,27 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
         keys = c.keys
         for i in range(rows.shape[0]):
             row = rows[i]
-            magprune_block(row, row, count, ranks[i][rank_offset : rank_offset + count], keys[i], offset, c.top, c.step,
-                           c.rescale)
+            magprune_block(row, row, count, ranks[i][rank_offset : rank_offset + count], keys[i], offset, c.top[i],
+                           c.step[i], c.rescale)
+    elif c.code == RANDOM:
+        keys, thresholds, scales, scaled = c.keys, c.dare_threshold, c.l1_scale, c.scaled
+        for i in range(rows.shape[0]):
+            row = rows[i]
+            random_block(row, row, count, keys[i], offset, thresholds[i], scales[i], scaled[i])
+    elif c.code == BAND:
+        bounds, cuts, scales, scaled, keep_all = c.band_bounds, c.band_cuts, c.l1_scale, c.scaled, c.keep_all
+        for i in range(rows.shape[0]):
+            if not keep_all[i]:
+                row = rows[i]
+                band_block(row, row, count, offset, bounds[i], cuts[i], scales[i], scaled[i])
+    elif c.code == MASKED:
+        masks, scales, scaled, keep_all = c.masks, c.l1_scale, c.scaled, c.keep_all
+        flags = np.empty(count + 16, np.uint8)
+        for i in range(rows.shape[0]):
+            if not keep_all[i]:
+                row = rows[i]
+                masked_block(row, row, count, masks[i], offset, scales[i], scaled[i], flags)
+
 
 
 def model_entry(rows, i, j):
@@ -238,5 +269,5 @@ def merge_rows(models, rows, count, merger, base, has_base, out):
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.
-KERNEL_DEPENDENCIES = (blocks, counter_rng)
+KERNEL_DEPENDENCIES = (blocks, counter_rng, draws, mergekit_blocks)
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

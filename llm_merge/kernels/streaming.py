@@ -10,7 +10,7 @@ and ``statistics()``. Same results as the NumPy methods in ``llm_merge.methods``
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from numba import njit
@@ -163,10 +163,12 @@ class StreamingTrim(MagnitudeHistogram):
     exact sums of count * value terms (math.fsum), so they are correctly rounded.
     """
 
-    def __init__(self, k: int, numel: int, reserve_p: float, rescale: bool, block: int) -> None:
+    def __init__(self, k: int, numel: int, reserve_p: float | Sequence[float], rescale: bool, block: int) -> None:
+        """``reserve_p``: one density, or one per model."""
         super().__init__(k, block)
         self.rescale = rescale
-        self.keep = trim_count(reserve_p, numel) if numel else 0
+        densities = reserve_p if isinstance(reserve_p, (list, tuple)) else [reserve_p] * k
+        self.keep = np.array([self.keep_count(p, numel) if numel else 0 for p in densities], np.int64)
         self.high = np.zeros(k, np.uint32)
         self.rank_in_high = np.zeros(k, np.int64)
         self.low_counts: Optional[np.ndarray] = None
@@ -183,9 +185,12 @@ class StreamingTrim(MagnitudeHistogram):
         Those are larger than the bucket's plain entries (exactly high << 16), so otherwise the
         threshold is high << 16 and pass 2 is not needed.
         """
-        if not self.keep:
-            return np.zeros(len(self.high), bool)
-        return self.rank_in_high <= self.mixed[np.arange(len(self.high)), self.high]
+        return (self.keep > 0) & (self.rank_in_high <= self.mixed[np.arange(len(self.high)), self.high])
+
+    @staticmethod
+    def keep_count(reserve_p: float, numel: int) -> int:
+        """How many of the largest |t| are kept (0: none is selected)."""
+        return trim_count(reserve_p, numel)
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
@@ -193,9 +198,10 @@ class StreamingTrim(MagnitudeHistogram):
         self._pass(raws, base_raw, refine, self.high, self.low_counts if refine else self.counts)
 
     def end_pass(self, pass_index: int) -> None:
-        if pass_index == 0 and self.keep:
+        if pass_index == 0:
             for i, counts in enumerate(self.counts):
-                self.high[i], self.rank_in_high[i] = kth_bucket(counts, self.keep)
+                if self.keep[i]:
+                    self.high[i], self.rank_in_high[i] = kth_bucket(counts, self.keep[i])
             if self._refined().any():
                 self.low_counts = np.zeros((len(self.high), _LOWS + _OUTSIDE_SLOTS), np.int64)
 
@@ -205,11 +211,12 @@ class StreamingTrim(MagnitudeHistogram):
         Works on the occupied buckets only (a few thousand for bfloat16 deltas): the fixed cost
         per tensor stays far below a millisecond, which small tensors (norms, biases) notice.
         """
-        if not self.keep:
-            return [{"threshold": 0.0, "l1_scale": 1.0} for _ in self.high]
         stats = []
         refined = self._refined()
         for i, high in enumerate(self.high.astype(np.int64)):
+            if not self.keep[i]:
+                stats.append({"threshold": 0.0, "l1_scale": 1.0})
+                continue
             occupied = np.flatnonzero(self.counts[i])
             plain = self.counts[i, occupied] - self.mixed[i, occupied]  # entries equal to their bucket's value
             mass = plain * _bits_value(occupied << 16)  # count * value: products exact to float64 rounding

@@ -13,11 +13,14 @@ They differ from the PaddleNLP ones in ``sparsify.py`` as mergekit 0.1.5's ``spa
   of the ranks they span: #{smaller} + (#{equal} − 1)/2), which gives every entry exactly the keep
   probability that mergekit's arbitrary order of ties gives on average;
 * with ``rescale``, all three multiply the kept entries by ‖t‖₁ / ‖kept‖₁ (skipped when either is
-  below 1e-7), where PaddleNLP divides by the keep probability.
+  below 1e-7), where PaddleNLP divides by the keep probability. Both sums are exact, then correctly
+  rounded (``kernels.l1_sums``), so no summation order enters the factor.
 
-Whole-tensor statistics are computed on the host (NumPy) in 1M-element pieces; random draws
+Whole-tensor statistics are computed here on the host (NumPy) in 1M-element pieces; random draws
 use the counter-based streams of ``llm_merge.kernels.counter_rng``, so results do not depend on
-chunking, worker count or backend.
+chunking, worker count or backend. With numba, magnitude, random and della_magprune also have
+compiled statistics streamed over raw chunks (``kernels.mergekit_streaming``, ``kernels.row_ranks``)
+and run in the fused apply pass, with the same bytes.
 """
 
 from __future__ import annotations
@@ -25,37 +28,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from llm_merge.methods.registry import register
+from llm_merge.kernels import l1_sums
+from llm_merge.kernels.counts import magnitude_count
+from llm_merge.kernels.l1_sums import l1_rescale_factor
+from llm_merge.methods.registry import ANY_DTYPE, register
 from llm_merge.methods.sparsify import kept_by_draws, times
 
-#: mergekit's tolerance below which an L1 rescale is skipped (sparsify.rescaled_masked_tensor).
-RESCALE_EPS = 1e-7
 #: Elements per piece of the statistics passes.
 _STEP = 1 << 20
 
 
-def l1_rescale_factor(before: float, after: float) -> float:
-    """mergekit's ``rescaled_masked_tensor`` (L1): before / after, or 1 when either is below 1e-7."""
-    return 1.0 if before < RESCALE_EPS or after < RESCALE_EPS else before / after
-
-
 class MaskedL1:
-    """Accumulates ‖t‖₁ and ‖kept‖₁ piece by piece; ``factor()`` is ``l1_rescale_factor`` of the totals."""
+    """Accumulates ‖t‖₁ and ‖kept‖₁ piece by piece (exactly: ``kernels.l1_sums``); ``factor()`` is
+    ``l1_rescale_factor`` of the correctly rounded totals, whatever the pieces."""
 
     def __init__(self) -> None:
-        self.before = self.after = 0.0
+        self.sums = np.zeros(2 * l1_sums.SLOTS, np.int64)
 
     def add(self, magnitude: np.ndarray, keep: np.ndarray) -> None:
-        self.before += float(np.sum(magnitude, dtype=np.float64))
-        self.after += float(np.sum(magnitude, where=keep, dtype=np.float64))
+        """Add float32 magnitudes (up to 2^29 at a time) and which of them are kept."""
+        self.sums += l1_sums.slot_sums(magnitude, keep)
 
     def factor(self) -> float:
-        return l1_rescale_factor(self.before, self.after)
-
-
-def magnitude_count(reserve_p: float, numel: int) -> int:
-    """mergekit's k = max(1, int(density · n)) (truncating, as mergekit does)."""
-    return max(1, int(reserve_p * numel))
+        return l1_rescale_factor(*l1_sums.total_and_kept(self.sums))
 
 
 def breadcrumbs_counts(reserve_p: float, gamma: float, numel: int) -> tuple[int, int]:
@@ -145,7 +140,8 @@ def magnitude_selection(t, *, reserve_p, rescale, host, ops):
     return _band_stats(t, n - magnitude_count(reserve_p, n), n, rescale, host, ops)
 
 
-@register("sparsify", "magnitude", prepare=magnitude_selection, produces=("selection", "l1_scale"))
+@register("sparsify", "magnitude", prepare=magnitude_selection, produces=("selection", "l1_scale"), kernel="magnitude",
+          fused=True, streamed_dtypes=ANY_DTYPE)
 def magnitude(t, *, selection, l1_scale, start, ops):
     """mergekit magnitude: keep the k largest |t| (k = max(1, int(density·n))), times the L1 rescale factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
@@ -180,7 +176,8 @@ def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
     return {"l1_scale": l1.factor()}
 
 
-@register("sparsify", "random", prepare=bernoulli_rescale, produces=("l1_scale",))
+@register("sparsify", "random", prepare=bernoulli_rescale, produces=("l1_scale",), kernel="random", fused=True,
+          streamed_dtypes=ANY_DTYPE)
 def random(t, *, reserve_p, l1_scale, rng, ops):
     """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
     return t if reserve_p >= 1.0 else times(kept_by_draws(t, reserve_p, rng, ops), l1_scale, ops)
@@ -239,8 +236,10 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
     return {"keep_prob": probs, "l1_scale": l1.factor() if rescale else 1.0}
 
 
-# statistic_bytes: the keep probabilities (spilled when large); rows are sorted in 1M-element blocks
-@register("sparsify", "della_magprune", prepare=row_keep_probabilities, produces=("keep_prob", "l1_scale"), statistic_bytes=4)
+# statistic_bytes: the keep probabilities (spilled when large); rows are sorted in 1M-element blocks. Compiled,
+# 1-D and 2-D tensors stream (kernels.row_ranks): keep bits instead of probabilities
+@register("sparsify", "della_magprune", prepare=row_keep_probabilities, produces=("keep_prob", "l1_scale"), statistic_bytes=4,
+          kernel="della_magprune", fused=True, streamed_dtypes=ANY_DTYPE)
 def della_magprune(t, *, keep_prob, l1_scale, rng, ops):
     """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
     return t if keep_prob is None else times(kept_by_draws(t, keep_prob, rng, ops), l1_scale, ops)

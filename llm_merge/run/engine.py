@@ -26,7 +26,7 @@ import numpy as np
 from llm_merge import methods
 from llm_merge.backends import CHUNK_ELEMENTS, get_ops
 from llm_merge.backends.numpy_backend import NumpyOps
-from llm_merge.config.options import MergeConfig, PER_MODEL_OPTIONS
+from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
 from llm_merge.io.reader import TensorReader
@@ -180,7 +180,7 @@ class TensorMerger:
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
         prepared = None
         if self.sparsifier.prepare:
-            prepared = self._streamed_prepare(task) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
+            prepared = self._streamed_prepare(task, keys) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
         reduced: dict[str, Any] = self._streamed_reduce(task) if self.merger.reduce else {}
         if self.merger.reduce and not reduced:
             for start in range(0, n, self.chunk):
@@ -248,7 +248,7 @@ class TensorMerger:
         coefficients = self.merger.fused_coefficients(reduced, self.options) if self.merger.fused_coefficients else None
         return self.host.fused_chunks(
             sparsify_type=self.sparsifier.kernel, merge_type=self.merger.kernel, keys=keys, prepared=prepared,
-            numel=numel, options=self.options, coefficients=coefficients,
+            numel=numel, options=self.options, coefficients=coefficients, model_options=self._model_options,
         )
 
     def _apply(self, task: TensorTask, prepared: Optional[list[dict]], keys: list[int], reduced: dict[str, Any],
@@ -266,18 +266,18 @@ class TensorMerger:
             self._out_nonfinite += self.host.count_nonfinite(result)
             self.writer.write(task.out.file, task.out.start + start * out_dtype.itemsize, result)
 
-    def _streamed_prepare(self, task: TensorTask) -> Optional[list[dict[str, Any]]]:
+    def _streamed_prepare(self, task: TensorTask, keys: list[int]) -> Optional[list[dict[str, Any]]]:
         """Every model's whole-tensor statistics from passes over raw chunks of all inputs at once.
 
-        Only where the compiled backend streams this sparsifier's statistics (trim; magnitude ranks
-        of bfloat16 and float16 inputs) and the fused apply pass follows; None otherwise, or where the streamed
-        statistics give up (the per-model ``_prepare`` runs instead).
+        Only where the compiled backend streams this sparsifier's statistics (``keys``: each model's random
+        stream) and the fused apply pass follows; None otherwise, or where the streamed statistics give up
+        or decline the tensor (the per-model ``_prepare`` runs instead).
         """
         if not self._streams(task, self.options):
             return None
         return self._stream(task, self.host.streaming_prepare(
             self.sparsifier.kernel, k=len(task.inputs), numel=task.numel, options=self.options,
-            budget=self.EXCLUSIVE_BYTES))
+            budget=self.EXCLUSIVE_BYTES, model_options=self._model_options, keys=keys, shape=task.shape))
 
     def _streamed_reduce(self, task: TensorTask) -> dict[str, Any]:
         """The merge's whole-tensor sums from one compiled pass over raw chunks ({} where there is none)."""
@@ -340,13 +340,9 @@ class TensorMerger:
         return frozen
 
     def _fusable(self, options: Optional[dict[str, Any]] = None) -> bool:
-        """Whether the compiled one-pass apply covers this task (built-in methods, one value per option)."""
+        """Whether the compiled one-pass apply covers this task (methods it runs, no scale)."""
         options = self.options if options is None else options
-        return (
-            self.host is self.ops and self.sparsifier.fused and self.merger.fused
-            and options["scale"] == 1.0
-            and all(options[f"{name}_list"] is None for name in PER_MODEL_OPTIONS)
-        )
+        return self.host is self.ops and self.sparsifier.fused and self.merger.fused and options["scale"] == 1.0
 
     def _streams(self, task: TensorTask, options: dict[str, Any]) -> bool:
         """Whether this sparsifier's statistics are streamed (no full-size task vectors) for ``task`` with ``options``."""
