@@ -47,6 +47,8 @@ def make(kind: str, n: int, seed: int = 0) -> np.ndarray:
     if kind == "buckets":  # keys spread over three top-16-bit buckets, few low values each
         high = rng.integers(0, 3, n).astype(np.uint32) << 16
         return (high | rng.integers(0, 4, n).astype(np.uint32)).view(np.float32)
+    if kind == "dense":  # one bucket with thousands of distinct low values: its sub-index is used
+        return ((np.uint32(0x3F80) << 16) | rng.integers(1, 1 << 16, n).astype(np.uint32)).view(np.float32)
     if kind == "special":
         values = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3e38], np.float32)
         values = np.concatenate([values, (np.array([0x7FC00001, 0xFFFFFFFF, 0x7F800001], np.uint32)).view(np.float32)])
@@ -54,13 +56,17 @@ def make(kind: str, n: int, seed: int = 0) -> np.ndarray:
     raise ValueError(kind)
 
 
-KINDS = ["normal", "few", "bf16", "delta", "bits", "equal", "zeros", "buckets", "special"]
+KINDS = ["normal", "few", "bf16", "delta", "bits", "equal", "zeros", "buckets", "dense", "special"]
 
 
+@pytest.mark.parametrize("path", ["tables", "sorted", "either"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_counted_midranks(kind):
+def test_matches_counted_midranks(kind, path, monkeypatch):
+    """Both ways to rank (rank tables; sorting when most entries are mixed) against the reference."""
     from llm_merge.backends.numpy_backend import NumpyOps
 
+    if path != "either":
+        monkeypatch.setattr(ranks_module, "SORTED_MIXED_FRACTION", 2.0 if path == "tables" else -1.0)
     plain = NumpyOps(compiled=False)
     for n, seed in ((0, 0), (1, 1), (2, 2), (3, 3), (17, 4), (1000, 5), (70_001, 6)):
         x = make(kind, n, seed)

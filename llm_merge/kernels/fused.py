@@ -31,13 +31,15 @@ from llm_merge.kernels.blocks import (  # noqa: F401 (count_nonfinite_kernel re-
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-exported)
     SPARSIFY_CODES,
+    magprune_slot_keeps,
+    magprune_slots_block,
     merge_constants,
     merge_rows,
     sparsify_constants,
     sparsify_rows,
 )
 from llm_merge.kernels.mergekit_streaming import StreamingMagnitude, StreamingRandomL1  # noqa: F401 (re-exported)
-from llm_merge.kernels.ranks import RankTable, magnitude_midranks, rank_block  # noqa: F401 (re-exported)
+from llm_merge.kernels.ranks import RankTable, magnitude_midranks, slot_block  # noqa: F401 (re-exported)
 from llm_merge.kernels.row_ranks import StreamingRowKeep, keep_bits  # noqa: F401 (StreamingRowKeep re-exported)
 from llm_merge.kernels.streamed_ranks import StreamingRanks  # noqa: F401 (re-exported)
 from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
@@ -80,11 +82,11 @@ class MagnitudeRanks(NamedTuple):
     """Where magprune's doubled midranks come from: this chunk's slice of whole-tensor ranks, or rank tables."""
 
     chunk: tuple  # per model: its ranks of this chunk's elements (uint32; empty when tables are used)
-    tables: tuple  # per model: its ``RankTable.arrays``; one model's of empty arrays: none
+    tables: tuple  # per model: its ``RankTable.keys`` and per-slot (thresholds, divisors); empty arrays: none
 
 
 #: ``MagnitudeRanks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
-_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.int64, np.uint32, np.int64, np.int64)),)
+_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.uint32, np.int64, np.int32, np.int64, np.uint64, np.float32)),)
 
 
 @njit(**JIT_OPTIONS)
@@ -102,16 +104,19 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
     chunk_ranks, tables = ranks
     k, block = rows.shape
     n = out.size
-    streamed_ranks = tables[0][0].size > 0
-    block_ranks = np.empty((k, block if streamed_ranks else 0), tables[0][0].dtype)
+    streamed_ranks = tables[0][1].size > 0
+    block_slots = np.empty(block if streamed_ranks else 0, np.int64)
+    block_thresholds, block_divisors = np.empty(block, np.uint64), np.empty(block, np.float32)
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
         task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
-        if streamed_ranks:
+        if streamed_ranks:  # magprune's keep thresholds and divisors, per distinct |t|
             for i in range(k):
-                rank_block(rows_bits[i], m, tables[i], block_ranks[i])
-            sparsify_rows(rows, m, sparsifier, offset + s, block_ranks, 0)
+                values, starts, dense_of, sub_starts, thresholds, divisors = tables[i]
+                slot_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), block_slots)
+                magprune_slots_block(rows[i], rows[i], m, block_slots, thresholds, divisors, sparsifier.keys[i],
+                                     offset + s, sparsifier.rescale, block_thresholds, block_divisors)
         else:
             sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s)
         merge_rows(raws, rows, m, merger, base, has_base, merged)
@@ -141,7 +146,8 @@ class FusedChunks:
         self.ranks = [s.get("doubled_midranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)
-        self.tables = tuple(t.arrays for t in tables) if streamed else _NO_TABLES
+        self.tables = tuple((*t.keys, *magprune_slot_keeps(t.ranks, self.sparsifier.top[i], self.sparsifier.step[i]))
+                            for i, t in enumerate(tables)) if streamed else _NO_TABLES
         self._no_ranks = np.zeros(0, np.uint32)
         self._next_start = 0
         self._buffers = BlockBuffers.allocate(len(keys), self.BLOCK)

@@ -133,17 +133,59 @@ def trim_block(source, target, count, threshold, scale):
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def magprune_block(source, target, count, doubled_midranks, key, offset, top, step, rescale):
-    """Magprune: keep entry j, of magnitude midrank r = ``doubled_midranks[j]`` / 2, with probability
-    top - r * step, by draw ``offset + j``; kept entries are divided by that probability when rescale,
-    the others are 0."""
+def _keep_probability(doubled_midrank, top, step):
+    """Magprune's keep probability of midrank r = ``doubled_midrank`` / 2: top - r * step (float64)."""
+    return top - np.float64(doubled_midrank) * 0.5 * step
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale):
+    """Magprune with entry j's draw threshold and divisor given: keep it where draw ``offset + j`` is below
+    ``thresholds[j]``, divided by ``divisors[j]`` when rescale; the others are 0. Contiguous thresholds
+    and divisors let this loop vectorize as DARE's does (0.6 against 14 ns per entry with them looked
+    up inside it)."""
     zero = np.float32(0.0)
     z = _draw_state(key, offset)
     for j in range(count):
-        keep_prob = top - np.float64(doubled_midranks[j]) * 0.5 * step
-        kept = _mix53(z) < np.uint64(math.floor(keep_prob * UNIT))
+        kept = _mix53(z) < thresholds[j]
         z += np.uint64(GAMMA)
-        target[j] = (source[j] / np.float32(keep_prob) if rescale else source[j]) if kept else zero
+        target[j] = (source[j] / divisors[j] if rescale else source[j]) if kept else zero
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def magprune_block(source, target, count, doubled_midranks, key, offset, top, step, rescale, thresholds, divisors):
+    """Magprune: keep entry j, of magnitude midrank r = ``doubled_midranks[j]`` / 2, with probability
+    top - r * step, by draw ``offset + j``; kept entries are divided by that probability when rescale,
+    the others are 0. ``thresholds`` / ``divisors``: scratch of ``count`` entries."""
+    for j in range(count):
+        keep_prob = _keep_probability(doubled_midranks[j], top, step)
+        thresholds[j] = np.uint64(math.floor(keep_prob * UNIT))
+        divisors[j] = np.float32(keep_prob)
+    magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale)
+
+
+@njit(**JIT_OPTIONS)
+def magprune_slot_keeps(doubled_midranks, top, step):
+    """Per slot of a rank table (``kernels.ranks.RankTable``): the draw threshold and the float32
+    divisor of ``magprune_block`` for its doubled midrank, so that entries need neither."""
+    thresholds = np.empty(doubled_midranks.size, np.uint64)
+    divisors = np.empty(doubled_midranks.size, np.float32)
+    for s in range(doubled_midranks.size):
+        keep_prob = _keep_probability(doubled_midranks[s], top, step)
+        thresholds[s] = np.uint64(math.floor(keep_prob * UNIT))
+        divisors[s] = np.float32(keep_prob)
+    return thresholds, divisors
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def magprune_slots_block(source, target, count, slots, slot_thresholds, slot_divisors, key, offset, rescale,
+                         thresholds, divisors):
+    """``magprune_block`` with entry j's threshold and divisor those of ``slots[j]`` (``magprune_slot_keeps``)."""
+    for j in range(count):
+        slot = slots[j]
+        thresholds[j] = slot_thresholds[slot]
+        divisors[j] = slot_divisors[slot]
+    magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale)
 
 
 @njit(**JIT_OPTIONS)
@@ -167,10 +209,11 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
             trim_block(row, row, count, thresholds[i], scales[i])
     elif c.code == MAGPRUNE:
         keys = c.keys
+        thresholds, divisors = np.empty(count, np.uint64), np.empty(count, np.float32)
         for i in range(rows.shape[0]):
             row = rows[i]
             magprune_block(row, row, count, ranks[i][rank_offset : rank_offset + count], keys[i], offset, c.top[i],
-                           c.step[i], c.rescale)
+                           c.step[i], c.rescale, thresholds, divisors)
     elif c.code == RANDOM:
         keys, thresholds, scales, scaled = c.keys, c.dare_threshold, c.l1_scale, c.scaled
         for i in range(rows.shape[0]):
@@ -189,7 +232,6 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
             if not keep_all[i]:
                 row = rows[i]
                 masked_block(row, row, count, masks[i], offset, scales[i], scaled[i], flags)
-
 
 
 def model_entry(rows, i, j):

@@ -7,9 +7,11 @@ doubled, 2r = 2 #{larger} + #{equal} - 1, an integer.
 Key = the 31 magnitude bits of a float32 (NaN patterns are just large keys); bucket = its top 15
 bits, low = its low 16 bits. A *plain* entry has low bits 0 (bfloat16 and float16 deltas mostly
 do), so its bucket alone gives its key; the other, *mixed*, keys are collected and sorted. A
-``RankTable`` holds the doubled rank of each bucket's plain key and of each distinct mixed key;
-``rank_block`` looks them up (no state, any order). ``magnitude_midranks`` ranks a whole vector
-this way; ``kernels.streamed_ranks`` builds the tables chunk by chunk instead.
+``RankTable`` gives every distinct key a *slot*: bucket b's plain key slot b, the u-th distinct
+mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank. ``slot_block``
+finds entries' slots (no state, any order), so that per-slot values (ranks, or keep probabilities:
+``kernels.method_blocks``) are computed once per distinct key. ``magnitude_midranks`` ranks a whole
+vector this way; ``kernels.streamed_ranks`` builds the tables chunk by chunk instead.
 """
 
 from __future__ import annotations
@@ -23,12 +25,76 @@ from llm_merge.kernels.cache import configure_kernel_caches
 #: Buckets of the 31-bit magnitude key by its top 15 bits.
 BUCKETS = 1 << 15
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
+#: A bucket with at least this many distinct mixed keys (float32 deltas) gets a sub-index by the top
+#: ``_SUB_BITS`` of their low bits, so its binary searches stay short and in cache (at most 4 bytes of
+#: index per distinct key).
+DENSE_MIN = 4096
+_SUB_BITS = 12
+_SUB = (1 << _SUB_BITS) + 1  # sub-index entries per dense bucket
+#: Mixed keys of at most this many are sorted by NumPy; more by a two-pass radix sort.
+_RADIX_MIN = 1 << 16
+
+
+@njit(**JIT_OPTIONS)
+def _radix_sort(keys):
+    """The 31-bit keys sorted ascending: LSD radix sort, two passes of 16 bits."""
+    n = keys.size
+    counts = np.zeros((2, 1 << 16), np.int64)
+    for j in range(n):
+        counts[0, keys[j] & 0xFFFF] += 1
+        counts[1, keys[j] >> 16] += 1
+    for p in range(2):
+        total = 0
+        for d in range(1 << 16):
+            c = counts[p, d]
+            counts[p, d] = total
+            total += c
+    scratch = np.empty(n, keys.dtype)
+    for j in range(n):
+        digit = keys[j] & 0xFFFF
+        scratch[counts[0, digit]] = keys[j]
+        counts[0, digit] += 1
+    out = np.empty(n, keys.dtype)
+    for j in range(n):
+        digit = scratch[j] >> 16
+        out[counts[1, digit]] = scratch[j]
+        counts[1, digit] += 1
+    return out
+
+
+def _sorted(keys: np.ndarray) -> np.ndarray:
+    return _radix_sort(keys) if keys.size > _RADIX_MIN else np.sort(keys)
+
+
+@njit(**JIT_OPTIONS)
+def _sub_index(values, starts):
+    """(dense_of, sub): dense_of[b] = -1, or d for the d-th bucket with at least ``DENSE_MIN`` distinct
+    mixed keys, whose keys with top low bits h start at sub[d * _SUB + h] in ``values``."""
+    buckets = starts.size - 1
+    dense_of = np.full(buckets, -1, np.int32)
+    dense = 0
+    for b in range(buckets):
+        if starts[b + 1] - starts[b] >= DENSE_MIN:
+            dense_of[b] = dense
+            dense += 1
+    sub = np.empty(dense * _SUB, np.int64)
+    for b in range(buckets):
+        d = dense_of[b]
+        if d < 0:
+            continue
+        u = starts[b]
+        for h in range(_SUB):  # sub[h] = first key of the bucket whose low bits >> (16 - _SUB_BITS) are >= h
+            while u < starts[b + 1] and np.int64(values[u] & 0xFFFF) >> (16 - _SUB_BITS) < h:
+                u += 1
+            sub[d * _SUB + h] = u
+    return dense_of, sub
 
 
 @njit(**JIT_OPTIONS)
 def _rank_table(counts, mixed, values):
-    """(plain, mixed_values, mixed_starts, mixed_ranks), all int64 but the uint32 values, from the
-    bucket counts, their mixed counts and the sorted mixed keys ``values``.
+    """(mixed_values, mixed_starts, ranks): the distinct mixed keys (uint32, ascending), where each
+    bucket's start among them (int64), and every slot's doubled rank (int64), from the bucket counts,
+    their mixed counts and the sorted mixed keys ``values``.
 
     Keys larger than bucket h's plain key: those of larger buckets and h's mixed ones. Keys larger
     than a mixed key v of bucket h: those of larger buckets and h's mixed ones above v.
@@ -39,12 +105,12 @@ def _rank_table(counts, mixed, values):
     for b in range(buckets - 1, -1, -1):
         above[b] = total
         total += counts[b]
-    plain = 2 * (above + mixed) + (counts - mixed) - 1
     distinct = 0
     for j in range(values.size):
         distinct += j == 0 or values[j] != values[j - 1]
     mixed_values = np.empty(distinct, values.dtype)
-    mixed_ranks = np.empty(distinct, np.int64)
+    ranks = np.empty(buckets + distinct, np.int64)
+    ranks[:buckets] = 2 * (above + mixed) + (counts - mixed) - 1  # plain keys (unused where a bucket has none)
     mixed_starts = np.zeros(buckets + 1, np.int64)
     u = distinct
     bucket_end = values.size  # end of the current bucket's run in ``values``, walking down
@@ -58,52 +124,58 @@ def _rank_table(counts, mixed, values):
             bucket_end = j
         u -= 1
         mixed_values[u] = values[j - 1]
-        mixed_ranks[u] = 2 * (above[bucket] + (bucket_end - j)) + (j - first) - 1
+        ranks[buckets + u] = 2 * (above[bucket] + (bucket_end - j)) + (j - first) - 1
         mixed_starts[bucket + 1] += 1
         j = first
     for b in range(buckets):
         mixed_starts[b + 1] += mixed_starts[b]
-    return plain, mixed_values, mixed_starts, mixed_ranks
+    return mixed_values, mixed_starts, ranks
 
 
 class RankTable:
-    """The doubled midrank of every distinct |t| of one vector: per bucket for plain keys, per
-    distinct key for mixed ones (sorted, with each bucket's start)."""
+    """The slots of every distinct |t| of one vector and their doubled midranks (``ranks``): slot b
+    for bucket b's plain key, ``BUCKETS + u`` for the u-th distinct mixed key (``mixed_values``,
+    sorted; bucket b's start among them ``mixed_starts[b]``)."""
 
     def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_keys: np.ndarray) -> None:
-        self.plain, self.mixed_values, self.mixed_starts, self.mixed_ranks = _rank_table(
-            counts, mixed, np.sort(mixed_keys))
+        self.mixed_values, self.mixed_starts, self.ranks = _rank_table(counts, mixed, _sorted(mixed_keys))
+        self.dense_of, self.sub_starts = _sub_index(self.mixed_values, self.mixed_starts)
 
     @property
-    def arrays(self) -> tuple:
-        """What ``rank_block`` reads, in its order."""
-        return self.plain, self.mixed_values, self.mixed_starts, self.mixed_ranks
+    def keys(self) -> tuple:
+        """What ``slot_block`` reads, in its order."""
+        return self.mixed_values, self.mixed_starts, self.dense_of, self.sub_starts
 
 
 @njit(**JIT_OPTIONS)
-def rank_block(bits, m, table, out):
-    """out[:m] = the doubled midranks of the float32 bit patterns ``bits[:m]`` (sign ignored) from
-    ``table`` (``RankTable.arrays``): a plain key's is its bucket's, a mixed key's is found by binary
-    search among its bucket's distinct mixed keys.
+def slot_block(bits, m, keys, out):
+    """out[:m] = the slots of the float32 bit patterns ``bits[:m]`` (sign ignored) in a ``RankTable``
+    (``keys``: its ``RankTable.keys``): a plain key's is its bucket, a mixed key's is found by binary
+    search among its bucket's distinct mixed keys (of a dense bucket: among those of its sub-index entry).
 
     Written as one loop: the same lookup as an inlined helper function that returns from inside its
     search loop ran 20x slower (33 against 1.8 ns per plain entry, numba 0.68).
     """
-    plain, values, starts, ranks = table
+    values, starts, dense_of, sub = keys
     for j in range(m):
         key = np.int64(bits[j] & _MAGNITUDE)
         bucket = key >> 16
         if key & 0xFFFF:
-            low, high = starts[bucket], starts[bucket + 1]
+            d = dense_of[bucket]
+            if d < 0:
+                low, high = starts[bucket], starts[bucket + 1]
+            else:
+                h = d * _SUB + ((key & 0xFFFF) >> (16 - _SUB_BITS))
+                low, high = sub[h], sub[h + 1]
             while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
                 middle = (low + high) >> 1
                 if values[middle] < key:
                     low = middle + 1
                 else:
                     high = middle
-            out[j] = ranks[low]
+            out[j] = BUCKETS + low
         else:
-            out[j] = plain[bucket]
+            out[j] = bucket
 
 
 @njit(**JIT_OPTIONS)
@@ -124,24 +196,84 @@ def count_keys(bits, counts, mixed, collected):
     return n_mixed
 
 
+@njit(**JIT_OPTIONS)
+def _sorted_midranks(bits, out):
+    """out = the doubled midranks of ``bits`` by sorting (key, index) pairs: an LSD radix sort of the
+    31 key bits (three passes of 11, 10 and 10: the scatter's 2048 write streams stay in cache), then
+    each run of equal keys hands its rank to its entries.
+
+    For vectors whose keys are mostly distinct (float32 deltas): a table lookup per entry would miss
+    the cache at every step of its search. 16 bytes per entry of pairs and scratch.
+    """
+    n = bits.size
+    shifts = (0, 11, 21)
+    masks = (0x7FF, 0x3FF, 0x3FF)
+    counts = np.zeros((3, 1 << 11), np.int64)
+    for j in range(n):
+        key = np.int64(bits[j] & _MAGNITUDE)
+        counts[0, key & 0x7FF] += 1
+        counts[1, (key >> 11) & 0x3FF] += 1
+        counts[2, key >> 21] += 1
+    for p in range(3):
+        total = 0
+        for d in range(1 << 11):
+            c = counts[p, d]
+            counts[p, d] = total
+            total += c
+    pairs = np.empty(n, np.uint64)  # key << 32 | index
+    scratch = np.empty(n, np.uint64)
+    for j in range(n):
+        key = np.uint64(bits[j] & _MAGNITUDE)
+        digit = np.int64(key & np.uint64(0x7FF))
+        scratch[counts[0, digit]] = (key << np.uint64(32)) | np.uint64(j)
+        counts[0, digit] += 1
+    for p in range(1, 3):  # stable passes: ascending keys in the end, in ``pairs``
+        source, target = (scratch, pairs) if p == 1 else (pairs, scratch)
+        shift, mask = np.uint64(32 + shifts[p]), np.uint64(masks[p])
+        for j in range(n):
+            digit = np.int64((source[j] >> shift) & mask)
+            target[counts[p, digit]] = source[j]
+            counts[p, digit] += 1
+    start = 0
+    while start < n:
+        key = scratch[start] >> np.uint64(32)
+        end = start + 1
+        while end < n and scratch[end] >> np.uint64(32) == key:
+            end += 1
+        doubled = 2 * (n - end) + (end - start) - 1  # 2 #{larger} + #{equal} - 1
+        for u in range(start, end):
+            out[scratch[u] & np.uint64(0xFFFFFFFF)] = doubled
+        start = end
+
+
+#: Vectors with more mixed entries than this fraction are ranked by sorting instead of through tables.
+SORTED_MIXED_FRACTION = 1 / 5
+
+
 def magnitude_midranks(t: np.ndarray) -> np.ndarray:
     """Doubled midrank of every |t| (any shape, flattened): uint32 up to 2^31 elements, else int64.
 
-    Extra memory: 4 bytes per mixed entry (all of them for most float32 deltas) and the sort's
-    buffer, and 12 bytes per distinct mixed key.
+    Through rank tables where few entries are mixed (extra memory: 4 bytes per mixed entry and the
+    sort's buffer, 12 per distinct mixed key, 4 per entry of slots), else by sorting (16 bytes per
+    entry: ``_sorted_midranks``).
     """
     bits = np.ascontiguousarray(t, dtype=np.float32).ravel().view(np.uint32)
     counts = np.zeros(BUCKETS, np.int64)
     mixed = np.zeros(BUCKETS, np.int64)
     n_mixed = count_keys(bits, counts, mixed, np.empty(0, np.uint32))
+    out_type = np.uint32 if bits.size <= 1 << 31 else np.int64
+    if n_mixed > SORTED_MIXED_FRACTION * bits.size and bits.size < 1 << 32:
+        out = np.empty(bits.size, out_type)
+        _sorted_midranks(bits, out)
+        return out
     keys = np.empty(n_mixed, np.uint32)
     if n_mixed:
         count_keys(bits, np.zeros(BUCKETS, np.int64), np.zeros(BUCKETS, np.int64), keys)
     table = RankTable(counts, mixed, keys)
     del keys
-    out = np.empty(bits.size, np.uint32 if bits.size <= 1 << 31 else np.int64)
-    rank_block(bits, bits.size, table.arrays, out)
-    return out
+    slots = np.empty(bits.size, np.int32 if table.ranks.size < 1 << 31 else np.int64)
+    slot_block(bits, bits.size, table.keys, slots)
+    return table.ranks.astype(out_type)[slots]
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.

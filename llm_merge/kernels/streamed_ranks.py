@@ -23,13 +23,14 @@ class StreamingRanks(MagnitudeHistogram):
 
     The table keeps every mixed entry (nonzero low 16 bits of |t|): few for small bfloat16 deltas
     (~0.5% in the benchmark family), more for larger ones (2.7% at 5 times its delta scale, 10% at
-    20 times), nearly all for float32 deltas. Past ``mixed_fraction_limit`` of the elements the
-    statistics are None and the engine ranks whole tensors, one model at a time, instead.
+    20 times). Past ``mixed_fraction_limit`` of the elements the statistics are None and the engine
+    ranks whole tensors, one model at a time, instead (``kernels.ranks.magnitude_midranks``).
     """
 
-    #: Mixed entries, as a fraction of the elements, the tables may always hold: whole-tensor ranks
-    #: look ranks up in the same tables, so they are no faster, only one model's at a time.
-    MIXED_FRACTION_MAX = 1.0
+    #: Mixed entries, as a fraction of the elements, past which whole tensors are ranked: mixed keys
+    #: are found by binary search, which misses the cache when they are many, where whole-tensor ranks
+    #: sort them (``kernels.ranks.SORTED_MIXED_FRACTION``).
+    MIXED_FRACTION_MAX = 1 / 5
     #: A large tensor's tables stay within the caller's ``budget`` (the engine's ``EXCLUSIVE_BYTES``: so that
     #: it need not run alone across workers), but may always take this fraction of its elements (a
     #: 49M-element embedding of 3 models, 256 MB: 11.4%).

@@ -38,7 +38,8 @@ def dare(t, *, reserve_p, rescale, rng, ops):
 def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
     top, step = magprune_line(reserve_p, epsilon, numel)
     out = np.empty_like(t)
-    magprune_block(t, out, t.size, doubled_midranks, np.uint64(rng.key), rng.offset, top, step, rescale)
+    magprune_block(t, out, t.size, doubled_midranks, np.uint64(rng.key), rng.offset, top, step, rescale,
+                   np.empty(t.size, np.uint64), np.empty(t.size, np.float32))
     return out
 
 

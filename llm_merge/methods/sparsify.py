@@ -66,9 +66,16 @@ def magnitude_ranks(t, *, ops):
     return {"doubled_midranks": ops.doubled_midranks(ops.abs(t))}
 
 
-# statistic_bytes: the ranks and the rank tables' sort buffer (earlier models' ranks are spilled when large)
+#: Magnitude ranks stream (compiled rank tables) for 16-bit float inputs: their deltas have few significant
+#: bits, so most have zero low 16 bits, which keeps the tables small (where too many do not, the streamed
+#: statistics give up early and whole-tensor ranks follow); float32 deltas almost never do.
+_RANKS_STREAM_FOR = frozenset({"BF16", "F16"})
+
+
+# statistic_bytes: the ranks, and the (key, index) pairs and scratch that sort mostly distinct magnitudes
+# (earlier models' ranks are spilled when large)
 @register("sparsify", "magprune", prepare=magnitude_ranks, produces=("doubled_midranks",), kernel="magprune", fused=True,
-          streamed_dtypes=ANY_DTYPE, statistic_bytes=8)
+          streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=20)
 def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
     """DELLA MAGPRUNE: drop midrank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
     keep_prob = (reserve_p + epsilon / 2) - ops.float64(doubled_midranks) * 0.5 * (epsilon / numel)
