@@ -73,6 +73,8 @@ def method_options(method: str, family, with_base: bool) -> dict | None:
         return None if with_base else {"model_path_list": models[:1]}
     if method == "model_stock" and not with_base:
         return None
+    if method == "nearswap":  # a base and one model
+        return {"model_path_list": models[:1], "base_model_path": base, "nearswap_t": 0.01} if with_base else None
     return {"model_path_list": models, "base_model_path": base, "weight_list": [0.5, 0.3, 0.2][:len(models)],
             "reserve_p": 0.6, "epsilon": 0.1}
 

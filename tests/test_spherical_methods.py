@@ -101,3 +101,10 @@ def test_refusals(tmp_path, pair, values, message):
         values["base_model_path"] = str(pair["base"])
     with pytest.raises(ConfigError, match=message):
         resolve(MergeConfig(model_path_list=models, output_path=str(tmp_path / "o"), **values))
+
+
+def test_multislerp_of_unchanged_tensors_is_the_base():
+    """Every task vector zero (a tensor no fine-tune changed): the merged task vector is zero, not an error."""
+    from llm_merge.methods.spherical import multislerp_coefficients
+
+    assert multislerp_coefficients([0.0] * 6, [0.5, 0.3, 0.2], True, 1e-8) == [0.0, 0.0, 0.0]

@@ -52,6 +52,8 @@ def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: boo
     a = [w[i] / (norms[i] + multislerp_eps) for i in range(k)]  # mean = Σ a_i y_i
     mean_norm = math.sqrt(max(math.fsum(a[i] * a[j] * g[i][j] for i in range(k) for j in range(k)), 0.0))
     if mean_norm < multislerp_eps:
+        if not any(norms):  # every input is zero (a tensor no fine-tune changed): so is the result
+            return [0.0] * k
         if k == 2:
             return w
         raise MergeError("multislerp: the weighted sum of the normalized inputs is zero (antipodal inputs with "
