@@ -36,6 +36,17 @@ _RADIX_MIN = 1 << 16
 
 
 @njit(**JIT_OPTIONS)
+def _start_positions(counts):
+    """Each row of digit counts of a radix pass becomes each digit's first output position (in place)."""
+    for p in range(counts.shape[0]):
+        total = 0
+        for d in range(counts.shape[1]):
+            c = counts[p, d]
+            counts[p, d] = total
+            total += c
+
+
+@njit(**JIT_OPTIONS)
 def _radix_sort(keys):
     """The 31-bit keys sorted ascending: LSD radix sort, two passes of 16 bits."""
     n = keys.size
@@ -43,12 +54,7 @@ def _radix_sort(keys):
     for j in range(n):
         counts[0, keys[j] & 0xFFFF] += 1
         counts[1, keys[j] >> 16] += 1
-    for p in range(2):
-        total = 0
-        for d in range(1 << 16):
-            c = counts[p, d]
-            counts[p, d] = total
-            total += c
+    _start_positions(counts)
     scratch = np.empty(n, keys.dtype)
     for j in range(n):
         digit = keys[j] & 0xFFFF
@@ -214,12 +220,7 @@ def _sorted_midranks(bits, out):
         counts[0, key & 0x7FF] += 1
         counts[1, (key >> 11) & 0x3FF] += 1
         counts[2, key >> 21] += 1
-    for p in range(3):
-        total = 0
-        for d in range(1 << 11):
-            c = counts[p, d]
-            counts[p, d] = total
-            total += c
+    _start_positions(counts)
     pairs = np.empty(n, np.uint64)  # key << 32 | index
     scratch = np.empty(n, np.uint64)
     for j in range(n):
