@@ -15,7 +15,7 @@ import json
 from typing import Any, Optional, Sequence
 
 from llm_merge.errors import ConfigError
-from llm_merge.report.inspection.text import short_names
+from llm_merge.report.inspection.text import conflict_line, short_names
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -102,11 +102,9 @@ def _rows_table(rows: list[dict], key: str, labels: list[str]) -> str:
 
 
 def _conflict_words(summary: dict) -> str:
-    if summary["sign_conflict_rate"] is None:
-        return "Sign conflicts: no entry was changed by two or more models."
-    return (f"Sign conflicts: {summary['sign_conflict_rate']:.1%} of the entries changed by two or more models disagree in "
-            f"sign ({summary['relative_sign_conflict']:.2f} of what independent signs give); TIES's sign election would "
-            f"drop {summary['ties_dropped_mass']:.1%} of the task-vector L1 mass.")
+    """The terminal report's sign-conflict line as a sentence."""
+    line = conflict_line(summary)
+    return line[0].upper() + line[1:] + "."
 
 
 def _suggestions(suggestions: Optional[dict]) -> list[str]:

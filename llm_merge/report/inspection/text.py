@@ -51,7 +51,7 @@ def format_report(report: dict, table: str = "layer") -> str:
     for i, label in enumerate(labels):
         cells = "  ".join(f"{_num(c, '.3f'):>{max(7, len(labels[j]))}}" for j, c in enumerate(summary["task_vector_cosine"][i]))
         lines.append(f"{label:<{width}}  {cells}")
-    lines += ["", _conflict_line(summary)]
+    lines += ["", conflict_line(summary)]
     if table != "none":
         lines += ["", *_rows(report, labels, table)]
     lines += ["", "compatibility:"] + [f"  {v['level'].upper():<9} {v['message']}" for v in report["verdict"]]
@@ -62,7 +62,8 @@ def format_report(report: dict, table: str = "layer") -> str:
     return "\n".join(lines)
 
 
-def _conflict_line(summary: dict) -> str:
+def conflict_line(summary: dict) -> str:
+    """The sign-conflict summary in one line (lower case, no final period: the table's style)."""
     if summary["sign_conflict_rate"] is None:
         return "sign conflicts: no entry changed by two or more models"
     return (f"sign conflicts: {summary['sign_conflict_rate']:.1%} of the entries changed by two or more models disagree "
