@@ -94,6 +94,13 @@ def add_debug_and_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"llm_merge {__version__}")
 
 
+def options_from_flags(parser: argparse.ArgumentParser, config_class: type, argv: Optional[Sequence[str]]) -> Any:
+    """``argv`` parsed by ``parser`` into an unresolved ``config_class`` (``--debug`` is ``run_command``'s, left out)."""
+    args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
+    return config_class(**args)
+
+
 def _field_default(field: dataclasses.Field) -> Any:
     return field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
 

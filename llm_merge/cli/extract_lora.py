@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llm_merge.cli.common import (OneLineParser, add_debug_and_version, add_option_flags, one_blas_thread, quiet_logging,
-                                  run_command)
+from llm_merge.cli.common import (OneLineParser, add_debug_and_version, add_option_flags, one_blas_thread,
+                                  options_from_flags, quiet_logging, run_command)
 from llm_merge.lora.extract_options import ExtractConfig
 
 #: Rows of the report table printed on stdout; the rest are counted (extract_report.json has them all).
@@ -31,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> ExtractConfig:
     """Parse flags into an unresolved ExtractConfig."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug", None)
-    return ExtractConfig(**args)
+    return options_from_flags(build_parser(), ExtractConfig, argv)
 
 
 def format_report(report: dict) -> str:

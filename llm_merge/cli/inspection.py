@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, quiet_logging, run_command
+from llm_merge.cli.common import (OneLineParser, add_debug_and_version, add_option_flags, options_from_flags,
+                                  quiet_logging, run_command)
 from llm_merge.report.inspection.options import InspectConfig
 
 
@@ -28,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> InspectConfig:
     """Parse flags into an unresolved InspectConfig."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug", None)
-    return InspectConfig(**args)
+    return options_from_flags(build_parser(), InspectConfig, argv)
 
 
 def _inspect_command(argv: Optional[Sequence[str]]) -> None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, quiet_logging, run_command
+from llm_merge.cli.common import (OneLineParser, add_debug_and_version, add_option_flags, options_from_flags,
+                                  quiet_logging, run_command)
 from llm_merge.lora.options import LoraMergeConfig
 
 
@@ -28,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> LoraMergeConfig:
     """Parse flags into an unresolved LoraMergeConfig."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug", None)
-    return LoraMergeConfig(**args)
+    return options_from_flags(build_parser(), LoraMergeConfig, argv)
 
 
 def _fold_command(argv: Optional[Sequence[str]]) -> None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from llm_merge.cli.common import OneLineParser, add_debug_and_version, add_option_flags, option_help, quiet_logging, run_command
+from llm_merge.cli.common import (OneLineParser, add_debug_and_version, add_option_flags, option_help, options_from_flags,
+                                  quiet_logging, run_command)
 from llm_merge.moe.options import MoeConfig, check_options
 
 
@@ -30,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> MoeConfig:
     """Parse the command line into a checked MoeConfig (ConfigError, exit 2, on a bad flag)."""
-    args = vars(build_parser().parse_args(argv))
-    args.pop("debug", None)
-    cfg = MoeConfig(**args)
+    cfg = options_from_flags(build_parser(), MoeConfig, argv)
     check_options(cfg)
     return cfg
 
