@@ -1,4 +1,5 @@
-"""Parity with the real mergekit: every configs/*.yml recipe, run by both tools on one toy family.
+"""Parity with the real mergekit: every configs/*.yml and tools/mergekit_recipes/*.yml recipe, run by both
+tools on one toy family.
 
 Skipped unless ``mergekit`` and ``torch`` import and the ``mergekit-yaml`` command is found (next to
 this interpreter or on PATH). Uses ``tools/compare_with_mergekit.py`` in a subprocess.
@@ -21,7 +22,7 @@ pytest.importorskip("torch")
 pytest.importorskip("mergekit")
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("*.yml"))
+RECIPES = sorted((REPO / "configs").glob("*.yml")) + sorted((REPO / "tools" / "mergekit_recipes").glob("*.yml"))
 
 
 def _mergekit_cmd() -> str:
@@ -41,7 +42,7 @@ def family(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES, ids=[f"{r.parent.name}/{r.stem}" for r in RECIPES])
 def test_recipe_matches_mergekit(recipe: Path, family: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "compare_with_mergekit.py"), str(recipe), "--family", str(family),

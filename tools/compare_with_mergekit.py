@@ -2,12 +2,23 @@
 """Run the real mergekit and llm_merge on one recipe and compare every output tensor.
 
 Usage:
-    python tools/compare_with_mergekit.py RECIPE.yml --family DIR [--work WORKDIR] [--seeds N]
+    python tools/compare_with_mergekit.py RECIPE.yml [RECIPE.yml ...] --family DIR [--work WORKDIR] [--seeds N] [--table]
 
 ``DIR`` is a family made by ``tools/make_toy_models.py`` (``base/`` and ``ft1`` .. ``ftN``); the
-placeholders BASE, MODEL_A, MODEL_B, MODEL_C in the recipe become ``base``, ``ft1``, ``ft2``, ``ft3``.
-Both tools run as subprocesses (``--mergekit``, default ``mergekit-yaml``; ``--llm_merge``, default
+placeholders BASE, MODEL_A, MODEL_B, MODEL_C in the recipe become ``base``, ``ft1``, ``ft2``, ``ft3``,
+and FAMILY becomes ``DIR`` itself (for anything else in it: ``FAMILY/lora1``, ``FAMILY/ft1+FAMILY/lora1``).
+Both tools run as subprocesses (``--mergekit``, default ``mergekit-yaml``; a multi-document recipe runs
+``mergekit-multi`` beside it and ``--intermediate_dir`` for llm_merge; ``--llm_merge``, default
 ``python tools/mergekit.py`` with this interpreter), so this script imports neither torch nor mergekit.
+``tools/mergekit_recipes/`` holds the recipes of the README's parity table; ``--table`` prints one
+Markdown row per recipe.
+
+A recipe may carry its own tolerances in a comment line ``# compare: --max_bad_frac 1e-4 --atol 1e-5``
+(with the reason beside it): they override the command line's for that recipe.
+
+Tokenizers: when a recipe has a ``tokenizer`` section, ``tokenizer_source`` or ``chat_template``, both
+tools write their tokenizer and the vocabularies (token -> id, added tokens included) and the chat
+templates must be equal; otherwise mergekit runs with ``--no-copy-tokenizer``.
 
 Deterministic methods: per tensor, the max abs diff, that diff relative to max |mergekit|, and the
 fraction of elements that differ by more than bf16 rounding (``|d| > 2**-7 * |mergekit| + atol``).
@@ -42,7 +53,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
-PLACEHOLDERS = {"BASE": "base", "MODEL_A": "ft1", "MODEL_B": "ft2", "MODEL_C": "ft3"}
+PLACEHOLDERS = {"BASE": "base", "MODEL_A": "ft1", "MODEL_B": "ft2", "MODEL_C": "ft3", "FAMILY": "."}
+TOKENIZER_KEYS = ("tokenizer", "tokenizer_source", "chat_template")
 BF16_RTOL = 2.0 ** -7
 SIGMAS = 6.0  # standard errors allowed for a random statistic
 REL_SLACK = 0.02  # plus this fraction of the statistic's magnitude (e.g. rescale details)
@@ -84,10 +96,45 @@ def num_layers(model_dir: Path) -> int | None:
 
 # ----------------------------------------------------------------------------- running the tools
 def substitute(text: str, family: Path) -> str:
-    """Replace the BASE / MODEL_A / MODEL_B / MODEL_C placeholders with the family's model dirs."""
+    """Replace the BASE / MODEL_A / MODEL_B / MODEL_C / FAMILY placeholders with the family's paths."""
     for key, sub in PLACEHOLDERS.items():
         text = re.sub(rf"\b{key}\b", str((family / sub).resolve()), text)
     return text
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe file after substitution: its documents and what the comparison needs to know of them."""
+
+    path: Path
+    text: str
+    documents: list[dict]
+
+    @property
+    def final(self) -> dict:
+        """The document whose output is compared: the unnamed one, else the last."""
+        return next((d for d in self.documents if "name" not in d), self.documents[-1])
+
+    @property
+    def method(self) -> str:
+        return str(self.final.get("merge_method", ""))
+
+    @property
+    def multi(self) -> bool:
+        return len(self.documents) > 1
+
+    @property
+    def random(self) -> bool:
+        return any(str(d.get("merge_method", "")) in RANDOM_METHODS for d in self.documents)
+
+    @property
+    def tokenizer(self) -> bool:
+        return any(key in d for d in self.documents for key in TOKENIZER_KEYS)
+
+
+def load_recipe(path: Path, family: Path) -> Recipe:
+    text = substitute(path.read_text(), family)
+    return Recipe(path, text, [d for d in yaml.safe_load_all(text) if d])
 
 
 def run_tool(name: str, cmd: list[str], out_dir: Path) -> None:
@@ -100,15 +147,33 @@ def run_tool(name: str, cmd: list[str], out_dir: Path) -> None:
         raise RuntimeError(f"{name} exited {proc.returncode}: {' '.join(cmd)}\n{tail}")
 
 
-def run_both(recipe: Path, work: Path, seed: int, mergekit_cmd: str, llm_merge_cmd: str) -> tuple[Path, Path]:
-    """Merge ``recipe`` with both tools into WORK/mergekit_sSEED and WORK/llm_merge_sSEED."""
+def mergekit_multi_command(mergekit_cmd: str) -> list[str]:
+    """mergekit-multi beside the given mergekit-yaml (same directory or PATH)."""
+    words = shlex.split(mergekit_cmd)
+    words[0] = str(Path(words[0]).with_name("mergekit-multi")) if "/" in words[0] else "mergekit-multi"
+    return words
+
+
+def run_both(recipe: Recipe, recipe_path: Path, work: Path, seed: int, mergekit_cmd: str,
+             llm_merge_cmd: str) -> tuple[Path, Path]:
+    """Merge the recipe with both tools into WORK/mergekit_sSEED and WORK/llm_merge_sSEED."""
     mk_out, lm_out = work / f"mergekit_s{seed}", work / f"llm_merge_s{seed}"
+    copy = [] if recipe.tokenizer else ["--no-copy-tokenizer"]
+    common_mk = [*copy, "--random-seed", str(seed), "--quiet"]
+    if recipe.multi:
+        for inter in (work / f"mergekit_inter_s{seed}", work / f"llm_merge_inter_s{seed}"):
+            shutil.rmtree(inter, ignore_errors=True)
+        mk_cmd = [*mergekit_multi_command(mergekit_cmd), str(recipe_path), "--out-path", str(mk_out),
+                  "-I", str(work / f"mergekit_inter_s{seed}"), *common_mk]
+        lm_extra = ["--intermediate_dir", str(work / f"llm_merge_inter_s{seed}")]
+    else:
+        mk_cmd = [*shlex.split(mergekit_cmd), str(recipe_path), str(mk_out), *common_mk]
+        lm_extra = []
     errors = []
     for name, cmd, out in [
-        ("mergekit", [*shlex.split(mergekit_cmd), str(recipe), str(mk_out), "--no-copy-tokenizer",
-                      "--random-seed", str(seed), "--quiet"], mk_out),
-        ("llm_merge", [*shlex.split(llm_merge_cmd), str(recipe), str(lm_out), "--overwrite",
-                       "--seed", str(seed), "--quiet"], lm_out),
+        ("mergekit", mk_cmd, mk_out),
+        ("llm_merge", [*shlex.split(llm_merge_cmd), str(recipe_path), str(lm_out), "--overwrite",
+                       "--seed", str(seed), "--quiet", *lm_extra], lm_out),
     ]:
         try:
             run_tool(name, cmd, out)
@@ -164,6 +229,45 @@ def compare_random(name: str, mk: list[np.ndarray], lm: list[np.ndarray], base: 
     return Row(name, all(checks), text)
 
 
+def tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
+    """Token -> id of ``tokenizer.json`` (model vocabulary and added tokens), or None without one."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    out = {entry[0]: i for i, entry in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
+    out.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return out
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The chat template a transformers tokenizer would load: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    config = model_dir / "tokenizer_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+
+
+def compare_tokenizers(mk_dir: Path, lm_dir: Path) -> list[Row]:
+    """The written vocabularies (token -> id) and chat templates must be equal."""
+    mk, lm = tokenizer_vocab(mk_dir), tokenizer_vocab(lm_dir)
+    if mk is None or lm is None:
+        rows = [Row("tokenizer.json", mk is None and lm is None,
+                    f"written by {'neither' if mk is None and lm is None else 'mergekit only' if lm is None else 'llm_merge only'}")]
+    else:
+        differ = sorted(t for t in set(mk) | set(lm) if mk.get(t) != lm.get(t))
+        text = f"{len(mk)} tokens (mergekit) vs {len(lm)} (llm_merge)"
+        if differ:
+            text += f"; {len(differ)} differ, e.g. " + ", ".join(f"{t!r}: {mk.get(t)}/{lm.get(t)}" for t in differ[:3])
+        rows = [Row("tokenizer.json", not differ, text)]
+    mk_t, lm_t = chat_template(mk_dir), chat_template(lm_dir)
+    rows.append(Row("chat_template", mk_t == lm_t,
+                    "equal" if mk_t == lm_t else f"{len(mk_t or '')} chars (mergekit) vs {len(lm_t or '')} (llm_merge)"))
+    return rows
+
+
 def compare_outputs(mk_dirs: list[Path], lm_dirs: list[Path], base_dir: Path | None, random: bool,
                     max_bad_frac: float = 0.0, atol: float = 1e-6) -> list[Row]:
     """Compare every tensor of the two tools' outputs (first seed, or all seeds when random)."""
@@ -190,11 +294,68 @@ def compare_outputs(mk_dirs: list[Path], lm_dirs: list[Path], base_dir: Path | N
     return rows
 
 
+def recipe_args(recipe: Recipe, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the recipe's own ``# compare: --flag value ...`` tolerances applied."""
+    tolerances = argparse.ArgumentParser()
+    tolerances.add_argument("--max_bad_frac", type=float, default=args.max_bad_frac)
+    tolerances.add_argument("--atol", type=float, default=args.atol)
+    tolerances.add_argument("--seeds", type=int, default=args.seeds)
+    words = [w for line in recipe.text.splitlines() if line.startswith("# compare:")
+             for w in shlex.split(line.split(":", 1)[1], comments=True)]
+    return argparse.Namespace(**{**vars(args), **vars(tolerances.parse_args(words))})
+
+
+def compare_recipe(recipe: Recipe, args: argparse.Namespace) -> tuple[bool, str, list[Row]]:
+    """Run both tools on one recipe and compare: (passed, summary line, rows)."""
+    args = recipe_args(recipe, args)
+    base = recipe.final.get("base_model")
+    base_dir = Path(base) if base and Path(base).is_dir() else None  # not a document name or model+lora
+    random = args.random or recipe.random
+    work = (args.work / recipe.path.stem) if args.work else Path(tempfile.mkdtemp(prefix="mkcompare_"))
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds if random else 1))
+    try:
+        recipe_path = work / recipe.path.name
+        recipe_path.write_text(recipe.text)
+        try:
+            outs = [run_both(recipe, recipe_path, work, s, args.mergekit, args.llm_merge) for s in seeds]
+        except RuntimeError as exc:
+            return False, f"{recipe.path.name}: ERROR\n{exc}", []
+        rows = compare_outputs([o[0] for o in outs], [o[1] for o in outs], base_dir, random,
+                               args.max_bad_frac, args.atol)
+        if recipe.tokenizer:
+            rows += compare_tokenizers(*outs[0])
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    n_bad = sum(not r.ok for r in rows)
+    kind = f"random ({len(seeds)} seed(s))" if random else "deterministic"
+    summary = ""
+    if not random:
+        rels = [float(m.group(1)) for r in rows if (m := re.search(r"max_rel\s+(\S+)", r.text))]
+        summary = f", max rel diff {max(rels, default=0.0):.3e}"
+    line = (f"{recipe.path.name}: {recipe.method} {kind}: {'PASS' if n_bad == 0 else 'FAIL'} "
+            f"({n_bad}/{len(rows)} failing{summary})")
+    return n_bad == 0, line, rows
+
+
+def table_row(recipe: Recipe, ok: bool, line: str, rows: list[Row]) -> str:
+    """One Markdown row: recipe, method, what else it uses, result and the largest difference."""
+    uses = [word for word, present in (("multi-document", recipe.multi), ("slices", "slices" in recipe.final),
+                                       ("tokenizer", recipe.tokenizer),
+                                       ("model+lora", "+" in recipe.text)) if present]
+    rels = [float(m.group(1)) for r in rows if (m := re.search(r"max_rel\s+(\S+)", r.text))]
+    result = "pass" if ok else "FAIL" if rows else "ERROR"
+    diff = "in distribution" if recipe.random else f"{max(rels, default=0.0):.1e}"
+    return f"| {recipe.path.name} | {recipe.method} | {', '.join(uses) or '-'} | {result} | {diff} |"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", type=Path, help="mergekit YAML recipe (may use BASE / MODEL_A / MODEL_B / MODEL_C)")
+    p.add_argument("recipes", type=Path, nargs="+", metavar="recipe",
+                   help="mergekit YAML recipe(s) (may use BASE / MODEL_A / MODEL_B / MODEL_C / FAMILY)")
     p.add_argument("--family", type=Path, required=True, help="toy family dir (base/, ft1/, ft2/, ...)")
-    p.add_argument("--work", type=Path, help="work dir for the recipe and both outputs (default: a temp dir, removed)")
+    p.add_argument("--work", type=Path, help="work dir for the recipes and both outputs (default: temp dirs, removed)")
     p.add_argument("--seeds", type=int, default=1, help="runs per tool for random methods (default: 1)")
     p.add_argument("--random", action="store_true", help="compare in distribution even if the method is not random")
     p.add_argument("--mergekit", default="mergekit-yaml", help="mergekit command (default: mergekit-yaml)")
@@ -208,44 +369,27 @@ def main(argv: list[str] | None = None) -> int:
                         "magnitude top-k methods (ties, breadcrumbs) on bf16 checkpoints break exact ties in "
                         "|delta| in an implementation-defined order")
     p.add_argument("--failures_only", action="store_true", help="print only the failing tensors")
+    p.add_argument("--table", action="store_true", help="print one Markdown table row per recipe instead of tensors")
     args = p.parse_args(argv)
 
-    text = substitute(args.recipe.read_text(), args.family)
-    recipe = yaml.safe_load(text)
-    method = str(recipe.get("merge_method", ""))
-    random = args.random or method in RANDOM_METHODS
-    base_dir = Path(recipe["base_model"]) if recipe.get("base_model") else None
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="mkcompare_"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        recipe_path = work / args.recipe.name
-        recipe_path.write_text(text)
-        seeds = list(range(args.seeds if random else 1))
-        try:
-            outs = [run_both(recipe_path, work, s, args.mergekit, args.llm_merge) for s in seeds]
-        except RuntimeError as exc:
-            print(f"{args.recipe.name}: ERROR\n{exc}")
-            return 1
-        rows = compare_outputs([o[0] for o in outs], [o[1] for o in outs], base_dir, random, args.max_bad_frac, args.atol)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-
-    width = max(len(r.name) for r in rows)
-    for r in rows:
-        if r.ok and args.failures_only:
+    failed = 0
+    if args.table:
+        print("| recipe | method | uses | result | max rel diff |\n|---|---|---|---|---|")
+    for path in args.recipes:
+        recipe = load_recipe(path, args.family)
+        ok, line, rows = compare_recipe(recipe, args)
+        failed += not ok
+        if args.table:
+            print(table_row(recipe, ok, line, rows), flush=True)
+            if not ok:
+                print(line, file=sys.stderr)
             continue
-        print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.text}")
-    n_bad = sum(not r.ok for r in rows)
-    kind = f"random ({len(seeds)} seed(s))" if random else "deterministic"
-    summary = ""
-    if not random:
-        rels = [float(m.group(1)) for r in rows if (m := re.search(r"max_rel\s+(\S+)", r.text))]
-        summary = f", max rel diff {max(rels, default=0.0):.3e}"
-    print(f"{args.recipe.name}: {method} {kind}: {'PASS' if n_bad == 0 else 'FAIL'} "
-          f"({n_bad}/{len(rows)} failing{summary})")
-    return 0 if n_bad == 0 else 1
+        width = max((len(r.name) for r in rows), default=0)
+        for r in rows:
+            if not (r.ok and args.failures_only):
+                print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.text}")
+        print(line, flush=True)
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":
