@@ -19,6 +19,7 @@ CASES = [
     ("della_linear", ["--rescale", "false"]),
     ("dare_linear", ["--reserve_p", "0.3"]),
     ("dare_ties", ["--weight_list", "0.6", "0.4"]),
+    ("multislerp", ["--weight_list", "0.7", "0.4"]),
 ]
 
 
@@ -119,7 +120,7 @@ def families(tmp_path_factory):
     ("bf16", "bf16", None), ("f32", "f32", None), ("f16", "f16", None), ("bf16", "f32", "float16"),
     ("f16", "bf16", "float32"), ("f32", "bf16", "bfloat16"), ("f16", None, "bfloat16"), ("bf16", None, None),
 ])
-@pytest.mark.parametrize("method", ["linear", "ties", "della", "dare_ties", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "ties", "della", "dare_ties", "slerp", "multislerp"])
 def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, families, monkeypatch, method, models,
                                                                      base, output_dtype):
     """Chunks and cache blocks smaller than a tensor (and ending mid-block), any mix of input and output dtypes."""
@@ -139,7 +140,13 @@ def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, 
 
     monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
     monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
-    assert run(tmp_path / "compiled", "1") == run(tmp_path / "numpy", "0")
+    fused_tensors = []
+    original_run = numba_kernels.FusedChunks.run
+    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
+                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
+    compiled = run(tmp_path / "compiled", "1")
+    assert fused_tensors, f"{method} did not take the fused pass"
+    assert compiled == run(tmp_path / "numpy", "0")
 
 
 def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
@@ -164,7 +171,7 @@ def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
     assert (tmp_path / "out1" / "model.safetensors").read_bytes() == (tmp_path / "out0" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("method", ["ties", "della", "dare_ties", "slerp"])
+@pytest.mark.parametrize("method", ["ties", "della", "dare_ties", "slerp", "multislerp"])
 def test_compiled_path_is_byte_identical_across_n_process(tmp_path, family, method):
     outputs = []
     for n in ("1", "2", "3"):

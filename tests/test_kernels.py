@@ -314,19 +314,20 @@ def test_streamed_ranks_take_larger_bfloat16_deltas_within_a_memory_budget():
         assert (stream.statistics() is not None) == streams
 
 
+@pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_streaming_slerp_sums_match_numpy(with_base):
+def test_streaming_gram_sums_match_numpy(with_base, k):
     import ml_dtypes
 
     rng = np.random.default_rng(12)
     n, chunk = 20_000, 3_000
     base = rng.normal(size=n).astype(ml_dtypes.bfloat16)
-    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(ml_dtypes.bfloat16) for seed in (4, 5)]
-    stream = kernels.StreamingSlerpSums(block=64)
+    models = [(base.astype(np.float32) + 0.01 * data(n, seed)).astype(ml_dtypes.bfloat16) for seed in (4, 5, 6)[:k]]
+    stream = kernels.StreamingGramSums(k, block=64)
     for start in range(0, n, chunk):
         stream.feed(0, [m[start : start + chunk].view(np.uint16) for m in models],
                     base[start : start + chunk].view(np.uint16) if with_base else None)
     stream.end_pass(0)
     ys = [m.astype(np.float32) - (base.astype(np.float32) if with_base else 0) for m in models]
-    expected = methods.get("merge", "slerp").reduce(ys, ops=NumpyOps(compiled=False))["sums"]
+    expected = methods.get("merge", "multislerp").reduce(ys, ops=NumpyOps(compiled=False))["sums"]
     np.testing.assert_allclose(stream.statistics()["sums"], expected, rtol=1e-12)

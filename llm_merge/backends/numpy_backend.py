@@ -147,10 +147,10 @@ class NumpyOps:
         return kernels.StreamingTrim(k, numel, [o["reserve_p"] for o in model_options], rescale, block)
 
     def streaming_reduce(self, kernel: Optional[str], *, k: int):
-        """The merge's whole-tensor sums fed raw chunks of all k inputs (``kernels.streaming.StreamingSlerpSums``), or None."""
-        if not self._kernels or kernel != "slerp" or k != 2:
+        """The merge's whole-tensor sums fed raw chunks of all k inputs (``kernels.streaming.StreamingGramSums``), or None."""
+        if not self._kernels or kernel != "gram":
             return None
-        return self._kernels.StreamingSlerpSums(self._kernels.FusedChunks.BLOCK)
+        return self._kernels.StreamingGramSums(k, self._kernels.FusedChunks.BLOCK)
 
     def fused_chunks(self, **constants):
         """A fused apply pass (``kernels.fused.FusedChunks``) for one tensor, or None without numba."""

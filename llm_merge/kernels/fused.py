@@ -43,7 +43,7 @@ from llm_merge.kernels.ranks import RankTable, magnitude_midranks, slot_block  #
 from llm_merge.kernels.row_ranks import StreamingRowKeep, keep_bits  # noqa: F401 (StreamingRowKeep re-exported)
 from llm_merge.kernels.streamed_ranks import StreamingRanks  # noqa: F401 (re-exported)
 from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
-    StreamingSlerpSums,
+    StreamingGramSums,
     StreamingTrim,
     chunk_inputs,
     dot64_kernel,
@@ -126,8 +126,9 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
 class FusedChunks:
     """The fused apply pass of one tensor: constants bound once, then ``run`` per chunk.
 
-    Covers every sparsifier with the linear and ties merges, and slerp's apply
-    pass (a linear merge with its two coefficients, not normalized). Inputs and
+    Covers every sparsifier with the linear and ties merges, and the apply pass of
+    the merges with coefficients from Gram sums (slerp, multislerp, karcher: a
+    linear merge with those coefficients, not normalized). Inputs and
     output are raw bits: bfloat16 (uint16), float16 (int16) or float32 (uint32).
     """
 

@@ -102,11 +102,11 @@ _NO_MASK = np.zeros(0, np.uint8)
 
 def merge_constants(merge_type: str, weight_list, normalize: bool, ties_elect_type: str,
                     coefficients=None) -> MergeConstants:
-    """The constants of merge ``merge_type``; slerp's apply pass is a linear merge with its two
-    ``coefficients``, not normalized."""
+    """The constants of merge ``merge_type``; a merge with ``coefficients`` from its statistics (slerp,
+    multislerp, karcher: kernel ``gram``) runs as a linear merge with them, not normalized."""
     total_weight = np.float32(sum(weight_list))
     by_count = ties_elect_type == "count"
-    if merge_type == "slerp":
+    if coefficients is not None:
         return MergeConstants(LINEAR, np.asarray(coefficients, np.float32), False, total_weight, by_count)
     code = LINEAR if merge_type == "linear" else TIES
     return MergeConstants(code, np.asarray(weight_list, np.float32), normalize, total_weight, by_count)

@@ -1,7 +1,7 @@
 """Whole-tensor statistics streamed over raw input chunks (numba): no full-size copies.
 
-``StreamingTrim`` (TIES trim threshold and L1 scale) and ``StreamingSlerpSums`` (slerp's norms and
-dot product) here; ``StreamingRanks`` (DELLA's magnitude ranks) in ``kernels.streamed_ranks``, on the
+``StreamingTrim`` (TIES trim threshold and L1 scale) and ``StreamingGramSums`` (the inputs' norms and
+dot products: slerp, multislerp, karcher) here; ``StreamingRanks`` (DELLA's magnitude ranks) in ``kernels.streamed_ranks``, on the
 magnitude histogram here. Each takes ``feed(pass_index, raws, base_raw)`` per chunk (raw bits:
 bfloat16 as uint16, float16 as int16, float32 as uint32), ``wants(pass_index)``, ``end_pass(pass_index)``
 and ``statistics()``. Same results as the NumPy methods in ``llm_merge.methods``.
@@ -239,31 +239,34 @@ class StreamingTrim(MagnitudeHistogram):
 
 
 @njit(**_JIT)
-def _slerp_sums(raws, base_raw, has_base, n, buffers, sums):
-    """Slerp's reduce pass over one chunk: sums += (|y0|², |y1|², y0·y1) of the two task vectors."""
+def _gram_sums(raws, base_raw, has_base, n, buffers, sums):
+    """One chunk's Gram entries: sums += <y_i, y_j> of the task vectors for every pair i <= j, row by row
+    of the upper triangle (the order ``methods.merge.gram_sums`` gives)."""
     rows, rows_bits, base, base_bits = buffers
-    block = rows.shape[1]
-    nonfinite = np.zeros(3, np.int64)  # not reported: the apply pass counts them
+    k, block = rows.shape
+    nonfinite = np.zeros(k + 1, np.int64)  # not reported: the apply pass counts them
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
         task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
-        y0, y1 = rows[0][:m], rows[1][:m]
-        sums[0] += dot64_kernel(y0, y0)
-        sums[1] += dot64_kernel(y1, y1)
-        sums[2] += dot64_kernel(y0, y1)
+        entry = 0
+        for i in range(k):
+            for j in range(i, k):
+                sums[entry] += dot64_kernel(rows[i][:m], rows[j][:m])
+                entry += 1
 
 
-class StreamingSlerpSums:
-    """Slerp's whole-tensor norms and dot product from one pass over raw chunks of both inputs."""
+class StreamingGramSums:
+    """The whole-tensor Gram matrix of k task vectors (slerp's norms and dot, multislerp's and karcher's
+    sums) from one pass over raw chunks of every input."""
 
-    def __init__(self, block: int) -> None:
-        self.buffers = TaskVectorBuffers.allocate(2, block)
-        self.sums = np.zeros(3, np.float64)
+    def __init__(self, k: int, block: int) -> None:
+        self.buffers = TaskVectorBuffers.allocate(k, block)
+        self.sums = np.zeros(k * (k + 1) // 2, np.float64)
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        _slerp_sums(*chunk_inputs(raws, base_raw), self.buffers, self.sums)
+        _gram_sums(*chunk_inputs(raws, base_raw), self.buffers, self.sums)
 
     def wants(self, pass_index: int) -> bool:
         return pass_index == 0
@@ -272,7 +275,7 @@ class StreamingSlerpSums:
         pass
 
     def statistics(self) -> dict:
-        """{"sums": (|y0|², |y1|², y0·y1)} as ``methods.merge.slerp_sums`` gives them, summed over the tensor."""
+        """{"sums": the upper triangle row by row} as ``methods.merge.gram_sums`` gives it, over the tensor."""
         return {"sums": tuple(float(v) for v in self.sums)}
 
 

@@ -18,15 +18,15 @@ def linear(ys, *, weight_list, normalize, ops):
     return total
 
 
-def slerp_sums(ys, *, ops):
-    """Additive statistics of a chunk: squared norms of both inputs and their dot product."""
-    y0, y1 = ys
-    return {"sums": (ops.dot64(y0, y0), ops.dot64(y1, y1), ops.dot64(y0, y1))}
+def gram_sums(ys, *, ops):
+    """Additive statistics of a chunk: the Gram entries <y_i, y_j> for every pair i <= j, row by row of the
+    upper triangle (for two inputs: |y0|², y0·y1, |y1|²). Kernel ``gram`` streams the same sums."""
+    return {"sums": tuple(ops.dot64(ys[i], ys[j]) for i in range(len(ys)) for j in range(i, len(ys)))}
 
 
 def slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold) -> tuple[float, float]:
     """Coefficients (c0, c1) of y0 and y1 from the whole-tensor norms and dot product."""
-    sq0, sq1, dot = sums
+    sq0, dot, sq1 = sums
     norm0, norm1 = math.sqrt(sq0), math.sqrt(sq1)
     scale0 = norm0 if norm0 >= slerp_normalize_eps else 1.0
     scale1 = norm1 if norm1 >= slerp_normalize_eps else 1.0
@@ -45,7 +45,7 @@ def _slerp_fused_coefficients(reduced: dict, options: dict) -> tuple[float, floa
                               options["slerp_dot_threshold"])
 
 
-@register("merge", "slerp", reduce=slerp_sums, produces=("sums",), kernel="slerp", fused=True,
+@register("merge", "slerp", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
           fused_coefficients=_slerp_fused_coefficients, inputs=2)
 def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, ops):
     """Spherical interpolation of two tensors (linear when nearly colinear)."""

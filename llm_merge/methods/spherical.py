@@ -1,7 +1,8 @@
 """mergekit's nearswap and multislerp (mergekit/merge_methods/nearswap.py, multislerp.py).
 
 Same contract as ``extra.py``: float32 chunks in, a new chunk out; whole-tensor statistics come from a
-registered ``reduce`` (additive sums over the chunks). No compiled kernels: the NumPy (or Paddle) path.
+registered ``reduce`` (additive sums over the chunks). multislerp's apply pass is
+the fused linear kernel with its coefficients (kernel ``gram``); nearswap runs on the NumPy (or Paddle) path.
 
 * **nearswap** (base b, one model x, threshold t > 0): mergekit's w = clamp(t / |b − x|, 0, 1) (1 where
   b = x), result w·x + (1 − w)·b. On the task vector y = x − b that is b + w·y = b + clip(y, −t, t): the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 
 from llm_merge.errors import MergeError
+from llm_merge.methods.merge import gram_sums
 from llm_merge.methods.registry import register
 
 
@@ -31,9 +33,8 @@ def nearswap(ys, *, nearswap_t, ops):
     return ops.where(y > t, t, ops.where(y < -t, -t, y))
 
 
-def multislerp_sums(ys, *, ops):
-    """Additive statistics: ⟨y_i, y_j⟩ for every pair i ≤ j, row by row of the upper triangle."""
-    return {"sums": tuple(ops.dot64(ys[i], ys[j]) for i in range(len(ys)) for j in range(i, len(ys)))}
+#: multislerp's statistics are the inputs' Gram entries (kernel ``gram`` streams them).
+multislerp_sums = gram_sums
 
 
 def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: bool, multislerp_eps: float) -> list[float]:
@@ -62,7 +63,14 @@ def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: boo
     return [ai * avg_norm / mean_norm for ai in a]
 
 
-@register("merge", "multislerp", reduce=multislerp_sums, produces=("sums",))
+def _multislerp_fused_coefficients(reduced: dict, options: dict) -> list[float]:
+    """multislerp in the fused pass: a linear merge (not normalized) with its coefficients."""
+    return multislerp_coefficients(reduced["sums"], options["weight_list"], options["multislerp_normalize_weights"],
+                                   options["multislerp_eps"])
+
+
+@register("merge", "multislerp", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
+          fused_coefficients=_multislerp_fused_coefficients)
 def multislerp(ys, *, sums, weight_list, multislerp_normalize_weights, multislerp_eps, ops):
     """mergekit multislerp: barycentric interpolation on the hypersphere of the whole tensors."""
     coefficients = multislerp_coefficients(sums, weight_list, multislerp_normalize_weights, multislerp_eps)
