@@ -12,6 +12,7 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["llm_merge", "llm_merge.*"]),
+    package_data={"llm_merge.config.chat_templates": ["*.jinja"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "safetensors>=0.4", "ml_dtypes>=0.2", "multiprocess>=0.70", "tqdm>=4.0", "numba>=0.59", "pyyaml>=5.1"],
     extras_require={

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -22,6 +23,7 @@ from llm_merge.report.inspection.merge_check import check_models, model_names
 from llm_merge.report.records import output_records
 from llm_merge.run import ranks
 from llm_merge.run.pool import run_tasks
+from llm_merge.run.vocab_rows import built_rows
 
 if TYPE_CHECKING:
     from llm_merge.io.gguf_output.layout import GGUFLayout
@@ -56,8 +58,10 @@ def merge(cfg: MergeConfig) -> Path:
         import_gguf()  # fail now if the extra is missing
     refuse = "pdparams inputs are not supported in a multi-rank merge; convert them to safetensors first" if dist is not None else None
     # pdparams inputs (only with --allow_pickle) become safetensors copies beside the output, removed at the end
-    with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert:
+    with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert, \
+            contextlib.ExitStack() as scratch:
         plan = build_plan(cfg, convert)
+        scratch.enter_context(built_rows(plan.row_jobs))  # mergekit's tokenizer merge: input rows on the output vocabulary
         # sampled rows of a few matrices: a model that does not share the base stops here (unless --force)
         check_models(plan.tasks, model_names(plan, None if cfg.slices else cfg.model_path_list), plan.base is not None, cfg.force)
         if finalize is not None:

@@ -37,6 +37,10 @@ def test_method_table_rows(method):
         resolved = resolve(cfg(merge_method=method, model_path_list=["a"]))
     elif method == "nearswap":  # one model against a base, with its threshold
         resolved = resolve(cfg(merge_method=method, model_path_list=["a"], base_model_path="base", nearswap_t=0.1))
+    elif method == "karcher":  # every input alike, no base
+        resolved = resolve(cfg(merge_method=method))
+    elif method == "arcee_fusion":  # one model against a base
+        resolved = resolve(cfg(merge_method=method, model_path_list=["a"], base_model_path="base"))
     else:
         resolved = resolve(cfg(merge_method=method, base_model_path="base"))
     assert (resolved.sparsify_type, resolved.merge_type) == METHOD_TABLE[method]
@@ -123,7 +127,8 @@ def test_every_method_parameter_is_a_config_field():
             for hook in (method.prepare, method.reduce):
                 if hook is not None:
                     extra |= set(methods.registry.keyword_params(hook))
-            produced = {"threshold", "l1_scale", "doubled_midranks", "sums", "selection", "keep_prob"}
+            produced = {"threshold", "l1_scale", "doubled_midranks", "sums", "selection", "keep_prob",
+                        "coarse_counts", "fine_counts"}
             unknown = method.parameters() - FIELD_NAMES - ENGINE_PARAMS - produced
             assert not unknown, f"{kind} {name}: {unknown}"
 

@@ -185,7 +185,7 @@ def test_recipe_translation_semantics(caplog):
         linear = recipe_to_config({"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 1, "density": 0.5}}]}, "O")
     assert linear.weight_list == [1.0] and "density" in caplog.text
     for bad, match in [({"merge_method": "ties", "base_model": "B", "models": [{"model": "A"}], "slices": [{}]}, "slices"),
-                       ({"merge_method": "karcher", "models": []}, "karcher"),
+                       ({"merge_method": "not_a_method", "models": []}, "not_a_method"),
                        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A", "parameters": {"wieght": 1}}]}, "wieght"),
                        ({"merge_method": "ties", "base_model": "B", "models": [{"model": "A"}]}, "weight is required"),
                        ({"merge_method": "nuslerp", "models": [{"model": "A", "parameters": {"weight": 1}}, {"model": "C", "parameters": {"weight": 1}}],

@@ -32,6 +32,8 @@ METHOD_TABLE: dict[str, tuple[str, str]] = {
     "passthrough": ("none", "passthrough"),
     "nearswap": ("none", "nearswap"),
     "multislerp": ("none", "multislerp"),
+    "karcher": ("none", "karcher"),
+    "arcee_fusion": ("none", "arcee_fusion"),
 }
 
 
@@ -42,7 +44,8 @@ MERGEKIT_SPARSIFY: dict[str, str] = {"trim": "magnitude", "dare": "random", "mag
 SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs", *MERGEKIT_SPARSIFY.values())
 
 
-MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough", "nearswap", "multislerp")
+MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough", "nearswap", "multislerp",
+               "karcher", "arcee_fusion")
 
 
 #: Options that may be given once per model (``{name}_list``), overriding the scalar for that model's sparsifier.
@@ -133,6 +136,11 @@ class MergeConfig:
         "by at most this, and by this much towards the model elsewhere")
     multislerp_normalize_weights: bool = _opt(True, "multislerp: divide the weights by their sum (mergekit's normalize_weights)")
     multislerp_eps: float = _opt(1e-8, "multislerp: added to each norm before dividing by it (mergekit's eps), >= 0")
+    karcher_max_iter: int = _opt(
+        10, "karcher: at most this many steps of the Karcher mean iteration on the unit sphere (mergekit's max_iter), >= 0")
+    karcher_tol: float = _opt(
+        1e-5, "karcher: tolerance (mergekit's tol): inputs with a norm <= tol are left out, the iteration stops when "
+        "its step is shorter, and an input closer than tol radians to the mean does not pull it; >= 0")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")

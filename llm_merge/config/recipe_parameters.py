@@ -49,6 +49,8 @@ SHARED = {
     "int8_mask": SharedParameter(None, boolean=True),  # computation is always float32
     "normalize_weights": SharedParameter("multislerp_normalize_weights", boolean=True, per_tensor=False),
     "eps": SharedParameter("multislerp_eps", boolean=False),
+    "max_iter": SharedParameter("karcher_max_iter", boolean=False),
+    "tol": SharedParameter("karcher_tol", boolean=False),
 }
 
 

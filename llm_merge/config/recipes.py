@@ -74,6 +74,12 @@ def _base_and_one_inputs(method: str, models: Models, base: Optional[str]) -> tu
     return models, values
 
 
+def _base_last_inputs(method: str, models: Models, base: Optional[str]) -> tuple[Models, dict]:
+    """karcher: the models, then base_model unless listed, all merged alike (mergekit appends the base)."""
+    models = models + [(base, {})] if base is not None and not any(same_path(m[0], base) for m in models) else models
+    return models, {"model_path_list": [m[0] for m in models]}
+
+
 def _renamed_options(values: dict, renames: Mapping[str, str]) -> dict:
     """``values`` (and their tensor_parameters and slice parameters) with options renamed as the method reads them."""
     def rename(mapping: dict) -> dict:
@@ -221,6 +227,8 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
                                 per_model_settings=_passthrough_scale, arrange_slice=_source_scale_to_slice),
     "nearswap": RecipeMethod("nearswap", (), ("t",), inputs=_base_and_one_inputs, renames={"slerp_alpha": "nearswap_t"}),
     "multislerp": RecipeMethod("multislerp", ("weight",), ("normalize_weights", "eps"), inputs=_optional_base_inputs),
+    "karcher": RecipeMethod("karcher", (), ("max_iter", "tol"), inputs=_base_last_inputs),
+    "arcee_fusion": RecipeMethod("arcee_fusion", (), (), inputs=_base_and_one_inputs),
     #                          merge_method        normalize rescale  per-model parameters besides weight
     "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
     "ties": _task_arithmetic_family("ties", True, False, "density"),

@@ -86,6 +86,7 @@ def _check_models(cfg: MergeConfig, merge_type: str) -> list[float]:
         raise ConfigError(f"--merge_method passthrough: copies exactly 1 model without a base, got {n_models} model(s)"
                           + (" and a base" if cfg.base_model_path else ""))
     _check_nearswap_multislerp(cfg, merge_type, weights)
+    _check_karcher_arcee_fusion(cfg, merge_type)
     if merge_type == "model_stock" and (n_models < 2 or not cfg.base_model_path):
         raise ConfigError("--merge_method model_stock: needs --base_model_path and at least 2 models")
     return weights
@@ -106,6 +107,27 @@ def _check_nearswap_multislerp(cfg: MergeConfig, merge_type: str, weights: list[
             raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --multislerp_normalize_weights false")
         if not (math.isfinite(cfg.multislerp_eps) and cfg.multislerp_eps >= 0):
             raise ConfigError(f"--multislerp_eps: {cfg.multislerp_eps} must be a finite number >= 0")
+
+
+def _check_karcher_arcee_fusion(cfg: MergeConfig, merge_type: str) -> None:
+    """karcher: no base (every input is merged alike), max_iter >= 0, tol >= 0; arcee_fusion: a base and 1 model."""
+    n_models = len(cfg.model_path_list)
+    if merge_type == "karcher":
+        if cfg.base_model_path:
+            raise ConfigError(f"--base_model_path: {cfg.base_model_path}: karcher takes no base (it merges every input "
+                              "alike, as mergekit does with a recipe's base_model): list it in --model_path_list instead")
+        if cfg.karcher_max_iter < 0:
+            raise ConfigError(f"--karcher_max_iter: {cfg.karcher_max_iter} must be an integer >= 0")
+        if not (math.isfinite(cfg.karcher_tol) and cfg.karcher_tol >= 0):
+            raise ConfigError(f"--karcher_tol: {cfg.karcher_tol} must be a finite number >= 0")
+    if merge_type == "arcee_fusion" and (n_models != 1 or not cfg.base_model_path):
+        raise ConfigError(f"--merge_method arcee_fusion: needs --base_model_path and exactly 1 model, got {n_models}"
+                          + ("" if cfg.base_model_path else " and no base"))
+
+
+#: mergekit's sce, ram and ramplus_tl: their options (checked by check_option)
+SCE_RAM_OPTIONS = {"sce": ("sce_select_topk",), "ram": ("ram_epsilon",),
+                   "ramplus_tl": ("ram_epsilon", "ramplus_r", "ramplus_alpha")}
 
 
 def _check_per_model_lists(cfg: MergeConfig, sparsify_type: Optional[str]) -> None:

@@ -5,8 +5,12 @@ keyword-only parameters, then ``ops``; shared by the NumPy and Paddle backends) 
 
 * ``prepare`` (sparsify) / ``reduce`` (merge): the whole-tensor statistics it needs, and
   ``produces``, the names of the statistics they return;
+* ``later_reduces``: further reduce passes that run after ``reduce``, in order, each seeing the statistics
+  of the passes before it (e.g. a histogram refined by a second pass); ``row_aligned``: its statistics and
+  apply pass need chunks of whole rows (along the last dimension);
 * its parameters, bound by name from three disjoint sources: its statistics, the engine's values
-  (``ENGINE_PARAMS``: ``ops``, ``host``, ``rng``, ``rng_at``, ``numel``, ``shape``, ``start``) and the
+  (``ENGINE_PARAMS``: ``ops``, ``host``, ``rng``, ``rng_at``, ``numel``, ``shape``, ``start``, and for
+  merges ``base``, the base's chunk or None) and the
   MergeConfig options. Registration checks that every parameter is one of them and that no statistic
   shares a name with an option or an engine value, so a misspelled or ambiguous parameter fails when the
   package is imported, never inside a worker;
@@ -31,7 +35,7 @@ from llm_merge.errors import MergeError
 
 KINDS = ("sparsify", "merge")
 #: Parameters supplied by the engine rather than by MergeConfig or by the statistics.
-ENGINE_PARAMS = frozenset({"ops", "host", "rng", "rng_at", "numel", "start", "shape"})
+ENGINE_PARAMS = frozenset({"ops", "host", "rng", "rng_at", "numel", "start", "shape", "base"})
 #: ``streamed_dtypes`` of statistics that stream for inputs of every dtype.
 ANY_DTYPE = frozenset({"*"})
 
@@ -55,11 +59,13 @@ class Method:
     fused_coefficients: Optional[Callable[[dict, dict], tuple[float, ...]]] = None
     inputs: Optional[int] = None
     divides_by_weight_sum: bool = False
+    later_reduces: tuple[Callable, ...] = ()
+    row_aligned: bool = False
 
     def parameters(self) -> set[str]:
         """Every parameter name of the function and its prepare/reduce pass."""
         names = set(self.params)
-        for extra in (self.prepare, self.reduce):
+        for extra in (self.prepare, self.reduce, *self.later_reduces):
             if extra is not None:
                 names |= set(keyword_params(extra))
         return names
@@ -104,6 +110,8 @@ def _check_parameters(method: Method) -> None:
     for extra in (method.prepare, method.reduce):
         if extra is not None:
             unknown |= set(keyword_params(extra)) - ENGINE_PARAMS - FIELD_NAMES
+    for later in method.later_reduces:  # may read the statistics of the passes before it
+        unknown |= set(keyword_params(later)) - produces - ENGINE_PARAMS - FIELD_NAMES
     if unknown:
         raise MergeError(f"{where}: parameter(s) {', '.join(sorted(unknown))} are no option, engine value or statistic of it")
 

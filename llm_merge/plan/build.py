@@ -18,6 +18,8 @@ from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.plan.gradients import layer_t, num_layers_of, tensor_params
 from llm_merge.plan.layout import MergePlan, OutputSlot, TensorTask, layout_shards
+from llm_merge.plan import mergekit_vocab
+from llm_merge.plan.chat_template import chosen_template, template_records
 from llm_merge.plan.reconcile import BASE, read_model_config, reconcile, slice_rows
 from llm_merge.plan.slices import position_finder, slice_checkpoints
 
@@ -41,12 +43,16 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     tasks = []
     resolved: dict[str, dict] = {}
     params_of = _tensor_parameters(cfg, found, models)
+    virtual, row_jobs = {}, ()
+    if found.mergekit_vocab is not None:
+        inputs = {**({BASE: base} if base is not None else {}), **dict(enumerate(models))}
+        virtual, row_jobs = mergekit_vocab.row_jobs(found.mergekit_vocab.tensors, inputs, mergekit_vocab.scratch_path(cfg.output_path))
     for tensor in found.tensors:
         params = params_of(tensor.name) if params_of and tensor.mergeable else None
         if params:
             resolved[tensor.name] = params
         for piece in tensor.pieces:
-            task = _piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights)
+            task = _piece_task(tensor, piece, models, base, slots[tensor.name], cfg, weights, virtual)
             tasks.append(dataclasses.replace(task, params=params) if params else task)
     tasks = tuple(tasks)
     if resolved:  # the record names every varying option's value for every merged tensor
@@ -57,8 +63,20 @@ def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optiona
     if cfg.slices:
         config_json = {**(config_json or read_model_config(models[0].path)), "num_hidden_layers": slice_layers(cfg.slices)}
     config_json = _with_output_dtype(config_json, models[0].path, out_dtypes)
+    tokenizer_records = _tokenizer_records(cfg, found, models, base)
     return MergePlan(tasks=tasks, shards=shards, models=models, base=base, config_json=config_json,
-                     tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None)
+                     tokenizer_from=found.tokenizer_from, tensor_parameters=resolved or None,
+                     tokenizer_records=tokenizer_records or None, row_jobs=row_jobs)
+
+
+def _tokenizer_records(cfg: MergeConfig, found, models, base) -> dict:
+    """The output's rebuilt tokenizer files (mergekit's tokenizer merge) and chat template (--chat_template)."""
+    records = dict(found.mergekit_vocab.records) if found.mergekit_vocab is not None else {}
+    inputs = [*([base.path] if base is not None else []), *(m.path for m in models)]
+    template = chosen_template(getattr(cfg, "chat_template", None), list(dict.fromkeys(inputs)))
+    if template is not None:
+        records.update(template_records(template, found.tokenizer_from or models[0].path, records))
+    return records
 
 
 def _config_value(cfg: MergeConfig, option: str):
@@ -101,8 +119,11 @@ def _tensor_parameters(cfg: MergeConfig, found, models) -> Optional[Callable[[st
     return lambda name: tensor_params(cfg, name, layer_t(name, num_layers, cfg.layer_pattern))
 
 
-def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig, weights: list[float]) -> TensorTask:
-    """The task of one piece of an output tensor (see ``plan.reconcile.Piece``)."""
+def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig, weights: list[float],
+                virtual: Optional[dict] = None) -> TensorTask:
+    """The task of one piece of an output tensor (see ``plan.reconcile.Piece``); ``virtual``: {(name, input key):
+    TensorInfo} of inputs read from the scratch file of virtual vocabulary rows."""
+    virtual = virtual or {}
     def info(checkpoint: Checkpoint) -> TensorInfo:
         whole = checkpoint.tensors[tensor.name]
         return whole if piece.rows is None else slice_rows(whole, *piece.rows)
@@ -117,9 +138,10 @@ def _piece_task(tensor, piece, models, base, slot: OutputSlot, cfg: MergeConfig,
         source = info(base if piece.copy == BASE else models[piece.copy])
         return TensorTask(name, source.shape, (source,), None, out, False, () if piece.copy == BASE else (piece.copy,))
     indices = range(len(models)) if piece.models is None else piece.models
-    inputs = tuple(info(models[i]) for i in indices)
+    inputs = tuple(virtual.get((tensor.name, i)) or info(models[i]) for i in indices)
     if tensor.mergeable and piece.models is not None and methods.get("merge", cfg.merge_type).divides_by_weight_sum and cfg.normalize:
         if sum(weights[i] for i in piece.models) == 0:
             raise MergeError(f"tensor {name}: the weights of the models that have it ({[weights[i] for i in piece.models]}) sum to 0")
-    return TensorTask(name, inputs[0].shape, inputs, info(base) if piece.base else None, out, tensor.mergeable, piece.models)
+    base_info = (virtual.get((tensor.name, BASE)) or info(base)) if piece.base else None
+    return TensorTask(name, inputs[0].shape, inputs, base_info, out, tensor.mergeable, piece.models)
 

@@ -89,11 +89,16 @@ class MergePlan(ShardedOutput):
     tokenizer_from: Optional[Path] = None
     #: resolved per-tensor option values {tensor: {option: value}} (``tensor_parameters``), recorded in merge_config.json
     tensor_parameters: Optional[dict] = None
+    #: tokenizer files written over the copied ones (mergekit's tokenizer merge, --chat_template): name -> JSON or text
+    tokenizer_records: Optional[dict] = None
+    #: virtual vocabulary rows to build before the merge (``plan.mergekit_vocab.RowJob``; ``run.vocab_rows``)
+    row_jobs: tuple = ()
 
     @property
     def records(self) -> dict[str, object]:
         """JSON files written over the copied model files."""
-        return {"config.json": self.config_json} if self.config_json is not None else {}
+        config = {"config.json": self.config_json} if self.config_json is not None else {}
+        return {**(self.tokenizer_records or {}), **config}
 
 
 def shard_file_name(prefix: str, index: int, count: int) -> str:

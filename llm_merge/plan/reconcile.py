@@ -23,6 +23,7 @@ from llm_merge import methods
 from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
+from llm_merge.plan.mergekit_vocab import MergekitVocab, plan_mergekit_vocab, vocab_names
 from llm_merge.plan.vocab import check_vocab_agreement, label, tokenizer_vocab
 from llm_merge.config.names import HEAD_NAME, embed_name, is_vocab_name
 
@@ -65,6 +66,7 @@ class Reconciled:
     tensors: tuple[OutputTensor, ...]
     config_json: Optional[dict]  # the output config.json when it must differ from the first model's
     tokenizer_from: Optional[Path]  # directory whose tokenizer files the output gets
+    mergekit_vocab: Optional[MergekitVocab] = None  # --semantics mergekit with --tokenizer_source (plan.mergekit_vocab)
 
 
 def read_model_config(directory: Path) -> dict:
@@ -94,8 +96,11 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
     order = dict.fromkeys(name for m in models for name in m.tensors)
     everybody = tuple(range(len(models)))
     plans = _tensor_plans(cfg, models, base, order, mode)
-    vocab_rows = _check_shapes(cfg, models, base, configs, plans)
-    source, n_out_of = _vocab_source(cfg, models, base, vocab_rows) if getattr(cfg, "tokenizer_source", None) else (None, None)
+    merged_vocab = None
+    if getattr(cfg, "tokenizer_source", None) and cfg.semantics == "mergekit":  # mergekit's tokenizer merge
+        merged_vocab = plan_mergekit_vocab(cfg, models, base, configs, vocab_names(order))
+    vocab_rows = _check_shapes(cfg, models, base, configs, [p for p in plans if not merged_vocab or p[0] not in merged_vocab.tensors])
+    source, n_out_of = _vocab_source(cfg, models, base, vocab_rows) if getattr(cfg, "tokenizer_source", None) and not merged_vocab else (None, None)
     tensors = []
     for name, idx, use_base, copy in plans:
         users = _users(models, base, name, idx, use_base, copy)
@@ -103,6 +108,10 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
         first = users[0].tensors[name]
         mergeable = first.dtype in dtypes.MERGEABLE
         all_models = idx == everybody
+        if merged_vocab and name in merged_vocab.tensors:  # every input permuted onto the output vocabulary
+            piece = Piece(None, None if all_models else idx, use_base)
+            tensors.append(OutputTensor(name, (merged_vocab.tensors[name].n_out, *first.shape[1:]), dtype, mergeable, (piece,)))
+            continue
         if name not in vocab_rows:
             if copy is not None:
                 piece = Piece(None, (copy,) if copy != BASE else (), False, copy)
@@ -115,8 +124,14 @@ def reconcile(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Che
         tensors.append(OutputTensor(name, (n_out, *first.shape[1:]), dtype, mergeable, pieces))
 
     config_json = _output_config(configs[0], tied_out, HEAD_NAME in {t.name for t in tensors}, source, vocab_rows, tensors)
+    if merged_vocab and merged_vocab.tensors and configs[0]:  # mergekit sets vocab_size to the (padded) output rows
+        n_out = next(iter(merged_vocab.tensors.values())).n_out
+        if (config_json or configs[0]).get("vocab_size") != n_out:
+            config_json = {**(config_json or configs[0]), "vocab_size": n_out}
     tokenizer_from = source.path if source is not None and source.path != models[0].path else None
-    return Reconciled(models, base, tuple(tensors), config_json, tokenizer_from)
+    if merged_vocab and merged_vocab.tokenizer_dir != Path(models[0].path):
+        tokenizer_from = merged_vocab.tokenizer_dir
+    return Reconciled(models, base, tuple(tensors), config_json, tokenizer_from, merged_vocab)
 
 
 def _tensor_plans(cfg: MergeConfig, models: Sequence[Checkpoint], base: Optional[Checkpoint], order: dict,

@@ -1,4 +1,5 @@
-"""Raw chunks for the compiled passes: the lane a chunk is read in, and the streamed statistics' pass loop."""
+"""Chunks: the generic passes' ranges, and for the compiled passes the lane a chunk is read in and the streamed
+statistics' pass loop."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ def lane_of(infos) -> type:
     dtype (``HALF_LANES``: bfloat16 uint16, float16 int16), else uint32 (float32 bits)."""
     lanes = {HALF_LANES.get(dtypes.stored(info.dtype), np.uint32) for info in infos}
     return lanes.pop() if len(lanes) == 1 else np.uint32
+
+
+def chunk_ranges(numel: int, shape: tuple[int, ...], chunk: int, whole_rows: bool):
+    """(start, count) of each chunk of the generic passes; with ``whole_rows``, chunks of whole rows (along the
+    last dimension; at least one row, however long)."""
+    step = max(1, chunk // shape[-1]) * shape[-1] if whole_rows and len(shape) > 0 and shape[-1] > 0 else chunk
+    for start in range(0, numel, step):
+        yield start, min(step, numel - start)
 
 
 def slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:

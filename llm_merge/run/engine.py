@@ -4,7 +4,8 @@ Per tensor, up to three passes over element chunks (flat ranges of the
 row-major data, so any tensor size streams in bounded memory):
 1. prepare (sparsifiers needing whole-tensor statistics, e.g. trim's threshold):
    the full task vector of one model at a time;
-2. reduce (merges needing whole-tensor sums, e.g. slerp's norms): additive sums;
+2. reduce (merges needing whole-tensor sums, e.g. slerp's norms): additive sums, in one pass or in
+   several when a later pass needs the sums of an earlier one (arcee_fusion's exact quantiles);
 3. apply: per chunk, sparsify every model, merge, add the base, cast and write.
 
 The method specs (``methods.registry``) say what runs: the ops functions, their statistics, and
@@ -35,7 +36,7 @@ from llm_merge.io.shards import ShardWriter
 from llm_merge.kernels.counter_rng import CounterRNG, draw_key
 from llm_merge.plan.layout import TensorTask
 from llm_merge.run.binding import call, per_model_options, task_options
-from llm_merge.run.chunks import lane_of, run_statistic, slice_per_element
+from llm_merge.run.chunks import chunk_ranges, lane_of, run_statistic, slice_per_element
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,13 @@ class TensorMerger:
             prepared = self._streamed_prepare(task, keys) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
         reduced: dict[str, Any] = self._streamed_reduce(task) if self.merger.reduce else {}
         if self.merger.reduce and not reduced:
-            for start in range(0, n, self.chunk):
-                count = min(self.chunk, n - start)
-                ys, _ = self._sparsified(task, start, count, prepared, keys)
-                sums = self._bind(self.merger.reduce, ys, {"start": start})
-                for name, value in sums.items():
-                    reduced[name] = tuple(np.add(reduced[name], value)) if name in reduced else value
+            for reduce_pass in (self.merger.reduce, *self.merger.later_reduces):  # a later pass sees the earlier sums
+                sums: dict[str, Any] = {}
+                for start, count in chunk_ranges(n, task.shape, self.chunk, self.merger.row_aligned):
+                    ys, base = self._sparsified(task, start, count, prepared, keys)
+                    for name, value in self._bind(reduce_pass, ys, {**reduced, "start": start, "base": base}).items():
+                        sums[name] = tuple(np.add(sums[name], value)) if name in sums else value
+                reduced.update(sums)
         out_dtype = dtypes.stored(task.out.dtype)
         self._nonfinite = [0] * (len(task.inputs) + 1)  # count the apply pass only
         self._out_nonfinite = 0
@@ -254,10 +256,9 @@ class TensorMerger:
     def _apply(self, task: TensorTask, prepared: Optional[list[dict]], keys: list[int], reduced: dict[str, Any],
                out_dtype: np.dtype) -> None:
         """The apply pass through the registered methods, one chunk of float32 values at a time."""
-        for start in range(0, task.numel, self.chunk):
-            count = min(self.chunk, task.numel - start)
+        for start, count in chunk_ranges(task.numel, task.shape, self.chunk, self.merger.row_aligned):
             ys, base = self._sparsified(task, start, count, prepared, keys)
-            merged = self._bind(self.merge_fn, ys, {**reduced, "start": start})
+            merged = self._bind(self.merge_fn, ys, {**reduced, "start": start, "base": base})
             if self.options["scale"] != 1.0:  # mergekit's lambda, on the merged task vector
                 merged *= self.ops.float32(self.options["scale"])
             if base is not None:
