@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import mergekit_reference_spherical as MK
-from checkpoints import read_checkpoint
+from checkpoints import read_checkpoint, write_checkpoint
 
 from llm_merge.api import merge
 from llm_merge.backends.numpy_backend import NumpyOps
@@ -108,3 +108,36 @@ def test_multislerp_of_unchanged_tensors_is_the_base():
     from llm_merge.methods.spherical import multislerp_coefficients
 
     assert multislerp_coefficients([0.0] * 6, [0.5, 0.3, 0.2], True, 1e-8) == [0.0, 0.0, 0.0]
+
+
+def test_nearswap_t_gradient_over_layers(tmp_path):
+    """A gradient of t gives each layer its own clip: t = interp(layer / (layers - 1)) as mergekit's gradients."""
+    rng = np.random.default_rng(9)
+    layers, ts = 3, [0.01, 0.05, 0.2]  # layer 0, 1, 2 of 3: t at 0, 0.5, 1 of the gradient [0.01, 0.2] -> .01 .105 .2
+    base = {f"model.layers.{i}.w": rng.normal(size=(8, 5)).astype(np.float32) for i in range(layers)}
+    base["lm_head.weight"] = rng.normal(size=(4, 5)).astype(np.float32)
+    model = {k: (v + 0.2 * rng.normal(size=v.shape)).astype(np.float32) for k, v in base.items()}
+    write_checkpoint(tmp_path / "base", base, extra_files=False)
+    write_checkpoint(tmp_path / "ft", model, extra_files=False)
+    recipe = tmp_path / "ns.yml"
+    recipe.write_text(f"merge_method: nearswap\nbase_model: {tmp_path / 'base'}\nmodels: [{{model: {tmp_path / 'ft'}}}]\n"
+                      f"parameters:\n  t:\n    - filter: layers\n      value: [{ts[0]}, {ts[2]}]\n    - value: {ts[1]}\n")
+    assert recipe_main([str(recipe), str(tmp_path / "out"), "--quiet"]) == 0
+    out = read_checkpoint(tmp_path / "out")
+    expected_t = {"model.layers.0.w": 0.01, "model.layers.1.w": 0.105, "model.layers.2.w": 0.2, "lm_head.weight": ts[1]}
+    for name, t in expected_t.items():
+        np.testing.assert_allclose(out[name], MK.nearswap(t, base[name], model[name]), rtol=1e-6, atol=1e-7)
+        assert not np.allclose(out[name], MK.nearswap(ts[1] if t != ts[1] else ts[0], base[name], model[name]))
+
+
+def test_nearswap_gradient_without_default_names_the_tensor(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    base = {"model.layers.0.w": rng.normal(size=(4, 3)).astype(np.float32), "lm_head.weight": np.ones((2, 3), np.float32)}
+    write_checkpoint(tmp_path / "base", base, extra_files=False)
+    write_checkpoint(tmp_path / "ft", {k: v + 0.1 for k, v in base.items()}, extra_files=False)
+    recipe = tmp_path / "ns.yml"
+    recipe.write_text(f"merge_method: nearswap\nbase_model: {tmp_path / 'base'}\nmodels: [{{model: {tmp_path / 'ft'}}}]\n"
+                      "parameters:\n  t:\n    - filter: layers\n      value: [0.01, 0.2]\n")
+    assert recipe_main([str(recipe), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "no t for tensor lm_head.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -100,8 +100,13 @@ def _check_nearswap_multislerp(cfg: MergeConfig, merge_type: str, weights: list[
             raise ConfigError(f"--merge_method nearswap: needs --base_model_path and exactly 1 model, got {n_models}"
                               + ("" if cfg.base_model_path else " and no base"))
         t = cfg.nearswap_t
-        if t is None or not (math.isfinite(t) and t > 0):
-            raise ConfigError(f"--nearswap_t: {t} must be a number > 0 (required by nearswap)")
+        per_tensor = "nearswap_t" in (cfg.tensor_parameters or {}) or any(
+            "nearswap_t" in params for s in (check_slices(cfg.slices) if cfg.slices is not None else ())
+            for params in (s.parameters, *(src.parameters for src in s.sources)))
+        if t is None and not per_tensor:
+            raise ConfigError("--nearswap_t: None must be a number > 0 (required by nearswap)")
+        if t is not None:
+            check_option("nearswap_t", t, None, cfg.epsilon)
     if merge_type == "multislerp":
         if cfg.multislerp_normalize_weights and sum(weights) == 0:
             raise ConfigError(f"--weight_list: {weights} sums to 0, cannot normalize; use --multislerp_normalize_weights false")
@@ -227,6 +232,8 @@ def check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: f
         _check_range(name, value, 0.0, 1.0)
     elif name in ("scale", "weight"):
         _check_float32(name, [value])
+    elif name == "nearswap_t" and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--nearswap_t: {value} must be a number > 0 (required by nearswap)")
 
 
 def _check_float32(flag: str, values: list[float]) -> None:

@@ -116,6 +116,9 @@ def tensor_params(cfg: MergeConfig, name: str, t: float, shared: Optional[dict] 
         if isinstance(value, float):
             check_option(option, value, cfg.sparsify_type, cfg.epsilon)
         out[option] = value
+    if cfg.merge_type == "nearswap" and out.get("nearswap_t", cfg.nearswap_t) is None:
+        raise ConfigError(f"nearswap: no t for tensor {name}: give a default (--nearswap_t, or a gradient entry "
+                          "without a filter)")
     weights = out.get("weight_list")
     normalize = out.get("normalize", cfg.normalize)
     if weights is not None and normalize and methods.get("merge", cfg.merge_type).divides_by_weight_sum and sum(weights) == 0:
