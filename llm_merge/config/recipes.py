@@ -19,13 +19,15 @@ from llm_merge.config.options import MergeConfig
 from llm_merge.config.recipe_parameters import (
     PASSTHROUGH_SCALE, PER_MODEL, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
 )
+from llm_merge.config.tokenizer_tokens import checked_tokens
 from llm_merge.config.values import config_from_dict
 from llm_merge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices",
+            "tokenizer", "chat_template"}
 
 
 
@@ -272,6 +274,9 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         values.setdefault(option, list(value))
     values.update(output_dtype(recipe))
     values.update(_tokenizer_source(recipe.get("tokenizer_source"), values, base, resolve_path))
+    values.update(_tokenizer_section(recipe, values, base, resolve_path))
+    if recipe.get("chat_template") is not None:
+        values["chat_template"] = recipe["chat_template"]
     tensor_parameters = {**shared_per_tensor, **own_per_tensor}
     if tensor_parameters:
         values["tensor_parameters"] = tensor_parameters
@@ -326,6 +331,26 @@ def _tokenizer_source(source: Any, values: dict, base: Optional[str],
     if source == "base" and "base_model_path" not in values and base is not None:
         source = base  # slerp: the base is merge input 0, not --base_model_path
     return {"tokenizer_source": source if source in ("base", "union") else resolve_path(model_path(source, "tokenizer_source"))}
+
+
+def _tokenizer_section(recipe: dict, values: dict, base: Optional[str],
+                       resolve_path: Callable[[Optional[str]], Optional[str]]) -> dict[str, Any]:
+    """MergeConfig values of the recipe's ``tokenizer:`` section (source, tokens, pad_to_multiple_of), or {}."""
+    section = recipe.get("tokenizer")
+    if section is None:
+        return {}
+    if recipe.get("tokenizer_source") is not None:
+        raise ConfigError("recipe: give either tokenizer_source or tokenizer, not both (as mergekit)")
+    if not isinstance(section, dict):
+        raise ConfigError("recipe: tokenizer: expected a mapping {source, tokens, pad_to_multiple_of}")
+    refuse_unknown_keys(section, {"source", "tokens", "pad_to_multiple_of"}, "recipe: tokenizer")
+    out: dict[str, Any] = _tokenizer_source(section.get("source", "union"), values, base, resolve_path)
+    if section.get("tokens"):
+        out["tokenizer_tokens"] = checked_tokens(section["tokens"], "recipe: tokenizer.tokens",
+                                                 lambda ref, where: resolve_path(model_path(ref, where)))
+    if section.get("pad_to_multiple_of") is not None:
+        out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
+    return out
 
 
 def _recipe_slices(slices: Any, resolve_path: Callable[[Optional[str]], Optional[str]]) -> list[dict]:
