@@ -149,6 +149,31 @@ def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, 
     assert compiled == run(tmp_path / "numpy", "0")
 
 
+def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
+    """karcher (no base: every input merged alike) streams its Gram sums and runs the fused linear pass."""
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.run.engine import TensorMerger
+
+    model_dirs = [str(d) for d in families["bf16"].model_dirs[:3]]
+
+    def run(out, numba):
+        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+        merge(MergeConfig(merge_method="karcher", model_path_list=model_dirs, output_path=str(out), quiet=True))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
+    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
+    fused_tensors = []
+    original_run = numba_kernels.FusedChunks.run
+    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
+                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
+    compiled = run(tmp_path / "compiled", "1")
+    assert fused_tensors
+    assert compiled == run(tmp_path / "numpy", "0")
+
+
 def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
     """NaN/Inf inputs are reported by the compiled pass as by the NumPy one, per input file."""
     import ml_dtypes

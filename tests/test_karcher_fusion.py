@@ -16,7 +16,7 @@ from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError
 from llm_merge.methods import arcee_fusion as AF
 from llm_merge.methods import karcher as KA
-from llm_merge.methods.spherical import multislerp_sums
+from llm_merge.methods.merge import gram_sums
 
 OPS = NumpyOps(False)
 
@@ -31,7 +31,7 @@ def _karcher(xs, max_iter=10, tol=1e-5, step=None, ops=OPS):
     step = step or flat[0].size
     sums = None
     for s, c in _chunks(flat[0].size, step):
-        part = multislerp_sums([ops.from_numpy(x[s:s + c]) for x in flat], ops=ops)["sums"]
+        part = gram_sums([ops.from_numpy(x[s:s + c]) for x in flat], ops=ops)["sums"]
         sums = part if sums is None else tuple(np.add(sums, part))
     out = [ops.to_numpy(KA.karcher([ops.from_numpy(x[s:s + c]) for x in flat], sums=sums, karcher_max_iter=max_iter,
                                    karcher_tol=tol, ops=ops)) for s, c in _chunks(flat[0].size, step)]

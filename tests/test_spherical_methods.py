@@ -12,7 +12,7 @@ from llm_merge.cli.recipe import main as recipe_main
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.validate import resolve
 from llm_merge.errors import ConfigError, MergeError
-from llm_merge.methods import spherical
+from llm_merge.methods import merge as merge_methods, spherical
 
 OPS = NumpyOps(False)
 
@@ -21,7 +21,7 @@ def _multislerp(ys, weights, normalize=True, eps=1e-8):
     """The registered merge on flat chunks, as the engine calls it."""
     shape = ys[0].shape
     ys = [y.ravel() for y in ys]
-    gram = spherical.multislerp_sums(ys, ops=OPS)["sums"]
+    gram = merge_methods.gram_sums(ys, ops=OPS)["sums"]
     return spherical.multislerp(ys, sums=gram, weight_list=weights, multislerp_normalize_weights=normalize,
                                 multislerp_eps=eps, ops=OPS).reshape(shape)
 

@@ -12,16 +12,14 @@ import math
 
 import numpy as np
 
+from llm_merge.methods.merge import weighted_sum
 from llm_merge.methods.registry import register
 
 
 @register("merge", "task_arithmetic")
 def task_arithmetic(ys, *, weight_list, ops):
     """Task arithmetic: Σ w_i·t_i, never normalized (``scale``, mergekit's lambda, is applied by the engine)."""
-    total = ys[0] * ops.float32(weight_list[0])
-    for y, w in zip(ys[1:], weight_list[1:]):
-        total += y * ops.float32(w)
-    return total
+    return weighted_sum(ys, weight_list, ops)
 
 
 def vector_groups(start: int, count: int, shape: tuple[int, ...], mode: str):
@@ -53,10 +51,7 @@ def _pairwise(ys, groups, ops) -> tuple:
 def _combine(ys, coefficients, groups, ops):
     """Σ c_k · y_k with scalar coefficients, or one coefficient per vector group."""
     if groups is None:
-        total = ys[0] * ops.float32(coefficients[0])
-        for y, c in zip(ys[1:], coefficients[1:]):
-            total += y * ops.float32(c)
-        return total
+        return weighted_sum(ys, coefficients, ops)
     ids, _ = groups
     xs = [ops.to_numpy(y) for y in ys]
     total = xs[0] * np.asarray(coefficients[0], np.float32)[ids]

@@ -11,7 +11,8 @@ result is (Σ α_i n_i)·mean.
 
 Every iterate lies in the span of the u_i, so the iteration runs on coefficients: mean = Σ c_i u_i, with
 the inner products from the Gram matrix G_ij = ⟨x_i, x_j⟩ (float64 sums from the reduce pass), and the
-apply pass is Σ (scale·c_i / n_i)·x_i chunk by chunk. Memory: the chunk buffers and an N×N matrix.
+apply pass is Σ (scale·c_i / n_i)·x_i chunk by chunk (compiled: the Gram sums stream and the fused linear pass
+applies the coefficients, kernel ``gram``). Memory: the chunk buffers and an N×N matrix.
 mergekit's result differs by float rounding only (it iterates on float32 tensors).
 """
 
@@ -22,7 +23,7 @@ import math
 import numpy as np
 
 from llm_merge.methods.registry import register
-from llm_merge.methods.spherical import multislerp_sums
+from llm_merge.methods.merge import gram_sums, weighted_sum
 
 
 def karcher_coefficients(sums, count: int, karcher_max_iter: int, karcher_tol: float) -> list[float]:
@@ -78,11 +79,14 @@ def karcher_coefficients(sums, count: int, karcher_max_iter: int, karcher_tol: f
     return coefficients
 
 
-@register("merge", "karcher", reduce=multislerp_sums, produces=("sums",))
+def _fused_coefficients(reduced: dict, options: dict) -> list[float]:
+    """karcher in the fused pass: a linear merge (not normalized) with its coefficients."""
+    count = len(options["weight_list"])
+    return karcher_coefficients(reduced["sums"], count, options["karcher_max_iter"], options["karcher_tol"])
+
+
+@register("merge", "karcher", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
+          fused_coefficients=_fused_coefficients)
 def karcher(ys, *, sums, karcher_max_iter, karcher_tol, ops):
     """mergekit karcher: the equal-weight Karcher mean direction of the whole tensors, times their mean norm."""
-    coefficients = karcher_coefficients(sums, len(ys), karcher_max_iter, karcher_tol)
-    total = ys[0] * ops.float32(coefficients[0])
-    for y, c in zip(ys[1:], coefficients[1:]):
-        total += y * ops.float32(c)
-    return total
+    return weighted_sum(ys, karcher_coefficients(sums, len(ys), karcher_max_iter, karcher_tol), ops)

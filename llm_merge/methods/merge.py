@@ -7,12 +7,18 @@ import math
 from llm_merge.methods.registry import register
 
 
+def weighted_sum(ys, coefficients, ops):
+    """Σ c_i·y_i in float32, in input order (the fused linear pass adds in the same order: same bytes)."""
+    total = ys[0] * ops.float32(coefficients[0])
+    for y, c in zip(ys[1:], coefficients[1:]):
+        total += y * ops.float32(c)
+    return total
+
+
 @register("merge", "linear", kernel="linear", fused=True, divides_by_weight_sum=True)
 def linear(ys, *, weight_list, normalize, ops):
     """Weighted sum; divided by the sum of weights when normalize."""
-    total = ys[0] * ops.float32(weight_list[0])
-    for y, w in zip(ys[1:], weight_list[1:]):
-        total += y * ops.float32(w)
+    total = weighted_sum(ys, weight_list, ops)
     if normalize:
         total /= ops.float32(sum(weight_list))
     return total
@@ -49,10 +55,7 @@ def _slerp_fused_coefficients(reduced: dict, options: dict) -> tuple[float, floa
           fused_coefficients=_slerp_fused_coefficients, inputs=2)
 def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, ops):
     """Spherical interpolation of two tensors (linear when nearly colinear)."""
-    c0, c1 = slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold)
-    total = ys[0] * ops.float32(c0)
-    total += ys[1] * ops.float32(c1)
-    return total
+    return weighted_sum(ys, slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold), ops)
 
 
 @register("merge", "ties", kernel="ties", fused=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from llm_merge.errors import MergeError
-from llm_merge.methods.merge import gram_sums
+from llm_merge.methods.merge import gram_sums, weighted_sum
 from llm_merge.methods.registry import register
 
 
@@ -33,12 +33,8 @@ def nearswap(ys, *, nearswap_t, ops):
     return ops.where(y > t, t, ops.where(y < -t, -t, y))
 
 
-#: multislerp's statistics are the inputs' Gram entries (kernel ``gram`` streams them).
-multislerp_sums = gram_sums
-
-
 def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: bool, multislerp_eps: float) -> list[float]:
-    """The c_i of result = Σ c_i y_i (see the module docstring), from the Gram entries of ``multislerp_sums``."""
+    """The c_i of result = Σ c_i y_i (see the module docstring), from the Gram entries of ``merge.gram_sums``."""
     k = len(weight_list)
     if k == 1:
         return [1.0]
@@ -73,8 +69,4 @@ def _multislerp_fused_coefficients(reduced: dict, options: dict) -> list[float]:
           fused_coefficients=_multislerp_fused_coefficients)
 def multislerp(ys, *, sums, weight_list, multislerp_normalize_weights, multislerp_eps, ops):
     """mergekit multislerp: barycentric interpolation on the hypersphere of the whole tensors."""
-    coefficients = multislerp_coefficients(sums, weight_list, multislerp_normalize_weights, multislerp_eps)
-    total = ys[0] * ops.float32(coefficients[0])
-    for y, c in zip(ys[1:], coefficients[1:]):
-        total += y * ops.float32(c)
-    return total
+    return weighted_sum(ys, multislerp_coefficients(sums, weight_list, multislerp_normalize_weights, multislerp_eps), ops)
