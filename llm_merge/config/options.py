@@ -177,7 +177,25 @@ class MergeConfig:
     tokenizer_source: Optional[str] = _opt(
         None,
         "output vocabulary when embedding / lm_head row counts differ: base, union (tokens matched by string with the "
-        "tokenizers package), or one of the input model directories; its tokenizer files and vocab_size are used",
+        "tokenizers package), or one of the input model directories; its tokenizer files and vocab_size are used. With "
+        "--semantics mergekit (recipes), mergekit's tokenizer merge: union builds a tokenizer holding every input's tokens "
+        "and every model's embedding rows are permuted onto it, a token a model lacks taking another model's row (README)",
+    )
+    tokenizer_tokens: Optional[dict] = _opt(
+        None,
+        "--semantics mergekit with tokenizer_source (JSON/recipes only; a recipe's tokenizer.tokens): {token: {source: "
+        "MODEL_DIR | {kind: zero} | {kind: model_token, model: DIR, token_id: N | token: TEXT}, force: bool}}: tokens "
+        "added to the output vocabulary and where their embedding rows come from (force: for every model)",
+    )
+    pad_to_multiple_of: Optional[int] = _opt(
+        None,
+        "--semantics mergekit with tokenizer_source: pad the output vocabulary rows up to a multiple of this, > 0; each "
+        "padding row is the mean of the model's token rows (vocab_size counts the padding)",
+    )
+    chat_template: Optional[str] = _opt(
+        None,
+        "chat template written to the output (chat_template.jinja): auto (the most common among the inputs), a built-in "
+        "name (alpaca, chatml, exaone, llama3, mistral) or a Jinja template text",
     )
     layer_pattern: str = _opt(
         DEFAULT_LAYER_PATTERN,

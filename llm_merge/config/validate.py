@@ -20,6 +20,7 @@ from llm_merge.config.options import (
 )
 from llm_merge.config.slices import check_slices, split_sources
 from llm_merge.config.values import setting_kind, check_setting, check_types
+from llm_merge.config.tokenizer_tokens import check_tokenizer_options
 from llm_merge.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -192,6 +193,7 @@ def _check_run_options(cfg: MergeConfig) -> None:
     parse_size(cfg.max_shard_size)
     if cfg.tokenizer_source == "base" and not cfg.base_model_path:
         raise ConfigError("--tokenizer_source base: needs --base_model_path")
+    check_tokenizer_options(cfg)
     if cfg.gguf_type is not None and cfg.output_format != "gguf":
         raise ConfigError(f"--gguf_type {cfg.gguf_type}: needs --output_format gguf (output_format is {cfg.output_format})")
     compile_layer_pattern(cfg.layer_pattern)
