@@ -47,7 +47,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import yaml
 
@@ -58,13 +57,14 @@ TOKENIZER_KEYS = ("tokenizer", "tokenizer_source", "chat_template")
 BF16_RTOL = 2.0 ** -7
 SIGMAS = 6.0  # standard errors allowed for a random statistic
 REL_SLACK = 0.02  # plus this fraction of the statistic's magnitude (e.g. rescale details)
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 # ----------------------------------------------------------------------------- I/O
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file, in their stored dtype (bf16 via ml_dtypes)."""
+    """All tensors of one .safetensors file, in their stored dtype; bf16 widened exactly to float32 (its
+    stored dtype is in ``stored_dtypes``), so that neither this interpreter nor mergekit's needs ml_dtypes."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -74,7 +74,18 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[start:end], dtype=ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        values = np.frombuffer(data[start:end], dtype=ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = (values.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else values
+    return out
+
+
+def stored_dtypes(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> safetensors dtype string, from the headers of every shard."""
+    out = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        out.update({name: info["dtype"] for name, info in header.items() if name != "__metadata__"})
     return out
 
 
@@ -274,6 +285,7 @@ def compare_outputs(mk_dirs: list[Path], lm_dirs: list[Path], base_dir: Path | N
     mk = [read_model(d) for d in mk_dirs]
     lm = [read_model(d) for d in lm_dirs]
     base = read_model(base_dir) if (random and base_dir is not None) else {}
+    mk_dtypes, lm_dtypes = stored_dtypes(mk_dirs[0]), stored_dtypes(lm_dirs[0])
     rows = []
     for name in sorted(set(mk[0]) | set(lm[0])):
         if name not in lm[0] or name not in mk[0]:
@@ -285,8 +297,8 @@ def compare_outputs(mk_dirs: list[Path], lm_dirs: list[Path], base_dir: Path | N
             continue
         row = (compare_random(name, [m[name] for m in mk], [m[name] for m in lm], base.get(name)) if random
                else compare_exact(name, e, g, max_bad_frac, atol))
-        if e.dtype != g.dtype:
-            row = Row(name, False, f"{row.text}  DTYPE {e.dtype} (mergekit) vs {g.dtype} (llm_merge)")
+        if mk_dtypes[name] != lm_dtypes[name]:
+            row = Row(name, False, f"{row.text}  DTYPE {mk_dtypes[name]} (mergekit) vs {lm_dtypes[name]} (llm_merge)")
         rows.append(row)
     nl_mk, nl_lm = num_layers(mk_dirs[0]), num_layers(lm_dirs[0])
     if nl_mk != nl_lm:
