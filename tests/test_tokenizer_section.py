@@ -150,3 +150,20 @@ def test_bad_entries_are_config_errors(tmp_path, family):
         run(tmp_path, family, {"tokens": {"q": {"source": {"kind": "model_token", "model": str(family["m1"][0])}}}})
     with pytest.raises(ConfigError, match="not both"):
         run(tmp_path, family, {"source": "union"}, tokenizer_source="union")
+
+
+def test_document_names_in_the_tokenizer_section_are_references():
+    from llm_merge.config.recipe_documents import model_references, with_outputs
+
+    recipe = {"merge_method": "linear", "models": [{"model": "first"}, {"model": "b"}],
+              "tokenizer": {"source": "first", "tokens": {"x": {"source": "first"},
+                                                          "y": {"source": {"kind": "model_token", "model": "first", "token": "a"}},
+                                                          "z": {"source": {"kind": "zero"}}}}}
+    refs = model_references(recipe)
+    assert refs["tokenizer_source"] == "first" and refs["tokenizer.tokens['x'].source"] == "first"
+    out = with_outputs(recipe, {"first": "/out/first"})
+    assert out["tokenizer"]["source"] == "/out/first"
+    assert out["tokenizer"]["tokens"]["x"]["source"] == "/out/first"
+    assert out["tokenizer"]["tokens"]["y"]["source"]["model"] == "/out/first"
+    assert out["tokenizer"]["tokens"]["z"]["source"] == {"kind": "zero"}
+    assert with_outputs({**recipe, "tokenizer": {"source": "union"}}, {"first": "/o"})["tokenizer"]["source"] == "union"

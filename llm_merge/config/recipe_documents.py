@@ -1,7 +1,7 @@
 """Multi-document recipes (mergekit-multi): YAML documents separated by ``---``, each a recipe with a ``name``.
 
 A later document refers to an earlier one's output by its name wherever a model goes (``base_model``,
-``models``, slice ``sources``, ``tokenizer_source``). Named documents are built into
+``models``, slice ``sources``, ``tokenizer_source``, the ``tokenizer:`` section). Named documents are built into
 ``--intermediate_dir/NAME``; the final output is the unnamed document (at most one), else the last one,
 which no other document may use. Everything here is checked before any work: duplicate or malformed
 names, a reference that is neither a document name nor an existing path, and cycles.
@@ -130,6 +130,8 @@ def _map_references(recipe: dict, fn: Callable) -> dict:
         out["base_model"] = apply("base_model", out["base_model"])
     if "tokenizer_source" in out:
         out["tokenizer_source"] = apply("tokenizer_source", out["tokenizer_source"])
+    if isinstance(out.get("tokenizer"), dict):
+        out["tokenizer"] = _map_tokenizer(out["tokenizer"], apply)
     if isinstance(out.get("models"), list):
         out["models"] = [_map_entry(f"models[{i}]", e, apply) for i, e in enumerate(out["models"])]
     if isinstance(out.get("slices"), list):
@@ -138,6 +140,26 @@ def _map_references(recipe: dict, fn: Callable) -> dict:
             if isinstance(s, dict) and isinstance(s.get("sources"), list) else s
             for i, s in enumerate(out["slices"])
         ]
+    return out
+
+
+def _map_tokenizer(section: dict, apply: Callable[[str, Any], Any]) -> dict:
+    """The ``tokenizer:`` section's model references: its source (named as tokenizer_source: base and union are
+    no models) and each token entry's source model."""
+    out = dict(section)
+    if "source" in out:
+        out["source"] = apply("tokenizer_source", out["source"])
+    if isinstance(out.get("tokens"), dict):
+        tokens = {}
+        for token, entry in out["tokens"].items():
+            source = entry.get("source") if isinstance(entry, dict) else None
+            where = f"tokenizer.tokens[{token!r}].source"
+            if isinstance(source, dict) and "model" in source:
+                entry = {**entry, "source": {**source, "model": apply(where, source["model"])}}
+            elif isinstance(source, str):
+                entry = {**entry, "source": apply(where, source)}
+            tokens[token] = entry
+        out["tokens"] = tokens
     return out
 
 
