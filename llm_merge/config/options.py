@@ -34,6 +34,9 @@ METHOD_TABLE: dict[str, tuple[str, str]] = {
     "multislerp": ("none", "multislerp"),
     "karcher": ("none", "karcher"),
     "arcee_fusion": ("none", "arcee_fusion"),
+    "sce": ("none", "sce"),
+    "ram": ("none", "ram"),
+    "ramplus_tl": ("none", "ramplus_tl"),
 }
 
 
@@ -45,7 +48,7 @@ SPARSIFY_TYPES = ("none", "dare", "trim", "magprune", "breadcrumbs", *MERGEKIT_S
 
 
 MERGE_TYPES = ("linear", "slerp", "ties", "task_arithmetic", "model_stock", "nuslerp", "passthrough", "nearswap", "multislerp",
-               "karcher", "arcee_fusion")
+               "karcher", "arcee_fusion", "sce", "ram", "ramplus_tl")
 
 
 #: Options that may be given once per model (``{name}_list``), overriding the scalar for that model's sparsifier.
@@ -54,7 +57,8 @@ PER_MODEL_OPTIONS = ("reserve_p", "epsilon", "gamma")
 
 #: Options that ``tensor_parameters`` may set per tensor (scalars, or one value per model for the *_list ones).
 TENSOR_OPTIONS = ("weight_list", "normalize", "reserve_p", "epsilon", "gamma", "rescale", "scale", "slerp_alpha",
-                  "reserve_p_list", "epsilon_list", "gamma_list", "nearswap_t")
+                  "reserve_p_list", "epsilon_list", "gamma_list", "nearswap_t",
+                  "sce_select_topk", "ram_epsilon", "ramplus_r", "ramplus_alpha")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
@@ -141,6 +145,15 @@ class MergeConfig:
     karcher_tol: float = _opt(
         1e-5, "karcher: tolerance (mergekit's tol): inputs with a norm <= tol are left out, the iteration stops when "
         "its step is shorter, and an input closer than tol radians to the mean does not pull it; >= 0")
+    sce_select_topk: float = _opt(
+        1.0, "sce: fraction of the entries kept in every task vector, those of largest variance across the models "
+        "(mergekit's select_topk), in (0, 1]; 1 keeps all")
+    ram_epsilon: float = _opt(
+        1e-5, "ram / ramplus_tl: a task-vector entry takes part where |t| is above this (mergekit's epsilon), >= 0")
+    ramplus_r: float = _opt(
+        0.1, "ramplus_tl: how much a model's unique entries are scaled up: by 1 + r * min(shared/unique, alpha) "
+        "(mergekit's r), >= 0")
+    ramplus_alpha: float = _opt(0.2, "ramplus_tl: cap on a model's shared/unique entry ratio (mergekit's alpha), >= 0")
     rescale: bool = _opt(True, "rescale kept entries after sparsifying (dare/magprune: 1/keep probability; trim: keep the L1 mass)")
     ties_elect_type: str = _opt("sum", "ties sign election: sign of the summed values, or majority of signs", ("sum", "count"))
     slerp_alpha: float = _opt(0.5, "slerp interpolation factor t in [0, 1]: 0 gives the first model, 1 the second")
@@ -249,5 +262,6 @@ FIELD_TYPES = types.hints_of(MergeConfig)
 
 
 #: options a slice's or a source's ``parameters`` may set (per model: weight and PER_MODEL_OPTIONS)
-SLICE_OPTIONS = ("weight", *PER_MODEL_OPTIONS, "normalize", "rescale", "scale", "slerp_alpha", "nearswap_t")
+SLICE_OPTIONS = ("weight", *PER_MODEL_OPTIONS, "normalize", "rescale", "scale", "slerp_alpha", "nearswap_t", "sce_select_topk",
+                 "ram_epsilon", "ramplus_r", "ramplus_alpha")
 

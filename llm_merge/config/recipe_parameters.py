@@ -51,6 +51,9 @@ SHARED = {
     "eps": SharedParameter("multislerp_eps", boolean=False),
     "max_iter": SharedParameter("karcher_max_iter", boolean=False),
     "tol": SharedParameter("karcher_tol", boolean=False),
+    "select_topk": SharedParameter("sce_select_topk", boolean=False),
+    "r": SharedParameter("ramplus_r", boolean=False),
+    "alpha": SharedParameter("ramplus_alpha", boolean=False),
 }
 
 

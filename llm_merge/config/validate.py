@@ -88,6 +88,7 @@ def _check_models(cfg: MergeConfig, merge_type: str) -> list[float]:
                           + (" and a base" if cfg.base_model_path else ""))
     _check_nearswap_multislerp(cfg, merge_type, weights)
     _check_karcher_arcee_fusion(cfg, merge_type)
+    _check_sce_ram(cfg, merge_type)
     if merge_type == "model_stock" and (n_models < 2 or not cfg.base_model_path):
         raise ConfigError("--merge_method model_stock: needs --base_model_path and at least 2 models")
     return weights
@@ -134,6 +135,24 @@ def _check_karcher_arcee_fusion(cfg: MergeConfig, merge_type: str) -> None:
 #: mergekit's sce, ram and ramplus_tl: their options (checked by check_option)
 SCE_RAM_OPTIONS = {"sce": ("sce_select_topk",), "ram": ("ram_epsilon",),
                    "ramplus_tl": ("ram_epsilon", "ramplus_r", "ramplus_alpha")}
+
+
+def _check_sce_ram(cfg: MergeConfig, merge_type: str) -> None:
+    """sce, ram, ramplus_tl: a base and at least 1 model, no weights (mergekit's take none), options in range."""
+    if merge_type not in SCE_RAM_OPTIONS:
+        return
+    if not cfg.base_model_path:
+        raise ConfigError(f"--merge_method {merge_type}: needs --base_model_path (it merges task vectors)")
+    paths = [os.path.normpath(p) for p in cfg.model_path_list]
+    repeated = [p for i, p in enumerate(paths) if p in paths[:i]]
+    if repeated:
+        raise ConfigError(f"--model_path_list: {repeated[0]} is listed twice; {merge_type} merges each model once "
+                          "(mergekit refuses duplicate inputs)")
+    if any(float(w) != 1.0 for w in cfg.weights):
+        raise ConfigError(f"--weight_list: {cfg.weight_list}: {merge_type} does not weight models (mergekit's takes no "
+                          "per-model weight); leave it out")
+    for name in SCE_RAM_OPTIONS[merge_type]:
+        check_option(name, getattr(cfg, name), None, cfg.epsilon)
 
 
 def _check_per_model_lists(cfg: MergeConfig, sparsify_type: Optional[str]) -> None:
@@ -234,6 +253,11 @@ def check_option(name: str, value: Any, sparsify_type: Optional[str], epsilon: f
         _check_range(name, value, 0.0, 1.0)
     elif name in ("scale", "weight"):
         _check_float32(name, [value])
+    elif name == "sce_select_topk":
+        _check_range(name, value, 0.0, 1.0, low_open=True)
+    elif name in ("ram_epsilon", "ramplus_r", "ramplus_alpha"):
+        _check_float32(name, [value])
+        _check_range(name, value, 0.0, math.inf)
     elif name == "nearswap_t" and not (math.isfinite(value) and value > 0):
         raise ConfigError(f"--nearswap_t: {value} must be a number > 0 (required by nearswap)")
 
