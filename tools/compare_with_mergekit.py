@@ -17,8 +17,10 @@ A recipe may carry its own tolerances in a comment line ``# compare: --max_bad_f
 (with the reason beside it): they override the command line's for that recipe.
 
 Tokenizers: when a recipe has a ``tokenizer`` section, ``tokenizer_source`` or ``chat_template``, both
-tools write their tokenizer and the vocabularies (token -> id, added tokens included) and the chat
-templates must be equal; otherwise mergekit runs with ``--no-copy-tokenizer``.
+tools write their tokenizer: the token sets, added-token flags, ``vocab_size`` and chat templates must
+be equal, and vocabulary tensors (embeddings, lm_head) are compared row by row of the same token (mergekit
+numbers new tokens in hash-set order, which changes from run to run); otherwise mergekit runs with
+``--no-copy-tokenizer``.
 
 Deterministic methods: per tensor, the max abs diff, that diff relative to max |mergekit|, and the
 fraction of elements that differ by more than bf16 rounding (``|d| > 2**-7 * |mergekit| + atol``).
@@ -252,6 +254,13 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
     return out
 
 
+def added_token_flags(model_dir: Path) -> dict[str, tuple]:
+    """Added token -> its (special, normalized, lstrip, rstrip, single_word) flags in ``tokenizer.json``."""
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    keys = ("special", "normalized", "lstrip", "rstrip", "single_word")
+    return {t["content"]: tuple(t.get(k) for k in keys) for t in data.get("added_tokens", [])}
+
+
 def chat_template(model_dir: Path) -> str | None:
     """The chat template a transformers tokenizer would load: chat_template.jinja, else tokenizer_config.json's."""
     jinja = model_dir / "chat_template.jinja"
@@ -261,29 +270,84 @@ def chat_template(model_dir: Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
 
 
+def vocab_size(model_dir: Path) -> int | None:
+    config = model_dir / "config.json"
+    return json.loads(config.read_text()).get("vocab_size") if config.exists() else None
+
+
+def row_order(mk_dir: Path, lm_dir: Path) -> np.ndarray | None:
+    """For each row of mergekit's vocabulary tensors, the row of llm_merge's with the same token (rows past
+    the tokens, padding, map to themselves). New tokens' ids are an order mergekit draws from a hash set,
+    so rows are compared by token, not by id. None without both tokenizers or with different token sets."""
+    mk, lm = tokenizer_vocab(mk_dir), tokenizer_vocab(lm_dir)
+    size = vocab_size(mk_dir)
+    if mk is None or lm is None or set(mk) != set(lm) or size is None or size != vocab_size(lm_dir):
+        return None
+    order = np.arange(size)
+    for token, i in mk.items():
+        if i < size and lm[token] < size:
+            order[i] = lm[token]
+    return order
+
+
 def compare_tokenizers(mk_dir: Path, lm_dir: Path) -> list[Row]:
-    """The written vocabularies (token -> id) and chat templates must be equal."""
+    """The same tokens (ids may differ only where mergekit numbers new tokens in hash-set order), added-token
+    flags, vocab_size and chat template."""
     mk, lm = tokenizer_vocab(mk_dir), tokenizer_vocab(lm_dir)
     if mk is None or lm is None:
         rows = [Row("tokenizer.json", mk is None and lm is None,
                     f"written by {'neither' if mk is None and lm is None else 'mergekit only' if lm is None else 'llm_merge only'}")]
     else:
-        differ = sorted(t for t in set(mk) | set(lm) if mk.get(t) != lm.get(t))
-        text = f"{len(mk)} tokens (mergekit) vs {len(lm)} (llm_merge)"
-        if differ:
-            text += f"; {len(differ)} differ, e.g. " + ", ".join(f"{t!r}: {mk.get(t)}/{lm.get(t)}" for t in differ[:3])
-        rows = [Row("tokenizer.json", not differ, text)]
+        only = sorted(set(mk) ^ set(lm))
+        moved = sum(mk[t] != lm[t] for t in set(mk) & set(lm))
+        flags_differ = sorted(t for t, f in added_token_flags(mk_dir).items() if added_token_flags(lm_dir).get(t, f) != f)
+        text = f"{len(mk)} tokens (mergekit) vs {len(lm)} (llm_merge), {moved} at other ids"
+        if only:
+            text += f"; {len(only)} in one only, e.g. {only[:3]}"
+        if flags_differ:
+            text += f"; added-token flags differ for {flags_differ[:3]}"
+        rows = [Row("tokenizer.json", not only and not flags_differ, text)]
+        rows.append(Row("config.json vocab_size", vocab_size(mk_dir) == vocab_size(lm_dir),
+                        f"{vocab_size(mk_dir)} (mergekit) vs {vocab_size(lm_dir)} (llm_merge)"))
     mk_t, lm_t = chat_template(mk_dir), chat_template(lm_dir)
-    rows.append(Row("chat_template", mk_t == lm_t,
-                    "equal" if mk_t == lm_t else f"{len(mk_t or '')} chars (mergekit) vs {len(lm_t or '')} (llm_merge)"))
+    if mk_t == lm_t:
+        rows.append(Row("chat_template", True, "equal text"))
+    else:
+        mk_r, lm_r = rendered(mk_t), rendered(lm_t)
+        same = mk_r is not None and mk_r == lm_r
+        rows.append(Row("chat_template", same, "other text, same rendering of a sample chat" if same else
+                        f"{len(mk_t or '')} chars (mergekit) vs {len(lm_t or '')} (llm_merge), renderings differ"))
     return rows
 
 
+SAMPLE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sum 2+2?"}]
+
+
+def rendered(template: str | None) -> tuple[str, ...] | None:
+    """A sample chat rendered as transformers renders chat templates (jinja2, trim_blocks and lstrip_blocks),
+    with and without the generation prompt; None without a template or without jinja2."""
+    try:
+        import jinja2
+    except ImportError:
+        return None
+    if template is None:
+        return None
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    compiled = env.from_string(template)
+    return tuple(compiled.render(messages=SAMPLE_CHAT, add_generation_prompt=g, bos_token="<s>", eos_token="</s>")
+                 for g in (False, True))
+
+
 def compare_outputs(mk_dirs: list[Path], lm_dirs: list[Path], base_dir: Path | None, random: bool,
-                    max_bad_frac: float = 0.0, atol: float = 1e-6) -> list[Row]:
-    """Compare every tensor of the two tools' outputs (first seed, or all seeds when random)."""
+                    max_bad_frac: float = 0.0, atol: float = 1e-6, by_token: bool = False) -> list[Row]:
+    """Compare every tensor of the two tools' outputs (first seed, or all seeds when random); with
+    ``by_token``, vocabulary tensors (vocab_size rows) row by row of the same token."""
     mk = [read_model(d) for d in mk_dirs]
     lm = [read_model(d) for d in lm_dirs]
+    order = row_order(mk_dirs[0], lm_dirs[0]) if by_token else None
+    if order is not None:
+        lm = [{name: t[order] if t.ndim and t.shape[0] == order.size else t for name, t in m.items()} for m in lm]
     base = read_model(base_dir) if (random and base_dir is not None) else {}
     mk_dtypes, lm_dtypes = stored_dtypes(mk_dirs[0]), stored_dtypes(lm_dirs[0])
     rows = []
@@ -334,7 +398,7 @@ def compare_recipe(recipe: Recipe, args: argparse.Namespace) -> tuple[bool, str,
         except RuntimeError as exc:
             return False, f"{recipe.path.name}: ERROR\n{exc}", []
         rows = compare_outputs([o[0] for o in outs], [o[1] for o in outs], base_dir, random,
-                               args.max_bad_frac, args.atol)
+                               args.max_bad_frac, args.atol, by_token=recipe.tokenizer)
         if recipe.tokenizer:
             rows += compare_tokenizers(*outs[0])
     finally:
