@@ -56,6 +56,7 @@ def check_vocab_agreement(vocabs: list[tuple[Checkpoint, dict[int, str]]]) -> No
                 raise MergeError(
                     f"token id {token_id} is {known[0]!r} in {known[1].path}/tokenizer.json but {text!r} in "
                     f"{checkpoint.path}/tokenizer.json: the vocabularies do not match by id, so their embedding "
-                    "rows cannot be merged"
+                    "rows cannot be merged by id; --semantics mergekit --tokenizer_source union|base|MODEL "
+                    "builds one tokenizer and puts every input's rows on it, token by token (mergekit's tokenizer merge)"
                 )
 
