@@ -16,6 +16,7 @@ from llm_merge.run.engine import MergerFactory
 from llm_merge.errors import ConfigError
 from llm_merge.io import pdparams, writer
 from llm_merge.io.gguf_output import import_gguf
+from llm_merge.lora.reference import open_references
 from llm_merge.plan.build import build_plan
 from llm_merge.plan.layout import MergePlan
 from llm_merge.plan.reconcile import read_model_config
@@ -60,7 +61,7 @@ def merge(cfg: MergeConfig) -> Path:
     # pdparams inputs (only with --allow_pickle) become safetensors copies beside the output, removed at the end
     with pdparams.InputConverter(output, allow_pickle=cfg.allow_pickle, overwrite=cfg.overwrite, refuse=refuse) as convert, \
             contextlib.ExitStack() as scratch:
-        plan = build_plan(cfg, convert)
+        plan = build_plan(cfg, convert, open_references(cfg, convert))  # MODEL+LORA inputs fold on the fly
         scratch.enter_context(built_rows(plan.row_jobs))  # mergekit's tokenizer merge: input rows on the output vocabulary
         # sampled rows of a few matrices: a model that does not share the base stops here (unless --force)
         check_models(plan.tasks, model_names(plan, None if cfg.slices else cfg.model_path_list), plan.base is not None, cfg.force)
@@ -103,7 +104,7 @@ def plan_merge(cfg: MergeConfig) -> dict:
     from llm_merge.report.dry_run import plan_summary
 
     cfg = resolve(cfg)
-    return plan_summary(cfg, build_plan(cfg, _refuse_conversion))
+    return plan_summary(cfg, build_plan(cfg, _refuse_conversion, open_references(cfg, _refuse_conversion)))
 
 
 def _refuse_conversion(directory: Path, prefix: str) -> None:

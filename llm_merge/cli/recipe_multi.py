@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from llm_merge.config.references import parse_reference
 from llm_merge.config.recipe_documents import (
     RecipeDocument, build_order, check_references, final_document, model_references, split_documents, with_outputs,
 )
@@ -100,7 +101,10 @@ def _document_hash(recipe: dict, doc: RecipeDocument, hashes: dict[str, str], ba
         if ref in hashes:
             inputs[where] = {"document": ref, "hash": hashes[ref]}
         elif where != "tokenizer_source" or ref not in ("base", "union"):
-            inputs[where] = _fingerprint(ref if os.path.isabs(ref) else str(base_dir / ref))
+            beside = lambda path: path if os.path.isabs(path) else str(base_dir / path)  # noqa: E731
+            reference = parse_reference(ref, f"recipe: {doc.label}: {where}", lambda path: os.path.lexists(beside(path)))
+            inputs[where] = _fingerprint(beside(reference.model)) if reference.lora is None else \
+                {"model": _fingerprint(beside(reference.model)), "lora": _fingerprint(beside(reference.lora))}
     payload = {"document": recipe, "name": doc.name, "inputs": inputs,
                "options": {k: v for k, v in sorted(options.items()) if k not in _NEUTRAL_OPTIONS}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

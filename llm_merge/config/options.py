@@ -72,10 +72,15 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -
 class MergeConfig:
     """All options of one merge. Field names are the CLI flag names."""
 
-    model_path_list: list[str] = _opt([], "checkpoint directories of the models to merge (in order)")
+    model_path_list: list[str] = _opt(
+        [], "checkpoint directories of the models to merge (in order); MODEL+LORA is MODEL with the LoRA adapter directory "
+        "LORA folded in on the fly (nothing written). An existing path is taken as is, '+' and all; else it splits at its "
+        "'+', or, with several, at the one whose left side exists"
+    )
     output_path: Optional[str] = _opt(None, "directory to write the merged model to (required)")
     base_model_path: Optional[str] = _opt(
-        None, "base model directory; when given, methods act on task vectors (model - base) and add the base back"
+        None, "base model directory (or MODEL+LORA, as --model_path_list); when given, methods act on task vectors "
+        "(model - base) and add the base back"
     )
     merge_method: Optional[str] = _opt(
         None,

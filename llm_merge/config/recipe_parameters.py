@@ -94,7 +94,7 @@ def refuse_unknown_keys(mapping: dict, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
 
 
-def model_path(entry: Any, where: str) -> str:
+def model_path(entry: Any, where: str, lora_references: bool = True) -> str:
     if isinstance(entry, str):
         path = entry
     elif isinstance(entry, dict):
@@ -104,9 +104,10 @@ def model_path(entry: Any, where: str) -> str:
         path = None
     if not isinstance(path, str):
         raise ConfigError(f"recipe: {where}: expected a model path, got {entry!r}")
-    if "+" in path and not os.path.exists(path):
-        raise ConfigError(f"recipe: {where}: model+LoRA references ({path}) are not supported; fold the adapter first (llm-merge-lora)")
-    return path
+    if not lora_references and "+" in path and not os.path.exists(path):
+        raise ConfigError(f"recipe: {where}: model+LoRA references ({path}) are not supported here; fold the adapter "
+                          "first (llm-merge-lora)")
+    return path  # a merge recipe's MODEL+LORA references (``config.references``) split when the paths are resolved
 
 
 def used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from llm_merge.config.options import MergeConfig
+from llm_merge.config.references import map_paths
 from llm_merge.config.recipe_parameters import (
     PASSTHROUGH_SCALE, PER_MODEL, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
 )
@@ -326,10 +327,10 @@ def _recipe_method(recipe: dict) -> tuple[str, RecipeMethod]:
 
 
 def _path_resolver(base_dir: Optional[Path]) -> Callable[[Optional[str]], Optional[str]]:
-    """A function reading a relative model path beside the recipe (in ``base_dir``), never in the current directory."""
+    """A function reading a relative model path (both of MODEL+LORA) beside the recipe, never in the current directory."""
 
-    def resolve_path(path: Optional[str]) -> Optional[str]:
-        if path is None or base_dir is None or os.path.isabs(path):
+    def resolve_one(path: str) -> str:
+        if base_dir is None or os.path.isabs(path):
             return path
         candidate = base_dir / path
         if not os.path.lexists(candidate) and os.path.lexists(path):
@@ -337,7 +338,7 @@ def _path_resolver(base_dir: Optional[Path]) -> Callable[[Optional[str]], Option
                               f"(there is a {path} in the current directory: give its absolute path to use it)")
         return str(candidate)
 
-    return resolve_path
+    return lambda path: None if path is None else map_paths(path, resolve_one, "recipe: model", lambda p: os.path.lexists(resolve_one(p)))
 
 
 def _recipe_models(recipe: dict, resolve_path: Callable[[Optional[str]], Optional[str]]) -> tuple[Optional[list[dict]], Models]:

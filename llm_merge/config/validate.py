@@ -18,6 +18,7 @@ from llm_merge.config.names import compile_layer_pattern
 from llm_merge.config.options import (
     MERGEKIT_SPARSIFY, METHOD_TABLE, PER_MODEL_OPTIONS, SLICE_OPTIONS, TENSOR_OPTIONS, MergeConfig,
 )
+from llm_merge.config.references import reference_paths
 from llm_merge.config.slices import check_slices, split_sources
 from llm_merge.config.values import setting_kind, check_setting, check_types
 from llm_merge.config.tokenizer_tokens import check_tokenizer_options
@@ -308,13 +309,14 @@ def _check_range(flag: str, value: float, low: float, high: float, low_open: boo
 
 
 def input_paths(cfg: MergeConfig) -> list[str]:
-    """Every directory a merge reads: models, base, slice sources and a tokenizer source given as a path."""
+    """Every directory a merge reads: models, base, slice sources and a tokenizer source given as a path
+    (a ``MODEL+LORA`` reference: both directories)."""
     paths = [*cfg.model_path_list, *([cfg.base_model_path] if cfg.base_model_path else [])]
     if cfg.slices is not None:
         paths += [src.model for s in check_slices(cfg.slices) for src in s.sources]
     if cfg.tokenizer_source not in (None, "base", "union"):
         paths.append(cfg.tokenizer_source)
-    return list(dict.fromkeys(paths))
+    return list(dict.fromkeys(path for given in paths for path in reference_paths(given)))
 
 
 def _check_output_path(cfg: MergeConfig) -> None:

@@ -3,7 +3,8 @@
 ``read_stored`` copies with ``os.preadv`` into caller-owned buffers. ``map_stored`` maps just
 one chunk (pre-faulted, read-only) instead: no copy, and the mapping goes away with the last
 array that views it, so at most a few chunks of input pages count towards resident memory.
-Each file is opened once per process.
+Each file is opened once per process. A derived tensor (``io.derived``: a weight with a LoRA delta
+folded in) is never mapped: its elements are computed (``DerivedValues``) and handed out as copies.
 
 An input that is shorter than its header says (truncated after the plan read the header) is a
 MergeError naming the file (InputTruncated; the runner adds the tensor): a copy sees the end of
@@ -28,6 +29,7 @@ import numpy as np
 
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes
+from llm_merge.io.derived import DerivedTensor, DerivedValues
 from llm_merge.io.safetensors_format import TensorInfo
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,12 @@ class TensorReader:
         self._fds: dict[Path, int] = {}
         self._unmappable: set[Path] = set()
         self._scratch = np.empty(0, dtype=np.uint8)
+        self._derived: Optional[DerivedValues] = None
+
+    def _derived_values(self) -> DerivedValues:
+        if self._derived is None:
+            self._derived = DerivedValues(self)
+        return self._derived
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -73,6 +81,8 @@ class TensorReader:
         """Elements ``[start, start+count)`` of a tensor in its stored dtype (a new array)."""
         count = info.numel - start if count is None else count
         dtype = dtypes.to_numpy(info.dtype)
+        if isinstance(info, DerivedTensor):
+            return self._derived_values().read(info, start, count).view(dtype)
         out = np.empty(count, dtype=dtype)
         read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * dtype.itemsize, info.file)
         return out
@@ -84,6 +94,12 @@ class TensorReader:
         Without ``out`` the result is only valid until the next call.
         """
         stored = dtypes.stored(info.dtype)
+        if isinstance(info, DerivedTensor):
+            values = self._derived_values().read(info, start, count)
+            if out is None:
+                return values
+            np.copyto(out.view(stored), values)
+            return out
         if out is None:
             out = self._scratch_view(count * stored.itemsize).view(stored)
         read_into(self._fd(info.file), memoryview(out.view(np.uint8)), info.start + start * stored.itemsize, info.file)
@@ -95,11 +111,12 @@ class TensorReader:
         The view maps just these bytes (from the page below them); the mapping is released with the
         last array viewing it. None where ``read_stored`` must copy them instead: bytes not aligned
         to the element size, bytes past the end of the file (the read names the truncation), or a
-        file system that refuses to map the file (then no chunk of that file is mapped again).
+        file system that refuses to map the file (then no chunk of that file is mapped again), or a derived
+        tensor (computed, not stored).
         """
         stored = dtypes.stored(info.dtype)
         offset = info.start + start * stored.itemsize
-        if offset % stored.itemsize or count <= 0 or info.file in self._unmappable:
+        if isinstance(info, DerivedTensor) or offset % stored.itemsize or count <= 0 or info.file in self._unmappable:
             return None
         fd = self._fd(info.file)
         if os.fstat(fd).st_size < offset + count * stored.itemsize:  # truncated: the copying read names it

@@ -40,6 +40,12 @@ class TensorInfo:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def rows(self, first: int, last: int) -> "TensorInfo":
+        """Rows [first, last) of this tensor (along its first dimension), as a tensor of their own."""
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
+        return TensorInfo(self.file, self.dtype, (last - first, *self.shape[1:]), self.start + first * row_bytes,
+                          (last - first) * row_bytes)
+
 
 @dataclass(frozen=True)
 class Header:

@@ -21,6 +21,7 @@ import numpy as np
 from llm_merge.backends.numpy_backend import NumpyOps
 from llm_merge.errors import MergeError
 from llm_merge.io import dtypes, writer
+from llm_merge.io.derived import low_rank_rows
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.io.gguf_output.layout import plan_gguf
@@ -92,19 +93,14 @@ class TensorFolder:
         left = self._read_f32(pair.left, 0, int(np.prod(pair.left.shape))).reshape(pair.left.shape).copy()
         right = self._read_f32(pair.right, 0, int(np.prod(pair.right.shape))).reshape(pair.right.shape).copy()
         rows, cols = task.shape
-        scale = np.float32(pair.scale)
         out_dtype = dtypes.to_numpy(task.out.dtype)
         block = max(1, self.chunk // max(cols, 1))
-        left_t = left.T if pair.transpose else None
         factors_nonfinite = NumpyOps.count_nonfinite(left) + NumpyOps.count_nonfinite(right)
         for first in range(0, rows, block):
             last = min(rows, first + block)
             weights = self._read_f32(task.base, first * cols, (last - first) * cols).reshape(last - first, cols)
             before = NumpyOps.count_nonfinite(weights)
-            # delta[first:last] of [rows, cols]: left @ right, or (left @ right).T = right.T @ left.T
-            delta = right[:, first:last].T @ left_t if pair.transpose else left[first:last] @ right
-            delta *= scale
-            weights += delta
+            weights += low_rank_rows(left, right, pair.scale, pair.transpose, first, last)  # as a model+lora input reads it
             out = weights.astype(out_dtype, copy=False)
             if not factors_nonfinite:  # a NaN factor spreads over whole rows: the inputs had it
                 self._check_finite(task, out, before)

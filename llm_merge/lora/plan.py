@@ -232,13 +232,19 @@ def _square_layout(adapter: Adapter, pending: list, embedding: set[str]) -> bool
     return adapter.format == PEFT and adapter.fan_in_fan_out
 
 
-def build_fold_plan(cfg: LoraMergeConfig) -> FoldPlan:
-    """Open base and adapter, pair and check everything, and lay out the output shards."""
-    base = open_checkpoint(cfg.model_name_or_path, cfg.merge_prefix)
-    adapter = open_adapter(cfg.lora_path, cfg.allow_pickle)
+def fitted_adapter(path: str, base: Checkpoint, allow_pickle: bool) -> tuple[Adapter, dict[str, LoraPair], dict[str, AdapterTensor]]:
+    """Open the adapter at ``path`` and pair it with ``base`` (``pair_adapter``); MergeError when it holds nothing to fold."""
+    adapter = open_adapter(path, allow_pickle)
     folds, replacements = pair_adapter(adapter, base)
     if not folds and not replacements:
         raise MergeError(f"{adapter.weights_file}: the adapter holds no LoRA tensors")
+    return adapter, folds, replacements
+
+
+def build_fold_plan(cfg: LoraMergeConfig) -> FoldPlan:
+    """Open base and adapter, pair and check everything, and lay out the output shards."""
+    base = open_checkpoint(cfg.model_name_or_path, cfg.merge_prefix)
+    adapter, folds, replacements = fitted_adapter(cfg.lora_path, base, cfg.allow_pickle)
     out_dtypes = {
         name: (dtypes.OUTPUT_DTYPES[cfg.output_dtype] if cfg.output_dtype and info.dtype in dtypes.MERGEABLE else info.dtype)
         for name, info in base.tensors.items()

@@ -77,7 +77,7 @@ def parse_moe_recipe(recipe: dict, base_dir: Optional[Path] = None) -> MoeRecipe
     resolve_path = _path_resolver(base_dir)
     if "base_model" not in recipe:
         raise ConfigError("recipe: base_model: required (the model whose attention, norms and embeddings the MoE gets)")
-    base = resolve_path(model_path(recipe["base_model"], "base_model"))
+    base = resolve_path(model_path(recipe["base_model"], "base_model", lora_references=False))
     gate_mode = _choice(recipe, "gate_mode", GATE_MODES, "hidden")
     dtype = recipe.get("dtype")
     if dtype is not None:
@@ -142,7 +142,7 @@ def _expert(entry: Any, where: str, resolve_path: Callable[[Optional[str]], Opti
     if "source_model" not in entry:
         raise ConfigError(f"recipe: {where}: source_model: required")
     return ExpertSpec(
-        source_model=resolve_path(model_path(entry["source_model"], f"{where}.source_model")),
+        source_model=resolve_path(model_path(entry["source_model"], f"{where}.source_model", lora_references=False)),
         positive_prompts=_prompts(entry.get("positive_prompts"), f"{where}.positive_prompts"),
         negative_prompts=_prompts(entry.get("negative_prompts"), f"{where}.negative_prompts"),
         noise_scale=_number(entry.get("noise_scale"), f"{where}.noise_scale", minimum=0.0),

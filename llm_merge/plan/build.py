@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from llm_merge import methods
 from llm_merge.config.names import embed_name, layer_index
@@ -23,16 +23,23 @@ from llm_merge.plan.chat_template import chosen_template, template_records
 from llm_merge.plan.reconcile import BASE, read_model_config, reconcile, slice_rows
 from llm_merge.plan.slices import position_finder, slice_checkpoints
 
-def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optional[Path]]] = None) -> MergePlan:
+def build_plan(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Optional[Path]]] = None,
+               opened: Optional[Mapping[str, Checkpoint]] = None) -> MergePlan:
     """Open every checkpoint, check that they agree, and lay out the output shards.
 
     ``convert``: see ``open_checkpoint`` (pdparams inputs, ``llm_merge.io.pdparams.InputConverter``).
+    ``opened``: checkpoints already opened, by the reference the config names (``MODEL+LORA`` inputs,
+    ``llm_merge.lora.reference.open_references``); every other reference is a directory opened here.
     """
+    opened = opened or {}
     if cfg.slices:  # layer ranges: virtual checkpoints stacking the slices' sources (``plan.slices``)
-        models, base = slice_checkpoints(cfg.slices, cfg.base_model_path, cfg.merge_prefix, cfg.layer_pattern, convert)
+        models, base = slice_checkpoints(cfg.slices, cfg.base_model_path, cfg.merge_prefix, cfg.layer_pattern, convert, opened)
     else:
-        models = tuple(open_checkpoint(path, cfg.merge_prefix, convert) for path in cfg.model_path_list)
-        base = open_checkpoint(cfg.base_model_path, cfg.merge_prefix, convert) if cfg.base_model_path else None
+        def open_model(path: str) -> Checkpoint:
+            return opened[path] if path in opened else open_checkpoint(path, cfg.merge_prefix, convert)
+
+        models = tuple(open_model(path) for path in cfg.model_path_list)
+        base = open_model(cfg.base_model_path) if cfg.base_model_path else None
     found = reconcile(cfg, models, base)
     models, base = found.models, found.base
     outputs = {t.name: TensorInfo(models[0].path, t.dtype, t.shape, 0, 0) for t in found.tensors}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from llm_merge.config.options import MergeConfig
+from llm_merge.config.references import parse_reference
 from llm_merge.errors import ConfigError, MergeError
 from llm_merge import methods
 from llm_merge.io import dtypes, side_files
@@ -270,7 +271,7 @@ def _vocab_source(cfg, models, base, vocab_rows):
             raise ConfigError("--tokenizer_source base: needs --base_model_path")
         source = base
     else:
-        wanted = os.path.realpath(choice)
+        wanted = os.path.realpath(parse_reference(choice, "--tokenizer_source").model)  # MODEL+LORA: MODEL's tokenizer
         matches = [c for c in everyone if os.path.realpath(c.path) == wanted]
         if not matches:
             raise ConfigError(
@@ -343,9 +344,8 @@ def _output_config(config: dict, any_tied: bool, has_head: bool, source, vocab_r
 
 
 def slice_rows(info: TensorInfo, a: int, b: int) -> TensorInfo:
-    """Rows [a, b) of a tensor, as a TensorInfo of their own."""
-    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-    return TensorInfo(info.file, info.dtype, (b - a, *info.shape[1:]), info.start + a * row_bytes, (b - a) * row_bytes)
+    """Rows [a, b) of a tensor, as a TensorInfo of their own (a derived tensor stays derived: ``TensorInfo.rows``)."""
+    return info.rows(a, b)
 
 
 def check_same_names(checkpoints: list[Checkpoint]) -> None:

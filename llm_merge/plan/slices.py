@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from llm_merge.config.names import compile_layer_pattern, embed_name
 from llm_merge.config.slices import Source, check_slices, split_sources
 from llm_merge.errors import ConfigError
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 
-def slice_checkpoints(slices: Any, base: Optional[str], prefix: str, layer_pattern: str,
-                      convert: Optional[Callable] = None) -> tuple[tuple[Checkpoint, ...], Optional[Checkpoint]]:
-    """The virtual input checkpoints (one per input position) and the virtual base (or None)."""
+def slice_checkpoints(slices: Any, base: Optional[str], prefix: str, layer_pattern: str, convert: Optional[Callable] = None,
+                      already_opened: Optional[Mapping[str, Checkpoint]] = None) -> tuple[tuple[Checkpoint, ...], Optional[Checkpoint]]:
+    """The virtual input checkpoints (one per input position) and the virtual base (or None); ``already_opened``:
+    checkpoints by source reference (``MODEL+LORA`` sources), the other sources are opened here."""
     inputs, bases = split_sources(check_slices(slices), base)
-    opened: dict[str, Checkpoint] = {}
+    opened: dict[str, Checkpoint] = dict(already_opened or {})
 
     def stack(sources: list[Source]) -> Checkpoint:
         for src in sources:
