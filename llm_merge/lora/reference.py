@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.references import parse_reference
 from llm_merge.config.slices import check_slices
+from llm_merge.errors import MergeError
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 from llm_merge.io.derived import DerivedTensor, LowRankDelta, Stored
 from llm_merge.lora.adapter import AdapterTensor
@@ -42,6 +43,9 @@ def open_references(cfg: MergeConfig, convert: Optional[Callable[[Path, str], Op
     for text in merge_references(cfg):
         reference = parse_reference(text)
         if reference.lora is not None:
+            if not Path(reference.lora).is_dir():
+                problem = "not a directory" if Path(reference.lora).exists() else "no such directory"
+                raise MergeError(f"model reference {text}: LoRA adapter {reference.lora}: {problem}")
             opened[text] = folded_checkpoint(open_checkpoint(reference.model, cfg.merge_prefix, convert), reference.lora,
                                              cfg.allow_pickle)
     return opened
