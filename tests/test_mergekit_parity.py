@@ -39,8 +39,8 @@ def family(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "make_toy_models.py"), str(out), "--layers", "4",
                     "--dtype", "float32", "--delta_scale", "0.5", "--seed", "1"],
                    check=True, capture_output=True, cwd=REPO)
-    subprocess.run([sys.executable, str(REPO / "tools" / "mergekit_recipes" / "tokenizer_family.py"), str(out)],
-                   check=True, capture_output=True, cwd=REPO)  # tok_base, tok_ft1, tok_ft2 for tokenizer_*.yml
+    subprocess.run([sys.executable, str(REPO / "tools" / "mergekit_recipes" / "extra_inputs.py"), str(out)],
+                   check=True, capture_output=True, cwd=REPO)  # tok_*, lora_ft1
     return out
 
 

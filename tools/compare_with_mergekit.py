@@ -6,7 +6,8 @@ Usage:
 
 ``DIR`` is a family made by ``tools/make_toy_models.py`` (``base/`` and ``ft1`` .. ``ftN``); the
 placeholders BASE, MODEL_A, MODEL_B, MODEL_C in the recipe become ``base``, ``ft1``, ``ft2``, ``ft3``,
-and FAMILY becomes ``DIR`` itself (for anything else in it: ``FAMILY/lora1``, ``FAMILY/ft1+FAMILY/lora1``).
+and FAMILY becomes ``DIR`` itself (for anything else in it: ``MODEL_A+FAMILY/lora_ft1``; mergekit then runs
+with ``--lora-merge-cache`` in the work dir).
 Both tools run as subprocesses (``--mergekit``, default ``mergekit-yaml``; a multi-document recipe runs
 ``mergekit-multi`` beside it and ``--intermediate_dir`` for llm_merge; ``--llm_merge``, default
 ``python tools/mergekit.py`` with this interpreter), so this script imports neither torch nor mergekit.
@@ -141,6 +142,11 @@ class Recipe:
         return any(str(d.get("merge_method", "")) in RANDOM_METHODS for d in self.documents)
 
     @property
+    def lora(self) -> bool:
+        """Whether a model reference folds an adapter (``MODEL+LORA``)."""
+        return "+" in self.text
+
+    @property
     def tokenizer(self) -> bool:
         return any(key in d for d in self.documents for key in TOKENIZER_KEYS)
 
@@ -172,7 +178,8 @@ def run_both(recipe: Recipe, recipe_path: Path, work: Path, seed: int, mergekit_
     """Merge the recipe with both tools into WORK/mergekit_sSEED and WORK/llm_merge_sSEED."""
     mk_out, lm_out = work / f"mergekit_s{seed}", work / f"llm_merge_s{seed}"
     copy = [] if recipe.tokenizer else ["--no-copy-tokenizer"]
-    common_mk = [*copy, "--random-seed", str(seed), "--quiet"]
+    lora_cache = ["--lora-merge-cache", str(work / "mergekit_lora_cache")] if recipe.lora else []
+    common_mk = [*copy, *lora_cache, "--random-seed", str(seed), "--quiet"]
     if recipe.multi:
         for inter in (work / f"mergekit_inter_s{seed}", work / f"llm_merge_inter_s{seed}"):
             shutil.rmtree(inter, ignore_errors=True)
@@ -419,7 +426,7 @@ def table_row(recipe: Recipe, ok: bool, line: str, rows: list[Row]) -> str:
     """One Markdown row: recipe, method, what else it uses, result and the largest difference."""
     uses = [word for word, present in (("multi-document", recipe.multi), ("slices", "slices" in recipe.final),
                                        ("tokenizer", recipe.tokenizer),
-                                       ("model+lora", "+" in recipe.text)) if present]
+                                       ("model+lora", recipe.lora)) if present]
     rels = [float(m.group(1)) for r in rows if (m := re.search(r"max_rel\s+(\S+)", r.text))]
     result = "pass" if ok else "FAIL" if rows else "ERROR"
     diff = "in distribution" if recipe.random else f"{max(rels, default=0.0):.1e}"

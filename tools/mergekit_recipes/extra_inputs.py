@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Add models with different tokenizers to a toy family, for the tokenizer recipes of this directory.
+"""Add the inputs the tokenizer and LoRA recipes of this directory use to a toy family.
 
-    python tools/mergekit_recipes/tokenizer_family.py FAMILY
+    python tools/mergekit_recipes/extra_inputs.py FAMILY
 
-FAMILY is a float32 family from ``tools/make_toy_models.py`` (one ``model.safetensors`` per model). It
-writes ``FAMILY/tok_base``, ``tok_ft1`` and ``tok_ft2``: copies of base, ft1 and ft2 with a WordLevel
+FAMILY is a float32 family from ``tools/make_toy_models.py`` (one ``model.safetensors`` per model).
+
+``FAMILY/lora_ft1``: a PEFT LoRA adapter (r 8, alpha 16) on q_proj, v_proj, up_proj and down_proj of
+every layer, with random factors, for ``MODEL+FAMILY/lora_ft1`` references.
+
+``FAMILY/tok_base``, ``tok_ft1`` and ``tok_ft2``: copies of base, ft1 and ft2 with a WordLevel
 ``tokenizer.json`` each, and embedding / lm_head rows that follow their tokens:
 
 * tok_base: ``<s>``, ``t1`` .. ``t{V-1}`` (V the family's vocabulary size);
@@ -63,7 +67,32 @@ def tokenizer_json(tokens: list[str], special: list[str]) -> dict:
             "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": "<s>"}}
 
 
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def write_lora(family: Path, rank: int = 8, alpha: int = 16) -> None:
+    """A PEFT adapter for ft1: lora_A [r, in] and lora_B [out, r] per targeted linear layer."""
+    rng = np.random.default_rng(11)
+    target = family / "lora_ft1"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    weights = read_f32(family / "ft1" / "model.safetensors")
+    factors = {}
+    for name, w in weights.items():
+        module = name.removesuffix(".weight")
+        if any(module.endswith(t) for t in LORA_TARGETS):
+            root = f"base_model.model.{module}"
+            factors[f"{root}.lora_A.weight"] = (0.05 * rng.standard_normal((rank, w.shape[1]))).astype(np.float32)
+            factors[f"{root}.lora_B.weight"] = (0.05 * rng.standard_normal((w.shape[0], rank))).astype(np.float32)
+    write_f32(target / "adapter_model.safetensors", factors)
+    (target / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "target_modules": [t.split(".")[1] for t in LORA_TARGETS],
+        "base_model_name_or_path": str((family / "ft1").resolve())}, indent=2))
+
+
 def main(family: Path) -> None:
+    write_lora(family)
     rng = np.random.default_rng(7)
     size = json.loads((family / "base" / "config.json").read_text())["vocab_size"]
     base_tokens = ["<s>"] + [f"t{i}" for i in range(1, size)]
