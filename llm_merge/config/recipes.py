@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.references import map_paths
 from llm_merge.config.recipe_parameters import (
-    PASSTHROUGH_SCALE, PER_MODEL, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
+    PASSTHROUGH_SCALE, PER_MODEL, RAM_RECIPE, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
 )
 from llm_merge.config.tokenizer_tokens import checked_tokens
 from llm_merge.config.values import config_from_dict
@@ -142,31 +142,6 @@ def _per_model_settings(method: str, names: tuple[str, ...], models: Models, top
     return values, per_tensor
 
 
-#: mergekit's default epsilon of ram and ramplus_tl
-RAM_EPSILON_DEFAULT = 1e-5
-
-
-def _merge_wide_epsilon(method: str, names: tuple[str, ...], models: Models, top: dict, sliced: bool) -> tuple[dict, dict]:
-    """ram, ramplus_tl: epsilon is one value for the merge (top-level ``parameters``, default 1e-5); mergekit
-    ignores a per-model one, so that is an error here."""
-    for path, params in models:
-        if "epsilon" in params:
-            raise ConfigError(f"recipe: models ({path}): parameters.epsilon: {method} takes epsilon once, under the "
-                              "top-level parameters (mergekit ignores a per-model value)")
-    setting = top.get("epsilon", RAM_EPSILON_DEFAULT)
-    return ({"epsilon": float(setting)}, {}) if is_scalar(setting) else ({}, {"epsilon": setting})
-
-
-def _refuse_parameters(method: str, refused: tuple[str, ...], top: dict, models: Models) -> None:
-    """ConfigError for a parameter the method does not take where mergekit silently ignores it (e.g. sce's weight)."""
-    places = [("parameters", top)] + [(f"models ({path}).parameters", params) for path, params in models]
-    for where, params in places:
-        found = sorted(set(params) & set(refused)) if isinstance(params, dict) else []
-        if found:
-            raise ConfigError(f"recipe: {where}: {', '.join(found)} is not taken by merge_method {method} (mergekit's "
-                              f"{method} ignores it silently); remove it")
-
-
 def _passthrough_scale(method: str, names: tuple[str, ...], models: Models, top: dict, sliced: bool) -> tuple[dict, dict]:
     """passthrough's scale: the model's value, else the top-level one, else none (the option's default)."""
     setting = models[0][1].get(PASSTHROUGH_SCALE, top.get(PASSTHROUGH_SCALE))
@@ -231,7 +206,6 @@ class RecipeMethod:
     unset: Mapping[str, Any] = field(default_factory=dict)  # values when no parameter sets them
     slices_need_weights: bool = True  # a slice source other than the base needs a weight (when per_model has one)
     renames: Mapping[str, str] = field(default_factory=dict)  # our option -> the one this method reads instead
-    refused: tuple[str, ...] = ()  # parameters mergekit silently ignores for this method: an error here
 
     @property
     def parameters(self) -> set[str]:
@@ -258,11 +232,9 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
     "multislerp": RecipeMethod("multislerp", ("weight",), ("normalize_weights", "eps"), inputs=_optional_base_inputs),
     "karcher": RecipeMethod("karcher", (), ("max_iter", "tol"), inputs=_base_last_inputs),
     "arcee_fusion": RecipeMethod("arcee_fusion", (), (), inputs=_base_and_one_inputs),
-    "sce": RecipeMethod("sce", (), ("select_topk", "int8_mask"), refused=("weight",)),
-    "ram": RecipeMethod("ram", ("epsilon",), (), per_model_settings=_merge_wide_epsilon, renames={"epsilon": "ram_epsilon"},
-                        refused=("weight",)),
-    "ramplus_tl": RecipeMethod("ramplus_tl", ("epsilon",), ("r", "alpha"), per_model_settings=_merge_wide_epsilon,
-                               renames={"epsilon": "ram_epsilon"}, refused=("weight",)),
+    "sce": RecipeMethod("sce", (), ("select_topk", "int8_mask")),
+    "ram": RecipeMethod("ram", ("epsilon",), (), **RAM_RECIPE),
+    "ramplus_tl": RecipeMethod("ramplus_tl", ("epsilon",), ("r", "alpha"), **RAM_RECIPE),
     #                          merge_method        normalize rescale  per-model parameters besides weight
     "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
     "ties": _task_arithmetic_family("ties", True, False, "density"),
@@ -289,7 +261,6 @@ def recipe_to_config(recipe: dict, output_path: str, base_dir: Optional[Path] = 
         raise ConfigError("recipe: parameters: expected a mapping")
     values: dict[str, Any] = {"output_path": output_path, "semantics": "mergekit", "merge_method": spec.merge_method,
                               **spec.defaults}
-    _refuse_parameters(method, spec.refused, top, models)
     top = used_parameters(top, "parameters", method, spec.parameters)
     models = [(path, used_parameters(p, f"models[{i}].parameters", method, set(spec.per_model)))
               for i, (path, p) in enumerate(models)]
