@@ -254,10 +254,10 @@ def test_cli_refusal_exit_code(tmp_path, fam, capsys):
 
 @pytest.mark.parametrize("method, models, parameters, message", [
     ("sce", "  - {model: A, parameters: {weight: 2.0}}\n  - model: B\n", "",
-     r"weight is not taken by merge_method sce \(mergekit's sce ignores it silently\)"),
-    ("ram", "  - model: A\n  - model: B\n", "parameters: {weight: 1.0}\n", "weight is not taken by merge_method ram"),
+     r"weight is not taken here by merge_method sce \(mergekit's sce ignores it silently\)"),
+    ("ram", "  - model: A\n  - model: B\n", "parameters: {weight: 1.0}\n", "weight is not taken here by merge_method ram"),
     ("ramplus_tl", "  - {model: A, parameters: {epsilon: 0.1}}\n  - model: B\n", "",
-     "ramplus_tl takes epsilon once, under the top-level parameters"),
+     "epsilon is not taken here by merge_method ramplus_tl"),
     ("ram", "  - model: A\n  - model: B\n", "parameters: {select_topk: 0.5}\n", None),  # another method's: a warning
     ("sce", "  - model: A\n  - model: B\n", "parameters: {select_topk: 0}\n", "sce_select_topk: 0.0 out of range"),
 ])
@@ -277,12 +277,16 @@ def test_recipe_refusal_messages(tmp_path, fam):
         return resolve(recipe_to_config(yaml.safe_load(text), str(tmp_path / "o")))
 
     a, b = fam.model_dirs[:2]
-    with pytest.raises(ConfigError, match=r"weight is not taken by merge_method sce \(mergekit's sce ignores it"):
+    with pytest.raises(ConfigError, match=r"weight is not taken here by merge_method sce \(mergekit's sce ignores it"):
         translate(f"merge_method: sce\nbase_model: {fam.base_dir}\nmodels:\n  - {{model: {a}, parameters: {{weight: 2}}}}\n"
                   f"  - model: {b}\n")
-    with pytest.raises(ConfigError, match="ramplus_tl takes epsilon once"):
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters: epsilon is not taken here by merge_method ramplus_tl"):
         translate(f"merge_method: ramplus_tl\nbase_model: {fam.base_dir}\nmodels:\n  - {{model: {a}, parameters: "
                   f"{{epsilon: 0.1}}}}\n  - model: {b}\n")
+    with pytest.raises(ConfigError, match=r"slices\[0\].sources\[1\].parameters: epsilon is not taken here by merge_method ram"):
+        translate(f"merge_method: ram\nbase_model: {fam.base_dir}\nslices:\n  - sources:\n"
+                  f"      - {{model: {fam.base_dir}, layer_range: [0, 2]}}\n"
+                  f"      - {{model: {a}, layer_range: [0, 2], parameters: {{epsilon: 0.1}}}}\n")
     with pytest.raises(ConfigError, match="recipe: ram needs base_model"):
         translate(f"merge_method: ram\nmodels:\n  - model: {a}\n  - model: {b}\n")
     cfg = translate(f"merge_method: ramplus_tl\nbase_model: {fam.base_dir}\nmodels:\n  - model: {a}\n  - model: {b}\n"

@@ -54,6 +54,7 @@ SHARED = {
     "select_topk": SharedParameter("sce_select_topk", boolean=False),
     "r": SharedParameter("ramplus_r", boolean=False),
     "alpha": SharedParameter("ramplus_alpha", boolean=False),
+    "epsilon": SharedParameter("epsilon", boolean=False),  # ram's, once per merge (della's is per model: PER_MODEL)
 }
 
 
@@ -61,9 +62,9 @@ SHARED = {
 PASSTHROUGH_SCALE = "scale"
 
 
-#: mergekit method -> parameters it ignores silently where a user expects an effect (sce's and ram's take no
-#: per-model weight): an error here, unlike other unused parameters (a warning)
-REFUSED = {"sce": ("weight",), "ram": ("weight",), "ramplus_tl": ("weight",)}
+#: mergekit method -> parameters it ignores silently where it does not take them although a user expects an effect
+#: (sce's and ram's per-model weight, ram's per-model epsilon): an error here, unlike other unused ones (a warning)
+REFUSED = {"sce": ("weight",), "ram": ("weight", "epsilon"), "ramplus_tl": ("weight", "epsilon")}
 
 
 #: every parameter some mergekit method takes: others are typos (an error); these, when the method does not use them, a warning
@@ -120,9 +121,9 @@ def used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> 
     and so are the method's ``REFUSED`` ones."""
     if not isinstance(params, dict):
         raise ConfigError(f"recipe: {where}: expected a mapping")
-    found = sorted(set(params) & set(REFUSED.get(method, ())))
+    found = sorted((set(params) - allowed) & set(REFUSED.get(method, ())))
     if found:
-        raise ConfigError(f"recipe: {where}: {', '.join(found)} is not taken by merge_method {method} (mergekit's "
+        raise ConfigError(f"recipe: {where}: {', '.join(found)} is not taken here by merge_method {method} (mergekit's "
                           f"{method} ignores it silently); remove it")
     unknown = sorted(set(params) - KNOWN_PARAMETERS)
     if unknown:
@@ -135,26 +136,6 @@ def used_parameters(params: Any, where: str, method: str, allowed: set[str]) -> 
         log.warning("recipe: %s: parameter(s) %s not used by merge_method %s (%s); ignored, as mergekit does",
                     where, ", ".join(unused), method, ", ".join(sorted(allowed)) or "no parameters")
     return {k: v for k, v in params.items() if k in allowed}
-
-
-#: mergekit's default epsilon of ram and ramplus_tl
-RAM_EPSILON_DEFAULT = 1e-5
-
-
-def merge_wide_epsilon(method: str, names: tuple[str, ...], models: list[tuple[str, dict]], top: dict,
-                       sliced: bool) -> tuple[dict, dict]:
-    """ram, ramplus_tl: epsilon is one value for the merge (top-level ``parameters``, default 1e-5); mergekit
-    ignores a per-model one, so that is an error here."""
-    for path, params in models:
-        if "epsilon" in params:
-            raise ConfigError(f"recipe: models ({path}): parameters.epsilon: {method} takes epsilon once, under the "
-                              "top-level parameters (mergekit ignores a per-model value)")
-    setting = top.get("epsilon", RAM_EPSILON_DEFAULT)
-    return ({"epsilon": float(setting)}, {}) if is_scalar(setting) else ({}, {"epsilon": setting})
-
-
-#: how ram and ramplus_tl read a recipe (RecipeMethod fields): epsilon once for the merge, as --ram_epsilon
-RAM_RECIPE = {"per_model_settings": merge_wide_epsilon, "renames": {"epsilon": "ram_epsilon"}}
 
 
 def output_dtype(recipe: dict) -> dict[str, str]:

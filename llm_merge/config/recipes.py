@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.references import map_paths
 from llm_merge.config.recipe_parameters import (
-    PASSTHROUGH_SCALE, PER_MODEL, RAM_RECIPE, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
+    PASSTHROUGH_SCALE, PER_MODEL, SHARED, is_scalar, map_setting, model_path, output_dtype, refuse_unknown_keys, renamed, same_path, used_parameters,
 )
 from llm_merge.config.tokenizer_tokens import checked_tokens
 from llm_merge.config.values import config_from_dict
@@ -233,8 +233,8 @@ RECIPE_METHODS: dict[str, RecipeMethod] = {
     "karcher": RecipeMethod("karcher", (), ("max_iter", "tol"), inputs=_base_last_inputs),
     "arcee_fusion": RecipeMethod("arcee_fusion", (), (), inputs=_base_and_one_inputs),
     "sce": RecipeMethod("sce", (), ("select_topk", "int8_mask")),
-    "ram": RecipeMethod("ram", ("epsilon",), (), **RAM_RECIPE),
-    "ramplus_tl": RecipeMethod("ramplus_tl", ("epsilon",), ("r", "alpha"), **RAM_RECIPE),
+    "ram": RecipeMethod("ram", (), ("epsilon",), renames={"epsilon": "ram_epsilon"}),
+    "ramplus_tl": RecipeMethod("ramplus_tl", (), ("epsilon", "r", "alpha"), renames={"epsilon": "ram_epsilon"}),
     #                          merge_method        normalize rescale  per-model parameters besides weight
     "task_arithmetic": _task_arithmetic_family("task_arithmetic", False, False),
     "ties": _task_arithmetic_family("ties", True, False, "density"),
