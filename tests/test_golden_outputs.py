@@ -75,6 +75,10 @@ def method_options(method: str, family, with_base: bool) -> dict | None:
         return None
     if method == "nearswap":  # a base and one model
         return {"model_path_list": models[:1], "base_model_path": base, "nearswap_t": 0.01} if with_base else None
+    if method == "arcee_fusion":  # a base and one model
+        return {"model_path_list": models[:1], "base_model_path": base} if with_base else None
+    if method == "karcher":  # every input merged alike, no base
+        return None if with_base else {"model_path_list": models}
     if method in ("sce", "ram", "ramplus_tl"):  # task vectors against a base, no per-model weights
         return {"model_path_list": models, "base_model_path": base, "sce_select_topk": 0.6, "ram_epsilon": 0.005} \
             if with_base else None
