@@ -144,11 +144,33 @@ class Recipe:
     @property
     def lora(self) -> bool:
         """Whether a model reference folds an adapter (``MODEL+LORA``)."""
-        return "+" in self.text
+        return any("+" in ref for ref in model_references(self.documents))
+
+    @property
+    def tolerance_note(self) -> str:
+        """The reason given beside a ``# compare:`` line, or ""."""
+        lines = [line.split("#", 2)[2].strip() for line in self.text.splitlines()
+                 if line.startswith("# compare:") and line.count("#") >= 2]
+        return "; ".join(lines)
 
     @property
     def tokenizer(self) -> bool:
         return any(key in d for d in self.documents for key in TOKENIZER_KEYS)
+
+
+def model_references(node: object) -> list[str]:
+    """Every string a recipe gives where a model goes: base_model, model, tokenizer_source, tokenizer source."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("base_model", "model", "tokenizer_source", "source") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += model_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += model_references(item)
+    return found
 
 
 def load_recipe(path: Path, family: Path) -> Recipe:
@@ -430,7 +452,8 @@ def table_row(recipe: Recipe, ok: bool, line: str, rows: list[Row]) -> str:
     rels = [float(m.group(1)) for r in rows if (m := re.search(r"max_rel\s+(\S+)", r.text))]
     result = "pass" if ok else "FAIL" if rows else "ERROR"
     diff = "in distribution" if recipe.random else f"{max(rels, default=0.0):.1e}"
-    return f"| {recipe.path.name} | {recipe.method} | {', '.join(uses) or '-'} | {result} | {diff} |"
+    return (f"| {recipe.path.parent.name}/{recipe.path.name} | {recipe.method} | {', '.join(uses) or '-'} | {result} "
+            f"| {diff} | {recipe.tolerance_note or '-'} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = 0
     if args.table:
-        print("| recipe | method | uses | result | max rel diff |\n|---|---|---|---|---|")
+        print("| recipe | method | uses | result | max rel diff | allowed difference |\n|---|---|---|---|---|---|")
     for path in args.recipes:
         recipe = load_recipe(path, args.family)
         ok, line, rows = compare_recipe(recipe, args)
