@@ -174,6 +174,40 @@ def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
     assert compiled == run(tmp_path / "numpy", "0")
 
 
+@pytest.mark.parametrize("models, base, output_dtype", [("bf16", "bf16", None), ("f32", "f32", None),
+                                                       ("f16", "bf16", "float32"), ("bf16", "f32", "bfloat16")])
+@pytest.mark.parametrize("method, options", [
+    ("ram", {"ram_epsilon": 2e-3}),
+    ("ramplus_tl", {"ram_epsilon": 2e-3, "ramplus_r": 0.5, "ramplus_alpha": 0.4}),
+    ("nearswap", {"nearswap_t": 4e-3}),
+])
+def test_ram_and_nearswap_fused_pass_is_byte_identical(tmp_path, families, monkeypatch, method, options, models, base,
+                                                       output_dtype):
+    """ram / ramplus_tl (kernel ram) and nearswap (kernel clip) in the fused pass: the NumPy method's bytes."""
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.run.engine import TensorMerger
+
+    model_dirs = [str(d) for d in families[models].model_dirs[: 1 if method == "nearswap" else 3]]
+
+    def run(out, numba):
+        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+        merge(MergeConfig(merge_method=method, model_path_list=model_dirs, base_model_path=str(families[base].base_dir),
+                          output_path=str(out), output_dtype=output_dtype, quiet=True, **options))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
+    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
+    fused_tensors = []
+    original_run = numba_kernels.FusedChunks.run
+    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
+                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
+    compiled = run(tmp_path / "compiled", "1")
+    assert fused_tensors
+    assert compiled == run(tmp_path / "numpy", "0")
+
+
 def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
     """NaN/Inf inputs are reported by the compiled pass as by the NumPy one, per input file."""
     import ml_dtypes

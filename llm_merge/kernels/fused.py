@@ -123,12 +123,19 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
         nonfinite[k + 1] += narrow_block(merged_bits, m, out, s)
 
 
+def merge_threshold(merge_type: str, options: dict) -> float:
+    """The merge's elementwise bound: ram's ε (``ram_epsilon``), nearswap's t (``nearswap_t``), else 0."""
+    if merge_type == "ram":
+        return options["ram_epsilon"]
+    return options["nearswap_t"] if merge_type == "clip" else 0.0
+
+
 class FusedChunks:
     """The fused apply pass of one tensor: constants bound once, then ``run`` per chunk.
 
-    Covers every sparsifier with the linear and ties merges, and the apply pass of
-    the merges with coefficients from Gram sums (slerp, multislerp, karcher: a
-    linear merge with those coefficients, not normalized). Inputs and
+    Covers every sparsifier with the linear, ties, ram and clip (nearswap) merges, and the
+    apply pass of the merges with coefficients from Gram sums (slerp, multislerp,
+    karcher: a linear merge with those coefficients, not normalized). Inputs and
     output are raw bits: bfloat16 (uint16), float16 (int16) or float32 (uint32).
     """
 
@@ -143,7 +150,7 @@ class FusedChunks:
         masks = [keep_bits(s, key, numel) for s, key in zip(stats, keys)]  # della_magprune's
         self.sparsifier = sparsify_constants(sparsify_type, keys, options, numel, stats, model_options, masks)
         self.merger = merge_constants(merge_type, options["weight_list"], options["normalize"],
-                                      options["ties_elect_type"], coefficients)
+                                      options["ties_elect_type"], coefficients, merge_threshold(merge_type, options))
         self.ranks = [s.get("doubled_midranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)

@@ -32,7 +32,7 @@ from llm_merge.kernels.mergekit_blocks import band_block, masked_block, random_b
 NONE, DARE, TRIM, MAGPRUNE, RANDOM, BAND, MASKED = 0, 1, 2, 3, 4, 5, 6
 SPARSIFY_CODES = {"none": NONE, "dare": DARE, "trim": TRIM, "magprune": MAGPRUNE, "random": RANDOM,
                   "magnitude": BAND, "della_magprune": MASKED}
-LINEAR, TIES = 0, 1
+LINEAR, TIES, RAM, CLIP = 0, 1, 2, 3
 
 
 class SparsifyConstants(NamedTuple):
@@ -57,11 +57,12 @@ class SparsifyConstants(NamedTuple):
 class MergeConstants(NamedTuple):
     """A merge's constants (``merge_constants`` builds them)."""
 
-    code: int  # LINEAR or TIES
-    weights: np.ndarray  # float32 per model
+    code: int  # LINEAR, TIES, RAM or CLIP
+    weights: np.ndarray  # float32 per model (RAM: each model's factor of the entries only it changes)
     normalize: bool  # linear: divide by total_weight; TIES: by the agreeing models' weights
     total_weight: np.float32
     by_count: bool  # TIES elects the sign by count of models, else by weighted sum
+    threshold: np.float32  # RAM: an entry takes part where |t| > this; CLIP: the bound of |t| (nearswap's t)
 
 
 def magprune_line(reserve_p: float, epsilon: float, numel: int) -> tuple[float, float]:
@@ -101,15 +102,22 @@ _NO_MASK = np.zeros(0, np.uint8)
 
 
 def merge_constants(merge_type: str, weight_list, normalize: bool, ties_elect_type: str,
-                    coefficients=None) -> MergeConstants:
+                    coefficients=None, threshold: float = 0.0) -> MergeConstants:
     """The constants of merge ``merge_type``; a merge with ``coefficients`` from its statistics (slerp,
-    multislerp, karcher: kernel ``gram``) runs as a linear merge with them, not normalized."""
+    multislerp, karcher: kernel ``gram``) runs as a linear merge with them, not normalized. ``ram`` takes
+    its per-model factors as ``coefficients`` (all 1 without) and ε as ``threshold``; ``clip`` (nearswap)
+    its bound as ``threshold``."""
     total_weight = np.float32(sum(weight_list))
     by_count = ties_elect_type == "count"
+    bound = np.float32(threshold)
+    if merge_type in ("ram", "clip"):
+        factors = coefficients if coefficients is not None else [1.0] * len(weight_list)
+        return MergeConstants(RAM if merge_type == "ram" else CLIP, np.asarray(factors, np.float32), False,
+                              total_weight, by_count, bound)
     if coefficients is not None:
-        return MergeConstants(LINEAR, np.asarray(coefficients, np.float32), False, total_weight, by_count)
+        return MergeConstants(LINEAR, np.asarray(coefficients, np.float32), False, total_weight, by_count, bound)
     code = LINEAR if merge_type == "linear" else TIES
-    return MergeConstants(code, np.asarray(weight_list, np.float32), normalize, total_weight, by_count)
+    return MergeConstants(code, np.asarray(weight_list, np.float32), normalize, total_weight, by_count, bound)
 
 
 @njit(inline="always", **JIT_OPTIONS)
@@ -296,6 +304,33 @@ def ties_elements(models, rows, count, weights, normalize, by_count, base, has_b
 
 
 @njit(**JIT_OPTIONS)
+def ram_elements(models, rows, count, factors, threshold, base, has_base, out):
+    """RAM per element j < count (``methods.ram``): the models with |t| > threshold take part; one alone keeps
+    t times its factor, several each add t / their count, in model order from +0.0 (+ base[j])."""
+    zero = np.float32(0.0)
+    for j in range(count):
+        taking = 0
+        for i in range(len(models)):
+            taking += abs(model_entry(rows, i, j)) > threshold
+        divisor = np.float32(max(taking, 1))
+        total = zero
+        for i in range(len(models)):
+            t = model_entry(rows, i, j)
+            total += (t * factors[i] if taking == 1 else t / divisor) if abs(t) > threshold else zero
+        out[j] = total + base[j] if has_base else total
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def clip_elements(rows, count, bound, base, has_base, out):
+    """nearswap per element j < count (``methods.spherical.nearswap``): the one task vector clipped to
+    [-bound, bound] (+ base[j])."""
+    for j in range(count):
+        t = model_entry(rows, 0, j)
+        clipped = bound if t > bound else (-bound if t < -bound else t)
+        out[j] = clipped + base[j] if has_base else clipped
+
+
+@njit(**JIT_OPTIONS)
 def merge_rows(models, rows, count, merger, base, has_base, out):
     """out[:count] = merge(rows[:, :count]) (+ base), element by element in the NumPy method's operation order.
 
@@ -304,6 +339,10 @@ def merge_rows(models, rows, count, merger, base, has_base, out):
     """
     if merger.code == LINEAR:
         linear_elements(models, rows, count, merger, base, has_base, out)
+    elif merger.code == RAM:
+        ram_elements(models, rows, count, merger.weights, merger.threshold, base, has_base, out)
+    elif merger.code == CLIP:
+        clip_elements(rows, count, merger.threshold, base, has_base, out)
     elif merger.by_count:  # constant elections: where the call is inlined, each loop is compiled for its own (a run-time choice in the loop defeats vectorization)
         ties_elements(models, rows, count, merger.weights, merger.normalize, True, base, has_base, out)
     else:

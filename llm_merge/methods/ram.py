@@ -13,8 +13,9 @@ Task vectors t_i (a base is required). An entry of model i takes part when |t_i|
   unique entries of model i are scaled by λ_i, the shared ones divided by count as in ram.
 
 mergekit's per-model ``weight`` plays no part (its ram takes none). Elementwise NumPy on the host
-(``ops.to_numpy``), so the Paddle backend gives the same bits; no compiled kernel: the method is a few
-vector operations per chunk, already bound by reading the inputs.
+(``ops.to_numpy``), so the Paddle backend gives the same bits; compiled, both run in the fused apply pass
+(kernel ``ram``: ``kernels.method_blocks.ram_elements``, the same operations in the same order), ramplus_tl
+with the factors λ_i from its counts.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _merged(ts, taking_part, count, unique_scales) -> np.ndarray:
     return total
 
 
-@register("merge", "ram")
+@register("merge", "ram", kernel="ram", fused=True)
 def ram(ys, *, ram_epsilon, ops):
     """RAM: entries one model changes keep its change, entries several change get their mean."""
     ts, taking_part, count = _participation(ys, ram_epsilon, ops)
@@ -71,7 +72,14 @@ def ramplus_scales(shared_counts, unique_counts, ramplus_r: float, ramplus_alpha
     return scales
 
 
-@register("merge", "ramplus_tl", reduce=ramplus_counts, produces=("ram_shared_counts", "ram_unique_counts"))
+def _ramplus_factors(reduced: dict, options: dict) -> list[np.float32]:
+    """ramplus_tl in the fused pass: ram with each model's unique entries scaled by its λ_i."""
+    return ramplus_scales(reduced["ram_shared_counts"], reduced["ram_unique_counts"], options["ramplus_r"],
+                          options["ramplus_alpha"], options["ram_epsilon"])
+
+
+@register("merge", "ramplus_tl", reduce=ramplus_counts, produces=("ram_shared_counts", "ram_unique_counts"),
+          kernel="ram", fused=True, fused_coefficients=_ramplus_factors)
 def ramplus_tl(ys, *, ram_shared_counts, ram_unique_counts, ramplus_r, ramplus_alpha, ram_epsilon, ops):
     """RAM+ (tensor-local): as ram, with each model's unique entries scaled by its λ_i."""
     ts, taking_part, count = _participation(ys, ram_epsilon, ops)

@@ -1,8 +1,9 @@
 """mergekit's nearswap and multislerp (mergekit/merge_methods/nearswap.py, multislerp.py).
 
 Same contract as ``extra.py``: float32 chunks in, a new chunk out; whole-tensor statistics come from a
-registered ``reduce`` (additive sums over the chunks). multislerp's apply pass is
-the fused linear kernel with its coefficients (kernel ``gram``); nearswap runs on the NumPy (or Paddle) path.
+registered ``reduce`` (additive sums over the chunks). Compiled, multislerp's
+apply pass is the fused linear kernel with its coefficients (kernel ``gram``), nearswap's the fused clip
+(kernel ``clip``).
 
 * **nearswap** (base b, one model x, threshold t > 0): mergekit's w = clamp(t / |b − x|, 0, 1) (1 where
   b = x), result w·x + (1 − w)·b. On the task vector y = x − b that is b + w·y = b + clip(y, −t, t): the
@@ -25,7 +26,7 @@ from llm_merge.methods.merge import gram_sums, weighted_sum
 from llm_merge.methods.registry import register
 
 
-@register("merge", "nearswap", inputs=1)
+@register("merge", "nearswap", inputs=1, kernel="clip", fused=True)
 def nearswap(ys, *, nearswap_t, ops):
     """mergekit nearswap on the task vector: clip(y, −t, t) (the engine adds the base)."""
     y = ys[0]
