@@ -368,3 +368,21 @@ def test_multi_document_intermediate_rebuilt_when_its_adapter_changes(tmp_path, 
     assert recipe_cli.main(argv) == 0 and recorded_hash() == first  # same inputs: reused
     os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))  # the adapter changed
     assert recipe_cli.main(argv) == 0 and recorded_hash() != first
+
+
+def test_document_name_with_an_adapter(tmp_path, family):
+    """``mid+LORA`` in a later document: the adapter folded into document mid's output, byte for byte the
+    merge of that output folded first."""
+    ft0, ft1 = family.model_dirs
+    adapter = tmp_path / "adapter"
+    write_peft_adapter(adapter, seed=5)
+    recipe = tmp_path / "multi.yml"
+    recipe.write_text(f"name: mid\nmerge_method: linear\nmodels:\n  - model: {ft0}\n    parameters: {{weight: 1.0}}\n"
+                      f"  - model: {ft1}\n    parameters: {{weight: 3.0}}\n---\n"
+                      f"merge_method: task_arithmetic\nbase_model: {family.base_dir}\nmodels:\n"
+                      f"  - model: mid+{adapter}\n    parameters: {{weight: 0.5}}\n")
+    assert recipe_cli.main([str(recipe), str(tmp_path / "out"), "--intermediate_dir", str(tmp_path / "i"), "--quiet"]) == 0
+    folded = fold_first(tmp_path / "i" / "mid", adapter, tmp_path / "mid_folded")
+    merge(MergeConfig(merge_method="task_arithmetic", model_path_list=[str(folded)], weight_list=[0.5],
+                      base_model_path=str(family.base_dir), output_path=str(tmp_path / "want"), quiet=True))
+    assert_same_tensors(tmp_path / "out", tmp_path / "want")

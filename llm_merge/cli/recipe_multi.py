@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from llm_merge.config.references import parse_reference
 from llm_merge.config.recipe_documents import (
-    RecipeDocument, build_order, check_references, final_document, model_references, split_documents, with_outputs,
+    RecipeDocument, build_order, check_references, document_name, final_document, model_references, split_documents,
+    with_outputs,
 )
 from llm_merge.config.recipes import recipe_to_config
 from llm_merge.config.validate import resolve
@@ -97,11 +98,13 @@ def _document_hash(recipe: dict, doc: RecipeDocument, hashes: dict[str, str], ba
                    options: dict[str, Any]) -> str:
     """sha256 of the document, the result-changing options and the identity of its inputs."""
     inputs = {}
+    beside = lambda path: path if os.path.isabs(path) else str(base_dir / path)  # noqa: E731
     for where, ref in sorted(model_references(doc.recipe).items()):
-        if ref in hashes:
-            inputs[where] = {"document": ref, "hash": hashes[ref]}
+        name = document_name(ref, hashes)
+        if name is not None:
+            lora = ref[len(name) + 1:]
+            inputs[where] = {"document": name, "hash": hashes[name], **({"lora": _fingerprint(beside(lora))} if lora else {})}
         elif where != "tokenizer_source" or ref not in ("base", "union"):
-            beside = lambda path: path if os.path.isabs(path) else str(base_dir / path)  # noqa: E731
             reference = parse_reference(ref, f"recipe: {doc.label}: {where}", lambda path: os.path.lexists(beside(path)))
             inputs[where] = _fingerprint(beside(reference.model)) if reference.lora is None else \
                 {"model": _fingerprint(beside(reference.model)), "lora": _fingerprint(beside(reference.lora))}

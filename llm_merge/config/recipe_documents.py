@@ -1,7 +1,8 @@
 """Multi-document recipes (mergekit-multi): YAML documents separated by ``---``, each a recipe with a ``name``.
 
 A later document refers to an earlier one's output by its name wherever a model goes (``base_model``,
-``models``, slice ``sources``, ``tokenizer_source``, the ``tokenizer:`` section). Named documents are built into
+``models``, slice ``sources``, ``tokenizer_source``, the ``tokenizer:`` section), also with a LoRA adapter
+folded into it (``NAME+LORA``). Named documents are built into
 ``--intermediate_dir/NAME``; the final output is the unnamed document (at most one), else the last one,
 which no other document may use. Everything here is checked before any work: duplicate or malformed
 names, a reference that is neither a document name nor an existing path, and cycles.
@@ -53,8 +54,17 @@ def split_documents(documents: list[Any]) -> list[RecipeDocument]:
     if len(unnamed) > 1:
         raise ConfigError(f"recipe: documents {', '.join(str(i + 1) for i in unnamed)} have no name; "
                           "only the final one may omit it")
-    return [RecipeDocument(i, name, doc, tuple(sorted(set(model_references(doc).values()) & set(named))))
+    return [RecipeDocument(i, name, doc, tuple(sorted({document_name(ref, named) for ref in model_references(doc).values()}
+                                                        - {None})))
             for i, (name, doc) in enumerate(recipes)]
+
+
+def document_name(ref: str, names) -> Optional[str]:
+    """The document a model reference names: ``NAME`` or ``NAME+LORA`` (an adapter folded into its output), else None."""
+    if ref in names:
+        return ref
+    head, plus, _ = ref.partition("+")
+    return head if plus and head in names else None
 
 
 def final_document(docs: list[RecipeDocument]) -> RecipeDocument:
@@ -94,7 +104,7 @@ def build_order(docs: list[RecipeDocument]) -> list[RecipeDocument]:
 def check_references(doc: RecipeDocument, names: set[str], base_dir: Path) -> None:
     """Every model reference of ``doc`` is a document name or an existing path (read beside the recipe)."""
     for where, ref in model_references(doc.recipe).items():
-        if ref in names or ref in ("base", "union") and where == "tokenizer_source":
+        if document_name(ref, names) or ref in ("base", "union") and where == "tokenizer_source":
             continue
         path = ref if os.path.isabs(ref) else base_dir / ref
         if not os.path.lexists(path) and "+" not in ref:
@@ -104,8 +114,13 @@ def check_references(doc: RecipeDocument, names: set[str], base_dir: Path) -> No
 
 
 def with_outputs(recipe: dict, outputs: dict[str, str]) -> dict:
-    """``recipe`` with every reference to a document name replaced by that document's output path."""
-    return _map_references(recipe, lambda where, ref: outputs.get(ref, ref))
+    """``recipe`` with every reference to a document name (``NAME`` or ``NAME+LORA``) replaced by that document's
+    output path (and ``+LORA``)."""
+    def output_of(where: str, ref: str) -> str:
+        name = document_name(ref, outputs)
+        return ref if name is None else outputs[name] + ref[len(name):]
+
+    return _map_references(recipe, output_of)
 
 
 def model_references(recipe: dict) -> dict[str, str]:
