@@ -30,6 +30,30 @@ def family(tmp_path_factory):
     return make_llama_family(tmp_path_factory.mktemp("fam"), n_models=2, dtype=ml_dtypes.bfloat16, shards=2)
 
 
+def assert_fused_equals_numpy(tmp_path, monkeypatch, **config):
+    """Merge ``config`` compiled (small chunks and cache blocks, ending mid-block) and plain NumPy: the fused
+    pass must run and write the NumPy bytes."""
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.kernels import fused as numba_kernels
+    from llm_merge.run.engine import TensorMerger
+
+    def run(out, numba):
+        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+        merge(MergeConfig(output_path=str(out), quiet=True, **config))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
+    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
+    fused_tensors = []
+    original_run = numba_kernels.FusedChunks.run
+    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
+                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
+    compiled = run(tmp_path / "compiled", "1")
+    assert fused_tensors, f"{config['merge_method']} did not take the fused pass"
+    assert compiled == run(tmp_path / "numpy", "0")
+
+
 @pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("method, flags", CASES)
 def test_compiled_and_numpy_paths_are_byte_identical(tmp_path, family, method, flags, with_base):
@@ -124,54 +148,16 @@ def families(tmp_path_factory):
 def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, families, monkeypatch, method, models,
                                                                      base, output_dtype):
     """Chunks and cache blocks smaller than a tensor (and ending mid-block), any mix of input and output dtypes."""
-    from llm_merge.api import merge
-    from llm_merge.kernels import fused as numba_kernels
-    from llm_merge.config.options import MergeConfig
-    from llm_merge.run.engine import TensorMerger
-
     model_dirs = [str(d) for d in families[models].model_dirs[: 2 if method == "slerp" else 3]]
-    base_dir = str(families[base].base_dir) if base else None
-
-    def run(out, numba):
-        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
-        merge(MergeConfig(merge_method=method, model_path_list=model_dirs, base_model_path=base_dir,
-                          output_path=str(out), output_dtype=output_dtype, reserve_p=0.6, quiet=True))
-        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
-
-    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
-    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
-    fused_tensors = []
-    original_run = numba_kernels.FusedChunks.run
-    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
-                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
-    compiled = run(tmp_path / "compiled", "1")
-    assert fused_tensors, f"{method} did not take the fused pass"
-    assert compiled == run(tmp_path / "numpy", "0")
+    assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method=method, model_path_list=model_dirs,
+                              base_model_path=str(families[base].base_dir) if base else None,
+                              output_dtype=output_dtype, reserve_p=0.6)
 
 
 def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
     """karcher (no base: every input merged alike) streams its Gram sums and runs the fused linear pass."""
-    from llm_merge.api import merge
-    from llm_merge.config.options import MergeConfig
-    from llm_merge.kernels import fused as numba_kernels
-    from llm_merge.run.engine import TensorMerger
-
-    model_dirs = [str(d) for d in families["bf16"].model_dirs[:3]]
-
-    def run(out, numba):
-        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
-        merge(MergeConfig(merge_method="karcher", model_path_list=model_dirs, output_path=str(out), quiet=True))
-        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
-
-    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
-    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
-    fused_tensors = []
-    original_run = numba_kernels.FusedChunks.run
-    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
-                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
-    compiled = run(tmp_path / "compiled", "1")
-    assert fused_tensors
-    assert compiled == run(tmp_path / "numpy", "0")
+    assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method="karcher",
+                              model_path_list=[str(d) for d in families["bf16"].model_dirs[:3]])
 
 
 @pytest.mark.parametrize("models, base, output_dtype", [("bf16", "bf16", None), ("f32", "f32", None),
@@ -184,28 +170,9 @@ def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
 def test_ram_and_nearswap_fused_pass_is_byte_identical(tmp_path, families, monkeypatch, method, options, models, base,
                                                        output_dtype):
     """ram / ramplus_tl (kernel ram) and nearswap (kernel clip) in the fused pass: the NumPy method's bytes."""
-    from llm_merge.api import merge
-    from llm_merge.config.options import MergeConfig
-    from llm_merge.kernels import fused as numba_kernels
-    from llm_merge.run.engine import TensorMerger
-
     model_dirs = [str(d) for d in families[models].model_dirs[: 1 if method == "nearswap" else 3]]
-
-    def run(out, numba):
-        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
-        merge(MergeConfig(merge_method=method, model_path_list=model_dirs, base_model_path=str(families[base].base_dir),
-                          output_path=str(out), output_dtype=output_dtype, quiet=True, **options))
-        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
-
-    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
-    monkeypatch.setattr(numba_kernels.FusedChunks, "BLOCK", 48)
-    fused_tensors = []
-    original_run = numba_kernels.FusedChunks.run
-    monkeypatch.setattr(numba_kernels.FusedChunks, "run",
-                        lambda self, *args: fused_tensors.append(self) or original_run(self, *args))
-    compiled = run(tmp_path / "compiled", "1")
-    assert fused_tensors
-    assert compiled == run(tmp_path / "numpy", "0")
+    assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method=method, model_path_list=model_dirs,
+                              base_model_path=str(families[base].base_dir), output_dtype=output_dtype, **options)
 
 
 def test_fused_pass_counts_nonfinite_inputs(tmp_path, monkeypatch):
