@@ -68,11 +68,36 @@ def _flat(statistic, dtype=np.int64) -> np.ndarray:
 
 
 def variance_keys(ts: list[np.ndarray]) -> np.ndarray:
-    """uint32 order keys of the per-entry population variance of the K task vectors (float64, then float32)."""
-    wide = [t.astype(np.float64) for t in ts]
-    mean = sum(wide) / len(wide)
-    variance = sum((w - mean) ** 2 for w in wide) / len(wide)
+    """uint32 order keys of the per-entry population variance of the K task vectors (float64, then float32):
+    mean = (t_0 + t_1 + ...) / K, v = ((t_0 − mean)² + (t_1 − mean)² + ...) / K, in that order, in place."""
+    mean = ts[0].astype(np.float64)
+    for t in ts[1:]:
+        mean += t
+    mean /= len(ts)
+    variance = np.zeros_like(mean)
+    square = np.empty_like(mean)
+    for t in ts:
+        np.subtract(t, mean, out=square)
+        np.multiply(square, square, out=square)
+        variance += square
+    variance /= len(ts)
     return variance.astype(np.float32).view(np.uint32)
+
+
+def _same_statistics(fn):
+    """``fn`` remembering its last result: every chunk of a tensor passes the very same statistic objects, so
+    the threshold and weights are worked out once per tensor, not once per chunk (the cache holds the
+    arguments, so an identity it compares cannot be reused by other objects meanwhile)."""
+    last: list = []
+
+    def cached(*args):
+        if last and len(last[0]) == len(args) and all(a is b for a, b in zip(last[0], args)):
+            return last[1]
+        result = fn(*args)
+        last[:] = [args, result]
+        return result
+
+    return cached
 
 
 def _selecting(sce_select_topk: float) -> bool:
@@ -92,6 +117,7 @@ def _bin_of_kth_largest(histogram, k: int) -> tuple[int, int]:
     return BINS - 1 - position, above
 
 
+@_same_statistics
 def _threshold(variance_nonzero, variance_high, variance_low, sce_select_topk: float) -> tuple[int, int]:
     """(threshold key, how many entries equal to it are kept); key -1 when k = 0 (nothing is kept)."""
     k = _kept_count(variance_nonzero, sce_select_topk)
@@ -189,6 +215,7 @@ def sce_square_sums(ys, *, sce_select_topk, variance_nonzero, variance_high, var
     return result
 
 
+@_same_statistics
 def sce_plan(count: int, numel: int, sce_select_topk, variance_nonzero, variance_high, variance_low, tie_blocks,
              square_slots, tie_offsets, tie_squares) -> tuple[Selection, np.ndarray]:
     """The selection and the float32 weights w_i of ``count`` models, from the four passes' statistics."""
