@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import psutil
@@ -56,7 +57,19 @@ STARTUP = "startup"
 STARTUP_FAMILY = dict(hidden=128, intermediate=352, layers=2, vocab=1024, heads=4, kv_heads=2)
 #: The method the start-up row runs: the lightest (no statistics, no random draws).
 STARTUP_METHOD = "linear"
-TWO_MODEL_METHODS = {"slerp"}
+#: How a method is given the family where it differs from the default (the base and every fine-tune):
+#: method -> (how many fine-tunes, None: all; whether it takes the base; extra flags).
+METHOD_INPUTS = {
+    "slerp": (2, True, []),
+    "nuslerp": (2, True, []),
+    "karcher": (None, False, []),  # every input merged alike: no base
+    "nearswap": (1, True, ["--nearswap_t", "1e-3"]),
+    "arcee_fusion": (1, True, []),
+    "sce": (None, True, ["--sce_select_topk", "0.3"]),
+}
+#: mergekit's other methods, timed only when ``--methods`` names them.
+MERGEKIT_METHODS = ["task_arithmetic", "breadcrumbs_ties", "model_stock", "nuslerp", "multislerp", "karcher",
+                    "nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl"]
 N_FINE_TUNES = 3
 DTYPE = "bfloat16"
 MARKER = ".bench_family.json"
@@ -127,8 +140,14 @@ class Family:
     spec: dict  # how it was made, or {"given": True}, plus its dtypes and parameter count (paths: base, fine_tunes)
 
     def inputs(self, method: str) -> list[Path]:
-        """The model directories ``method`` is given: the base, then its fine-tunes."""
-        return [self.base, *self.fine_tunes[: 2 if method in TWO_MODEL_METHODS else None]]
+        """The model directories ``method`` is given: the base (where it takes one), then its fine-tunes."""
+        base, fine_tunes = self.base_and_fine_tunes(method)
+        return [*([base] if base else []), *fine_tunes]
+
+    def base_and_fine_tunes(self, method: str) -> tuple[Optional[Path], list[Path]]:
+        """(the base ``method`` is given, or None; the fine-tunes it is given)."""
+        count, with_base, _ = METHOD_INPUTS.get(method, (None, True, []))
+        return (self.base if with_base else None), self.fine_tunes[:count]
 
     def describe(self) -> str:
         made = "given" if self.spec.get("given") else "generated"
@@ -345,10 +364,11 @@ def run_and_measure(cmd: list[str], log_dir: Path) -> tuple[float, int]:
 def merge_command(prefix: list[str], method: str, family: Family, out_dir: Path,
                   n_process: int, extra: list[str], quiet: bool = True) -> list[str]:
     """The mergekit command line for one benchmark run (``--quiet`` only where ``quiet``: other tools lack it)."""
-    base, *fine_tunes = family.inputs(method)
+    base, fine_tunes = family.base_and_fine_tunes(method)
+    flags = METHOD_INPUTS.get(method, (None, True, []))[2]
     return [*prefix, "--merge_method", method, "--model_path_list", *map(str, fine_tunes),
-            "--base_model_path", str(base), "--output_path", str(out_dir),
-            "--n_process", str(n_process), *(["--quiet"] if quiet else []), *extra]
+            *(["--base_model_path", str(base)] if base else []), "--output_path", str(out_dir),
+            "--n_process", str(n_process), *(["--quiet"] if quiet else []), *flags, *extra]
 
 
 #: What a ``--compare`` command template may name; ``{models}`` as a whole word becomes one word per fine-tune.
@@ -379,8 +399,8 @@ class Tool:
         """The command line of one run."""
         if not self.template:
             return merge_command(self.prefix, method, family, out_dir, n_process, extra, self.quiet)
-        base, *fine_tunes = family.inputs(method)
-        values = {"method": method, "base": str(base), "models": " ".join(map(str, fine_tunes)),
+        base, fine_tunes = family.base_and_fine_tunes(method)
+        values = {"method": method, "base": str(base or ""), "models": " ".join(map(str, fine_tunes)),
                   "output": str(out_dir), "n_process": str(n_process)}
         words: list[str] = []
         for word in self.prefix:
@@ -463,9 +483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard_size_mb", type=float, default=200,
                    help="max shard size of the generated family in MB (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="family seed (default: 0)")
-    p.add_argument("--methods", nargs="+", default=[*ALL_METHODS, STARTUP], choices=[*ALL_METHODS, STARTUP],
+    p.add_argument("--methods", nargs="+", default=[*ALL_METHODS, STARTUP], choices=[*ALL_METHODS, *MERGEKIT_METHODS, STARTUP],
                    metavar="METHOD", help=f"merge methods, and {STARTUP} for the start-up row (a linear merge of "
-                                          f"a toy family of a few MB; default: all: {' '.join(ALL_METHODS)} {STARTUP})")
+                                          f"a toy family of a few MB; default: all: {' '.join(ALL_METHODS)} {STARTUP}); "
+                                          f"also mergekit's {' '.join(MERGEKIT_METHODS)} (nearswap t 1e-3, sce "
+                                          "select_topk 0.3; karcher without the base)")
     p.add_argument("--n_process", nargs="+", type=int, default=[1, 2],
                    help="process counts to measure (default: 1 2)")
     p.add_argument("--repeat", type=int, default=1,

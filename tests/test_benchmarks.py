@@ -165,3 +165,13 @@ def test_bench_merge_fills_in_a_compare_template(tmp_path):
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["io_floor[4 models]", "linear", "tmpl:linear"]
     with pytest.raises(SystemExit):
         bench_merge.parse_args(["--compare", "t=merge {base} {models}"])  # a template must name {output}
+
+
+def test_bench_merge_times_mergekit_methods_with_their_inputs(tmp_path):
+    """karcher takes no base, nearswap the base and one fine-tune (and its t): each row's floor reads what it merges."""
+    out = tmp_path / "bench.json"
+    assert bench_merge.main(["--family_dir", str(tmp_path / "family"), "--params", "2e6", "--methods", "karcher",
+                             "nearswap", "--n_process", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kind"], r["method"]) for r in rows] == [
+        ("io_floor", "io_floor[3 models]"), ("io_floor", "io_floor[2 models]"), ("merge", "karcher"), ("merge", "nearswap")]
