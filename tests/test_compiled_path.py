@@ -235,3 +235,18 @@ def test_memory_estimate_of_whole_tensor_statistics(tmp_path, families, family, 
             expected = (numba_kernels.StreamingRanks.peak_bytes(2, task.numel, merger.EXCLUSIVE_BYTES) if per_element == "rank tables"
                         else int(per_element * task.numel))
             assert merger.peak_bytes(task) == expected
+
+
+@pytest.mark.parametrize("method, flags", [("sce", ["--sce_select_topk", "0.35"]), ("sce", []),
+                                           ("arcee_fusion", [])])
+def test_host_kernels_keep_the_numpy_bytes(tmp_path, family, method, flags):
+    """sce's variance keys and exact sums of squares (``NumpyOps.variance_keys`` / ``slot_sums``) compiled."""
+    models = family.model_dirs[:1] if method == "arcee_fusion" else family.model_dirs
+    outputs = {}
+    for numba in ("1", "0"):
+        out = tmp_path / f"out{numba}"
+        result = run_mergekit("--merge_method", method, "--model_path_list", *models, "--base_model_path",
+                              family.base_dir, "--output_path", out, *flags, env={**os.environ, "LLM_MERGE_NUMBA": numba})
+        assert result.returncode == 0, result.stderr
+        outputs[numba] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert outputs["1"] == outputs["0"]

@@ -24,7 +24,7 @@ OPS = NumpyOps(False)
 DEFAULTS = dataclasses.asdict(MergeConfig())
 
 
-def run_spec(name, ts, step=None, ops=OPS, **options):
+def run_spec(name, ts, step=None, ops=OPS, host=OPS, **options):
     """The registered merge on task vectors ``ts`` as the engine runs it: every reduce pass over the chunks
     (sums added as the engine adds them), then the apply pass chunk by chunk; returns the merged task vector."""
     spec = methods.get("merge", name)
@@ -32,7 +32,7 @@ def run_spec(name, ts, step=None, ops=OPS, **options):
     n = flat[0].size
     step = step or n
     options = {**DEFAULTS, **options}
-    engine_values = {"ops": ops, "host": OPS, "numel": n, "shape": shape}
+    engine_values = {"ops": ops, "host": host, "numel": n, "shape": shape}
     chunks = [(s, min(step, n - s)) for s in range(0, n, step)]
 
     def inputs(s, c):
@@ -128,7 +128,7 @@ def test_sce_tie_cut_in_blocks_of_a_large_tensor():
     """> 65536 entries: ties are counted per block of several entries, the cut falls inside one."""
     ts = _task_vectors(3, (300_001,), 5, quantized=True)
     whole = run_spec("sce", ts, sce_select_topk=0.37)
-    keys = methods.sce.variance_keys(ts)
+    keys = OPS.variance_keys(ts)
     k = int(np.float32(np.count_nonzero(keys)) * np.float32(0.37))
     threshold = np.sort(keys)[::-1][k - 1]
     assert np.count_nonzero(keys == threshold) > np.count_nonzero(keys >= threshold) - k > 0  # the cut splits ties
@@ -292,3 +292,23 @@ def test_recipe_refusal_messages(tmp_path, fam):
     cfg = translate(f"merge_method: ramplus_tl\nbase_model: {fam.base_dir}\nmodels:\n  - model: {a}\n  - model: {b}\n"
                     "parameters: {r: 0.3, alpha: 0.4}\n")
     assert (cfg.ram_epsilon, cfg.ramplus_r, cfg.ramplus_alpha, cfg.epsilon) == (1e-5, 0.3, 0.4, MergeConfig().epsilon)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_compiled_variance_keys_and_slot_sums_are_the_numpy_ones(k):
+    """numba's variance keys (float64 mean and squares in the same order, then float32) and exact slot sums
+    equal NumPy's, NaN, Inf, subnormal and huge values included; sce through either host gives the same bytes."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(k)
+    ts = [rng.standard_normal(5000).astype(np.float32) * np.float32(10.0 ** rng.integers(-40, 34)) for _ in range(k)]
+    ts[0][:4] = [np.nan, np.inf, -np.inf, 1e-45]
+    ts[-1][4:6] = [3e38, -3e38]
+    compiled = NumpyOps(compiled=True)
+    assert compiled.variance_keys(ts).tobytes() == OPS.variance_keys(ts).tobytes()
+    squares = [np.abs(t) for t in ts]
+    kept = rng.random(5000) < 0.5
+    for flags in (None, kept):
+        assert compiled.slot_sums(squares[0], flags).tolist() == OPS.slot_sums(squares[0], flags).tolist()
+    tvs = _task_vectors(k, (64, 33), 11)
+    by_numpy = run_spec("sce", tvs, 500, sce_select_topk=0.4)
+    assert run_spec("sce", tvs, 500, host=compiled, sce_select_topk=0.4).tobytes() == by_numpy.tobytes()

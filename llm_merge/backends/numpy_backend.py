@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from llm_merge.io import dtypes
+from llm_merge.kernels import l1_sums
 from llm_merge.kernels.counter_rng import CounterRNG
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,30 @@ class NumpyOps:
         if self._kernels:
             return float(self._kernels.dot64_kernel(x.ravel(), y.ravel()))
         return float(np.dot(x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)))
+
+    def slot_sums(self, magnitude: np.ndarray, kept: Optional[np.ndarray] = None) -> np.ndarray:
+        """``kernels.l1_sums.slot_sums`` (exact sums of non-negative float32 values), compiled where numba is."""
+        return self._kernels.slot_sums(magnitude, kept) if self._kernels else l1_sums.slot_sums(magnitude, kept)
+
+    def variance_keys(self, ts: list[np.ndarray]) -> np.ndarray:
+        """uint32 order keys (float32 bits) of the per-entry population variance of the float32 vectors ``ts``,
+        in float64: mean = (t_0 + t_1 + ...) / K, v = ((t_0 − mean)² + (t_1 − mean)² + ...) / K, in that order,
+        then rounded to float32 (as torch.var computes it)."""
+        if self._kernels:
+            return self._kernels.variance_keys(ts)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf inputs: the engine reports them
+            mean = ts[0].astype(np.float64)
+            for t in ts[1:]:
+                mean += t
+            mean /= len(ts)
+            variance = np.zeros_like(mean)
+            square = np.empty_like(mean)
+            for t in ts:
+                np.subtract(t, mean, out=square)
+                np.multiply(square, square, out=square)
+                variance += square
+            variance /= len(ts)
+            return variance.astype(np.float32).view(np.uint32)
 
     def kth_largest(self, x: np.ndarray, k: int) -> float:
         """The k-th largest value of a non-negative vector (k >= 1)."""

@@ -59,9 +59,11 @@ from llm_merge.kernels.twins import (  # noqa: F401 (re-exported)
     magnitude_ranks,
     magprune,
     select_kth_largest_bits,
+    slot_sums,
     ties,
     trim,
     trim_threshold,
+    variance_keys,
 )
 
 

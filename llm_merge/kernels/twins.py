@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_merge.kernels import blocks, ranks, streaming
+from llm_merge.kernels import blocks, mergekit_streaming, ranks, streaming
 from llm_merge.kernels.blocks import JIT_OPTIONS
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.counter_rng import keep_threshold
 from llm_merge.kernels.counts import trim_count
+from llm_merge.kernels.l1_sums import SLOTS
+from llm_merge.kernels.mergekit_streaming import SLOT_COPIES, add_slot_sums
 from llm_merge.kernels.method_blocks import (
     dare_block,
     magprune_block,
@@ -129,6 +131,45 @@ def kth_largest(x: np.ndarray, k: int) -> float:
     return float_of_bits(select_kth_largest_bits(np.ascontiguousarray(x.ravel(), dtype=np.float32), k))
 
 
+@njit(**JIT_OPTIONS)
+def _variances(rows, out):
+    """out[j] = the float32 population variance of the rows' entries j, in float64 with the
+    operations and order of ``NumpyOps.variance_keys``: mean = (r_0 + r_1 + ...) / k, then
+    ((r_0 − mean)² + (r_1 − mean)² + ...) / k (from +0.0), rounded to float32."""
+    k = len(rows)
+    for j in range(out.size):
+        total = np.float64(rows[0][j])
+        for i in range(1, k):
+            total += np.float64(rows[i][j])
+        mean = total / k
+        variance = 0.0
+        for i in range(k):
+            deviation = np.float64(rows[i][j]) - mean
+            variance += deviation * deviation
+        out[j] = np.float32(variance / k)
+
+
+def variance_keys(ts) -> np.ndarray:
+    """Compiled ``NumpyOps.variance_keys``: the same bits."""
+    out = np.empty(ts[0].size, np.float32)
+    _variances(tuple(np.ascontiguousarray(t, dtype=np.float32).ravel() for t in ts), out)
+    return out.view(np.uint32)
+
+
+@njit(**JIT_OPTIONS)
+def _add_slot_sums(bits, flags, sums):
+    add_slot_sums(bits, bits.size, flags, sums)
+
+
+def slot_sums(magnitude: np.ndarray, kept=None) -> np.ndarray:
+    """Compiled ``kernels.l1_sums.slot_sums``: the same int64 slot sums."""
+    bits = np.ascontiguousarray(magnitude, dtype=np.float32).ravel().view(np.uint32)
+    flags = np.ones(bits.size, np.bool_) if kept is None else np.ascontiguousarray(kept, dtype=np.bool_).ravel()
+    sums = np.zeros((SLOT_COPIES, 2 * SLOTS), np.int64)
+    _add_slot_sums(bits, flags, sums)
+    return sums.sum(axis=0)
+
+
 #: (kind, name) -> compiled replacement of the registered NumPy function.
 KERNELS = {("prepare", "trim"): trim_threshold, ("prepare", "magprune"): magnitude_ranks, ("sparsify", "dare"): dare,
            ("sparsify", "magprune"): magprune, ("sparsify", "trim"): trim, ("merge", "linear"): linear,
@@ -137,5 +178,6 @@ KERNELS = {("prepare", "trim"): trim_threshold, ("prepare", "magprune"): magnitu
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps (the block
 #: functions of method_blocks are called from Python here: compiled and cached there).
-KERNEL_DEPENDENCIES = (blocks, ranks, streaming)
+KERNEL_DEPENDENCIES = tuple(dict.fromkeys((blocks, ranks, streaming, mergekit_streaming,
+                                           *mergekit_streaming.KERNEL_DEPENDENCIES)))
 configure_kernel_caches(globals(), [module.__file__ for module in KERNEL_DEPENDENCIES])

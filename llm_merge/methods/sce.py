@@ -22,7 +22,7 @@ bin holding the k-th largest, which pins the threshold key; pass 3 counts the th
 block of ``tie_block`` elements (at most 65536 blocks); pass 4 sums the squares of the kept entries
 exactly (``kernels.l1_sums`` slots, so no chunking or worker count changes a bit) and, for the one
 block where the tied entries are cut, each tied entry's position and squares. The apply pass
-recomputes v per chunk and keeps an entry when its key is above the threshold key, or equal at an
+recomputes v per chunk (``host.variance_keys``: compiled where numba is) and keeps an entry when its key is above the threshold key, or equal at an
 index at or past the cut. Statistics: a few 65536-entry histograms per tensor. Host NumPy
 (``ops.to_numpy``), so the Paddle backend gives the same bits.
 """
@@ -65,23 +65,6 @@ def _row(counts: np.ndarray) -> np.ndarray:
 def _flat(statistic, dtype=np.int64) -> np.ndarray:
     """A summed (1, n) statistic (an array or a 1-tuple of one) as a flat vector."""
     return np.asarray(statistic, dtype).reshape(-1)
-
-
-def variance_keys(ts: list[np.ndarray]) -> np.ndarray:
-    """uint32 order keys of the per-entry population variance of the K task vectors (float64, then float32):
-    mean = (t_0 + t_1 + ...) / K, v = ((t_0 − mean)² + (t_1 − mean)² + ...) / K, in that order, in place."""
-    mean = ts[0].astype(np.float64)
-    for t in ts[1:]:
-        mean += t
-    mean /= len(ts)
-    variance = np.zeros_like(mean)
-    square = np.empty_like(mean)
-    for t in ts:
-        np.subtract(t, mean, out=square)
-        np.multiply(square, square, out=square)
-        variance += square
-    variance /= len(ts)
-    return variance.astype(np.float32).view(np.uint32)
 
 
 def _same_statistics(fn):
@@ -146,22 +129,22 @@ def _cut_block(tie_blocks, kept_ties: int) -> tuple[int, int]:
 
 
 # -- the reduce passes ------------------------------------------------------------------------------
-def sce_variance_bins(ys, *, sce_select_topk, ops):
+def sce_variance_bins(ys, *, sce_select_topk, host, ops):
     """Pass 1: how many entries have v ≠ 0, and a histogram of the keys' upper 16 bits."""
     if not _selecting(sce_select_topk):
         return {"variance_nonzero": (0,), "variance_high": _NONE}
-    keys = variance_keys([ops.to_numpy(y) for y in ys])
+    keys = host.variance_keys([ops.to_numpy(y) for y in ys])
     return {"variance_nonzero": (int(np.count_nonzero(keys)),),
             "variance_high": _row(np.bincount(keys >> np.uint32(HALF_KEY_BITS), minlength=BINS))}
 
 
-def sce_variance_low_bins(ys, *, sce_select_topk, variance_nonzero, variance_high, ops):
+def sce_variance_low_bins(ys, *, sce_select_topk, variance_nonzero, variance_high, host, ops):
     """Pass 2: a histogram of the lower 16 bits of the keys in the bin of the k-th largest."""
     k = _kept_count(variance_nonzero, sce_select_topk) if _selecting(sce_select_topk) else 0
     if k == 0:
         return {"variance_low": _NONE}
     high, _ = _bin_of_kth_largest(variance_high, k)
-    keys = variance_keys([ops.to_numpy(y) for y in ys])
+    keys = host.variance_keys([ops.to_numpy(y) for y in ys])
     in_bin = keys[(keys >> np.uint32(HALF_KEY_BITS)) == high]
     return {"variance_low": _row(np.bincount(in_bin & _LOW_MASK, minlength=BINS))}
 
@@ -173,19 +156,19 @@ def _selected_threshold(sce_select_topk, variance_nonzero, variance_high, varian
     return _threshold(variance_nonzero, variance_high, variance_low, sce_select_topk)
 
 
-def sce_tie_blocks(ys, *, sce_select_topk, variance_nonzero, variance_high, variance_low, start, numel, ops):
+def sce_tie_blocks(ys, *, sce_select_topk, variance_nonzero, variance_high, variance_low, start, numel, host, ops):
     """Pass 3: how many entries per block have the threshold key."""
     threshold, _ = _selected_threshold(sce_select_topk, variance_nonzero, variance_high, variance_low)
     if threshold < 0:
         return {"tie_blocks": _NONE}
-    keys = variance_keys([ops.to_numpy(y) for y in ys])
+    keys = host.variance_keys([ops.to_numpy(y) for y in ys])
     tied = start + np.flatnonzero(keys == np.uint32(threshold))
     block = _tie_block(numel)
     return {"tie_blocks": _row(np.bincount(tied // block, minlength=-(-numel // block)))}
 
 
 def sce_square_sums(ys, *, sce_select_topk, variance_nonzero, variance_high, variance_low, tie_blocks, start, numel,
-                    ops):
+                    host, ops):
     """Pass 4: exact slot sums of t_i² over the kept entries outside the cut block, and for the cut block each
     tied entry's count and t_i² by its offset in the block."""
     ts = [ops.to_numpy(y) for y in ys]
@@ -195,7 +178,7 @@ def sce_square_sums(ys, *, sce_select_topk, variance_nonzero, variance_high, var
     at_offsets = np.zeros(0, bool)
     if _selecting(sce_select_topk):
         threshold, kept_ties = _threshold(variance_nonzero, variance_high, variance_low, sce_select_topk)
-        keys = variance_keys(ts)
+        keys = host.variance_keys(ts)
         if threshold < 0:
             kept = np.zeros(keys.shape, bool)
         else:
@@ -206,7 +189,7 @@ def sce_square_sums(ys, *, sce_select_topk, variance_nonzero, variance_high, var
             at_offsets = tied & (blocks == cut_block)
             offsets = np.flatnonzero(at_offsets) + (start - cut_block * block)
     squares = [t * t for t in ts]
-    result = {"square_slots": _row(np.concatenate([l1_sums.slot_sums(sq, kept)[l1_sums.SLOTS:] for sq in squares]))}
+    result = {"square_slots": _row(np.concatenate([host.slot_sums(sq, kept)[l1_sums.SLOTS:] for sq in squares]))}
     if offsets.size or start == 0:  # every statistic appears at least once
         result["tie_offsets"] = _row(np.bincount(offsets, minlength=block))
         tied_squares = [sq[at_offsets].astype(np.float64) if offsets.size else np.zeros(0) for sq in squares]
@@ -257,13 +240,13 @@ def kept_entries(keys: np.ndarray, start: int, selection: Selection) -> np.ndarr
           produces=("variance_nonzero", "variance_high", "variance_low", "tie_blocks", "square_slots", "tie_offsets",
                     "tie_squares"))
 def sce(ys, *, sce_select_topk, variance_nonzero, variance_high, variance_low, tie_blocks, square_slots, tie_offsets,
-        tie_squares, start, numel, ops):
+        tie_squares, start, numel, host, ops):
     """SCE: the top-variance entries, TIES sign election, weights from the mean squares of the task vectors."""
     ts = [ops.to_numpy(y) for y in ys]
     selection, weights = sce_plan(len(ts), numel, sce_select_topk, variance_nonzero, variance_high, variance_low,
                                   tie_blocks, square_slots, tie_offsets, tie_squares)
     if _selecting(sce_select_topk):
-        mask = kept_entries(variance_keys(ts), start, selection).astype(np.float32)
+        mask = kept_entries(host.variance_keys(ts), start, selection).astype(np.float32)
         ts = [t * mask for t in ts]  # mergekit multiplies by the mask: a dropped negative entry is -0, sign 0
     total = ts[0].copy()
     for t in ts[1:]:
