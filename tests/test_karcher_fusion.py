@@ -39,25 +39,28 @@ def _karcher(xs, max_iter=10, tol=1e-5, step=None, ops=OPS):
 
 
 def _fusion(base, x, step_rows=None, ops=OPS):
-    """arcee_fusion as the engine runs it: two reduce passes and the apply pass over chunks of whole rows."""
+    """arcee_fusion as the engine runs it: its reduce passes (each seeing the earlier sums, added as the engine
+    adds them) and the apply pass over chunks of whole rows, every parameter bound by the engine's binding."""
+    from llm_merge import methods
+    from llm_merge.run.binding import call
+
+    spec = methods.get("merge", "arcee_fusion")
     shape = base.shape
     b, y = base.ravel(), (x - base).ravel()
     row = shape[-1] if shape else 1
     step = (step_rows or max(1, b.size // row)) * row
     chunks = _chunks(b.size, step)
+    engine_values = {"ops": ops, "host": OPS, "numel": b.size, "shape": shape}
     stats = {}
-    for reduce_pass in (AF.arcee_fusion_coarse, AF.arcee_fusion_fine):
-        total = None
+    for reduce_pass in (spec.reduce, *spec.later_reduces):
+        total = {}
         for s, c in chunks:
-            extra = {k: v for k, v in stats.items() if k in ("coarse_counts",)} if reduce_pass is AF.arcee_fusion_fine else {}
-            if reduce_pass is AF.arcee_fusion_fine:
-                extra["numel"] = b.size
-            part = reduce_pass([ops.from_numpy(y[s:s + c])], base=ops.from_numpy(b[s:s + c]), start=s, shape=shape,
-                               ops=ops, **extra)
-            total = part if total is None else {k: tuple(np.add(total[k], v)) for k, v in part.items()}
+            extra = {**stats, "start": s, "base": ops.from_numpy(b[s:s + c])}
+            for k, v in call(reduce_pass, [ops.from_numpy(y[s:s + c])], extra, engine_values, {}).items():
+                total[k] = tuple(np.add(total[k], v)) if k in total else v
         stats.update(total)
-    out = [ops.to_numpy(AF.arcee_fusion([ops.from_numpy(y[s:s + c])], base=ops.from_numpy(b[s:s + c]), start=s,
-                                        shape=shape, numel=b.size, ops=ops, **stats)) + b[s:s + c] for s, c in chunks]
+    out = [ops.to_numpy(call(spec.fn, [ops.from_numpy(y[s:s + c])], {**stats, "start": s, "base": ops.from_numpy(b[s:s + c])},
+                             engine_values, {})) + b[s:s + c] for s, c in chunks]
     return np.concatenate(out).reshape(shape)
 
 

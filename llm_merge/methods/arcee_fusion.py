@@ -14,9 +14,10 @@ sample estimates (its ranks scatter by about ±0.05 % of n around these).
 
 Streaming in bounded memory, with the engine's row-aligned chunks (``row_aligned``: whole rows, so the
 per-row KL comes from the chunk itself): order keys are the float32 bits of the importance mapped to
-uint32 in value order; pass 1 counts the keys' upper 16 bits, pass 2 the lower 16 bits of the keys in
-each of the three bins holding a wanted rank, which pins the three values exactly; the apply pass
-computes the threshold from both histograms. Statistics: 4 × 65536 counts per tensor.
+uint32 in value order; pass 1 computes each row's KL (the softmaxes and logs: the costly part, done once)
+and counts the keys' upper 16 bits, pass 2 the lower 16 bits of the keys in each of the three bins holding
+a wanted rank, which pins the three values exactly; the apply pass computes the threshold from both
+histograms. Statistics: 4 × 65536 counts and one KL per row.
 """
 
 from __future__ import annotations
@@ -42,18 +43,29 @@ def _row_length(shape: tuple[int, ...]) -> int:
     return shape[-1] if len(shape) > 0 else 1
 
 
-def importance(y: np.ndarray, base: np.ndarray, start: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Float32 importance |y|·KL_row of a chunk of whole rows (y = x − b, both flat float32)."""
+def _whole_rows(size: int, start: int, shape: tuple[int, ...]) -> int:
+    """The row length of a chunk of whole rows (MergeError naming the chunk otherwise)."""
     row = _row_length(shape)
-    if start % row or y.size % row:
-        raise MergeError(f"arcee_fusion: chunk [{start}, {start + y.size}) of a tensor of shape {shape} "
+    if start % row or size % row:
+        raise MergeError(f"arcee_fusion: chunk [{start}, {start + size}) of a tensor of shape {shape} "
                          f"is not whole rows of {row}")
+    return row
+
+
+def row_kl(y: np.ndarray, base: np.ndarray, start: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 KL(softmax(x) ‖ softmax(b)) of each row of a chunk of whole rows (y = x − b, both flat float32)."""
+    row = _whole_rows(y.size, start, shape)
     b = base.reshape(-1, row).astype(np.float64)
     x = (base + y).reshape(-1, row).astype(np.float64)  # the model's values (float32 round trip, as read)
     p = _softmax(x) + SOFTMAX_EPS
     q = _softmax(b) + SOFTMAX_EPS
-    kl = np.sum(p * np.log(p / q), axis=-1, keepdims=True).astype(np.float32)
-    return (np.abs(y).reshape(-1, row) * kl).ravel()
+    return np.sum(p * np.log(p / q), axis=-1).astype(np.float32)
+
+
+def importance(y: np.ndarray, kl: np.ndarray, start: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 importance |y|·KL_row of a chunk of whole rows, ``kl`` the KL of its rows."""
+    row = _whole_rows(y.size, start, shape)
+    return (np.abs(y).reshape(-1, row) * kl.reshape(-1, 1)).ravel()
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:
@@ -87,19 +99,29 @@ def _wanted_bins(coarse_counts: np.ndarray, numel: int) -> tuple[np.ndarray, np.
     return bins, ranks - (cumulative[bins] - coarse_counts[bins])
 
 
-def _chunk_keys(ys, base, start, shape, ops) -> np.ndarray:
-    return order_keys(importance(ops.to_numpy(ys[0]), ops.to_numpy(base), start, shape))
+def _rows_of(kl_bits, start: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 KL of a chunk's rows, out of pass 1's ``row_kl_bits``."""
+    row = _row_length(shape)
+    bits = np.asarray(kl_bits[0][start // row : (start + size) // row], np.int64).astype(np.uint32)
+    return bits.view(np.float32)
 
 
-def arcee_fusion_coarse(ys, *, base, start, shape, ops):
-    """Pass 1: counts of the importance keys' upper 16 bits."""
-    keys = _chunk_keys(ys, base, start, shape, ops)
-    return {"coarse_counts": (np.bincount(keys >> HALF_KEY_BITS, minlength=BINS),)}
+def arcee_fusion_coarse(ys, *, base, start, shape, numel, ops):
+    """Pass 1: each row's KL (as float32 bits at its row index: rows are in one chunk each, so the chunks'
+    sums put every row's bits in place exactly) and counts of the importance keys' upper 16 bits."""
+    y = ops.to_numpy(ys[0])
+    kl = row_kl(y, ops.to_numpy(base), start, shape)
+    keys = order_keys(importance(y, kl, start, shape))
+    row = _row_length(shape)
+    kl_bits = np.zeros(numel // row, np.int64)
+    kl_bits[start // row : start // row + kl.size] = kl.view(np.uint32)
+    return {"coarse_counts": (np.bincount(keys >> HALF_KEY_BITS, minlength=BINS),), "row_kl_bits": (kl_bits,)}
 
 
-def arcee_fusion_fine(ys, *, base, coarse_counts, start, shape, numel, ops):
+def arcee_fusion_fine(ys, *, coarse_counts, row_kl_bits, start, shape, numel, ops):
     """Pass 2: counts of the lower 16 bits of the keys in each bin that holds a wanted rank (one row per rank)."""
-    keys = _chunk_keys(ys, base, start, shape, ops)
+    y = ops.to_numpy(ys[0])
+    keys = order_keys(importance(y, _rows_of(row_kl_bits, start, y.size, shape), start, shape))
     bins, _ = _wanted_bins(coarse_counts[0], numel)
     upper = keys >> HALF_KEY_BITS
     lower = keys & np.uint32(BINS - 1)
@@ -115,13 +137,13 @@ def fusion_threshold(coarse_counts: np.ndarray, fine_counts: np.ndarray, numel: 
 
 
 @register("merge", "arcee_fusion", reduce=arcee_fusion_coarse, later_reduces=(arcee_fusion_fine,),
-          produces=("coarse_counts", "fine_counts"), inputs=1, row_aligned=True)
-def arcee_fusion(ys, *, base, coarse_counts, fine_counts, start, shape, numel, ops):
+          produces=("coarse_counts", "row_kl_bits", "fine_counts"), inputs=1, row_aligned=True)
+def arcee_fusion(ys, *, base, coarse_counts, row_kl_bits, fine_counts, start, shape, numel, ops):
     """mergekit arcee_fusion on the task vector: y where its importance reaches the threshold, else 0
     (the engine adds the base)."""
     if base is None:
         raise MergeError("arcee_fusion: needs the base model's tensor (--base_model_path)")
     y = ops.to_numpy(ys[0])
     threshold = fusion_threshold(coarse_counts[0], fine_counts[0], numel)
-    keep = importance(y, ops.to_numpy(base), start, shape) >= threshold
+    keep = importance(y, _rows_of(row_kl_bits, start, y.size, shape), start, shape) >= threshold
     return ops.from_numpy(y * keep.astype(np.float32))
