@@ -20,6 +20,8 @@ CASES = [
     ("dare_linear", ["--reserve_p", "0.3"]),
     ("dare_ties", ["--weight_list", "0.6", "0.4"]),
     ("multislerp", ["--weight_list", "0.7", "0.4"]),
+    ("task_arithmetic", ["--weight_list", "0.7", "-0.4"]),
+    ("breadcrumbs_ties", ["--reserve_p", "0.5", "--gamma", "0.05"]),
 ]
 
 
@@ -144,7 +146,7 @@ def families(tmp_path_factory):
     ("bf16", "bf16", None), ("f32", "f32", None), ("f16", "f16", None), ("bf16", "f32", "float16"),
     ("f16", "bf16", "float32"), ("f32", "bf16", "bfloat16"), ("f16", None, "bfloat16"), ("bf16", None, None),
 ])
-@pytest.mark.parametrize("method", ["linear", "ties", "della", "dare_ties", "slerp", "multislerp"])
+@pytest.mark.parametrize("method", ["linear", "ties", "della", "dare_ties", "slerp", "multislerp", "task_arithmetic"])
 def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, families, monkeypatch, method, models,
                                                                      base, output_dtype):
     """Chunks and cache blocks smaller than a tensor (and ending mid-block), any mix of input and output dtypes."""

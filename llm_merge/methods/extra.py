@@ -2,8 +2,9 @@
 
 Same contract as ``sparsify.py`` / ``merge.py``: float32 chunks in, a new chunk
 out; whole-tensor statistics come from a registered ``prepare`` (one model's full
-task vector) or ``reduce`` (additive sums over the chunks). No compiled kernels:
-the engine runs these through the generic NumPy path.
+task vector) or ``reduce`` (additive sums over the chunks). task_arithmetic runs
+compiled as the fused linear pass with its weights as coefficients; the others run
+through the generic NumPy path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from llm_merge.methods.merge import weighted_sum
 from llm_merge.methods.registry import register
 
 
-@register("merge", "task_arithmetic")
+def _task_arithmetic_coefficients(reduced: dict, options: dict) -> list[float]:
+    """task_arithmetic in the fused pass: the linear merge with the weights as coefficients, never normalized."""
+    return list(options["weight_list"])
+
+
+@register("merge", "task_arithmetic", kernel="linear", fused=True, fused_coefficients=_task_arithmetic_coefficients)
 def task_arithmetic(ys, *, weight_list, ops):
     """Task arithmetic: Σ w_i·t_i, never normalized (``scale``, mergekit's lambda, is applied by the engine)."""
     return weighted_sum(ys, weight_list, ops)
