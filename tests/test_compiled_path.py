@@ -156,6 +156,15 @@ def test_fused_pass_is_byte_identical_across_chunks_blocks_and_dtypes(tmp_path, 
                               output_dtype=output_dtype, reserve_p=0.6)
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("models, base", [("bf16", "bf16"), ("f32", "f32"), ("f16", "bf16")])
+def test_breadcrumbs_fused_apply_is_byte_identical(tmp_path, families, monkeypatch, method, models, base):
+    """breadcrumbs' band (whole-tensor NumPy statistics) applied by the fused pass's magnitude band."""
+    assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method=method,
+                              model_path_list=[str(d) for d in families[models].model_dirs],
+                              base_model_path=str(families[base].base_dir), reserve_p=0.6, gamma=0.05)
+
+
 def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
     """karcher (no base: every input merged alike) streams its Gram sums and runs the fused linear pass."""
     assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method="karcher",

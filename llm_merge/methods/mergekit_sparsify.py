@@ -158,7 +158,8 @@ def breadcrumbs_selection(t, *, reserve_p, gamma, rescale, host, ops):
     return _band_stats(t, n_bot, n_bot + target, rescale, host, ops)
 
 
-@register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection, produces=("selection", "l1_scale"))
+@register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection, produces=("selection", "l1_scale"), kernel="magnitude",
+          fused=True)
 def breadcrumbs(t, *, selection, l1_scale, start, ops):
     """Model Breadcrumbs: drop the gamma fraction of largest |t|, keep the next int(density·n), times the L1 factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
