@@ -165,6 +165,36 @@ def test_breadcrumbs_fused_apply_is_byte_identical(tmp_path, families, monkeypat
                               base_model_path=str(families[base].base_dir), reserve_p=0.6, gamma=0.05)
 
 
+@pytest.mark.parametrize("models", ["bf16", "f32"])
+@pytest.mark.parametrize("method, options", [("model_stock", {}), ("nuslerp", {"weight_list": [0.3, 0.9]})])
+def test_whole_tensor_model_stock_and_nuslerp_fused(tmp_path, families, monkeypatch, method, options, models):
+    """model_stock and nuslerp over whole tensors: Gram sums streamed, the fused linear pass with their coefficients."""
+    dirs = [str(d) for d in families[models].model_dirs[: 2 if method == "nuslerp" else 3]]
+    assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method=method, model_path_list=dirs,
+                              base_model_path=str(families[models].base_dir), **options)
+
+
+@pytest.mark.parametrize("method, options", [("model_stock", {"model_stock_filter_wise": True}),
+                                             ("nuslerp", {"nuslerp_flatten": False}),
+                                             ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True})])
+def test_per_row_model_stock_and_nuslerp_keep_the_numpy_path(tmp_path, families, monkeypatch, method, options):
+    """Per row or column (``fused_if`` false), they take the per-chunk path, compiled or not: the same bytes."""
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.kernels import fused as numba_kernels
+
+    dirs = [str(d) for d in families["bf16"].model_dirs[: 2 if method == "nuslerp" else 3]]
+    monkeypatch.setattr(numba_kernels.FusedChunks, "run", lambda *args: pytest.fail("the fused pass ran"))
+    outputs = []
+    for numba in ("1", "0"):
+        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+        out = tmp_path / numba
+        merge(MergeConfig(merge_method=method, model_path_list=dirs, base_model_path=str(families["bf16"].base_dir),
+                          output_path=str(out), quiet=True, **options))
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))})
+    assert outputs[0] == outputs[1]
+
+
 def test_karcher_fused_pass_is_byte_identical(tmp_path, families, monkeypatch):
     """karcher (no base: every input merged alike) streams its Gram sums and runs the fused linear pass."""
     assert_fused_equals_numpy(tmp_path, monkeypatch, merge_method="karcher",

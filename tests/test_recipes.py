@@ -58,12 +58,15 @@ def test_breadcrumbs_drops_top_gamma_then_keeps_density():
 
 def test_model_stock_ratio_by_hand():
     # two orthogonal unit task vectors: cos 0 -> t 0; equal vectors: cos 1 -> t = 2/2 = 1
-    assert extra.model_stock_ratio((1.0, 1.0, 0.0), 2) == 0.0
+    assert extra.model_stock_ratio((1.0, 0.0, 1.0), 2) == 0.0
     assert extra.model_stock_ratio((1.0, 1.0, 1.0), 2) == pytest.approx(1.0)
     # cos 0.5: t = 2*0.5 / (1 + 0.5) = 2/3
-    assert extra.model_stock_ratio((4.0, 1.0, 1.0), 2) == pytest.approx(2 / 3)
-    # three models: norms 1, pairwise dots 0.5, 0.5, 0.5 -> cos .5, t = 3*.5/(1+2*.5) = .75
-    assert extra.model_stock_ratio((1.0, 1.0, 1.0, 0.5, 0.5, 0.5), 3) == pytest.approx(0.75)
+    assert extra.model_stock_ratio((4.0, 1.0, 1.0), 2) == pytest.approx(2 / 3)  # |y0|² 4, <y0,y1> 1, |y1|² 1
+    # three models: norms 1, pairwise dots 0.5, 0.5, 0.5 -> cos .5, t = 3*.5/(1+2*.5) = .75 (Gram entries
+    # row by row: <0,0> <0,1> <0,2> <1,1> <1,2> <2,2>)
+    assert extra.model_stock_ratio((1.0, 0.5, 0.5, 1.0, 0.5, 1.0), 3) == pytest.approx(0.75)
+    # norms 1, 2, 3 and dots <0,1> = 2 (cos 1), <0,2> = 0, <1,2> = 0: mean cos 1/3, t = 1 / (1 + 2/3) = 0.6
+    assert extra.model_stock_ratio((1.0, 2.0, 0.0, 4.0, 0.0, 9.0), 3) == pytest.approx(0.6)
     ys = [np.array([2.0, 0.0], np.float32), np.array([1.0, 1.0], np.float32)]
     opts = dict(model_stock_filter_wise=False, start=0, shape=(2,), ops=OPS)
     sums = extra.model_stock_sums(ys, **opts)["sums"]  # norms 4, 2, dot 2 -> cos 1/sqrt2
@@ -74,11 +77,11 @@ def test_model_stock_ratio_by_hand():
 
 def test_nuslerp_coefficients_by_hand():
     # orthogonal unit vectors, weights 1:3 -> t = 0.75, theta = pi/2: sin((1-t)pi/2), sin(t pi/2)
-    c0, c1 = extra.nuslerp_coefficients((1.0, 1.0, 0.0), [1.0, 3.0])
+    c0, c1 = extra.nuslerp_coefficients((1.0, 0.0, 1.0), [1.0, 3.0])
     assert (c0, c1) == pytest.approx((math.sin(0.25 * math.pi / 2), math.sin(0.75 * math.pi / 2)))
     # colinear -> linear; weights summing to 0 -> t = 0.5
-    assert extra.nuslerp_coefficients((1.0, 4.0, 2.0), [1.0, 1.0]) == pytest.approx((0.5, 0.5))
-    assert extra.nuslerp_coefficients((1.0, 1.0, 0.0), [1.0, -1.0]) == pytest.approx((math.sin(math.pi / 4),) * 2)
+    assert extra.nuslerp_coefficients((1.0, 2.0, 4.0), [1.0, 1.0]) == pytest.approx((0.5, 0.5))  # |y0|², dot, |y1|²
+    assert extra.nuslerp_coefficients((1.0, 0.0, 1.0), [1.0, -1.0]) == pytest.approx((math.sin(math.pi / 4),) * 2)
 
 
 # --------------------------------------------------------------------------- gradients, by hand

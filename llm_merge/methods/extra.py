@@ -2,9 +2,10 @@
 
 Same contract as ``sparsify.py`` / ``merge.py``: float32 chunks in, a new chunk
 out; whole-tensor statistics come from a registered ``prepare`` (one model's full
-task vector) or ``reduce`` (additive sums over the chunks). task_arithmetic runs
-compiled as the fused linear pass with its weights as coefficients; the others run
-through the generic NumPy path.
+task vector) or ``reduce`` (additive sums over the chunks). Compiled, task_arithmetic
+runs as the fused linear pass with its weights as coefficients, and model_stock and
+nuslerp over whole tensors (not filter_wise / row-wise) with coefficients from the
+streamed Gram sums (kernel ``gram``); the others run through the generic NumPy path.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def vector_groups(start: int, count: int, shape: tuple[int, ...], mode: str):
 
 
 def _pairwise(ys, groups, ops) -> tuple:
-    """Squared norms of every input, then the dot products of every pair (i < j): scalars, or one per vector group."""
-    pairs = [(i, i) for i in range(len(ys))] + [(i, j) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+    """The inputs' Gram entries <y_i, y_j> for every pair i <= j, row by row of the upper triangle (the order of
+    ``merge.gram_sums`` and kernel ``gram``): scalars, or one per vector group."""
+    pairs = [(i, j) for i in range(len(ys)) for j in range(i, len(ys))]
     if groups is None:
         return tuple(ops.dot64(ys[i], ys[j]) for i, j in pairs)
     ids, count = groups
@@ -71,25 +73,36 @@ def _model_stock_mode(model_stock_filter_wise: bool) -> str:
 
 
 def model_stock_sums(ys, *, model_stock_filter_wise, start, shape, ops):
-    """Squared norms and pairwise dots of the task vectors: whole tensor, or per row with filter_wise."""
+    """The task vectors' Gram entries (``_pairwise``): whole tensor, or per row with filter_wise."""
     return {"sums": _pairwise(ys, vector_groups(start, ys[0].size, shape, _model_stock_mode(model_stock_filter_wise)), ops)}
 
 
+def gram_entry(sums, count: int, i: int, j: int):
+    """<y_i, y_j> (i <= j) out of the upper-triangle Gram entries of ``count`` inputs, row by row."""
+    return sums[i * count - i * (i - 1) // 2 + (j - i)]
+
+
 def model_stock_ratio(sums, count: int):
-    """Model Stock's t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors (0 when singular)."""
-    norms = [np.sqrt(np.asarray(s, np.float64)) for s in sums[:count]]
-    cosines, k = [], count
-    for i in range(count):
-        for j in range(i + 1, count):
-            cosines.append(np.clip(sums[k] / np.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0))
-            k += 1
+    """Model Stock's t = N·cos / (1 + (N−1)·cos), cos the mean pairwise cosine of the task vectors (0 when singular),
+    from their Gram entries (``_pairwise``)."""
+    norms = [np.sqrt(np.asarray(gram_entry(sums, count, i, i), np.float64)) for i in range(count)]
+    cosines = [np.clip(gram_entry(sums, count, i, j) / np.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0)
+               for i in range(count) for j in range(i + 1, count)]
     cos = sum(cosines) / len(cosines)
     denominator = 1 + (count - 1) * cos
     singular = np.abs(denominator) < 1e-6
     return np.where(singular, 0.0, count * cos / np.where(singular, 1.0, denominator))
 
 
-@register("merge", "model_stock", reduce=model_stock_sums, produces=("sums",))
+def _model_stock_coefficients(reduced: dict, options: dict) -> list[float]:
+    """model_stock over the whole tensor in the fused pass: every task vector times t / N."""
+    count = len(options["weight_list"])
+    t = float(model_stock_ratio(reduced["sums"], count) / count)
+    return [t] * count
+
+
+@register("merge", "model_stock", reduce=model_stock_sums, produces=("sums",), kernel="gram", fused=True,
+          fused_if=lambda options: not options["model_stock_filter_wise"], fused_coefficients=_model_stock_coefficients)
 def model_stock(ys, *, sums, model_stock_filter_wise, start, shape, ops):
     """Model Stock: t·mean(t_i) (the engine adds the base: t·mean(x_i) + (1−t)·b); t per tensor or per row."""
     t = model_stock_ratio(sums, len(ys)) / len(ys)
@@ -110,7 +123,7 @@ def nuslerp_coefficients(sums, weight_list):
     """mergekit nuslerp: t = w_1/(w_0+w_1) (0.5 when that sum is ~0); coefficients of y_0 and y_1 (per vector)."""
     total = weight_list[0] + weight_list[1]
     t = 0.5 if abs(total) < 1e-6 else weight_list[1] / total
-    sq0, sq1, dot = (np.asarray(v, np.float64) for v in sums[:3])
+    sq0, dot, sq1 = (np.asarray(v, np.float64) for v in sums[:3])  # the Gram entries (``_pairwise``)
     cosine = np.clip(dot / (np.maximum(np.sqrt(sq0), 1e-7) * np.maximum(np.sqrt(sq1), 1e-7)), -1.0, 1.0)
     colinear = 1 - cosine * cosine <= 1e-16
     theta = np.arccos(np.where(colinear, 0.0, cosine))
@@ -120,7 +133,14 @@ def nuslerp_coefficients(sums, weight_list):
     return c0, c1
 
 
-@register("merge", "nuslerp", reduce=nuslerp_sums, produces=("sums",), inputs=2)
+def _nuslerp_coefficients(reduced: dict, options: dict) -> list[float]:
+    """nuslerp over the whole tensor (nuslerp_flatten) in the fused pass: the two coefficients."""
+    c0, c1 = nuslerp_coefficients(reduced["sums"], options["weight_list"])
+    return [float(c0), float(c1)]
+
+
+@register("merge", "nuslerp", reduce=nuslerp_sums, produces=("sums",), inputs=2, kernel="gram", fused=True,
+          fused_if=lambda options: options["nuslerp_flatten"], fused_coefficients=_nuslerp_coefficients)
 def nuslerp(ys, *, sums, weight_list, nuslerp_flatten, nuslerp_row_wise, start, shape, ops):
     """NuSLERP, t from the two weights: over the whole tensor, or per row (per column with nuslerp_row_wise)."""
     groups = vector_groups(start, ys[0].size, shape, _nuslerp_mode(nuslerp_flatten, nuslerp_row_wise))

@@ -16,7 +16,8 @@ keyword-only parameters, then ``ops``; shared by the NumPy and Paddle backends) 
   package is imported, never inside a worker;
 * ``kernel``: the id of its compiled implementation (``kernels.fused``: the drop-in twin of ``fn`` and
   ``prepare``, the fused apply pass's code, the streamed statistics), or None. ``fused`` says the fused
-  apply pass covers it; ``streamed_dtypes`` the input dtypes whose statistics stream (``ANY_DTYPE``: all);
+  apply pass covers it (``fused_if``: only for the options where this returns true, e.g. a whole-tensor
+  mode); ``streamed_dtypes`` the input dtypes whose statistics stream (``ANY_DTYPE``: all);
 * what the engine and the plan need to know of it without naming it: ``statistic_bytes`` (memory per
   element its whole-tensor statistics hold beside the task vector), ``passes_through`` (returns its input),
   ``fused_coefficients`` (a merge run by the fused linear pass with coefficients from its statistics),
@@ -53,6 +54,7 @@ class Method:
     produces: tuple[str, ...] = ()
     kernel: Optional[str] = None
     fused: bool = False
+    fused_if: Optional[Callable[[dict], bool]] = None
     streamed_dtypes: frozenset[str] = frozenset()
     statistic_bytes: int = 0
     passes_through: bool = False
@@ -69,6 +71,10 @@ class Method:
             if extra is not None:
                 names |= set(keyword_params(extra))
         return names
+
+    def fuses(self, options: dict) -> bool:
+        """Whether the fused apply pass covers it with these options."""
+        return self.fused and (self.fused_if is None or self.fused_if(options))
 
     def streams(self, dtypes: set[str]) -> bool:
         """Whether its statistics stream (compiled) for inputs of these dtypes."""

@@ -343,7 +343,8 @@ class TensorMerger:
     def _fusable(self, options: Optional[dict[str, Any]] = None) -> bool:
         """Whether the compiled one-pass apply covers this task (methods it runs, no scale)."""
         options = self.options if options is None else options
-        return self.host is self.ops and self.sparsifier.fused and self.merger.fused and options["scale"] == 1.0
+        return (self.host is self.ops and self.sparsifier.fuses(options) and self.merger.fuses(options)
+                and options["scale"] == 1.0)
 
     def _streams(self, task: TensorTask, options: dict[str, Any]) -> bool:
         """Whether this sparsifier's statistics are streamed (no full-size task vectors) for ``task`` with ``options``."""
