@@ -10,6 +10,8 @@ cold page cache or a slow disk can make a merge several times slower.
 
 from __future__ import annotations
 
+import math
+
 import os
 from typing import Any
 
@@ -21,6 +23,9 @@ from llm_merge.run.engine import MergerFactory
 #: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
 INPUT_BYTES_PER_SECOND = {"none": 2.0e9, "dare": 1.7e9, "trim": 1.0e9, "magprune": 0.55e9, "breadcrumbs": 0.5e9,
                           "magnitude": 0.8e9, "random": 1.5e9, "della_magprune": 0.5e9}
+#: Input bytes per second by one worker of the merges slower than their sparsifier's rate (benchmarks/README
+#: "mergekit's other methods": sce 2.93 s and arcee_fusion 2.15 s at n_process 2 on the 0.1B family).
+MERGE_INPUT_BYTES_PER_SECOND = {"sce": 0.2e9, "arcee_fusion": 0.15e9}
 #: Input rate of sparsifiers missing from the table.
 DEFAULT_INPUT_BYTES_PER_SECOND = 0.5e9
 #: Speed-up of n workers: n ** WORKER_SCALING (1.6-1.8x for 2 workers on 2 cores in the benchmarks).
@@ -42,7 +47,8 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     merged = [t for t in tasks if t.mergeable]
     input_bytes = sum(t.in_bytes for t in tasks)
     workers = max(1, min(cfg.n_process, len(tasks), os.cpu_count() or 1))
-    rate = INPUT_BYTES_PER_SECOND.get(cfg.sparsify_type, DEFAULT_INPUT_BYTES_PER_SECOND)
+    rate = min(INPUT_BYTES_PER_SECOND.get(cfg.sparsify_type, DEFAULT_INPUT_BYTES_PER_SECOND),
+               MERGE_INPUT_BYTES_PER_SECOND.get(cfg.merge_type, math.inf))
     seconds = START_SECONDS + input_bytes / (rate * workers ** WORKER_SCALING)
     sparsifier = methods.get("sparsify", cfg.sparsify_type)
     largest = max((t.numel for t in merged), default=0)
