@@ -386,3 +386,19 @@ def test_document_name_with_an_adapter(tmp_path, family):
     merge(MergeConfig(merge_method="task_arithmetic", model_path_list=[str(folded)], weight_list=[0.5],
                       base_model_path=str(family.base_dir), output_path=str(tmp_path / "want"), quiet=True))
     assert_same_tensors(tmp_path / "out", tmp_path / "want")
+
+
+def test_inspect_reads_a_reference_as_the_folded_model(tmp_path, family):
+    """``llm-merge inspect`` takes MODEL+LORA too: the same figures as for the model folded first."""
+    from llm_merge.report.inspection.inspect_models import inspect_models
+    from llm_merge.report.inspection.options import InspectConfig
+
+    ft0, ft1 = family.model_dirs
+    adapter = tmp_path / "adapter"
+    write_peft_adapter(adapter, seed=6)
+    folded = fold_first(ft0, adapter, tmp_path / "folded")
+    reports = [inspect_models(InspectConfig(base_model_path=str(family.base_dir), model_path_list=[first, str(ft1)],
+                                            quiet=True))
+               for first in (f"{ft0}+{adapter}", str(folded), str(ft0))]
+    assert reports[0]["tensors"] == reports[1]["tensors"]
+    assert reports[0]["tensors"] != reports[2]["tensors"]  # the adapter does change the figures

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 
 from llm_merge.io import side_files, writer
 from llm_merge.io.signals import stop_signals_raise
+from llm_merge.lora.reference import open_references
 from llm_merge.plan.build import build_plan
 from llm_merge.report.inspection.assemble import build_report
 from llm_merge.report.inspection.options import InspectConfig, resolve_inspect_config
@@ -42,7 +43,8 @@ def inspect_models(cfg: InspectConfig) -> dict:
     render_html = None
     if cfg.output_path and cfg.html:
         from llm_merge.report.inspection.html import render_html  # fails now, naming the extra, without matplotlib
-    plan = build_plan(cfg.merge_config())
+    merge_cfg = cfg.merge_config()
+    plan = build_plan(merge_cfg, None, open_references(merge_cfg))  # MODEL+LORA: the adapter folded on the fly
     tasks, skipped = inspection_tasks(plan)
     output = Path(cfg.output_path) if cfg.output_path else None
     if output is not None:
