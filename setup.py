@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "safetensors>=0.4", "ml_dtypes>=0.2", "multiprocess>=0.70", "tqdm>=4.0", "numba>=0.59", "pyyaml>=5.1"],
     extras_require={
-        "test": ["pytest>=7", "psutil>=5", "import-linter>=2"],
+        "test": ["pytest>=7", "psutil>=5", "import-linter>=2", "tokenizers>=0.13"],  # tokenizer-merge tests
         "paddle": ["paddlepaddle>=2.6"],
         "tokenizers": ["tokenizers>=0.13"],
         "gguf": ["gguf>=0.19"],
