@@ -167,3 +167,19 @@ def test_document_names_in_the_tokenizer_section_are_references():
     assert out["tokenizer"]["tokens"]["y"]["source"]["model"] == "/out/first"
     assert out["tokenizer"]["tokens"]["z"]["source"] == {"kind": "zero"}
     assert with_outputs({**recipe, "tokenizer": {"source": "union"}}, {"first": "/o"})["tokenizer"]["source"] == "union"
+
+
+def test_scratch_rows_file_is_removed_and_a_killed_runs_is_cleaned(tmp_path, family):
+    """The virtual rows' scratch file beside the output is gone after the run; one a killed run left (its pid
+    dead) is removed by the next run for that output."""
+    import subprocess
+    import sys
+
+    from llm_merge.io.writer import STAGING_TAG
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale = tmp_path / f".out{STAGING_TAG}{dead}-vocab-rows"
+    stale.write_bytes(b"\0" * 4096)
+    run(tmp_path, family, {"source": "union"})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []

@@ -63,10 +63,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_staging(output: Path) -> None:
-    """Delete staging directories left by killed runs for the same output_path."""
+    """Delete staging directories (and scratch files named alike, ``scratch_file``) left by killed runs for the
+    same output_path."""
     for stale in _left_by_dead_runs(output, STAGING_TAG):
         log.info("removing %s left by an interrupted run", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
+def scratch_file(output: Path, purpose: str) -> Path:
+    """A scratch file of this process beside ``output``, named as staging directories are: removed by the run
+    that made it, and by the next run for ``output`` when a killed run left it."""
+    return output.parent / f".{output.name}{STAGING_TAG}{os.getpid()}-{purpose}"
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from llm_merge.config.names import is_vocab_name
 from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
-from llm_merge.io import side_files
+from llm_merge.io import side_files, writer
 from llm_merge.io.checkpoint import Checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.plan.token_rows import VirtualRows, input_key_finder, padded_rows, virtual_rows
@@ -101,9 +101,9 @@ def vocab_names(order) -> list[str]:
 
 
 def scratch_path(output_path: str) -> Path:
-    """The scratch file of virtual rows, beside the output (one per process: ranks never share it)."""
-    output = Path(output_path)
-    return output.parent / f".{output.name}.vocab-rows-{os.getpid()}"
+    """The scratch file of virtual rows, beside the output (one per process: ranks never share it; one a killed
+    run left is removed by the next run: ``io.writer.scratch_file``)."""
+    return writer.scratch_file(Path(output_path), "vocab-rows")
 
 
 def row_jobs(tensors: dict, inputs: dict, scratch: Path) -> tuple[dict, tuple[RowJob, ...]]:
