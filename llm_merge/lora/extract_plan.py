@@ -26,16 +26,10 @@ from llm_merge.io import dtypes, side_files
 from llm_merge.io.checkpoint import Checkpoint, open_checkpoint
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.lora.extract_options import ExtractConfig
+from llm_merge.run.pool import PartFile
 
 LORA, LORA_EMBEDDING, SAVE, EXCLUDED = "lora", "lora_embedding", "save", "excluded"
 _SHOW = 5  # problems listed per message
-
-
-@dataclass(frozen=True)
-class PartSlot:
-    """Where a worker writes a task's result: a file name in the parts directory (the runner's ``out.file``)."""
-
-    file: str
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class ExtractTask:
     kind: str
     base: TensorInfo
     tuned: TensorInfo
-    out: PartSlot
+    out: PartFile
 
     @property
     def module(self) -> str:
@@ -94,7 +88,7 @@ def build_extract_plan(cfg: ExtractConfig) -> ExtractPlan:
     tuned = open_checkpoint(cfg.model_path, cfg.merge_prefix)
     check_pairing(base, tuned)
     tasks = tuple(
-        ExtractTask(index, name, _kind(cfg, name, info), info, tuned.tensors[name], PartSlot(f"{index:06d}"))
+        ExtractTask(index, name, _kind(cfg, name, info), info, tuned.tensors[name], PartFile(f"{index:06d}"))
         for index, (name, info) in enumerate(base.tensors.items())
     )
     path = base.path / "config.json"

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from llm_merge.errors import MergeError
@@ -32,6 +33,14 @@ _POLL_SECONDS = 0.2
 #: How often a worker checks that its parent lives, where the kernel cannot be asked to kill it (not Linux).
 PARENT_POLL_SECONDS = 0.5
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """A task's ``out`` where its result is a file of its own in a parts directory (the pool schedules by
+    ``out.file``)."""
+
+    file: str
 
 
 class Worker(Protocol):

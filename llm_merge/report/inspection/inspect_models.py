@@ -25,8 +25,8 @@ from llm_merge.lora.reference import open_references
 from llm_merge.plan.build import build_plan
 from llm_merge.report.inspection.assemble import build_report
 from llm_merge.report.inspection.options import InspectConfig, resolve_inspect_config
-from llm_merge.report.inspection.worker import InspectTask, InspectWorker, ResultFile
-from llm_merge.run.pool import run_tasks
+from llm_merge.report.inspection.worker import InspectTask, InspectWorker
+from llm_merge.run.pool import PartFile, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def inspection_tasks(plan) -> tuple[list[InspectTask], list[dict]]:
         if reason:
             skipped.append({"tensor": task.name, "reason": reason})
             continue
-        tasks.append(InspectTask(len(tasks), task.name, task.shape, task.inputs, task.base, ResultFile(f"{len(tasks):06d}.json")))
+        tasks.append(InspectTask(len(tasks), task.name, task.shape, task.inputs, task.base, PartFile(f"{len(tasks):06d}.json")))
     return tasks, skipped
 
 

@@ -16,16 +16,10 @@ import numpy as np
 from llm_merge.io.reader import TensorReader
 from llm_merge.io.safetensors_format import TensorInfo
 from llm_merge.report.inspection.geometry import TensorGeometry
+from llm_merge.run.pool import PartFile
 
 #: Elements read per chunk and input (4 MiB of float32).
 CHUNK_ELEMENTS = 1 << 20
-
-
-@dataclass(frozen=True)
-class ResultFile:
-    """Where a task's sums go (the pool schedules by ``out.file``)."""
-
-    file: str
 
 
 @dataclass(frozen=True)
@@ -37,7 +31,7 @@ class InspectTask:
     shape: tuple[int, ...]
     inputs: tuple[TensorInfo, ...]
     base: TensorInfo
-    out: ResultFile
+    out: PartFile  # where its sums go
 
     @property
     def numel(self) -> int:
