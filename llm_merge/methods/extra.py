@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from llm_merge.methods.merge import weighted_sum
+from llm_merge.methods.merge import gram_entry, weighted_sum
 from llm_merge.methods.registry import register
 
 
@@ -75,11 +75,6 @@ def _model_stock_mode(model_stock_filter_wise: bool) -> str:
 def model_stock_sums(ys, *, model_stock_filter_wise, start, shape, ops):
     """The task vectors' Gram entries (``_pairwise``): whole tensor, or per row with filter_wise."""
     return {"sums": _pairwise(ys, vector_groups(start, ys[0].size, shape, _model_stock_mode(model_stock_filter_wise)), ops)}
-
-
-def gram_entry(sums, count: int, i: int, j: int):
-    """<y_i, y_j> (i <= j) out of the upper-triangle Gram entries of ``count`` inputs, row by row."""
-    return sums[i * count - i * (i - 1) // 2 + (j - i)]
 
 
 def model_stock_ratio(sums, count: int):

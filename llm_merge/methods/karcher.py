@@ -23,18 +23,14 @@ import math
 import numpy as np
 
 from llm_merge.methods.registry import register
-from llm_merge.methods.merge import gram_sums, weighted_sum
+from llm_merge.methods.merge import gram_matrix, gram_sums, weighted_sum
 
 
 def karcher_coefficients(sums, count: int, karcher_max_iter: int, karcher_tol: float) -> list[float]:
     """The c_i of result = Σ c_i x_i, from the upper-triangle Gram entries ``sums`` of ``count`` inputs."""
     if count == 1:
         return [1.0]
-    gram = np.zeros((count, count))
-    entries = iter(sums)
-    for i in range(count):
-        for j in range(i, count):
-            gram[i, j] = gram[j, i] = float(next(entries))
+    gram = gram_matrix(sums, count)
     tol = karcher_tol
     norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
     alphas = np.full(count, 1.0 / count)

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from llm_merge.methods.registry import register
+
+
+def gram_entry(sums, count: int, i: int, j: int):
+    """<y_i, y_j> out of ``gram_sums``' entries of ``count`` inputs (the upper triangle, row by row)."""
+    i, j = min(i, j), max(i, j)
+    return sums[i * count - i * (i - 1) // 2 + (j - i)]
+
+
+def gram_matrix(sums, count: int) -> np.ndarray:
+    """The float64 ``count`` x ``count`` Gram matrix of scalar ``gram_sums`` entries."""
+    return np.array([[float(gram_entry(sums, count, i, j)) for j in range(count)] for i in range(count)])
 
 
 def weighted_sum(ys, coefficients, ops):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from llm_merge.errors import MergeError
-from llm_merge.methods.merge import gram_sums, weighted_sum
+from llm_merge.methods.merge import gram_matrix, gram_sums, weighted_sum
 from llm_merge.methods.registry import register
 
 
@@ -39,11 +39,7 @@ def multislerp_coefficients(sums, weight_list, multislerp_normalize_weights: boo
     k = len(weight_list)
     if k == 1:
         return [1.0]
-    g = [[0.0] * k for _ in range(k)]
-    entries = iter(sums)
-    for i in range(k):
-        for j in range(i, k):
-            g[i][j] = g[j][i] = float(next(entries))
+    g = gram_matrix(sums, k)
     total = math.fsum(weight_list)
     w = [x / total for x in weight_list] if multislerp_normalize_weights else [float(x) for x in weight_list]
     norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
