@@ -193,3 +193,31 @@ def test_a_lock_that_cannot_be_taken_still_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     cache_file.save("key", "data")
     assert saved == [("key", "data")]
+
+
+#: A kernel module whose cached kernel allocates (so its machine code links against numba's runtime).
+ALLOCATING_KERNEL = """
+import sys
+import numpy as np
+from numba import njit
+from llm_merge.kernels.cache import configure_kernel_caches
+
+@njit(cache=True)
+def squares(n):
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = i * i
+    return out
+
+configure_kernel_caches(globals())
+print(int(squares(5).sum()), "numba.np.arraymath" in sys.modules)
+"""
+
+
+def test_a_cached_kernel_loads_without_the_context_refresh(tmp_path):
+    pytest.importorskip("numba")
+    (tmp_path / "kern.py").write_text(ALLOCATING_KERNEL)
+    assert _run_kernel(tmp_path)[0] == "30 True"  # compiled: numba's compiler refreshes the context
+    result, log = _run_kernel(tmp_path)
+    assert "data loaded" in log
+    assert result == "30 False"  # loaded and run without importing numba's NumPy implementations

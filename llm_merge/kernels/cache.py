@@ -19,7 +19,13 @@ give both entries one data file, so that the index maps a signature to another s
 machine code (shown: ``twice(0.25)`` returning 0). ``serialize_cache_writes`` holds an exclusive
 ``flock`` on a lock file in the cache directory around each such update (POSIX; elsewhere
 numba's own behaviour stays).
-``configure_kernel_caches`` applies both to a module's kernels. Each kernel module lists, in
+Loading a cached kernel, numba first refreshes its whole target context: it imports and registers
+the implementation of every NumPy function and Python type it can compile (~0.2 s, once per
+process), though a cached kernel is machine code that needs none of them. ``load_without_refresh``
+makes a kernel's cache load skip that refresh and set up only numba's runtime (NRT), which the
+machine code links against; compiling (a cache miss) still refreshes the context, in numba's compiler.
+
+``configure_kernel_caches`` applies all three to a module's kernels. Each kernel module lists, in
 ``KERNEL_DEPENDENCIES``, every module whose compiled code or constants end up in its kernels, those
 of its dependencies included (``tests/test_numba_cache.py`` checks that the lists are closed).
 """
@@ -51,14 +57,21 @@ def content_digest(paths: Iterable[str | os.PathLike]) -> str:
     return digest.hexdigest()
 
 
-def _cache_files(namespace: dict) -> Iterator[Any]:
-    """The on-disk cache (numba's ``IndexDataCacheFile``) of every cached kernel defined in ``namespace``."""
+def _function_caches(namespace: dict) -> Iterator[Any]:
+    """numba's cache (``FunctionCache``) of every cached kernel defined in ``namespace``."""
     module = namespace["__name__"]
     for value in list(namespace.values()):
         py_func = getattr(value, "py_func", None)
-        cache_file = getattr(getattr(value, "_cache", None), "_cache_file", None)
-        if py_func is not None and py_func.__module__ == module and hasattr(cache_file, "_source_stamp"):
-            yield cache_file
+        cache = getattr(value, "_cache", None)
+        if py_func is not None and py_func.__module__ == module and hasattr(cache, "_cache_file"):
+            yield cache
+
+
+def _cache_files(namespace: dict) -> Iterator[Any]:
+    """The on-disk cache (numba's ``IndexDataCacheFile``) of every cached kernel defined in ``namespace``."""
+    for cache in _function_caches(namespace):
+        if hasattr(cache._cache_file, "_source_stamp"):
+            yield cache._cache_file
 
 
 def bind_to_dependencies(namespace: dict, dependencies: Iterable[str | os.PathLike]) -> int:
@@ -127,10 +140,38 @@ def serialize_cache_writes(namespace: dict) -> int:
     return guarded
 
 
+def load_without_refresh(namespace: dict) -> int:
+    """Make the cached kernels defined in ``namespace`` load without refreshing numba's target context.
+
+    Each kernel's cache gets its own ``load_overload``: numba's, less the context refresh, with the
+    runtime (NRT) the machine code links against set up first. Returns how many kernels were
+    changed (none where numba's internals differ from those this was written against).
+    """
+    from numba.core.runtime import nrt
+
+    changed = 0
+    for cache in _function_caches(namespace):
+        if not (callable(getattr(cache, "_load_overload", None))
+                and callable(getattr(cache, "_guard_against_spurious_io_errors", None))):
+            continue
+
+        def load_overload(sig, target_context, cache=cache):
+            nrt.rtsys.initialize(target_context)
+            with cache._guard_against_spurious_io_errors():
+                return cache._load_overload(sig, target_context)
+            return None  # the guard swallowed a spurious I/O error: numba compiles the kernel
+
+        cache.load_overload = load_overload
+        changed += 1
+    return changed
+
+
 def configure_kernel_caches(namespace: dict, dependencies: Iterable[str | os.PathLike] = ()) -> None:
     """For a kernel module (its ``globals()``, after its kernels): bind their caches to the modules
-    they inline (``dependencies``, if any) and serialize their cache writes across processes."""
+    they inline (``dependencies``, if any), serialize their cache writes across processes, and load
+    them without numba's context refresh."""
     dependencies = list(dependencies)
     if dependencies:
         bind_to_dependencies(namespace, dependencies)
     serialize_cache_writes(namespace)
+    load_without_refresh(namespace)

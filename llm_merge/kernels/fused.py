@@ -219,9 +219,10 @@ def _scipy_linalg_hidden():
 def initialize() -> None:
     """Set up numba's CPU target now, once per process (before workers fork, they inherit it).
 
-    The first call of any kernel pays it. numba's set-up imports scipy.linalg (~0.3 s) only to
-    probe for BLAS, which no kernel here uses, so it is hidden meanwhile unless already loaded;
-    numba still imports it later where jitted code needs BLAS (np.dot).
+    The first call of any kernel pays it: loading cached kernels (without numba's context refresh,
+    ``kernels.cache.load_without_refresh``), or compiling them on a cold cache. There numba's set-up
+    imports scipy.linalg (~0.3 s) only to probe for BLAS, which no kernel here uses, so it is hidden
+    meanwhile unless already loaded; numba still imports it later where jitted code needs BLAS (np.dot).
     """
     with _scipy_linalg_hidden():
         kth_bucket(np.zeros(1, np.int64), 0)
