@@ -216,6 +216,10 @@ print(int(squares(5).sum()), "numba.np.arraymath" in sys.modules)
 
 def test_a_cached_kernel_loads_without_the_context_refresh(tmp_path):
     pytest.importorskip("numba")
+    from llm_merge.kernels.cache import refresh_skip_checked
+
+    if not refresh_skip_checked():
+        pytest.skip("a numba release the refresh skip was not checked on: numba loads as it always does")
     (tmp_path / "kern.py").write_text(ALLOCATING_KERNEL)
     assert _run_kernel(tmp_path)[0] == "30 True"  # compiled: numba's compiler refreshes the context
     result, log = _run_kernel(tmp_path)

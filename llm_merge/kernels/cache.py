@@ -23,7 +23,9 @@ Loading a cached kernel, numba first refreshes its whole target context: it impo
 the implementation of every NumPy function and Python type it can compile (~0.2 s, once per
 process), though a cached kernel is machine code that needs none of them. ``load_without_refresh``
 makes a kernel's cache load skip that refresh and set up only numba's runtime (NRT), which the
-machine code links against; compiling (a cache miss) still refreshes the context, in numba's compiler.
+machine code links against (without it, the load crashes); compiling (a cache miss) still refreshes the
+context, in numba's compiler. What numba's loader needs is its internals, so this is done only on the
+numba releases it was checked on (``REFRESH_SKIP_RELEASES``); elsewhere numba loads as it always does.
 
 ``configure_kernel_caches`` applies all three to a module's kernels. Each kernel module lists, in
 ``KERNEL_DEPENDENCIES``, every module whose compiled code or constants end up in its kernels, those
@@ -140,13 +142,27 @@ def serialize_cache_writes(namespace: dict) -> int:
     return guarded
 
 
+#: numba releases (major, minor) on which loading cached kernels without the context refresh was
+#: checked (``tests/test_numba_cache.py``, and the whole suite on the compiled path).
+REFRESH_SKIP_RELEASES = {(0, 68)}
+
+
+def refresh_skip_checked() -> bool:
+    """Whether the installed numba is a release ``load_without_refresh`` was checked on."""
+    import numba
+
+    return tuple(int(part) for part in numba.__version__.split(".")[:2]) in REFRESH_SKIP_RELEASES
+
+
 def load_without_refresh(namespace: dict) -> int:
     """Make the cached kernels defined in ``namespace`` load without refreshing numba's target context.
 
     Each kernel's cache gets its own ``load_overload``: numba's, less the context refresh, with the
     runtime (NRT) the machine code links against set up first. Returns how many kernels were
-    changed (none where numba's internals differ from those this was written against).
+    changed (none on a numba release it was not checked on, or whose internals differ).
     """
+    if not refresh_skip_checked():
+        return 0
     from numba.core.runtime import nrt
 
     changed = 0
