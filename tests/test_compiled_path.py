@@ -294,3 +294,34 @@ def test_host_kernels_keep_the_numpy_bytes(tmp_path, family, method, flags):
         assert result.returncode == 0, result.stderr
         outputs[numba] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
     assert outputs["1"] == outputs["0"]
+
+
+@pytest.mark.parametrize("method", ["ties", "della"])
+def test_kept_mappings_map_each_chunk_once_and_write_the_same_bytes(tmp_path, family, monkeypatch, method):
+    """A task that reads its inputs again keeps their mapped chunks from pass to pass (within
+    ``KEEP_MAPPED_BYTES``): each chunk is mapped once, and the output bytes are those of mapping per pass."""
+    from llm_merge.api import merge
+    from llm_merge.config.options import MergeConfig
+    from llm_merge.io.reader import TensorReader
+    from llm_merge.run.engine import TensorMerger
+
+    monkeypatch.setenv("LLM_MERGE_NUMBA", "1")
+    monkeypatch.setattr(TensorMerger, "FUSED_CHUNK", 200)
+    mapped = []
+    original_map = TensorReader.map_stored
+    monkeypatch.setattr(TensorReader, "map_stored", lambda self, info, start, count:
+                        mapped.append((info.file, info.start, start)) or original_map(self, info, start, count))
+
+    def run(out, keep_bytes):
+        monkeypatch.setattr(TensorMerger, "KEEP_MAPPED_BYTES", keep_bytes)
+        mapped.clear()
+        merge(MergeConfig(merge_method=method, model_path_list=[str(d) for d in family.model_dirs],
+                          base_model_path=str(family.base_dir), output_path=str(out), n_process=1, reserve_p=0.5,
+                          quiet=True))
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}, list(mapped)
+
+    kept, kept_maps = run(tmp_path / "kept", 1 << 40)
+    again, again_maps = run(tmp_path / "again", 0)
+    assert kept == again
+    assert kept_maps and len(kept_maps) == len(set(kept_maps))  # every chunk mapped once
+    assert len(again_maps) > len(kept_maps)  # mapped again for each pass
