@@ -1,5 +1,5 @@
-"""Chunks: the generic passes' ranges, and for the compiled passes the lane a chunk is read in and the streamed
-statistics' pass loop."""
+"""Chunks: the generic passes' ranges, and for the compiled passes the lane a chunk is read in, the streamed
+statistics' pass loop and the mapped chunks a task keeps from pass to pass."""
 
 from __future__ import annotations
 
@@ -43,3 +43,39 @@ def chunk_ranges(numel: int, shape: tuple[int, ...], chunk: int, whole_rows: boo
 
 def slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int) -> dict[str, Any]:
     return {k: (v[start : start + count] if getattr(v, "shape", None) == (numel,) else v) for k, v in stats.items()}
+
+
+class KeptMappings:
+    """The mapped input chunks of one task, kept from one pass over its inputs to the next.
+
+    Mapping a chunk again builds its page tables again, then tears them down: on the 0.52B family at
+    n_process 2, ties took 2.55-3.31 s keeping its chunks against 2.94-3.54 s mapping them per pass,
+    DELLA 4.07-4.50 against 4.38-5.49. A task that reads its inputs more than once (statistics, then the
+    apply pass) and whose inputs fit a budget keeps them mapped until it ends; others map each chunk per
+    pass, as ``map`` then does.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: Optional[dict[tuple, np.ndarray]] = None
+
+    def start(self, task: Any, reads_again: bool, budget: int) -> None:
+        """Begin ``task``: keep its chunks where it ``reads_again`` and its inputs total at most ``budget`` bytes."""
+        infos = [*task.inputs, *([task.base] if task.base is not None else [])]
+        size = sum(task.numel * dtypes.stored(info.dtype).itemsize for info in infos)
+        self._chunks = {} if reads_again and size <= budget else None
+
+    def end(self) -> None:
+        """Let the task's chunks go (their mappings go with the last view)."""
+        self._chunks = None
+
+    def map(self, reader: Any, info: Any, start: int, count: int) -> Optional[np.ndarray]:
+        """``reader.map_stored(info, start, count)``, or the same chunk kept from an earlier pass."""
+        if self._chunks is None:
+            return reader.map_stored(info, start, count)
+        key = (info.file, info.start, start, count)
+        mapped = self._chunks.get(key)
+        if mapped is None:
+            mapped = reader.map_stored(info, start, count)
+            if mapped is not None:
+                self._chunks[key] = mapped
+        return mapped

@@ -36,7 +36,7 @@ from llm_merge.io.shards import ShardWriter
 from llm_merge.kernels.counter_rng import CounterRNG, draw_key
 from llm_merge.plan.layout import TensorTask
 from llm_merge.run.binding import call, per_model_options, task_options
-from llm_merge.run.chunks import chunk_ranges, lane_of, run_statistic, slice_per_element
+from llm_merge.run.chunks import KeptMappings, chunk_ranges, lane_of, run_statistic, slice_per_element
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TensorMerger:
         self._out_nonfinite = 0  # NaN/Inf values written
         self._spilled: list[SpilledArray] = []
         self._engine_values: dict[str, Any] = {}
-        self._kept_chunks: Optional[dict[tuple, np.ndarray]] = None  # this task's mapped chunks, when kept
+        self._mapped = KeptMappings()
 
     def close(self) -> None:
         self.reader.close()
@@ -110,9 +110,7 @@ class TensorMerger:
     SPILL_BYTES = 32 << 20
     #: Elements per chunk of the compiled apply pass (2 MB of bfloat16 per input; the kernel blocks it for the cache).
     FUSED_CHUNK = 1 << 20
-    #: A task that reads its inputs more than once (statistics passes, then the apply pass) keeps their
-    #: mapped chunks from pass to pass where they are at most this large together: mapping them again
-    #: (page tables, then unmapping) took ties ~0.25 s and DELLA ~0.4 s of 2.7 and 4.8 s (0.52B family).
+    #: Inputs of a task that reads them more than once stay mapped between passes up to this size (``KeptMappings``).
     KEEP_MAPPED_BYTES = 64 << 20
 
     def peak_bytes(self, task: TensorTask) -> int:
@@ -142,15 +140,8 @@ class TensorMerger:
             for spilled in self._spilled:
                 spilled.release()
             self._spilled.clear()
-            self._kept_chunks = None  # their mappings go with the last view
+            self._mapped.end()
         return task.out_bytes
-
-    def _reads_again(self, task: TensorTask) -> bool:
-        """Whether ``task`` passes over its inputs more than once and they fit ``KEEP_MAPPED_BYTES``."""
-        if self.sparsifier.prepare is None and self.merger.reduce is None:
-            return False
-        infos = [*task.inputs, *([task.base] if task.base is not None else [])]
-        return sum(task.numel * dtypes.stored(info.dtype).itemsize for info in infos) <= self.KEEP_MAPPED_BYTES
 
     # -- non-float tensors ------------------------------------------------------------
     def _copy(self, task: TensorTask) -> None:
@@ -192,7 +183,7 @@ class TensorMerger:
         self._model_options = per_model_options(self.options, len(task.inputs))
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
-        self._kept_chunks = {} if self._reads_again(task) else None
+        self._mapped.start(task, bool(self.sparsifier.prepare or self.merger.reduce), self.KEEP_MAPPED_BYTES)
         prepared = None
         if self.sparsifier.prepare:
             prepared = self._streamed_prepare(task, keys) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
@@ -338,17 +329,11 @@ class TensorMerger:
         """A read-only chunk as stored 16-bit bits (lane uint16 or int16: ``_lane``) or float32 bits
         (lane uint32, any float).
 
-        Stored bits are mapped from the file, not copied, where they are aligned (``TensorReader.map_stored``);
-        a task that reads its inputs again keeps the mapped chunks (``_kept_chunks``).
+        Stored bits are mapped from the file, not copied, where they are aligned (``KeptMappings.map``).
         """
         as_stored = lane is not np.uint32 or info.dtype == "F32"  # the lane holds the stored bits unconverted
         if as_stored:
-            key = (info.file, info.start, start, count)
-            mapped = self._kept_chunks.get(key) if self._kept_chunks is not None else None
-            if mapped is None:
-                mapped = self.reader.map_stored(info, start, count)
-                if mapped is not None and self._kept_chunks is not None:
-                    self._kept_chunks[key] = mapped
+            mapped = self._mapped.map(self.reader, info, start, count)
             if mapped is not None:
                 return mapped.view(lane)
         bits = self._buffer(buffer, count, lane)
