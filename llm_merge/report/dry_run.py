@@ -4,7 +4,8 @@ The expected time and peak memory are estimates from this project's benchmarks (
 a 2-core VM, compiled kernels, warm page cache): input bytes over a per-method input rate, scaled by
 ``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up; per worker ``PROCESS_BYTES`` (chunk buffers
 included) plus, for sparsifiers with whole-tensor statistics, the largest tensor's statistics (a few MB
-where the compiled kernels stream them, else the whole task vector and its statistics, capped). A
+where the compiled kernels stream them, else the whole task vector and its statistics, capped), and for
+methods that read their inputs more than once the inputs they keep mapped between passes (capped). A
 cold page cache or a slow disk can make a merge several times slower.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from llm_merge import methods
 from llm_merge.config.options import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.plan.layout import MergePlan
-from llm_merge.run.engine import MergerFactory
+from llm_merge.run.engine import MergerFactory, TensorMerger
 
 #: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
 INPUT_BYTES_PER_SECOND = {"none": 2.0e9, "dare": 1.7e9, "trim": 1.0e9, "magprune": 0.55e9, "breadcrumbs": 0.5e9,
@@ -58,6 +59,8 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     elif sparsifier.prepare:
         statistics = STREAMED_STATISTICS_BYTES
     per_worker = PROCESS_BYTES + statistics
+    if sparsifier.prepare or methods.get("merge", cfg.merge_type).reduce:  # inputs mapped from pass to pass
+        per_worker += min(TensorMerger.KEEP_MAPPED_BYTES, max((t.in_bytes for t in merged), default=0))
     return {
         "merge_method": cfg.merge_method or f"{cfg.sparsify_type} + {cfg.merge_type}",
         "models": [str(m.path) for m in plan.models],
