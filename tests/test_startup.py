@@ -100,3 +100,31 @@ def test_numpy_bfloat16_conversions_match_ml_dtypes_bit_for_bit():
             ops.widen(narrowed, widened)
         np.testing.assert_array_equal(widened.view(np.uint32), expected.astype(np.uint32) << 16)
         assert ops.count_nonfinite(narrowed) == np.count_nonzero(~np.isfinite(expected.view(ml_dtypes.bfloat16)))
+
+
+@pytest.mark.parametrize("n_process", [1, 2])
+def test_tasks_run_with_the_collector_on_and_leave_it_as_it_was(n_process):
+    """A command turns garbage collection off for its start-up (``cli.merge.main_entry``); the tasks, in this
+    process or in forked workers, run with it on, and it is off again afterwards."""
+    import gc
+    from types import SimpleNamespace
+
+    from llm_merge.run.pool import run_tasks
+
+    class Worker:
+        def run(self, task):
+            assert gc.isenabled()
+            return task.out_bytes
+
+        def close(self):
+            pass
+
+    tasks = [SimpleNamespace(name=f"t{i}", in_bytes=1, out_bytes=1, out=SimpleNamespace(file="f")) for i in range(3)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        run_tasks(tasks, Worker, n_process, quiet=True, desc="test", start_method="fork")
+        assert not gc.isenabled()
+    finally:
+        if was_enabled:
+            gc.enable()

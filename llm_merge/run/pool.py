@@ -80,12 +80,18 @@ def progress_bar(total: int, quiet: bool, desc: str) -> Any:
 @contextlib.contextmanager
 def _frozen_heap() -> Iterator[None]:
     """Keep the objects alive now (imported libraries: numba alone has hundreds of thousands) out
-    of the garbage collector's scans for the run; workers forked meanwhile inherit that."""
+    of the garbage collector's scans for the run, with the collector on (a command turns it off for its
+    start-up: ``cli.merge.main_entry``); workers forked meanwhile inherit that. Afterwards the collector
+    is as it was."""
+    was_enabled = gc.isenabled()
     gc.freeze()
+    gc.enable()
     try:
         yield
     finally:
         gc.unfreeze()
+        if not was_enabled:
+            gc.disable()
 
 
 def schedule(tasks: Sequence[Any]) -> list[int]:
