@@ -31,15 +31,15 @@ from llm_merge.kernels.blocks import (  # noqa: F401 (count_nonfinite_kernel re-
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-exported)
     SPARSIFY_CODES,
+    magprune_keeps_block,
     magprune_slot_keeps,
-    magprune_slots_block,
     merge_constants,
     merge_rows,
     sparsify_constants,
     sparsify_rows,
 )
 from llm_merge.kernels.mergekit_streaming import StreamingMagnitude, StreamingRandomL1  # noqa: F401 (re-exported)
-from llm_merge.kernels.ranks import RankTable, magnitude_midranks, slot_block  # noqa: F401 (re-exported)
+from llm_merge.kernels.ranks import RankTable, magnitude_midranks, slot_values_block  # noqa: F401 (re-exported)
 from llm_merge.kernels.row_ranks import StreamingRowKeep, keep_bits  # noqa: F401 (StreamingRowKeep re-exported)
 from llm_merge.kernels.streamed_ranks import StreamingRanks  # noqa: F401 (re-exported)
 from llm_merge.kernels.streaming import (  # noqa: F401 (re-exported)
@@ -107,7 +107,6 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
     k, block = rows.shape
     n = out.size
     streamed_ranks = tables[0][1].size > 0
-    block_slots = np.empty(block if streamed_ranks else 0, np.int64)
     block_thresholds, block_divisors = np.empty(block, np.uint64), np.empty(block, np.float32)
     for s in range(0, n, block):
         m = min(block, n - s)
@@ -116,9 +115,10 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
         if streamed_ranks:  # magprune's keep thresholds and divisors, per distinct |t|
             for i in range(k):
                 values, starts, dense_of, sub_starts, thresholds, divisors = tables[i]
-                slot_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), block_slots)
-                magprune_slots_block(rows[i], rows[i], m, block_slots, thresholds, divisors, sparsifier.keys[i],
-                                     offset + s, sparsifier.rescale, block_thresholds, block_divisors)
+                slot_values_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), thresholds, divisors,
+                                  block_thresholds, block_divisors)
+                magprune_keeps_block(rows[i], rows[i], m, block_thresholds, block_divisors, sparsifier.keys[i],
+                                     offset + s, sparsifier.rescale)
         else:
             sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s)
         merge_rows(raws, rows, m, merger, base, has_base, merged)

@@ -185,17 +185,6 @@ def magprune_slot_keeps(doubled_midranks, top, step):
     return thresholds, divisors
 
 
-@njit(inline="always", **JIT_OPTIONS)
-def magprune_slots_block(source, target, count, slots, slot_thresholds, slot_divisors, key, offset, rescale,
-                         thresholds, divisors):
-    """``magprune_block`` with entry j's threshold and divisor those of ``slots[j]`` (``magprune_slot_keeps``)."""
-    for j in range(count):
-        slot = slots[j]
-        thresholds[j] = slot_thresholds[slot]
-        divisors[j] = slot_divisors[slot]
-    magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale)
-
-
 @njit(**JIT_OPTIONS)
 def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
     """rows[i, :count] = sparsify(rows[i, :count]) in place: one simple (vectorizable) loop per model.
