@@ -8,9 +8,9 @@ Key = the 31 magnitude bits of a float32 (NaN patterns are just large keys); buc
 bits, low = its low 16 bits. A *plain* entry has low bits 0 (bfloat16 and float16 deltas mostly
 do), so its bucket alone gives its key; the other, *mixed*, keys are collected and sorted. A
 ``RankTable`` gives every distinct key a *slot*: bucket b's plain key slot b, the u-th distinct
-mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank. ``slot_block``
-finds entries' slots (no state, any order), so that per-slot values (ranks, or keep probabilities:
-``kernels.method_blocks``) are computed once per distinct key. ``magnitude_midranks`` ranks a whole
+mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank.
+``slot_values_block`` looks up entries' per-slot values (no state, any order), so that they (ranks, or keep
+thresholds and divisors: ``kernels.method_blocks``) are computed once per distinct key. ``magnitude_midranks`` ranks a whole
 vector this way; ``kernels.streamed_ranks`` builds the tables chunk by chunk instead.
 """
 
@@ -149,7 +149,7 @@ class RankTable:
 
     @property
     def keys(self) -> tuple:
-        """What ``slot_block`` reads, in its order."""
+        """What ``slot_values_block`` reads, in its order."""
         return self.mixed_values, self.mixed_starts, self.dense_of, self.sub_starts
 
 
@@ -174,39 +174,19 @@ def _mixed_slot(key, values, starts, dense_of, sub):
     return BUCKETS + low
 
 
-#: Entries whose slots ``slot_block`` and ``slot_values_block`` take in one vectorized step, with one test for
-#: mixed keys among them (1 in 200 bfloat16 deltas is mixed: 92% of groups of 16 hold none).
+#: Entries whose slots ``slot_values_block`` takes in one vectorized step, with one test for mixed keys among
+#: them (1 in 200 bfloat16 deltas is mixed: 92% of groups of 16 hold none).
 _GROUP = 16
 
 
 @njit(**JIT_OPTIONS)
-def slot_block(bits, m, keys, out):
-    """out[:m] = the slots of the float32 bit patterns ``bits[:m]`` (sign ignored) in a ``RankTable``
-    (``keys``: its ``RankTable.keys``): a plain key's is its bucket, a mixed key's ``_mixed_slot``.
-    Buckets come ``_GROUP`` entries at a time; only a group holding a mixed key is searched entry by entry."""
-    values, starts, dense_of, sub = keys
-    whole = m - m % _GROUP
-    for g in range(0, whole, _GROUP):
-        low_bits = np.uint32(0)
-        for j in range(g, g + _GROUP):
-            key = bits[j] & _MAGNITUDE
-            out[j] = np.int64(key >> np.uint32(16))
-            low_bits |= key & np.uint32(0xFFFF)
-        if low_bits:
-            for j in range(g, g + _GROUP):
-                key = np.int64(bits[j] & _MAGNITUDE)
-                if key & 0xFFFF:
-                    out[j] = _mixed_slot(key, values, starts, dense_of, sub)
-    for j in range(whole, m):
-        key = np.int64(bits[j] & _MAGNITUDE)
-        out[j] = _mixed_slot(key, values, starts, dense_of, sub) if key & 0xFFFF else key >> 16
-
-
-@njit(**JIT_OPTIONS)
 def slot_values_block(bits, m, keys, table_a, table_b, out_a, out_b):
-    """out_a[j], out_b[j] = table_a[slot], table_b[slot] for the slot of ``bits[j]`` (as ``slot_block`` finds
-    it), j < m: per-slot values looked up without the slots in between (della's apply pass: 0.6 ns per entry
-    and model less than ``slot_block`` and a separate gather, on bfloat16 deltas)."""
+    """out_a[j], out_b[j] = table_a[slot], table_b[slot] for the slot of the float32 bit pattern ``bits[j]``
+    (sign ignored) in a ``RankTable`` (``keys``: its ``RankTable.keys``), j < m: a plain key's slot is its
+    bucket, a mixed key's ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a
+    mixed key is searched entry by entry. No slot is written in between: della's apply pass took 0.6 ns per
+    entry and model more with the slots written out and gathered from in a second loop (bfloat16 deltas).
+    One table and output may be passed twice."""
     values, starts, dense_of, sub = keys
     whole = m - m % _GROUP
     for g in range(0, whole, _GROUP):
@@ -319,9 +299,10 @@ def magnitude_midranks(t: np.ndarray) -> np.ndarray:
         count_keys(bits, np.zeros(BUCKETS, np.int64), np.zeros(BUCKETS, np.int64), keys)
     table = RankTable(counts, mixed, keys)
     del keys
-    slots = np.empty(bits.size, np.int32 if table.ranks.size < 1 << 31 else np.int64)
-    slot_block(bits, bits.size, table.keys, slots)
-    return table.ranks.astype(out_type)[slots]
+    ranks = table.ranks.astype(out_type)
+    out = np.empty(bits.size, out_type)
+    slot_values_block(bits, bits.size, table.keys, ranks, ranks, out, out)
+    return out
 
 
 #: Modules whose compiled code the kernels here inline or call, for their cache stamps.

@@ -2,8 +2,8 @@
 
 ``StreamingRanks`` builds each model's ``kernels.ranks.RankTable`` in one pass over the chunks (the
 magnitude histogram of ``kernels.streaming``, plus the keys of the entries with nonzero low bits);
-the fused apply pass (``kernels.fused.FusedChunks``) then looks up each block's slots
-(``kernels.ranks.slot_block``). Same ranks as ``kernels.ranks.magnitude_midranks`` of the whole task
+the fused apply pass (``kernels.fused.FusedChunks``) then looks up each entry's per-slot values
+(``kernels.ranks.slot_values_block``). Same ranks as ``kernels.ranks.magnitude_midranks`` of the whole task
 vector.
 """
 
