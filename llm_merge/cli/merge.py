@@ -102,8 +102,8 @@ def main_entry() -> None:
 
     Process-wide settings live here, not in ``main`` (which callers may run in their own process):
     one BLAS thread; no garbage collection while the command starts up, since start-up builds only
-    objects that live to the end (modules, numba's registries and kernels, the plan) and collections
-    among them took ~0.07 s of a compiled merge (0.2B family, linear: 0.78-0.83 s against 0.86-0.91 s);
+    objects that live to the end (modules, numba's registries and kernels, the plan), and collections
+    among them cost a compiled merge ~0.04 s (0.2B family, linear: medians 0.825 s against 0.87 s);
     the merge itself runs with the collector on (``run.pool.run_tasks``); and a heap frozen before
     exiting, since the interpreter's last garbage collection would otherwise walk every object numba
     made (~0.1 s of every run).

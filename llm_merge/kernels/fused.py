@@ -145,8 +145,7 @@ class FusedChunks:
     #: argument and loop set-up, so small blocks pay that set-up often. Measured on a 2-vCPU AMD EPYC
     #: (0.52B family, n_process 2, alternating runs): linear 1.50-1.59 s at 1024, 1.31-1.36 at 65536,
     #: 1.34-1.49 at 262144; ties 2.56-3.06, 2.30-2.46 and 2.25-2.32 s; the kernels alone (``bench_kernels.py``)
-    #: linear 0.56 -> 0.39 ns per element and model, dare_ties 0.90 -> 0.71. (On an earlier Xeon with less
-    #: per-block work, 1024 was fastest: TIES 2.7 ns per element against 3.3 at 16384.)
+    #: linear 0.56 -> 0.39 ns per element and model, dare_ties 0.90 -> 0.71.
     BLOCK = 1 << 16
 
     def __init__(self, *, sparsify_type, merge_type, keys, prepared, numel, options, coefficients=None,

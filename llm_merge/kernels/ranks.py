@@ -9,9 +9,10 @@ bits, low = its low 16 bits. A *plain* entry has low bits 0 (bfloat16 and float1
 do), so its bucket alone gives its key; the other, *mixed*, keys are collected and sorted. A
 ``RankTable`` gives every distinct key a *slot*: bucket b's plain key slot b, the u-th distinct
 mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank.
-``slot_values_block`` looks up entries' per-slot values (no state, any order), so that they (ranks, or keep
-thresholds and divisors: ``kernels.method_blocks``) are computed once per distinct key. ``magnitude_midranks`` ranks a whole
-vector this way; ``kernels.streamed_ranks`` builds the tables chunk by chunk instead.
+``slot_values_block`` looks up entries' per-slot values (no state, any order), so that they (ranks, or
+keep thresholds and divisors: ``kernels.method_blocks``) are computed once per distinct key.
+``magnitude_midranks`` ranks a whole vector this way; ``kernels.streamed_ranks`` builds the tables chunk by
+chunk instead.
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def slot_values_block(bits, m, keys, table_a, table_b, out_a, out_b):
     """out_a[j], out_b[j] = table_a[slot], table_b[slot] for the slot of the float32 bit pattern ``bits[j]``
     (sign ignored) in a ``RankTable`` (``keys``: its ``RankTable.keys``), j < m: a plain key's slot is its
     bucket, a mixed key's ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a
-    mixed key is searched entry by entry. No slot is written in between: della's apply pass took 0.6 ns per
-    entry and model more with the slots written out and gathered from in a second loop (bfloat16 deltas).
+    mixed key is searched entry by entry. No slot is written in between: writing the slots out and gathering
+    from them in a second loop costs della's apply pass 0.6 ns more per entry and model (bfloat16 deltas).
     One table and output may be passed twice."""
     values, starts, dense_of, sub = keys
     whole = m - m % _GROUP

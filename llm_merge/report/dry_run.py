@@ -12,7 +12,6 @@ cold page cache or a slow disk can make a merge several times slower.
 from __future__ import annotations
 
 import math
-
 import os
 from typing import Any
 

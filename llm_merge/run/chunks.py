@@ -51,18 +51,16 @@ class KeptMappings:
     Mapping a chunk again builds its page tables again, then tears them down: on the 0.52B family at
     n_process 2, ties took 2.55-3.31 s keeping its chunks against 2.94-3.54 s mapping them per pass,
     DELLA 4.07-4.50 against 4.38-5.49. A task that reads its inputs more than once (statistics, then the
-    apply pass) and whose inputs fit a budget keeps them mapped until it ends; others map each chunk per
-    pass, as ``map`` then does.
+    apply pass) and whose inputs fit a budget keeps them mapped until it ends (the engine decides which, at
+    ``start``); others map each chunk per pass, as ``map`` then does.
     """
 
     def __init__(self) -> None:
         self._chunks: Optional[dict[tuple, np.ndarray]] = None
 
-    def start(self, task: Any, reads_again: bool, budget: int) -> None:
-        """Begin ``task``: keep its chunks where it ``reads_again`` and its inputs total at most ``budget`` bytes."""
-        infos = [*task.inputs, *([task.base] if task.base is not None else [])]
-        size = sum(task.numel * dtypes.stored(info.dtype).itemsize for info in infos)
-        self._chunks = {} if reads_again and size <= budget else None
+    def start(self, keep: bool) -> None:
+        """Begin a task: keep its chunks from pass to pass, or not."""
+        self._chunks = {} if keep else None
 
     def end(self) -> None:
         """Let the task's chunks go (their mappings go with the last view)."""

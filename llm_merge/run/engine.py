@@ -183,7 +183,7 @@ class TensorMerger:
         self._model_options = per_model_options(self.options, len(task.inputs))
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
-        self._mapped.start(task, bool(self.sparsifier.prepare or self.merger.reduce), self.KEEP_MAPPED_BYTES)
+        self._mapped.start(bool(self.sparsifier.prepare or self.merger.reduce) and task.in_bytes <= self.KEEP_MAPPED_BYTES)
         prepared = None
         if self.sparsifier.prepare:
             prepared = self._streamed_prepare(task, keys) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
