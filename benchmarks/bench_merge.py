@@ -67,6 +67,8 @@ METHOD_INPUTS = {
     "arcee_fusion": (1, True, []),
     "sce": (None, True, ["--sce_select_topk", "0.3"]),
 }
+#: How every other method is given the family.
+DEFAULT_INPUTS = (None, True, [])
 #: mergekit's other methods, timed only when ``--methods`` names them.
 MERGEKIT_METHODS = ["task_arithmetic", "breadcrumbs_ties", "model_stock", "nuslerp", "multislerp", "karcher",
                     "nearswap", "arcee_fusion", "sce", "ram", "ramplus_tl"]
@@ -146,7 +148,7 @@ class Family:
 
     def base_and_fine_tunes(self, method: str) -> tuple[Optional[Path], list[Path]]:
         """(the base ``method`` is given, or None; the fine-tunes it is given)."""
-        count, with_base, _ = METHOD_INPUTS.get(method, (None, True, []))
+        count, with_base, _ = METHOD_INPUTS.get(method, DEFAULT_INPUTS)
         return (self.base if with_base else None), self.fine_tunes[:count]
 
     def describe(self) -> str:
@@ -365,7 +367,7 @@ def merge_command(prefix: list[str], method: str, family: Family, out_dir: Path,
                   n_process: int, extra: list[str], quiet: bool = True) -> list[str]:
     """The mergekit command line for one benchmark run (``--quiet`` only where ``quiet``: other tools lack it)."""
     base, fine_tunes = family.base_and_fine_tunes(method)
-    flags = METHOD_INPUTS.get(method, (None, True, []))[2]
+    flags = METHOD_INPUTS.get(method, DEFAULT_INPUTS)[2]
     return [*prefix, "--merge_method", method, "--model_path_list", *map(str, fine_tunes),
             *(["--base_model_path", str(base)] if base else []), "--output_path", str(out_dir),
             "--n_process", str(n_process), *(["--quiet"] if quiet else []), *flags, *extra]

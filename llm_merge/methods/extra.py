@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from llm_merge.methods.merge import gram_entry, weighted_sum
+from llm_merge.methods.merge import gram_entry, gram_sums, weighted_sum
 from llm_merge.methods.registry import register
 
 
@@ -48,9 +48,9 @@ def vector_groups(start: int, count: int, shape: tuple[int, ...], mode: str):
 def _pairwise(ys, groups, ops) -> tuple:
     """The inputs' Gram entries <y_i, y_j> for every pair i <= j, row by row of the upper triangle (the order of
     ``merge.gram_sums`` and kernel ``gram``): scalars, or one per vector group."""
-    pairs = [(i, j) for i in range(len(ys)) for j in range(i, len(ys))]
     if groups is None:
-        return tuple(ops.dot64(ys[i], ys[j]) for i, j in pairs)
+        return gram_sums(ys, ops=ops)["sums"]
+    pairs = [(i, j) for i in range(len(ys)) for j in range(i, len(ys))]
     ids, count = groups
     xs = [ops.to_numpy(y).astype(np.float64) for y in ys]
     return tuple(np.bincount(ids, weights=xs[i] * xs[j], minlength=count) for i, j in pairs)
