@@ -69,7 +69,7 @@ class StreamingRanks(MagnitudeHistogram):
             return
         if self._buffer.shape[1] < raws[0].size:
             self._buffer = np.empty((len(self.counts), raws[0].size), np.uint32)
-        added = self._pass(raws, base_raw, False, self._unused_high, self.counts, self._buffer)
+        added = self._pass(raws, base_raw, False, self._unused_high, collected=self._buffer)
         self.n_mixed += added
         if self.n_mixed.max() > self.limit:
             self.collected = None

@@ -53,16 +53,36 @@ _BUCKETS, _LOWS = 1 << 15, 1 << 16
 _OUTSIDE_SLOTS = 256
 
 
+_MAGNITUDE, _LOW_BITS = np.uint32(0x7FFFFFFF), np.uint32(0xFFFF)
+
+
+@njit(inline="always", **_JIT)
+def _note_mixed(i, start, end, bits, row, mixed, mixed_sums, collected, n_collected):
+    """``_magnitude_pass``'s bookkeeping of model i's mixed entries among ``start .. end``."""
+    for j in range(start, end):
+        magnitude_bits = bits[j] & _MAGNITUDE
+        if magnitude_bits & _LOW_BITS:
+            bucket = magnitude_bits >> 16
+            mixed[i, bucket] += 1
+            mixed_sums[i, bucket] += abs(np.float64(row[j]))
+            if collected.shape[1] > 0:
+                collected[i, n_collected[i]] = magnitude_bits
+                n_collected[i] += 1
+
+
 @njit(**_JIT)
-def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, mixed, mixed_sums, collected,
-                    n_collected):
+def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, odd_counts, mixed, mixed_sums,
+                    collected, n_collected):
     """One trim pass over one chunk of every model's task vector t_i.
 
-    Pass 1 (``refine`` false), per bucket b = |t_i| bits >> 16: counts[i, b] entries, of which mixed[i, b]
-    have nonzero low 16 bits, whose |t| sum to mixed_sums[i, b] (float64, in index order). The
-    others are exactly the bucket's value, so no sum is needed for them; deltas of bfloat16
-    weights rarely have nonzero low bits, so they take a branch (the counter increments chain
-    through memory: the loop cannot vectorize anyway).
+    Pass 1 (``refine`` false), per bucket b = |t_i| bits >> 16: counts[i, b] + odd_counts[i, b] entries
+    (those at even and at odd positions), of which mixed[i, b] have nonzero low 16 bits, whose |t| sum
+    to mixed_sums[i, b] (float64, in index order). The others are exactly the bucket's value, so no
+    sum is needed for them; deltas of bfloat16 weights rarely have nonzero low bits, so they take a
+    branch, tested once per pair (the counter increments go through memory: the loop cannot
+    vectorize anyway). Two counters per bucket: a fifth of bfloat16 deltas can fall in one bucket,
+    and neighbouring entries' increments of one counter would wait on each other (trim's pass 0.97
+    against 0.88 ns per entry and model).
 
     When ``collected`` has columns, the mixed entries' magnitude bits are also appended to
     ``collected[i]`` (``n_collected[i]`` of them).
@@ -72,7 +92,6 @@ def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, 
 
     ``buffers``: a ``TaskVectorBuffers`` of one row, which each model's task vector takes in turn.
     """
-    collect = collected.shape[1] > 0
     rows, rows_bits, base, base_bits = buffers
     row, bits = rows[0], rows_bits[0]
     block = row.size
@@ -90,16 +109,20 @@ def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, 
                     low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
                     histogram[low if 0 <= low < _LOWS else _LOWS + (j & (_OUTSIDE_SLOTS - 1))] += 1
                 continue
-            for j in range(m):
-                magnitude_bits = bits[j] & np.uint32(0x7FFFFFFF)
-                bucket = magnitude_bits >> 16
-                histogram[bucket] += 1
-                if magnitude_bits & np.uint32(0xFFFF):
-                    mixed[i, bucket] += 1
-                    mixed_sums[i, bucket] += abs(np.float64(row[j]))
-                    if collect:
-                        collected[i, n_collected[i]] = magnitude_bits
-                        n_collected[i] += 1
+            odd_histogram = odd_counts[i]
+            whole = m - (m & 1)
+            for pair in range(0, whole, 2):
+                even_bits = bits[pair] & _MAGNITUDE
+                odd_bits = bits[pair + 1] & _MAGNITUDE
+                histogram[even_bits >> 16] += 1
+                odd_histogram[odd_bits >> 16] += 1
+                if (even_bits | odd_bits) & _LOW_BITS:
+                    _note_mixed(i, pair, pair + 2, bits, row, mixed, mixed_sums, collected, n_collected)
+            if m & 1:
+                last_bits = bits[m - 1] & _MAGNITUDE
+                histogram[last_bits >> 16] += 1
+                if last_bits & _LOW_BITS:
+                    _note_mixed(i, m - 1, m, bits, row, mixed, mixed_sums, collected, n_collected)
 
 
 @njit(**_JIT)
@@ -138,17 +161,31 @@ class MagnitudeHistogram:
 
     def __init__(self, k: int, block: int) -> None:
         self.buffers = TaskVectorBuffers.allocate(1, block)
-        self.counts = np.zeros((k, _BUCKETS), np.int64)
+        self._counts = np.zeros((k, _BUCKETS), np.int64)
+        self._odd_counts = np.zeros((k, _BUCKETS), np.int64)  # entries at odd positions, until ``counts`` adds them
+        self._odd_pending = False
         self.mixed = np.zeros((k, _BUCKETS), np.int64)
         self.mixed_sums = np.zeros((k, _BUCKETS), np.float64)
         self._no_collection = np.zeros((k, 0), np.uint32)
 
-    def _pass(self, raws, base_raw, refine: bool, high: np.ndarray, counts: np.ndarray,
+    @property
+    def counts(self) -> np.ndarray:
+        """(k, buckets): entries per bucket, of each model (of the chunks fed so far)."""
+        if self._odd_pending:
+            self._counts += self._odd_counts
+            self._odd_counts[:] = 0
+            self._odd_pending = False
+        return self._counts
+
+    def _pass(self, raws, base_raw, refine: bool, high: np.ndarray, counts: Optional[np.ndarray] = None,
               collected: Optional[np.ndarray] = None) -> np.ndarray:
-        """One ``_magnitude_pass`` over a chunk; returns how many mixed entries each model added to ``collected``."""
-        n_collected = np.zeros(len(counts), np.int64)
-        _magnitude_pass(*chunk_inputs(raws, base_raw), self.buffers, refine, high, counts, self.mixed,
-                        self.mixed_sums, self._no_collection if collected is None else collected, n_collected)
+        """One ``_magnitude_pass`` over a chunk into the bucket counts (``counts``: refine's counts instead);
+        returns how many mixed entries each model added to ``collected``."""
+        n_collected = np.zeros(len(self.mixed), np.int64)
+        self._odd_pending = self._odd_pending or not refine
+        _magnitude_pass(*chunk_inputs(raws, base_raw), self.buffers, refine, high,
+                        self._counts if counts is None else counts, self._odd_counts, self.mixed, self.mixed_sums,
+                        self._no_collection if collected is None else collected, n_collected)
         return n_collected
 
 
@@ -195,7 +232,7 @@ class StreamingTrim(MagnitudeHistogram):
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them) to pass ``pass_index``."""
         refine = pass_index > 0
-        self._pass(raws, base_raw, refine, self.high, self.low_counts if refine else self.counts)
+        self._pass(raws, base_raw, refine, self.high, self.low_counts if refine else None)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
