@@ -74,6 +74,24 @@ def test_a_forced_compiled_merge_loads_the_kernels(family, tmp_path):
     assert code == 0 and {"numba", "llm_merge.kernels.fused"} <= modules and "ml_dtypes" not in modules
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp"])
+def test_compiled_merges_load_no_array_implementations(family, tmp_path, method):
+    """A kernel that allocates arrays makes every process that loads it import numba's array implementations
+    (numba.np.arrayobj, ~0.03 s a worker), so the fused apply pass and the trim and Gram statistics take
+    their scratch from their callers. The first run may compile (compiling imports them); the second loads
+    the cached kernels."""
+    pytest.importorskip("numba")
+    from llm_merge.kernels.cache import refresh_skip_checked
+
+    if not refresh_skip_checked():
+        pytest.skip("a numba release the refresh skip was not checked on: loading imports numba's implementations")
+    argv = merge_argv(family, method, tmp_path / "out") + ["--overwrite", "true", "--n_process", "1"]
+    loaded_modules(argv, numba="1")
+    code, modules = loaded_modules(argv, numba="1")
+    assert code == 0 and "llm_merge.kernels.fused" in modules
+    assert "numba.np.arrayobj" not in modules
+
+
 def test_numpy_bfloat16_conversions_match_ml_dtypes_bit_for_bit():
     """The NumPy backend's bfloat16 bit operations give ml_dtypes' bytes: rounding to nearest even,
     overflow to Inf, NaN as 0x7FC0 / 0xFFC0; widening is exact."""

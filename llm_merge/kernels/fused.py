@@ -31,6 +31,7 @@ from llm_merge.kernels.blocks import (  # noqa: F401 (count_nonfinite_kernel re-
 from llm_merge.kernels.cache import configure_kernel_caches
 from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-exported)
     SPARSIFY_CODES,
+    KeepScratch,
     magprune_keeps_block,
     magprune_slot_keeps,
     merge_constants,
@@ -68,16 +69,18 @@ from llm_merge.kernels.twins import (  # noqa: F401 (re-exported)
 
 
 class BlockBuffers(NamedTuple):
-    """The float32 scratch of one block of the fused pass, with uint32 views."""
+    """The scratch of one block of the fused pass, allocated here rather than in the kernel: a kernel that
+    allocates makes every process that loads it import numba's array implementations (~0.03 s a worker)."""
 
     task_vectors: TaskVectorBuffers  # each model's task vector (then its sparsified one), and the base's values
     merged: np.ndarray  # (block,): the merged values before narrowing
     merged_bits: np.ndarray
+    keeps: KeepScratch  # per entry: magprune's keep thresholds and divisors, the masked sparsifier's flags
 
     @classmethod
     def allocate(cls, k: int, block: int) -> "BlockBuffers":
         merged = np.empty(block, np.float32)
-        return cls(TaskVectorBuffers.allocate(k, block), merged, merged.view(np.uint32))
+        return cls(TaskVectorBuffers.allocate(k, block), merged, merged.view(np.uint32), KeepScratch.allocate(block))
 
 
 class MagnitudeRanks(NamedTuple):
@@ -107,7 +110,8 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
     k, block = rows.shape
     n = out.size
     streamed_ranks = tables[0][1].size > 0
-    block_thresholds, block_divisors = np.empty(block, np.uint64), np.empty(block, np.float32)
+    keeps = buffers.keeps
+    block_thresholds, block_divisors = keeps.thresholds, keeps.divisors
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
@@ -120,7 +124,7 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
                 magprune_keeps_block(rows[i], rows[i], m, block_thresholds, block_divisors, sparsifier.keys[i],
                                      offset + s, sparsifier.rescale)
         else:
-            sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s)
+            sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s, keeps)
         merge_rows(raws, rows, m, merger, base, has_base, merged)
         nonfinite[k + 1] += narrow_block(merged_bits, m, out, s)
 

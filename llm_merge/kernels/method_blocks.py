@@ -185,12 +185,24 @@ def magprune_slot_keeps(doubled_midranks, top, step):
     return thresholds, divisors
 
 
+class KeepScratch(NamedTuple):
+    """Per-entry scratch of ``sparsify_rows`` for blocks of up to ``block`` entries."""
+
+    thresholds: np.ndarray  # uint64: magprune's draw thresholds
+    divisors: np.ndarray  # float32: magprune's divisors
+    flags: np.ndarray  # uint8, 16 spare: the masked sparsifier's keep flags
+
+    @classmethod
+    def allocate(cls, block: int) -> "KeepScratch":
+        return cls(np.empty(block, np.uint64), np.empty(block, np.float32), np.empty(block + 16, np.uint8))
+
+
 @njit(**JIT_OPTIONS)
-def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
+def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset, scratch):
     """rows[i, :count] = sparsify(rows[i, :count]) in place: one simple (vectorizable) loop per model.
 
     Element j of the block is element ``offset + j`` of the tensor (its random draw) and
-    ``rank_offset + j`` of ``ranks[i]``.
+    ``rank_offset + j`` of ``ranks[i]``. ``scratch``: a ``KeepScratch`` of at least ``count`` entries.
     """
     c = sparsifier
     if c.code == DARE:
@@ -205,8 +217,7 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
             row = rows[i]
             trim_block(row, row, count, thresholds[i], scales[i])
     elif c.code == MAGPRUNE:
-        keys = c.keys
-        thresholds, divisors = np.empty(count, np.uint64), np.empty(count, np.float32)
+        keys, thresholds, divisors = c.keys, scratch.thresholds, scratch.divisors
         for i in range(rows.shape[0]):
             row = rows[i]
             magprune_block(row, row, count, ranks[i][rank_offset : rank_offset + count], keys[i], offset, c.top[i],
@@ -223,8 +234,7 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset):
                 row = rows[i]
                 band_block(row, row, count, offset, bounds[i], cuts[i], scales[i], scaled[i])
     elif c.code == MASKED:
-        masks, scales, scaled, keep_all = c.masks, c.l1_scale, c.scaled, c.keep_all
-        flags = np.empty(count + 16, np.uint8)
+        masks, scales, scaled, keep_all, flags = c.masks, c.l1_scale, c.scaled, c.keep_all, scratch.flags
         for i in range(rows.shape[0]):
             if not keep_all[i]:
                 row = rows[i]

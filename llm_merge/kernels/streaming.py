@@ -276,12 +276,12 @@ class StreamingTrim(MagnitudeHistogram):
 
 
 @njit(**_JIT)
-def _gram_sums(raws, base_raw, has_base, n, buffers, sums):
+def _gram_sums(raws, base_raw, has_base, n, buffers, sums, nonfinite):
     """One chunk's Gram entries: sums += <y_i, y_j> of the task vectors for every pair i <= j, row by row
-    of the upper triangle (the order ``methods.merge.gram_sums`` gives)."""
+    of the upper triangle (the order ``methods.merge.gram_sums`` gives). ``nonfinite``: k + 1 counters of
+    scratch (the apply pass reports NaN/Inf)."""
     rows, rows_bits, base, base_bits = buffers
     k, block = rows.shape
-    nonfinite = np.zeros(k + 1, np.int64)  # not reported: the apply pass counts them
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
@@ -300,10 +300,11 @@ class StreamingGramSums:
     def __init__(self, k: int, block: int) -> None:
         self.buffers = TaskVectorBuffers.allocate(k, block)
         self.sums = np.zeros(k * (k + 1) // 2, np.float64)
+        self._nonfinite = np.zeros(k + 1, np.int64)  # allocated here: see fused.BlockBuffers
 
     def feed(self, pass_index: int, raws, base_raw) -> None:
         """Add one chunk (raw bits, as ``FusedChunks.run`` takes them)."""
-        _gram_sums(*chunk_inputs(raws, base_raw), self.buffers, self.sums)
+        _gram_sums(*chunk_inputs(raws, base_raw), self.buffers, self.sums, self._nonfinite)
 
     def wants(self, pass_index: int) -> bool:
         return pass_index == 0
