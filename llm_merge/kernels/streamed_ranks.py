@@ -68,7 +68,7 @@ class StreamingRanks(MagnitudeHistogram):
         if self.collected is None:
             return
         if self._buffer.shape[1] < raws[0].size:
-            self._buffer = np.empty((len(self.counts), raws[0].size), np.uint32)
+            self._buffer = np.empty((len(self.mixed), raws[0].size), np.uint32)
         added = self._pass(raws, base_raw, False, self._unused_high, collected=self._buffer)
         self.n_mixed += added
         if self.n_mixed.max() > self.limit:
