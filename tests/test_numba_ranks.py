@@ -97,7 +97,7 @@ def test_multidimensional_and_noncontiguous_input():
 @pytest.mark.parametrize("kind", ["normal", "delta", "bits", "buckets", "dense", "special"])
 @pytest.mark.parametrize("m", [1000, 1003, 5])
 def test_slot_values_are_the_tables_values_at_each_entrys_slot(kind, m):
-    """``slot_values_block`` gives each entry's table values at its slot (found through an identity table), in
+    """``slot_values_block`` gives each entry's table value at its slot (found through an identity table), in
     whole groups of 16 entries with mixed keys anywhere and in a tail of fewer, and its ranks are the midranks."""
     x = make(kind, 4000, seed=3)
     bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
@@ -107,12 +107,10 @@ def test_slot_values_are_the_tables_values_at_each_entrys_slot(kind, m):
     ranks_module.count_keys(bits, np.zeros(ranks_module.BUCKETS, np.int64), np.zeros(ranks_module.BUCKETS, np.int64), keys)
     table = ranks_module.RankTable(counts, mixed, keys)
     slots, ranks = np.empty(m, np.int64), np.empty(m, np.int64)
-    ranks_module.slot_values_block(bits, m, table.keys, np.arange(table.ranks.size), table.ranks, slots, ranks)
+    ranks_module.slot_values_block(bits, m, table.keys, np.arange(table.ranks.size), slots)
+    ranks_module.slot_values_block(bits, m, table.keys, table.ranks, ranks)
     np.testing.assert_array_equal(ranks, expected_ranks(x)[:m])
-    rng = np.random.default_rng(1)
-    table_a = rng.integers(0, 2**63, table.ranks.size, dtype=np.uint64)
-    table_b = rng.random(table.ranks.size).astype(np.float32)
-    out_a, out_b = np.empty(m, np.uint64), np.empty(m, np.float32)
-    ranks_module.slot_values_block(bits, m, table.keys, table_a, table_b, out_a, out_b)
-    np.testing.assert_array_equal(out_a, table_a[slots])
-    np.testing.assert_array_equal(out_b, table_b[slots])
+    keep_probs = np.random.default_rng(1).random(table.ranks.size)  # float64, as magprune's tables
+    out = np.empty(m, np.float64)
+    ranks_module.slot_values_block(bits, m, table.keys, keep_probs, out)
+    np.testing.assert_array_equal(out, keep_probs[slots])

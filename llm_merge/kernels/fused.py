@@ -33,7 +33,7 @@ from llm_merge.kernels.method_blocks import (  # noqa: F401 (SPARSIFY_CODES re-e
     SPARSIFY_CODES,
     KeepScratch,
     magprune_keeps_block,
-    magprune_slot_keeps,
+    magprune_slot_probs,
     merge_constants,
     merge_rows,
     sparsify_constants,
@@ -75,7 +75,7 @@ class BlockBuffers(NamedTuple):
     task_vectors: TaskVectorBuffers  # each model's task vector (then its sparsified one), and the base's values
     merged: np.ndarray  # (block,): the merged values before narrowing
     merged_bits: np.ndarray
-    keeps: KeepScratch  # per entry: magprune's keep thresholds and divisors, the masked sparsifier's flags
+    keeps: KeepScratch  # per entry: magprune's keep probabilities, the masked sparsifier's flags
 
     @classmethod
     def allocate(cls, k: int, block: int) -> "BlockBuffers":
@@ -87,11 +87,11 @@ class MagnitudeRanks(NamedTuple):
     """Where magprune's doubled midranks come from: this chunk's slice of whole-tensor ranks, or rank tables."""
 
     chunk: tuple  # per model: its ranks of this chunk's elements (uint32; empty when tables are used)
-    tables: tuple  # per model: its ``RankTable.keys`` and per-slot (thresholds, divisors); empty arrays: none
+    tables: tuple  # per model: its ``RankTable.keys`` and per-slot keep probabilities; empty arrays: none
 
 
 #: ``MagnitudeRanks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
-_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.uint32, np.int64, np.int32, np.int64, np.uint64, np.float32)),)
+_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.uint32, np.int64, np.int32, np.int64, np.float64)),)
 
 
 @njit(**JIT_OPTIONS)
@@ -111,18 +111,17 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
     n = out.size
     streamed_ranks = tables[0][1].size > 0
     keeps = buffers.keeps
-    block_thresholds, block_divisors = keeps.thresholds, keeps.divisors
+    block_probs = keeps.probs
     for s in range(0, n, block):
         m = min(block, n - s)
         prefetch_inputs(raws, base_raw, has_base, s, block)
         task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
-        if streamed_ranks:  # magprune's keep thresholds and divisors, per distinct |t|
+        if streamed_ranks:  # magprune's keep probabilities, per distinct |t|
             for i in range(k):
-                values, starts, dense_of, sub_starts, thresholds, divisors = tables[i]
-                slot_values_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), thresholds, divisors,
-                                  block_thresholds, block_divisors)
-                magprune_keeps_block(rows[i], rows[i], m, block_thresholds, block_divisors, sparsifier.keys[i],
-                                     offset + s, sparsifier.rescale)
+                values, starts, dense_of, sub_starts, keep_probs = tables[i]
+                slot_values_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), keep_probs, block_probs)
+                magprune_keeps_block(rows[i], rows[i], m, block_probs, sparsifier.keys[i], offset + s,
+                                     sparsifier.rescale)
         else:
             sparsify_rows(rows, m, sparsifier, offset + s, chunk_ranks, s, keeps)
         merge_rows(raws, rows, m, merger, base, has_base, merged)
@@ -163,7 +162,7 @@ class FusedChunks:
         self.ranks = [s.get("doubled_midranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)
-        self.tables = tuple((*t.keys, *magprune_slot_keeps(t.ranks, self.sparsifier.top[i], self.sparsifier.step[i]))
+        self.tables = tuple((*t.keys, magprune_slot_probs(t.ranks, self.sparsifier.top[i], self.sparsifier.step[i]))
                             for i, t in enumerate(tables)) if streamed else _NO_TABLES
         self._no_ranks = np.zeros(0, np.uint32)
         self._next_start = 0

@@ -147,54 +147,50 @@ def _keep_probability(doubled_midrank, top, step):
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale):
-    """Magprune with entry j's draw threshold and divisor given: keep it where draw ``offset + j`` is below
-    ``thresholds[j]``, divided by ``divisors[j]`` when rescale; the others are 0. Contiguous thresholds
-    and divisors let this loop vectorize as DARE's does (0.6 against 14 ns per entry with them looked
-    up inside it)."""
+def magprune_keeps_block(source, target, count, keep_probs, key, offset, rescale):
+    """Magprune with entry j's keep probability p = ``keep_probs[j]`` (float64) given: keep it where draw
+    ``offset + j`` is below floor(p * 2^53), divided by float32(p) when rescale; the others are 0.
+    Contiguous probabilities let this loop vectorize as DARE's does (0.6 against 14 ns per entry with them
+    looked up inside it); one float64 per entry, from which both follow, is read faster than a threshold
+    and a divisor (della's apply pass: see ``kernels.ranks.slot_values_block``)."""
     zero = np.float32(0.0)
     z = _draw_state(key, offset)
     for j in range(count):
-        kept = _mix53(z) < thresholds[j]
+        keep_prob = keep_probs[j]
+        kept = _mix53(z) < np.uint64(keep_prob * UNIT)  # truncation: the floor of a non-negative product
         z += np.uint64(GAMMA)
-        target[j] = (source[j] / divisors[j] if rescale else source[j]) if kept else zero
+        target[j] = (source[j] / np.float32(keep_prob) if rescale else source[j]) if kept else zero
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def magprune_block(source, target, count, doubled_midranks, key, offset, top, step, rescale, thresholds, divisors):
+def magprune_block(source, target, count, doubled_midranks, key, offset, top, step, rescale, keep_probs):
     """Magprune: keep entry j, of magnitude midrank r = ``doubled_midranks[j]`` / 2, with probability
     top - r * step, by draw ``offset + j``; kept entries are divided by that probability when rescale,
-    the others are 0. ``thresholds`` / ``divisors``: scratch of ``count`` entries."""
+    the others are 0. ``keep_probs``: float64 scratch of ``count`` entries."""
     for j in range(count):
-        keep_prob = _keep_probability(doubled_midranks[j], top, step)
-        thresholds[j] = np.uint64(math.floor(keep_prob * UNIT))
-        divisors[j] = np.float32(keep_prob)
-    magprune_keeps_block(source, target, count, thresholds, divisors, key, offset, rescale)
+        keep_probs[j] = _keep_probability(doubled_midranks[j], top, step)
+    magprune_keeps_block(source, target, count, keep_probs, key, offset, rescale)
 
 
 @njit(**JIT_OPTIONS)
-def magprune_slot_keeps(doubled_midranks, top, step):
-    """Per slot of a rank table (``kernels.ranks.RankTable``): the draw threshold and the float32
-    divisor of ``magprune_block`` for its doubled midrank, so that entries need neither."""
-    thresholds = np.empty(doubled_midranks.size, np.uint64)
-    divisors = np.empty(doubled_midranks.size, np.float32)
+def magprune_slot_probs(doubled_midranks, top, step):
+    """Per slot of a rank table (``kernels.ranks.RankTable``): the keep probability of ``magprune_block``
+    for its doubled midrank (float64), so that entries need no rank."""
+    keep_probs = np.empty(doubled_midranks.size, np.float64)
     for s in range(doubled_midranks.size):
-        keep_prob = _keep_probability(doubled_midranks[s], top, step)
-        thresholds[s] = np.uint64(math.floor(keep_prob * UNIT))
-        divisors[s] = np.float32(keep_prob)
-    return thresholds, divisors
+        keep_probs[s] = _keep_probability(doubled_midranks[s], top, step)
+    return keep_probs
 
 
 class KeepScratch(NamedTuple):
     """Per-entry scratch of ``sparsify_rows`` for blocks of up to ``block`` entries."""
 
-    thresholds: np.ndarray  # uint64: magprune's draw thresholds
-    divisors: np.ndarray  # float32: magprune's divisors
+    probs: np.ndarray  # float64: magprune's keep probabilities
     flags: np.ndarray  # uint8, 16 spare: the masked sparsifier's keep flags
 
     @classmethod
     def allocate(cls, block: int) -> "KeepScratch":
-        return cls(np.empty(block, np.uint64), np.empty(block, np.float32), np.empty(block + 16, np.uint8))
+        return cls(np.empty(block, np.float64), np.empty(block + 16, np.uint8))
 
 
 @njit(**JIT_OPTIONS)
@@ -217,11 +213,11 @@ def sparsify_rows(rows, count, sparsifier, offset, ranks, rank_offset, scratch):
             row = rows[i]
             trim_block(row, row, count, thresholds[i], scales[i])
     elif c.code == MAGPRUNE:
-        keys, thresholds, divisors = c.keys, scratch.thresholds, scratch.divisors
+        keys, keep_probs = c.keys, scratch.probs
         for i in range(rows.shape[0]):
             row = rows[i]
             magprune_block(row, row, count, ranks[i][rank_offset : rank_offset + count], keys[i], offset, c.top[i],
-                           c.step[i], c.rescale, thresholds, divisors)
+                           c.step[i], c.rescale, keep_probs)
     elif c.code == RANDOM:
         keys, thresholds, scales, scaled = c.keys, c.dare_threshold, c.l1_scale, c.scaled
         for i in range(rows.shape[0]):

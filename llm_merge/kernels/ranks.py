@@ -10,7 +10,7 @@ do), so its bucket alone gives its key; the other, *mixed*, keys are collected a
 ``RankTable`` gives every distinct key a *slot*: bucket b's plain key slot b, the u-th distinct
 mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank.
 ``slot_values_block`` looks up entries' per-slot values (no state, any order), so that they (ranks, or
-keep thresholds and divisors: ``kernels.method_blocks``) are computed once per distinct key.
+keep probabilities: ``kernels.method_blocks``) are computed once per distinct key.
 ``magnitude_midranks`` ranks a whole vector this way; ``kernels.streamed_ranks`` builds the tables chunk by
 chunk instead.
 """
@@ -181,35 +181,28 @@ _GROUP = 16
 
 
 @njit(**JIT_OPTIONS)
-def slot_values_block(bits, m, keys, table_a, table_b, out_a, out_b):
-    """out_a[j], out_b[j] = table_a[slot], table_b[slot] for the slot of the float32 bit pattern ``bits[j]``
-    (sign ignored) in a ``RankTable`` (``keys``: its ``RankTable.keys``), j < m: a plain key's slot is its
-    bucket, a mixed key's ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a
-    mixed key is searched entry by entry. No slot is written in between: writing the slots out and gathering
-    from them in a second loop costs della's apply pass 0.6 ns more per entry and model (bfloat16 deltas).
-    One table and output may be passed twice."""
+def slot_values_block(bits, m, keys, table, out):
+    """out[j] = table[slot] for the slot of the float32 bit pattern ``bits[j]`` (sign ignored) in a
+    ``RankTable`` (``keys``: its ``RankTable.keys``), j < m: a plain key's slot is its bucket, a mixed key's
+    ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a mixed key is searched
+    entry by entry. No slot is written in between: writing the slots out and gathering from them in a
+    second loop cost della's apply pass 0.6 ns more per entry and model (bfloat16 deltas)."""
     values, starts, dense_of, sub = keys
     whole = m - m % _GROUP
     for g in range(0, whole, _GROUP):
         low_bits = np.uint32(0)
         for j in range(g, g + _GROUP):
             key = bits[j] & _MAGNITUDE
-            bucket = np.int64(key >> np.uint32(16))
-            out_a[j] = table_a[bucket]
-            out_b[j] = table_b[bucket]
+            out[j] = table[np.int64(key >> np.uint32(16))]
             low_bits |= key & np.uint32(0xFFFF)
         if low_bits:
             for j in range(g, g + _GROUP):
                 key = np.int64(bits[j] & _MAGNITUDE)
                 if key & 0xFFFF:
-                    slot = _mixed_slot(key, values, starts, dense_of, sub)
-                    out_a[j] = table_a[slot]
-                    out_b[j] = table_b[slot]
+                    out[j] = table[_mixed_slot(key, values, starts, dense_of, sub)]
     for j in range(whole, m):
         key = np.int64(bits[j] & _MAGNITUDE)
-        slot = _mixed_slot(key, values, starts, dense_of, sub) if key & 0xFFFF else key >> 16
-        out_a[j] = table_a[slot]
-        out_b[j] = table_b[slot]
+        out[j] = table[_mixed_slot(key, values, starts, dense_of, sub) if key & 0xFFFF else key >> 16]
 
 
 @njit(**JIT_OPTIONS)
@@ -302,7 +295,7 @@ def magnitude_midranks(t: np.ndarray) -> np.ndarray:
     del keys
     ranks = table.ranks.astype(out_type)
     out = np.empty(bits.size, out_type)
-    slot_values_block(bits, bits.size, table.keys, ranks, ranks, out, out)
+    slot_values_block(bits, bits.size, table.keys, ranks, out)
     return out
 
 

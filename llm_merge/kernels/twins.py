@@ -41,7 +41,7 @@ def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, op
     top, step = magprune_line(reserve_p, epsilon, numel)
     out = np.empty_like(t)
     magprune_block(t, out, t.size, doubled_midranks, np.uint64(rng.key), rng.offset, top, step, rescale,
-                   np.empty(t.size, np.uint64), np.empty(t.size, np.float32))
+                   np.empty(t.size, np.float64))
     return out
 
 
