@@ -47,7 +47,7 @@ def make(kind: str, n: int, seed: int = 0) -> np.ndarray:
     if kind == "buckets":  # keys spread over three top-16-bit buckets, few low values each
         high = rng.integers(0, 3, n).astype(np.uint32) << 16
         return (high | rng.integers(0, 4, n).astype(np.uint32)).view(np.float32)
-    if kind == "dense":  # one bucket with thousands of distinct low values: its sub-index is used
+    if kind == "dense":  # one bucket with thousands of distinct low values
         return ((np.uint32(0x3F80) << 16) | rng.integers(1, 1 << 16, n).astype(np.uint32)).view(np.float32)
     if kind == "special":
         values = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3e38], np.float32)
@@ -107,10 +107,10 @@ def test_slot_values_are_the_tables_values_at_each_entrys_slot(kind, m):
     ranks_module.count_keys(bits, np.zeros(ranks_module.BUCKETS, np.int64), np.zeros(ranks_module.BUCKETS, np.int64), keys)
     table = ranks_module.RankTable(counts, mixed, keys)
     slots, ranks = np.empty(m, np.int64), np.empty(m, np.int64)
-    ranks_module.slot_values_block(bits, m, table.keys, np.arange(table.ranks.size), slots)
-    ranks_module.slot_values_block(bits, m, table.keys, table.ranks, ranks)
+    ranks_module.slot_values_block(bits, m, table.index, np.arange(table.ranks.size), slots)
+    ranks_module.slot_values_block(bits, m, table.index, table.ranks, ranks)
     np.testing.assert_array_equal(ranks, expected_ranks(x)[:m])
     keep_probs = np.random.default_rng(1).random(table.ranks.size)  # float64, as magprune's tables
     out = np.empty(m, np.float64)
-    ranks_module.slot_values_block(bits, m, table.keys, keep_probs, out)
+    ranks_module.slot_values_block(bits, m, table.index, keep_probs, out)
     np.testing.assert_array_equal(out, keep_probs[slots])

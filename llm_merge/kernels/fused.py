@@ -87,11 +87,11 @@ class MagnitudeRanks(NamedTuple):
     """Where magprune's doubled midranks come from: this chunk's slice of whole-tensor ranks, or rank tables."""
 
     chunk: tuple  # per model: its ranks of this chunk's elements (uint32; empty when tables are used)
-    tables: tuple  # per model: its ``RankTable.keys`` and per-slot keep probabilities; empty arrays: none
+    tables: tuple  # per model: its ``RankTable.index`` and per-slot keep probabilities; empty arrays: none
 
 
 #: ``MagnitudeRanks.tables`` without rank tables (the types numba compiles ``_fused_chunk`` for).
-_NO_TABLES = (tuple(np.zeros(0, dtype) for dtype in (np.uint32, np.int64, np.int32, np.int64, np.float64)),)
+_NO_TABLES = ((np.zeros(0, np.uint64), np.zeros(0, np.float64)),)
 
 
 @njit(**JIT_OPTIONS)
@@ -118,8 +118,8 @@ def _fused_chunk(raws, base_raw, has_base, offset, sparsifier, ranks, merger, bu
         task_vector_block(raws, base_raw, has_base, s, m, rows, rows_bits, base, base_bits, nonfinite)
         if streamed_ranks:  # magprune's keep probabilities, per distinct |t|
             for i in range(k):
-                values, starts, dense_of, sub_starts, keep_probs = tables[i]
-                slot_values_block(rows_bits[i], m, (values, starts, dense_of, sub_starts), keep_probs, block_probs)
+                index, keep_probs = tables[i]
+                slot_values_block(rows_bits[i], m, index, keep_probs, block_probs)
                 magprune_keeps_block(rows[i], rows[i], m, block_probs, sparsifier.keys[i], offset + s,
                                      sparsifier.rescale)
         else:
@@ -162,7 +162,7 @@ class FusedChunks:
         self.ranks = [s.get("doubled_midranks") for s in stats]
         tables = [s.get("rank_table") for s in stats]
         streamed = bool(tables) and all(t is not None for t in tables)
-        self.tables = tuple((*t.keys, magprune_slot_probs(t.ranks, self.sparsifier.top[i], self.sparsifier.step[i]))
+        self.tables = tuple((t.index, magprune_slot_probs(t.ranks, self.sparsifier.top[i], self.sparsifier.step[i]))
                             for i, t in enumerate(tables)) if streamed else _NO_TABLES
         self._no_ranks = np.zeros(0, np.uint32)
         self._next_start = 0

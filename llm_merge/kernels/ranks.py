@@ -8,13 +8,13 @@ Key = the 31 magnitude bits of a float32 (NaN patterns are just large keys); buc
 bits, low = its low 16 bits. A *plain* entry has low bits 0 (bfloat16 and float16 deltas mostly
 do), so its bucket alone gives its key; the other, *mixed*, keys are collected and sorted. A
 ``RankTable`` gives every distinct key a *slot*: bucket b's plain key slot b, the u-th distinct
-mixed key slot ``BUCKETS + u``; ``RankTable.ranks`` holds each slot's doubled rank.
+mixed key slot ``BUCKETS + u`` (found through a hash index of the mixed keys); ``RankTable.ranks``
+holds each slot's doubled rank.
 ``slot_values_block`` looks up entries' per-slot values (no state, any order), so that they (ranks, or
 keep probabilities: ``kernels.method_blocks``) are computed once per distinct key.
 ``magnitude_midranks`` ranks a whole vector this way; ``kernels.streamed_ranks`` builds the tables chunk by
 chunk instead.
 """
-
 from __future__ import annotations
 
 import numpy as np
@@ -26,12 +26,8 @@ from llm_merge.kernels.cache import configure_kernel_caches
 #: Buckets of the 31-bit magnitude key by its top 15 bits.
 BUCKETS = 1 << 15
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
-#: A bucket with at least this many distinct mixed keys (float32 deltas) gets a sub-index by the top
-#: ``_SUB_BITS`` of their low bits, so its binary searches stay short and in cache (at most 4 bytes of
-#: index per distinct key).
-DENSE_MIN = 4096
-_SUB_BITS = 12
-_SUB = (1 << _SUB_BITS) + 1  # sub-index entries per dense bucket
+#: Multiplier of the mixed-key hash (Fibonacci hashing: the top bits of key * 2^64 / golden ratio).
+_HASH = np.uint64(0x9E3779B97F4A7C15)
 #: Mixed keys of at most this many are sorted by NumPy; more by a two-pass radix sort.
 _RADIX_MIN = 1 << 16
 
@@ -74,34 +70,35 @@ def _sorted(keys: np.ndarray) -> np.ndarray:
 
 
 @njit(**JIT_OPTIONS)
-def _sub_index(values, starts):
-    """(dense_of, sub): dense_of[b] = -1, or d for the d-th bucket with at least ``DENSE_MIN`` distinct
-    mixed keys, whose keys with top low bits h start at sub[d * _SUB + h] in ``values``."""
-    buckets = starts.size - 1
-    dense_of = np.full(buckets, -1, np.int32)
-    dense = 0
-    for b in range(buckets):
-        if starts[b + 1] - starts[b] >= DENSE_MIN:
-            dense_of[b] = dense
-            dense += 1
-    sub = np.empty(dense * _SUB, np.int64)
-    for b in range(buckets):
-        d = dense_of[b]
-        if d < 0:
-            continue
-        u = starts[b]
-        for h in range(_SUB):  # sub[h] = first key of the bucket whose low bits >> (16 - _SUB_BITS) are >= h
-            while u < starts[b + 1] and np.int64(values[u] & 0xFFFF) >> (16 - _SUB_BITS) < h:
-                u += 1
-            sub[d * _SUB + h] = u
-    return dense_of, sub
+def _mixed_index(values):
+    """Open-addressing hash index of the distinct mixed keys ``values``: entries (key << 32) | u for the
+    u-th key, 0 where empty (a mixed key is never 0), at most half full, probed linearly from
+    ``_home(key)``. A lookup touches a cache line or two, where a binary search among the bucket's keys
+    touched four or five (per-bucket starts, the keys, the table): 60 ns per mixed entry on della's
+    apply pass, against ~25."""
+    size = 16
+    while size < 2 * values.size:
+        size *= 2
+    index = np.zeros(size, np.uint64)
+    for u in range(values.size):
+        key = np.uint64(values[u])
+        h = _home(key, size)
+        while index[h] != 0:
+            h = (h + 1) & (size - 1)
+        index[h] = (key << np.uint64(32)) | np.uint64(u)
+    return index
+
+
+@njit(inline="always", **JIT_OPTIONS)
+def _home(key, size):
+    """A key's first probe in an index of ``size`` (a power of two) entries."""
+    return np.int64((np.uint64(key) * _HASH) >> np.uint64(32)) & (size - 1)
 
 
 @njit(**JIT_OPTIONS)
 def _rank_table(counts, mixed, values):
-    """(mixed_values, mixed_starts, ranks): the distinct mixed keys (uint32, ascending), where each
-    bucket's start among them (int64), and every slot's doubled rank (int64), from the bucket counts,
-    their mixed counts and the sorted mixed keys ``values``.
+    """(mixed_values, ranks): the distinct mixed keys (uint32, ascending) and every slot's doubled rank
+    (int64), from the bucket counts, their mixed counts and the sorted mixed keys ``values``.
 
     Keys larger than bucket h's plain key: those of larger buckets and h's mixed ones. Keys larger
     than a mixed key v of bucket h: those of larger buckets and h's mixed ones above v.
@@ -118,7 +115,6 @@ def _rank_table(counts, mixed, values):
     mixed_values = np.empty(distinct, values.dtype)
     ranks = np.empty(buckets + distinct, np.int64)
     ranks[:buckets] = 2 * (above + mixed) + (counts - mixed) - 1  # plain keys (unused where a bucket has none)
-    mixed_starts = np.zeros(buckets + 1, np.int64)
     u = distinct
     bucket_end = values.size  # end of the current bucket's run in ``values``, walking down
     j = values.size
@@ -132,47 +128,29 @@ def _rank_table(counts, mixed, values):
         u -= 1
         mixed_values[u] = values[j - 1]
         ranks[buckets + u] = 2 * (above[bucket] + (bucket_end - j)) + (j - first) - 1
-        mixed_starts[bucket + 1] += 1
         j = first
-    for b in range(buckets):
-        mixed_starts[b + 1] += mixed_starts[b]
-    return mixed_values, mixed_starts, ranks
+    return mixed_values, ranks
 
 
 class RankTable:
     """The slots of every distinct |t| of one vector and their doubled midranks (``ranks``): slot b
     for bucket b's plain key, ``BUCKETS + u`` for the u-th distinct mixed key (``mixed_values``,
-    sorted; bucket b's start among them ``mixed_starts[b]``)."""
+    sorted; ``index``: their hash index, ``_mixed_index``)."""
 
     def __init__(self, counts: np.ndarray, mixed: np.ndarray, mixed_keys: np.ndarray) -> None:
-        self.mixed_values, self.mixed_starts, self.ranks = _rank_table(counts, mixed, _sorted(mixed_keys))
-        self.dense_of, self.sub_starts = _sub_index(self.mixed_values, self.mixed_starts)
-
-    @property
-    def keys(self) -> tuple:
-        """What ``slot_values_block`` reads, in its order."""
-        return self.mixed_values, self.mixed_starts, self.dense_of, self.sub_starts
+        self.mixed_values, self.ranks = _rank_table(counts, mixed, _sorted(mixed_keys))
+        self.index = _mixed_index(self.mixed_values)
 
 
 @njit(inline="always", **JIT_OPTIONS)
-def _mixed_slot(key, values, starts, dense_of, sub):
-    """The slot of a mixed key (nonzero low 16 bits): ``BUCKETS`` plus its index among its bucket's distinct
-    mixed keys, by binary search (of a dense bucket: among those of its sub-index entry). Returns after its
-    search loop: a helper that returned from inside it ran 20x slower (33 against 1.8 ns, numba 0.68)."""
-    bucket = key >> 16
-    d = dense_of[bucket]
-    if d < 0:
-        low, high = starts[bucket], starts[bucket + 1]
-    else:
-        h = d * _SUB + ((key & 0xFFFF) >> (16 - _SUB_BITS))
-        low, high = sub[h], sub[h + 1]
-    while low < high:  # numba's np.searchsorted on a slice costs ~0.2 us a call
-        middle = (low + high) >> 1
-        if values[middle] < key:
-            low = middle + 1
-        else:
-            high = middle
-    return BUCKETS + low
+def _mixed_slot(key, index):
+    """The slot of a mixed key (nonzero low 16 bits, in ``index``): ``BUCKETS`` plus its index among the
+    distinct mixed keys."""
+    size = index.size
+    h = _home(key, size)
+    while index[h] >> np.uint64(32) != np.uint64(key):
+        h = (h + 1) & (size - 1)
+    return BUCKETS + np.int64(index[h] & np.uint64(0xFFFFFFFF))
 
 
 #: Entries whose slots ``slot_values_block`` takes in one vectorized step, with one test for mixed keys among
@@ -181,13 +159,12 @@ _GROUP = 16
 
 
 @njit(**JIT_OPTIONS)
-def slot_values_block(bits, m, keys, table, out):
+def slot_values_block(bits, m, index, table, out):
     """out[j] = table[slot] for the slot of the float32 bit pattern ``bits[j]`` (sign ignored) in a
-    ``RankTable`` (``keys``: its ``RankTable.keys``), j < m: a plain key's slot is its bucket, a mixed key's
-    ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a mixed key is searched
-    entry by entry. No slot is written in between: writing the slots out and gathering from them in a
-    second loop cost della's apply pass 0.6 ns more per entry and model (bfloat16 deltas)."""
-    values, starts, dense_of, sub = keys
+    ``RankTable`` (``index``: its ``RankTable.index``), j < m: a plain key's slot is its bucket, a mixed
+    key's ``_mixed_slot``. Buckets come ``_GROUP`` entries at a time; only a group holding a mixed key is
+    searched entry by entry. No slot is written in between: writing the slots out and gathering from them
+    in a second loop cost della's apply pass 0.6 ns more per entry and model (bfloat16 deltas)."""
     whole = m - m % _GROUP
     for g in range(0, whole, _GROUP):
         low_bits = np.uint32(0)
@@ -199,10 +176,10 @@ def slot_values_block(bits, m, keys, table, out):
             for j in range(g, g + _GROUP):
                 key = np.int64(bits[j] & _MAGNITUDE)
                 if key & 0xFFFF:
-                    out[j] = table[_mixed_slot(key, values, starts, dense_of, sub)]
+                    out[j] = table[_mixed_slot(key, index)]
     for j in range(whole, m):
         key = np.int64(bits[j] & _MAGNITUDE)
-        out[j] = table[_mixed_slot(key, values, starts, dense_of, sub) if key & 0xFFFF else key >> 16]
+        out[j] = table[_mixed_slot(key, index) if key & 0xFFFF else key >> 16]
 
 
 @njit(**JIT_OPTIONS)
@@ -276,8 +253,8 @@ def magnitude_midranks(t: np.ndarray) -> np.ndarray:
     """Doubled midrank of every |t| (any shape, flattened): uint32 up to 2^31 elements, else int64.
 
     Through rank tables where few entries are mixed (extra memory: 4 bytes per mixed entry and the
-    sort's buffer, 12 per distinct mixed key, 4 per entry of slots), else by sorting (16 bytes per
-    entry: ``_sorted_midranks``).
+    sort's buffer, 28 to 44 per distinct mixed key), else by sorting (16 bytes per entry:
+    ``_sorted_midranks``).
     """
     bits = np.ascontiguousarray(t, dtype=np.float32).ravel().view(np.uint32)
     counts = np.zeros(BUCKETS, np.int64)
@@ -295,7 +272,7 @@ def magnitude_midranks(t: np.ndarray) -> np.ndarray:
     del keys
     ranks = table.ranks.astype(out_type)
     out = np.empty(bits.size, out_type)
-    slot_values_block(bits, bits.size, table.keys, ranks, out)
+    slot_values_block(bits, bits.size, table.index, ranks, out)
     return out
 
 

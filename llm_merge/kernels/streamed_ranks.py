@@ -35,9 +35,10 @@ class StreamingRanks(MagnitudeHistogram):
     #: it need not run alone across workers), but may always take this fraction of its elements (a
     #: 49M-element embedding of 3 models, 256 MB: 11.4%).
     MIXED_FRACTION_MIN = 1 / 32
-    #: Bytes per mixed entry and model the tables may take: 4 per collected value, 12 per distinct one
-    #: (value, next rank) and the sort and unique temporaries while one model's table is built; 10.3 at
-    #: the peak measured (tracemalloc; a 24.6M-element embedding, 3 models, 16.5% of the entries mixed).
+    #: Bytes per mixed entry and model the tables may take: 4 per collected value; per distinct one 12
+    #: (value, rank) and 16 to 32 of hash index; the sort's temporaries while one model's table is built.
+    #: 9.4 at the peak measured (resident memory; 24.6M elements, 3 models of bfloat16 deltas, 15.4% of the
+    #: entries mixed, 3.5% of those distinct).
     BYTES_PER_MIXED = 16
 
     @classmethod
