@@ -28,8 +28,9 @@ BUCKETS = 1 << 15
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
 #: Multiplier of the mixed-key hash (Fibonacci hashing: the top bits of key * 2^64 / golden ratio).
 _HASH = np.uint64(0x9E3779B97F4A7C15)
-#: Mixed keys of at most this many are sorted by NumPy; more by a two-pass radix sort.
-_RADIX_MIN = 1 << 16
+#: Mixed keys of at most this many are sorted by NumPy; more by a two-pass radix sort (random 31-bit keys:
+#: 0.13 against 0.11 ms at 8000, 0.75 against 0.21 ms at 34000; NumPy 2.4's sort of uint32).
+_RADIX_MIN = 1 << 13
 
 
 @njit(**JIT_OPTIONS)
