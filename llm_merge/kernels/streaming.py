@@ -51,8 +51,7 @@ def float_of_bits(bits) -> float:
 _BUCKETS, _LOWS = 1 << 15, 1 << 16
 #: Spare histogram slots for entries outside the refined bucket (spread, so increments do not queue on one counter).
 _OUTSIDE_SLOTS = 256
-
-
+#: A float32's magnitude bits (sign cleared), and the low 16 of them (nonzero: a mixed entry).
 _MAGNITUDE, _LOW_BITS = np.uint32(0x7FFFFFFF), np.uint32(0xFFFF)
 
 
@@ -106,7 +105,7 @@ def _magnitude_pass(raws, base_raw, has_base, n, buffers, refine, high, counts, 
             if refine:
                 h = np.int64(high[i])
                 for j in range(m):
-                    low = np.int64(bits[j] & np.uint32(0x7FFFFFFF)) - (h << 16)
+                    low = np.int64(bits[j] & _MAGNITUDE) - (h << 16)
                     histogram[low if 0 <= low < _LOWS else _LOWS + (j & (_OUTSIDE_SLOTS - 1))] += 1
                 continue
             odd_histogram = odd_counts[i]
