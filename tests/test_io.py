@@ -1,6 +1,7 @@
 """Checkpoint I/O: dtype round trips, sharded indexes, header validation, layout."""
 
 import dataclasses
+import errno
 import json
 import os
 import struct
@@ -252,3 +253,52 @@ def test_released_output_pages_leave_the_merged_bytes_unchanged(tmp_path, monkey
     kept = run(tmp_path / "kept")
     monkeypatch.setattr(shards.ShardWriter, "CACHED_BYTES", 0)  # every write released at once (workers fork: inherited)
     assert run(tmp_path / "released") == kept
+
+
+def _failing_fallocate(code):
+    import ctypes
+
+    def fallocate(fd, mode, offset, length):
+        ctypes.set_errno(code)
+        return -1
+
+    return fallocate
+
+
+def test_output_shards_reserve_their_space(tmp_path):
+    """A created shard has its header, its planned size and, where the file system can, its blocks reserved."""
+    from llm_merge.io import shards
+
+    shard = dataclasses.make_dataclass("Shard", ["file", "header", "size"])("s.safetensors", b"header!", 1 << 20)
+    shards.create_shards(tmp_path, [shard])
+    path = tmp_path / shard.file
+    assert path.stat().st_size == shard.size
+    assert path.read_bytes()[:7] == b"header!" and not any(path.read_bytes()[7:])
+    if shards._fallocate is None:
+        pytest.skip("no fallocate on this platform")
+    with open(tmp_path / "probe", "wb") as probe:
+        if shards._fallocate(probe.fileno(), 0, 0, 4096) != 0:
+            pytest.skip("this file system cannot reserve space")  # tmpfs on old kernels, ZFS
+    assert path.stat().st_blocks * 512 >= shard.size  # a sparse file holds a block or two
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL])
+def test_a_file_system_that_cannot_reserve_space_gets_a_sparse_file(tmp_path, monkeypatch, code):
+    from llm_merge.io import shards
+
+    monkeypatch.setattr(shards, "_fallocate", _failing_fallocate(code))
+    with open(tmp_path / "f", "wb") as handle:
+        handle.write(b"abc")
+        handle.flush()
+        shards.allocate(handle.fileno(), 10_000)
+    assert (tmp_path / "f").read_bytes() == b"abc" + b"\0" * 9_997
+
+
+def test_a_full_disk_fails_when_the_shards_are_created(tmp_path, monkeypatch):
+    """No space for the output: refused before any merging, with the file and the reason named."""
+    from llm_merge.io import shards
+
+    monkeypatch.setattr(shards, "_fallocate", _failing_fallocate(errno.ENOSPC))
+    shard = dataclasses.make_dataclass("Shard", ["file", "header", "size"])("s.safetensors", b"h", 4096)
+    with pytest.raises(MergeError, match=r"s\.safetensors: cannot create output shard: No space left on device"):
+        shards.create_shards(tmp_path, [shard])

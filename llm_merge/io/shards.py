@@ -1,4 +1,5 @@
-"""Output shards: created with their final header and size, filled at planned offsets, verified.
+"""Output shards: created with their final header and size (disk space reserved where the file system
+can), filled at planned offsets, verified.
 
 Workers write each tensor at its planned offset, in any order (``ShardWriter``). Written ranges
 are pushed to disk as the merge goes and then dropped from the page cache, so the final fsync
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import os
 import sys
 from pathlib import Path
@@ -26,27 +28,49 @@ def create_shards(directory: Path, shards: Sequence) -> None:
         try:
             with open(directory / shard.file, "wb") as handle:
                 handle.write(shard.header)
-                handle.truncate(shard.size)
+                handle.flush()
+                allocate(handle.fileno(), shard.size)
         except OSError as exc:
             raise MergeError(f"{directory / shard.file}: cannot create output shard: {exc.strerror}") from exc
 
 
-def _load_sync_file_range() -> Optional[Callable[[int, int, int, int], int]]:
-    """libc's ``sync_file_range(fd, offset, nbytes, flags)`` (Linux), or None where it is missing."""
+def _libc_function(name: str, argtypes: tuple) -> Optional[Callable[..., int]]:
+    """A Linux libc function returning int, or None where it is missing."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
 
 
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint))
+#: ``fallocate(fd, mode, offset, length)``: Linux's own call, which fails where the file system cannot
+#: reserve space (glibc's ``posix_fallocate`` would then write the whole file instead).
+_fallocate = _libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64))
+#: errno values meaning "this file system (or kernel) cannot reserve space": the size is then set sparse.
+_NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def allocate(fd: int, size: int) -> None:
+    """Make an open file ``size`` bytes long with its disk space reserved, where the file system can.
+
+    Writes into reserved space cost less CPU than into a sparse file (a 520 MB shard written as a
+    worker writes it: 0.13-0.14 s of system time against 0.18-0.21 s on ext4), and a full disk fails
+    here, before any merging, instead of part-way through (ENOSPC, raised as OSError). Where space cannot
+    be reserved (tmpfs on old kernels, NFS, ZFS, not Linux), the file is extended sparse.
+    """
+    if _fallocate is not None and size > 0:
+        if _fallocate(fd, 0, 0, size) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in _NOT_SUPPORTED:
+            raise OSError(code, os.strerror(code))
+    os.ftruncate(fd, size)
 _PAGE = 4096
 
 

@@ -58,6 +58,7 @@ from typing import Any, Optional, Sequence
 from llm_merge.config.options import MergeConfig
 from llm_merge.errors import MergeError
 from llm_merge.io import writer
+from llm_merge.io.shards import allocate
 from llm_merge.io.signals import stop_signals_raise
 from llm_merge.run.heartbeat import Silence, beating, presumed_dead
 from llm_merge.run.journal import JournalingFactory, verified_tensors
@@ -226,8 +227,10 @@ def _create_shards_exclusively(staging: Path, shards: Sequence[Any]) -> None:
             raise MergeError(f"{path}: cannot create output shard: {exc.strerror}") from exc
         try:
             os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.size)
+            allocate(fd, shard.size)
             os.fsync(fd)
+        except OSError as exc:
+            raise MergeError(f"{path}: cannot create output shard: {exc.strerror}") from exc
         finally:
             os.close(fd)
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 from llm_merge.errors import MergeError
 from llm_merge.io.gguf_output.layout import GGUFLayout
+from llm_merge.io.shards import allocate
 from llm_merge.io.signals import stop_signals_raise
 from llm_merge.io.writer import check_output_path, fsync_directory, publish, staging_directory, write_json
 
@@ -41,7 +42,8 @@ def create_gguf(directory: Path, layout: GGUFLayout) -> None:
             for offset, data in layout.generated:
                 handle.seek(offset)
                 handle.write(data)
-            handle.truncate(layout.size)
+            handle.flush()
+            allocate(handle.fileno(), layout.size)
     except OSError as exc:
         raise MergeError(f"{path}: cannot create the GGUF file: {exc.strerror}") from exc
 
