@@ -485,3 +485,36 @@ def test_input_truncated_during_the_run(tmp_path, pair, fold_inputs, path):
                             env={**os.environ, "LLM_MERGE_NUMBA": numba, "TRUNCATE_AFTER_PLAN": str(victim)})
     assert_failed_cleanly(result, out, "failed on tensor ", f"{victim}: unexpected end of file at byte")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_worker_that_cannot_start_surfaces_its_own_error_and_stops_the_others(monkeypatch):
+    """Fork failing for the second worker (out of memory or processes) is the error raised, not a failure to
+    stop a worker that never started, and the first worker does not outlive the call."""
+    from types import SimpleNamespace
+
+    import multiprocess.process
+
+    from llm_merge.run.pool import run_tasks
+
+    started = []
+    real_start = multiprocess.process.BaseProcess.start
+
+    def start(process):
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        real_start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocess.process.BaseProcess, "start", start)
+
+    class Worker:
+        def run(self, task):
+            time.sleep(60)
+
+        def close(self):
+            pass
+
+    tasks = [SimpleNamespace(name=f"t{i}", in_bytes=1, out_bytes=1, out=SimpleNamespace(file="f")) for i in range(3)]
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        run_tasks(tasks, Worker, 2, quiet=True, desc="test", start_method="fork")
+    assert len(started) == 1 and not started[0].is_alive()

@@ -245,9 +245,11 @@ def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int]
     ]
     current: dict[int, int | None] = {}
     finished = set()
+    started = []  # a worker that could not start is not stopped (joining it would raise, hiding the reason)
     try:
         for worker in workers:
             worker.start()
+            started.append(worker)
         done = 0
         while done < len(tasks) or len(finished) < n_workers:
             try:
@@ -269,10 +271,10 @@ def _run_pool(tasks, order, make_worker, n_workers: int, advance: Callable[[int]
                 where = f" on tensor {tasks[index].name}" if index is not None else ""
                 raise MergeError(f"worker {worker_id} failed{where}: {message[3]}")
     finally:
-        for worker in workers:
+        for worker in started:
             if worker.is_alive():
                 worker.terminate()
-        for worker in workers:
+        for worker in started:
             worker.join(timeout=5)
             if worker.is_alive():
                 worker.kill()
