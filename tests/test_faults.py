@@ -172,6 +172,26 @@ def test_full_disk_leaves_nothing(tmp_path, pair, monkeypatch):
     assert leftovers(out) == []
 
 
+def test_a_disk_too_small_for_the_output_fails_before_merging_and_leaves_nothing(tmp_path, pair, monkeypatch):
+    """The output's space is reserved when its files are created: no room fails there, before any tensor is
+    merged (no write is attempted)."""
+    import ctypes
+
+    from llm_merge.io import shards
+
+    def no_room(fd, mode, offset, length):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    writes = []
+    monkeypatch.setattr(shards, "_fallocate", no_room)
+    monkeypatch.setattr(os, "pwrite", lambda *args: writes.append(args))
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="cannot create output shard: No space left on device"):
+        merge(MergeConfig(model_path_list=[str(pair["ft1"]), str(pair["ft2"])], output_path=str(out), quiet=True))
+    assert leftovers(out) == [] and writes == []
+
+
 def test_stale_staging_directory_is_removed(tmp_path, pair):
     out = tmp_path / "out"
     stale = tmp_path / f".out.llm_merge-tmp-{dead_pid()}-deadbeef"
