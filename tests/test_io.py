@@ -294,6 +294,29 @@ def test_a_file_system_that_cannot_reserve_space_gets_a_sparse_file(tmp_path, mo
     assert (tmp_path / "f").read_bytes() == b"abc" + b"\0" * 9_997
 
 
+def test_reserving_space_is_tried_again_when_a_signal_interrupts_it(tmp_path, monkeypatch):
+    import ctypes
+
+    from llm_merge.io import shards
+
+    if shards._fallocate is None:
+        pytest.skip("no fallocate on this platform")
+    real_fallocate = shards._fallocate
+    calls = []
+
+    def interrupted_once(fd, mode, offset, length):
+        calls.append(length)
+        if len(calls) == 1:
+            ctypes.set_errno(errno.EINTR)
+            return -1
+        return real_fallocate(fd, mode, offset, length)
+
+    monkeypatch.setattr(shards, "_fallocate", interrupted_once)
+    with open(tmp_path / "f", "wb") as handle:
+        shards.allocate(handle.fileno(), 8192)
+    assert calls == [8192, 8192] and (tmp_path / "f").stat().st_size == 8192
+
+
 def test_a_full_disk_fails_when_the_shards_are_created(tmp_path, monkeypatch):
     """No space for the output: refused before any merging, with the file and the reason named."""
     from llm_merge.io import shards

@@ -64,13 +64,17 @@ def allocate(fd: int, size: int) -> None:
     here, before any merging, instead of part-way through (ENOSPC, raised as OSError). Where space cannot
     be reserved (tmpfs on old kernels, NFS, ZFS, not Linux), the file is extended sparse.
     """
-    if _fallocate is not None and size > 0:
+    while _fallocate is not None and size > 0:
         if _fallocate(fd, 0, 0, size) == 0:
             return
         code = ctypes.get_errno()
-        if code not in _NOT_SUPPORTED:
+        if code in _NOT_SUPPORTED:
+            break
+        if code != errno.EINTR:  # a signal interrupted the call: it is made again (as Python's os calls are)
             raise OSError(code, os.strerror(code))
     os.ftruncate(fd, size)
+
+
 _PAGE = 4096
 
 
