@@ -278,7 +278,7 @@ def test_output_shards_reserve_their_space(tmp_path):
         pytest.skip("no fallocate on this platform")
     with open(tmp_path / "probe", "wb") as probe:
         if shards._fallocate(probe.fileno(), 0, 0, 4096) != 0:
-            pytest.skip("this file system cannot reserve space")  # tmpfs on old kernels, ZFS
+            pytest.skip("this file system cannot reserve space")
     assert path.stat().st_blocks * 512 >= shard.size  # a sparse file holds a block or two
 
 

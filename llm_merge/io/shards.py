@@ -62,7 +62,7 @@ def allocate(fd: int, size: int) -> None:
     Writes into reserved space cost less CPU than into a sparse file (a 520 MB shard written as a
     worker writes it: 0.13-0.14 s of system time against 0.18-0.21 s on ext4), and a full disk fails
     here, before any merging, instead of part-way through (ENOSPC, raised as OSError). Where space cannot
-    be reserved (tmpfs on old kernels, NFS, ZFS, not Linux), the file is extended sparse.
+    be reserved (the file system does not support fallocate, or not Linux), the file is extended sparse.
     """
     while _fallocate is not None and size > 0:
         if _fallocate(fd, 0, 0, size) == 0:
