@@ -18,6 +18,7 @@ from typing import Any
 from llm_merge import methods
 from llm_merge.config.options import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.plan.layout import MergePlan
+from llm_merge.run.chunks import reads_inputs_again
 from llm_merge.run.engine import MergerFactory, TensorMerger
 
 #: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
@@ -58,7 +59,7 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     elif sparsifier.prepare:
         statistics = STREAMED_STATISTICS_BYTES
     per_worker = PROCESS_BYTES + statistics
-    if sparsifier.prepare or methods.get("merge", cfg.merge_type).reduce:  # inputs mapped from pass to pass
+    if reads_inputs_again(sparsifier, methods.get("merge", cfg.merge_type)):  # inputs mapped from pass to pass
         per_worker += min(TensorMerger.KEEP_MAPPED_BYTES, max((t.in_bytes for t in merged), default=0))
     return {
         "merge_method": cfg.merge_method or f"{cfg.sparsify_type} + {cfg.merge_type}",

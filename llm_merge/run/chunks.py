@@ -45,6 +45,12 @@ def slice_per_element(stats: dict[str, Any], start: int, count: int, numel: int)
     return {k: (v[start : start + count] if getattr(v, "shape", None) == (numel,) else v) for k, v in stats.items()}
 
 
+def reads_inputs_again(sparsifier: Any, merger: Any) -> bool:
+    """Whether a method passes over a task's inputs more than once: statistics (a sparsifier's ``prepare``,
+    a merge's ``reduce``), then the apply pass. Such a task may keep its chunks mapped (``KeptMappings``)."""
+    return bool(sparsifier.prepare or merger.reduce)
+
+
 class KeptMappings:
     """The mapped input chunks of one task, kept from one pass over its inputs to the next.
 

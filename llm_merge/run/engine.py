@@ -36,7 +36,7 @@ from llm_merge.io.shards import ShardWriter
 from llm_merge.kernels.counter_rng import CounterRNG, draw_key
 from llm_merge.plan.layout import TensorTask
 from llm_merge.run.binding import call, per_model_options, task_options
-from llm_merge.run.chunks import KeptMappings, chunk_ranges, lane_of, run_statistic, slice_per_element
+from llm_merge.run.chunks import KeptMappings, chunk_ranges, lane_of, reads_inputs_again, run_statistic, slice_per_element
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class TensorMerger:
         self._model_options = per_model_options(self.options, len(task.inputs))
         keys = [draw_key(self.cfg.seed, task.name, i) for i in indices]
         self._engine_values = {"ops": self.ops, "host": self.host, "numel": n, "shape": task.shape}
-        self._mapped.start(bool(self.sparsifier.prepare or self.merger.reduce) and task.in_bytes <= self.KEEP_MAPPED_BYTES)
+        self._mapped.start(reads_inputs_again(self.sparsifier, self.merger) and task.in_bytes <= self.KEEP_MAPPED_BYTES)
         prepared = None
         if self.sparsifier.prepare:
             prepared = self._streamed_prepare(task, keys) or [self._prepare(task, i, keys[i]) for i in range(len(task.inputs))]
