@@ -23,8 +23,9 @@ block of ``tie_block`` elements (at most 65536 blocks); pass 4 sums the squares 
 exactly (``kernels.l1_sums`` slots, so no chunking or worker count changes a bit) and, for the one
 block where the tied entries are cut, each tied entry's position and squares. The apply pass
 recomputes v per chunk (``host.variance_keys``: compiled where numba is) and keeps an entry when its
-key is above the threshold key, or equal at an index at or past the cut. Statistics: a few 65536-entry histograms per tensor. Host NumPy
-(``ops.to_numpy``), so the Paddle backend gives the same bits.
+key is above the threshold key, or equal at an index at or past the cut. Statistics: a few
+65536-entry histograms per tensor. Host NumPy (``ops.to_numpy``), so the Paddle backend gives the
+same bits.
 """
 
 from __future__ import annotations
