@@ -95,6 +95,37 @@ def test_magnitude_midranks_share_ties():
     np.testing.assert_array_equal(NumpyOps(compiled=False).doubled_midranks(T), [6, 0, 3, 3, 8])
 
 
+def _counted_midranks(x):
+    """Doubled midranks by binary search in the sorted magnitude keys (float32 bits, sign cleared)."""
+    keys = np.asarray(x, np.float32).ravel().view(np.uint32) & np.uint32(0x7FFFFFFF)
+    ascending = np.sort(keys)
+    below = np.searchsorted(ascending, keys, side="left")
+    not_above = np.searchsorted(ascending, keys, side="right")
+    return 2 * (keys.size - not_above) + (not_above - below) - 1
+
+
+def _bfloat16_deltas(n, mixed_fraction, seed):
+    """Differences of bfloat16 values (mostly exact in bfloat16: plain keys), with ``mixed_fraction`` of
+    the entries given low mantissa bits, and zeros, -0, subnormals, infinities and NaN among them."""
+    rng = np.random.default_rng(seed)
+    t = (rng.normal(scale=1e-3, size=n).astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    mixed = rng.random(n) < mixed_fraction
+    t[mixed] = (t[mixed].view(np.uint32) | rng.integers(1, 4, mixed.sum(), dtype=np.uint32)).view(np.float32)
+    t[::97] = 0.0
+    t[1::101] = -0.0
+    t[2:40:3] = [1e-41, -1e-41, np.inf, -np.inf, np.nan, -np.nan, 3e38, 1e-45, -1e-45, 5e-39, 5e-39, 7.0, -7.0]
+    return t
+
+
+@pytest.mark.parametrize("mixed_fraction", [0.0, 0.01, 0.5, 1.0])
+def test_numpy_midranks_match_counted_ones(mixed_fraction):
+    """Plain NumPy ranks plain keys by bucket counts and sorts the mixed ones, or sorts every key where
+    most are mixed: the same ranks either way, mixed keys tying with each other and sharing buckets with
+    plain ones."""
+    t = _bfloat16_deltas(30_011, mixed_fraction, seed=int(mixed_fraction * 100))
+    np.testing.assert_array_equal(NumpyOps(compiled=False).doubled_midranks(t), _counted_midranks(t))
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_magprune_keeps_tied_rows_at_one_rate(compiled):
     """All |t| equal (bf16 deltas tie massively): the first and the last rows keep entries at the same rate,

@@ -49,6 +49,42 @@ _EXPONENT_BITS = {2: (np.uint16, np.uint16(0x7C00)), 4: (np.uint32, np.uint32(0x
                   8: (np.uint64, np.uint64(0x7FF0000000000000))}
 
 
+#: Magnitude keys (float32 bits, sign cleared) by their top 15 bits; a key whose low 16 bits are 0 is
+#: *plain* (most bfloat16 and float16 deltas are), any other key *mixed*.
+_BUCKETS = 1 << 15
+#: Keys more often mixed than this are ranked by sorting them all (float32 deltas), else plain keys by
+#: their bucket counts and only the mixed ones by sorting: 7 against 283 ns per entry on bfloat16 deltas.
+_MIXED_FRACTION_SORTED = 1 / 5
+
+
+def _sorted_midranks(keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doubled midrank per distinct key, each entry's distinct-key index), by sorting every key."""
+    _, slots, equal = np.unique(keys, return_inverse=True, return_counts=True)
+    larger = n - np.cumsum(equal)  # distinct keys ascending: entries above each
+    return 2 * larger + equal - 1, slots.ravel()
+
+
+def _bucketed_midranks(keys: np.ndarray, is_mixed: np.ndarray, n_mixed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doubled midrank per slot, each entry's slot): slot b for bucket b's plain key, ``_BUCKETS + u`` for
+    the u-th distinct mixed key. Keys above bucket b's plain key: those of larger buckets and b's mixed
+    ones; above a mixed key v of bucket b: those of larger buckets and b's mixed keys above v."""
+    buckets = (keys >> np.uint32(16)).astype(np.intp)
+    counts = np.bincount(buckets, minlength=_BUCKETS)
+    mixed_buckets = buckets[is_mixed]
+    mixed_counts = np.bincount(mixed_buckets, minlength=_BUCKETS)
+    above = n - np.cumsum(counts)  # entries in larger buckets
+    plain = 2 * (above + mixed_counts) + (counts - mixed_counts) - 1
+    if not n_mixed:
+        return plain, buckets
+    distinct, mixed_slots, equal = np.unique(keys[is_mixed], return_inverse=True, return_counts=True)
+    of_bucket = (distinct >> np.uint32(16)).astype(np.intp)
+    # mixed entries above v inside its bucket: those up to the bucket's end less those up to v's end
+    larger = above[of_bucket] + np.cumsum(mixed_counts)[of_bucket] - np.cumsum(equal)
+    slots = buckets
+    slots[is_mixed] = _BUCKETS + mixed_slots.ravel()
+    return np.concatenate((plain, 2 * larger + equal - 1)), slots
+
+
 class NumpyOps:
     """Array operations on float32 NumPy arrays."""
 
@@ -134,11 +170,13 @@ class NumpyOps:
         if self._kernels:
             return self._kernels.doubled_midranks(flat)
         keys = flat.view(np.uint32) & np.uint32(0x7FFFFFFF)
-        distinct, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        del keys, distinct
-        larger = flat.size - np.cumsum(counts)  # distinct keys ascending: entries above each
-        doubled = 2 * larger + counts - 1
-        return doubled[inverse.ravel()].astype(np.uint32 if flat.size <= 1 << 31 else np.int64)
+        is_mixed = (keys & np.uint32(0xFFFF)) != 0
+        n_mixed = int(np.count_nonzero(is_mixed))
+        if n_mixed > _MIXED_FRACTION_SORTED * flat.size:
+            doubled, slots = _sorted_midranks(keys, flat.size)
+        else:
+            doubled, slots = _bucketed_midranks(keys, is_mixed, n_mixed, flat.size)
+        return doubled.astype(np.uint32 if flat.size <= 1 << 31 else np.int64)[slots]
 
     def streaming_peak_bytes(self, kernel: str, *, k: int, numel: int, budget: int) -> int:
         """Most memory the streamed statistics of k task vectors of ``numel`` elements take (rank tables,
