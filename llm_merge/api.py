@@ -13,6 +13,7 @@ from llm_merge.backends import get_ops
 from llm_merge.config.options import MergeConfig
 from llm_merge.config.validate import resolve
 from llm_merge.run.engine import MergerFactory
+from llm_merge.run.kernel_choice import worth_compiling
 from llm_merge.errors import ConfigError
 from llm_merge.io import pdparams, writer
 from llm_merge.io.gguf_output import import_gguf
@@ -68,7 +69,7 @@ def merge(cfg: MergeConfig) -> Path:
         if finalize is not None:
             pdparams.check_output_dtypes(plan.tasks)
         started = time.perf_counter()
-        factory = MergerFactory(cfg, compiled=MergerFactory.worth_compiling(sum(t.in_bytes for t in plan.tasks)))
+        factory = MergerFactory(cfg, compiled=worth_compiling(cfg, sum(t.in_bytes for t in plan.tasks)))
         if dist is not None:  # one merge shared by many ranks (paddle.distributed.launch, srun, --rank/--world_size)
             return ranks.merge_distributed(cfg, plan, factory, dist, output, output_records(cfg, plan))
         if cfg.output_format == "gguf":  # one .gguf file, converted tensor by tensor as it is merged

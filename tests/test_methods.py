@@ -128,6 +128,16 @@ def test_a_statistic_may_not_share_a_name_with_an_option():
                           produces=("scale",))(lambda ys, *, scale, ops: ys[0])
 
 
+def test_a_compiled_kernel_comes_with_its_measured_numpy_cost():
+    """The kernel choice (run.kernel_choice) weighs each method's NumPy cost: a kernel without one would never load."""
+    from llm_merge.errors import MergeError
+    from llm_merge.methods import registry
+
+    with pytest.raises(MergeError, match="numpy_seconds_per_gb"):
+        registry.register("merge", "uncosted", kernel="linear")(lambda ys, *, ops: ys[0])
+    assert "uncosted" not in registry.names("merge")
+
+
 def test_binding_names_the_parameter_that_has_no_value():
     from llm_merge.errors import MergeError
     from llm_merge.run.binding import call

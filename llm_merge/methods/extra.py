@@ -23,7 +23,8 @@ def _task_arithmetic_coefficients(reduced: dict, options: dict) -> list[float]:
     return list(options["weight_list"])
 
 
-@register("merge", "task_arithmetic", kernel="linear", fused=True, fused_coefficients=_task_arithmetic_coefficients)
+@register("merge", "task_arithmetic", kernel="linear", numpy_seconds_per_gb=0.6, fused=True,
+          fused_coefficients=_task_arithmetic_coefficients)
 def task_arithmetic(ys, *, weight_list, ops):
     """Task arithmetic: Σ w_i·t_i, never normalized (``scale``, mergekit's lambda, is applied by the engine)."""
     return weighted_sum(ys, weight_list, ops)
@@ -96,7 +97,8 @@ def _model_stock_coefficients(reduced: dict, options: dict) -> list[float]:
     return [t] * count
 
 
-@register("merge", "model_stock", reduce=model_stock_sums, produces=("sums",), kernel="gram", fused=True,
+@register("merge", "model_stock", reduce=model_stock_sums, produces=("sums",), kernel="gram",
+          numpy_seconds_per_gb=1.6, fused=True,
           fused_if=lambda options: not options["model_stock_filter_wise"], fused_coefficients=_model_stock_coefficients)
 def model_stock(ys, *, sums, model_stock_filter_wise, start, shape, ops):
     """Model Stock: t·mean(t_i) (the engine adds the base: t·mean(x_i) + (1−t)·b); t per tensor or per row."""
@@ -134,7 +136,8 @@ def _nuslerp_coefficients(reduced: dict, options: dict) -> list[float]:
     return [float(c0), float(c1)]
 
 
-@register("merge", "nuslerp", reduce=nuslerp_sums, produces=("sums",), inputs=2, kernel="gram", fused=True,
+@register("merge", "nuslerp", reduce=nuslerp_sums, produces=("sums",), inputs=2, kernel="gram",
+          numpy_seconds_per_gb=1.3, fused=True,
           fused_if=lambda options: options["nuslerp_flatten"], fused_coefficients=_nuslerp_coefficients)
 def nuslerp(ys, *, sums, weight_list, nuslerp_flatten, nuslerp_row_wise, start, shape, ops):
     """NuSLERP, t from the two weights: over the whole tensor, or per row (per column with nuslerp_row_wise)."""

@@ -81,7 +81,7 @@ def _fused_coefficients(reduced: dict, options: dict) -> list[float]:
     return karcher_coefficients(reduced["sums"], count, options["karcher_max_iter"], options["karcher_tol"])
 
 
-@register("merge", "karcher", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
+@register("merge", "karcher", reduce=gram_sums, produces=("sums",), kernel="gram", numpy_seconds_per_gb=2.5, fused=True,
           fused_coefficients=_fused_coefficients)
 def karcher(ys, *, sums, karcher_max_iter, karcher_tol, ops):
     """mergekit karcher: the equal-weight Karcher mean direction of the whole tensors, times their mean norm."""

@@ -28,7 +28,7 @@ def weighted_sum(ys, coefficients, ops):
     return total
 
 
-@register("merge", "linear", kernel="linear", fused=True, divides_by_weight_sum=True)
+@register("merge", "linear", kernel="linear", numpy_seconds_per_gb=0.6, fused=True, divides_by_weight_sum=True)
 def linear(ys, *, weight_list, normalize, ops):
     """Weighted sum; divided by the sum of weights when normalize."""
     total = weighted_sum(ys, weight_list, ops)
@@ -64,14 +64,14 @@ def _slerp_fused_coefficients(reduced: dict, options: dict) -> tuple[float, floa
                               options["slerp_dot_threshold"])
 
 
-@register("merge", "slerp", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
+@register("merge", "slerp", reduce=gram_sums, produces=("sums",), kernel="gram", numpy_seconds_per_gb=1.1, fused=True,
           fused_coefficients=_slerp_fused_coefficients, inputs=2)
 def slerp(ys, *, sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold, ops):
     """Spherical interpolation of two tensors (linear when nearly colinear)."""
     return weighted_sum(ys, slerp_coefficients(sums, slerp_alpha, slerp_normalize_eps, slerp_dot_threshold), ops)
 
 
-@register("merge", "ties", kernel="ties", fused=True)
+@register("merge", "ties", kernel="ties", numpy_seconds_per_gb=4.9, fused=True)
 def ties(ys, *, weight_list, normalize, ties_elect_type, ops):
     """TIES: keep the entries whose sign agrees with the elected sign, sum (or disjoint mean)."""
     weighted = [y * ops.float32(w) for y, w in zip(ys, weight_list)]

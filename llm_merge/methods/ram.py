@@ -47,7 +47,7 @@ def _merged(ts, taking_part, count, unique_scales) -> np.ndarray:
     return total
 
 
-@register("merge", "ram", kernel="ram", fused=True)
+@register("merge", "ram", kernel="ram", numpy_seconds_per_gb=1.1, fused=True)
 def ram(ys, *, ram_epsilon, ops):
     """RAM: entries one model changes keep its change, entries several change get their mean."""
     ts, taking_part, count = _participation(ys, ram_epsilon, ops)
@@ -79,7 +79,7 @@ def _ramplus_factors(reduced: dict, options: dict) -> list[np.float32]:
 
 
 @register("merge", "ramplus_tl", reduce=ramplus_counts, produces=("ram_shared_counts", "ram_unique_counts"),
-          kernel="ram", fused=True, fused_coefficients=_ramplus_factors)
+          kernel="ram", numpy_seconds_per_gb=2.5, fused=True, fused_coefficients=_ramplus_factors)
 def ramplus_tl(ys, *, ram_shared_counts, ram_unique_counts, ramplus_r, ramplus_alpha, ram_epsilon, ops):
     """RAM+ (tensor-local): as ram, with each model's unique entries scaled by its λ_i."""
     ts, taking_part, count = _participation(ys, ram_epsilon, ops)

@@ -18,6 +18,8 @@ keyword-only parameters, then ``ops``; shared by the NumPy and Paddle backends) 
   ``prepare``, the fused apply pass's code, the streamed statistics), or None. ``fused`` says the fused
   apply pass covers it (``fused_if``: only for the options where this returns true, e.g. a whole-tensor
   mode); ``streamed_dtypes`` the input dtypes whose statistics stream (``ANY_DTYPE``: all);
+  ``numpy_seconds_per_gb``: how much longer its plain NumPy code takes than its compiled code, in seconds
+  per GB of input on one worker, measured (``run.kernel_choice`` weighs it against loading the kernels);
 * what the engine and the plan need to know of it without naming it: ``statistic_bytes`` (memory per
   element its whole-tensor statistics hold beside the task vector), ``passes_through`` (returns its input),
   ``fused_coefficients`` (a merge run by the fused linear pass with coefficients from its statistics),
@@ -56,6 +58,7 @@ class Method:
     fused: bool = False
     fused_if: Optional[Callable[[dict], bool]] = None
     streamed_dtypes: frozenset[str] = frozenset()
+    numpy_seconds_per_gb: float = 0.0
     statistic_bytes: int = 0
     passes_through: bool = False
     fused_coefficients: Optional[Callable[[dict, dict], tuple[float, ...]]] = None
@@ -99,6 +102,9 @@ def register(kind: str, name: str, **spec) -> Callable:
             raise MergeError(f"{kind} method {name!r} is registered twice")
         method = Method(kind, name, fn, keyword_params(fn), **spec)
         _check_parameters(method)
+        if method.kernel is not None and method.numpy_seconds_per_gb <= 0 and not method.passes_through:
+            raise MergeError(f"{kind} method {name!r}: a compiled kernel needs its measured numpy_seconds_per_gb, "
+                             "without which no merge loads it")
         _REGISTRY[kind][name] = method
         return fn
 

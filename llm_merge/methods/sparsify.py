@@ -31,7 +31,7 @@ def times(kept, factor, ops):
     return kept * ops.float32(factor) if factor != 1.0 else kept
 
 
-@register("sparsify", "dare", kernel="dare", fused=True)
+@register("sparsify", "dare", kernel="dare", numpy_seconds_per_gb=2.6, fused=True)
 def dare(t, *, reserve_p, rescale, rng, ops):
     """DARE: keep each entry with probability reserve_p; divide kept entries by reserve_p if rescale."""
     if reserve_p >= 1.0:
@@ -53,8 +53,8 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
     return {"threshold": threshold, "l1_scale": l1_scale}
 
 
-@register("sparsify", "trim", prepare=trim_threshold, produces=("threshold", "l1_scale"), kernel="trim", fused=True,
-          streamed_dtypes=ANY_DTYPE)
+@register("sparsify", "trim", prepare=trim_threshold, produces=("threshold", "l1_scale"), kernel="trim",
+          numpy_seconds_per_gb=8.1, fused=True, streamed_dtypes=ANY_DTYPE)
 def trim(t, *, threshold, l1_scale, ops):
     """TIES trim: keep entries with |t| >= threshold (ties kept), times the L1 rescale factor."""
     return times(ops.where(ops.abs(t) >= threshold, t, 0.0), l1_scale, ops)
@@ -74,7 +74,8 @@ _RANKS_STREAM_FOR = frozenset({"BF16", "F16"})
 
 # statistic_bytes: the ranks, and the (key, index) pairs and scratch that sort mostly distinct magnitudes
 # (earlier models' ranks are spilled when large)
-@register("sparsify", "magprune", prepare=magnitude_ranks, produces=("doubled_midranks",), kernel="magprune", fused=True,
+@register("sparsify", "magprune", prepare=magnitude_ranks, produces=("doubled_midranks",), kernel="magprune",
+          numpy_seconds_per_gb=5.6, fused=True,
           streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=20)
 def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
     """DELLA MAGPRUNE: drop midrank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""

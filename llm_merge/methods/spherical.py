@@ -26,7 +26,7 @@ from llm_merge.methods.merge import gram_matrix, gram_sums, weighted_sum
 from llm_merge.methods.registry import register
 
 
-@register("merge", "nearswap", inputs=1, kernel="clip", fused=True)
+@register("merge", "nearswap", inputs=1, kernel="clip", numpy_seconds_per_gb=1.3, fused=True)
 def nearswap(ys, *, nearswap_t, ops):
     """mergekit nearswap on the task vector: clip(y, −t, t) (the engine adds the base)."""
     y = ys[0]
@@ -62,8 +62,8 @@ def _multislerp_fused_coefficients(reduced: dict, options: dict) -> list[float]:
                                    options["multislerp_eps"])
 
 
-@register("merge", "multislerp", reduce=gram_sums, produces=("sums",), kernel="gram", fused=True,
-          fused_coefficients=_multislerp_fused_coefficients)
+@register("merge", "multislerp", reduce=gram_sums, produces=("sums",), kernel="gram", numpy_seconds_per_gb=1.1,
+          fused=True, fused_coefficients=_multislerp_fused_coefficients)
 def multislerp(ys, *, sums, weight_list, multislerp_normalize_weights, multislerp_eps, ops):
     """mergekit multislerp: barycentric interpolation on the hypersphere of the whole tensors."""
     return weighted_sum(ys, multislerp_coefficients(sums, weight_list, multislerp_normalize_weights, multislerp_eps), ops)

@@ -19,7 +19,8 @@ from llm_merge import methods
 from llm_merge.config.options import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.plan.layout import MergePlan
 from llm_merge.run.chunks import reads_inputs_again
-from llm_merge.run.engine import MergerFactory, TensorMerger
+from llm_merge.run.engine import TensorMerger
+from llm_merge.run.kernel_choice import worth_compiling
 
 #: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
 INPUT_BYTES_PER_SECOND = {"none": 2.0e9, "dare": 1.7e9, "trim": 1.0e9, "magprune": 0.55e9, "breadcrumbs": 0.5e9,
@@ -90,7 +91,7 @@ def _streamed(cfg: MergeConfig, sparsifier, merged: list, input_bytes: int) -> b
     """Whether the compiled kernels stream the sparsifier's statistics (no whole task vector; run/engine.py decides
     per task: the NumPy backend, kernels worth compiling, fused methods, one value per option, streamed dtypes)."""
     in_dtypes = {i.dtype for t in merged for i in (*t.inputs, *([t.base] if t.base is not None else []))}
-    return (cfg.tensor_type == "np" and MergerFactory.worth_compiling(input_bytes) and sparsifier.fused
+    return (cfg.tensor_type == "np" and worth_compiling(cfg, input_bytes) and sparsifier.fused
             and methods.get("merge", cfg.merge_type).fused and cfg.scale == 1.0 and not cfg.tensor_parameters
             and all(getattr(cfg, f"{name}_list") is None for name in PER_MODEL_OPTIONS) and sparsifier.streams(in_dtypes))
 

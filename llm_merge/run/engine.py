@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -44,9 +43,6 @@ log = logging.getLogger(__name__)
 class MergerFactory:
     """Makes a TensorMerger in each worker process (picklable: config and flags only)."""
 
-    #: Below this many input bytes, plain NumPy beats loading the compiled kernels.
-    COMPILED_MIN_BYTES = 64 << 20
-
     def __init__(self, cfg: MergeConfig, compiled: bool = True, output_dir: Optional[Path] = None,
                  make_writer: Optional[Callable[[Path], Any]] = None) -> None:
         self.cfg = cfg
@@ -55,12 +51,6 @@ class MergerFactory:
         self.make_writer = make_writer  # the output's writer in a worker (None: ShardWriter; e.g. GGUF)
         if compiled and cfg.tensor_type == "np":
             get_ops("np", compiled=True)  # import the kernels before workers fork
-
-    @classmethod
-    def worth_compiling(cls, input_bytes: int) -> bool:
-        """Use the numba kernels for merges of at least COMPILED_MIN_BYTES (``LLM_MERGE_NUMBA=1/0`` forces it)."""
-        forced = os.environ.get("LLM_MERGE_NUMBA")
-        return forced != "0" if forced in ("0", "1") else input_bytes >= cls.COMPILED_MIN_BYTES
 
     def bind(self, output_dir: Path, make_writer: Optional[Callable[[Path], Any]] = None) -> "MergerFactory":
         return MergerFactory(self.cfg, self.compiled, output_dir, make_writer)
