@@ -9,6 +9,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_kernel_choice  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_merge  # noqa: E402
 
@@ -43,6 +44,14 @@ def test_bench_kernels_times_every_pass(tmp_path, capsys):
                           "statistics: della_magprune", "apply: mergekit ties", "apply: mergekit dare_ties",
                           "apply: mergekit della"}
     assert all(timed[name] > 0 for name in timed if name.startswith("statistics"))
+
+
+def test_bench_kernel_choice_times_both_paths_and_names_the_pick(tmp_path, capsys):
+    assert bench_kernel_choice.main(["--families", "toy", "--methods", "linear", "ties", "--repeat", "1",
+                                     "--cache_dir", str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["toy", "linear"], ["toy", "ties"]]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[5] == "numpy" for row in rows)  # 5 MB: NumPy
 
 
 def test_bench_merge_checks_its_run_counts():
