@@ -166,6 +166,24 @@ def test_a_doubtful_model_is_a_warning(family, tmp_path, caplog):
     assert any("may not share the base" in r.getMessage() and "far_norm" in r.getMessage() for r in caplog.records)
 
 
+def test_dry_run_expects_the_path_the_merge_takes(family, monkeypatch):
+    """A toy TIES merge runs in plain NumPy (run.kernel_choice): its estimate adds NumPy's extra cost, below the
+    kernels' load that forcing them (LLM_MERGE_NUMBA=1) adds."""
+    from llm_merge.api import plan_merge
+    from llm_merge.config.options import MergeConfig
+
+    def expected(numba=None):
+        if numba is None:
+            monkeypatch.delenv("LLM_MERGE_NUMBA", raising=False)
+        else:
+            monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+        cfg = MergeConfig(merge_method="ties", base_model_path=family["base"], model_path_list=family["fts"],
+                          output_path=str(family["root"] / "unused"))
+        return plan_merge(cfg)["expected_seconds"]
+
+    assert expected() == expected("0") < expected("1")
+
+
 def test_dry_run_reads_no_tensor_data_and_writes_nothing(family, tmp_path, capsys, monkeypatch):
     from llm_merge.io.reader import TensorReader
 

@@ -137,7 +137,8 @@ def fusion_threshold(coarse_counts: np.ndarray, fine_counts: np.ndarray, numel: 
 
 
 @register("merge", "arcee_fusion", reduce=arcee_fusion_coarse, later_reduces=(arcee_fusion_fine,),
-          produces=("coarse_counts", "row_kl_bits", "fine_counts"), inputs=1, row_aligned=True)
+          produces=("coarse_counts", "row_kl_bits", "fine_counts"), inputs=1, row_aligned=True,
+          input_bytes_per_second=0.15e9)
 def arcee_fusion(ys, *, base, coarse_counts, row_kl_bits, fine_counts, start, shape, numel, ops):
     """mergekit arcee_fusion on the task vector: y where its importance reaches the threshold, else 0
     (the engine adds the base)."""

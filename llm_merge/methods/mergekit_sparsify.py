@@ -141,7 +141,8 @@ def magnitude_selection(t, *, reserve_p, rescale, host, ops):
 
 
 @register("sparsify", "magnitude", prepare=magnitude_selection, produces=("selection", "l1_scale"),
-          kernel="magnitude", numpy_seconds_per_gb=13.7, fused=True, streamed_dtypes=ANY_DTYPE)
+          kernel="magnitude", numpy_seconds_per_gb=13.7, fused=True, streamed_dtypes=ANY_DTYPE,
+          input_bytes_per_second=0.8e9)
 def magnitude(t, *, selection, l1_scale, start, ops):
     """mergekit magnitude: keep the k largest |t| (k = max(1, int(density·n))), times the L1 rescale factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
@@ -159,7 +160,7 @@ def breadcrumbs_selection(t, *, reserve_p, gamma, rescale, host, ops):
 
 
 @register("sparsify", "breadcrumbs", prepare=breadcrumbs_selection, produces=("selection", "l1_scale"),
-          kernel="magnitude", numpy_seconds_per_gb=8.5, fused=True)
+          kernel="magnitude", numpy_seconds_per_gb=8.5, fused=True, input_bytes_per_second=0.5e9)
 def breadcrumbs(t, *, selection, l1_scale, start, ops):
     """Model Breadcrumbs: drop the gamma fraction of largest |t|, keep the next int(density·n), times the L1 factor."""
     return _apply_band(t, selection, l1_scale, start, ops)
@@ -178,7 +179,7 @@ def bernoulli_rescale(t, *, reserve_p, rescale, rng_at, ops):
 
 
 @register("sparsify", "random", prepare=bernoulli_rescale, produces=("l1_scale",), kernel="random",
-          numpy_seconds_per_gb=8.7, fused=True, streamed_dtypes=ANY_DTYPE)
+          numpy_seconds_per_gb=8.7, fused=True, streamed_dtypes=ANY_DTYPE, input_bytes_per_second=1.5e9)
 def random(t, *, reserve_p, l1_scale, rng, ops):
     """mergekit random (DARE): keep each entry with probability density, times the L1 rescale factor."""
     return t if reserve_p >= 1.0 else times(kept_by_draws(t, reserve_p, rng, ops), l1_scale, ops)
@@ -240,7 +241,8 @@ def row_keep_probabilities(t, *, reserve_p, epsilon, rescale, shape, rng_at, ops
 # statistic_bytes: the keep probabilities (spilled when large); rows are sorted in 1M-element blocks. Compiled,
 # 1-D and 2-D tensors stream (kernels.row_ranks): keep bits instead of probabilities
 @register("sparsify", "della_magprune", prepare=row_keep_probabilities, produces=("keep_prob", "l1_scale"),
-          statistic_bytes=4, kernel="della_magprune", numpy_seconds_per_gb=25.2, fused=True, streamed_dtypes=ANY_DTYPE)
+          statistic_bytes=4, kernel="della_magprune", numpy_seconds_per_gb=25.2, fused=True, streamed_dtypes=ANY_DTYPE,
+          input_bytes_per_second=0.5e9)
 def della_magprune(t, *, keep_prob, l1_scale, rng, ops):
     """mergekit DELLA: keep each entry with its row-rank probability, times the L1 rescale factor."""
     return t if keep_prob is None else times(kept_by_draws(t, keep_prob, rng, ops), l1_scale, ops)

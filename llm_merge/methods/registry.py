@@ -20,6 +20,8 @@ keyword-only parameters, then ``ops``; shared by the NumPy and Paddle backends) 
   mode); ``streamed_dtypes`` the input dtypes whose statistics stream (``ANY_DTYPE``: all);
   ``numpy_seconds_per_gb``: how much longer its plain NumPy code takes than its compiled code, in seconds
   per GB of input on one worker, measured (``run.kernel_choice`` weighs it against loading the kernels);
+  ``input_bytes_per_second``: one worker's measured rate (on its kernels where it has them), for the dry
+  run's estimate: every sparsifier's, and a merge's where it is slower than its sparsifier;
 * what the engine and the plan need to know of it without naming it: ``statistic_bytes`` (memory per
   element its whole-tensor statistics hold beside the task vector), ``passes_through`` (returns its input),
   ``fused_coefficients`` (a merge run by the fused linear pass with coefficients from its statistics),
@@ -59,6 +61,7 @@ class Method:
     fused_if: Optional[Callable[[dict], bool]] = None
     streamed_dtypes: frozenset[str] = frozenset()
     numpy_seconds_per_gb: float = 0.0
+    input_bytes_per_second: Optional[float] = None
     statistic_bytes: int = 0
     passes_through: bool = False
     fused_coefficients: Optional[Callable[[dict, dict], tuple[float, ...]]] = None

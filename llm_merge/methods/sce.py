@@ -239,7 +239,7 @@ def kept_entries(keys: np.ndarray, start: int, selection: Selection) -> np.ndarr
 
 @register("merge", "sce", reduce=sce_variance_bins, later_reduces=(sce_variance_low_bins, sce_tie_blocks, sce_square_sums),
           produces=("variance_nonzero", "variance_high", "variance_low", "tie_blocks", "square_slots", "tie_offsets",
-                    "tie_squares"))
+                    "tie_squares"), input_bytes_per_second=0.2e9)
 def sce(ys, *, sce_select_topk, variance_nonzero, variance_high, variance_low, tie_blocks, square_slots, tie_offsets,
         tie_squares, start, numel, host, ops):
     """SCE: the top-variance entries, TIES sign election, weights from the mean squares of the task vectors."""

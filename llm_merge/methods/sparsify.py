@@ -12,7 +12,7 @@ from llm_merge.kernels.counts import trim_count
 from llm_merge.methods.registry import ANY_DTYPE, register
 
 
-@register("sparsify", "none", kernel="none", fused=True, passes_through=True)
+@register("sparsify", "none", kernel="none", fused=True, passes_through=True, input_bytes_per_second=2.0e9)
 def keep_all(t, *, ops):
     """No sparsification."""
     return t
@@ -31,7 +31,7 @@ def times(kept, factor, ops):
     return kept * ops.float32(factor) if factor != 1.0 else kept
 
 
-@register("sparsify", "dare", kernel="dare", numpy_seconds_per_gb=2.6, fused=True)
+@register("sparsify", "dare", kernel="dare", numpy_seconds_per_gb=2.6, fused=True, input_bytes_per_second=1.7e9)
 def dare(t, *, reserve_p, rescale, rng, ops):
     """DARE: keep each entry with probability reserve_p; divide kept entries by reserve_p if rescale."""
     if reserve_p >= 1.0:
@@ -54,7 +54,7 @@ def trim_threshold(t, *, reserve_p, rescale, ops):
 
 
 @register("sparsify", "trim", prepare=trim_threshold, produces=("threshold", "l1_scale"), kernel="trim",
-          numpy_seconds_per_gb=8.1, fused=True, streamed_dtypes=ANY_DTYPE)
+          numpy_seconds_per_gb=8.1, fused=True, streamed_dtypes=ANY_DTYPE, input_bytes_per_second=1.0e9)
 def trim(t, *, threshold, l1_scale, ops):
     """TIES trim: keep entries with |t| >= threshold (ties kept), times the L1 rescale factor."""
     return times(ops.where(ops.abs(t) >= threshold, t, 0.0), l1_scale, ops)
@@ -76,7 +76,7 @@ _RANKS_STREAM_FOR = frozenset({"BF16", "F16"})
 # (earlier models' ranks are spilled when large)
 @register("sparsify", "magprune", prepare=magnitude_ranks, produces=("doubled_midranks",), kernel="magprune",
           numpy_seconds_per_gb=5.6, fused=True,
-          streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=20)
+          streamed_dtypes=_RANKS_STREAM_FOR, statistic_bytes=20, input_bytes_per_second=0.55e9)
 def magprune(t, *, doubled_midranks, numel, reserve_p, epsilon, rescale, rng, ops):
     """DELLA MAGPRUNE: drop midrank r with probability (1-p) - eps/2 + eps*r/n; divide kept by 1 - that."""
     keep_prob = (reserve_p + epsilon / 2) - ops.float64(doubled_midranks) * 0.5 * (epsilon / numel)

@@ -1,8 +1,10 @@
 """``--dry_run``: what a merge would do, from its plan alone (headers; no tensor data is read).
 
 The expected time and peak memory are estimates from this project's benchmarks (benchmarks/README.md,
-a 2-core VM, compiled kernels, warm page cache): input bytes over a per-method input rate, scaled by
-``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up; per worker ``PROCESS_BYTES`` (chunk buffers
+a 2-core VM, compiled kernels, warm page cache): input bytes over the methods' measured input rate
+(``Method.input_bytes_per_second``), scaled by ``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up
+and either the kernels' load or, where ``run.kernel_choice`` finds them not worth loading, what plain NumPy
+costs more; per worker ``PROCESS_BYTES`` (chunk buffers
 included) plus, for sparsifiers with whole-tensor statistics, the largest tensor's statistics (a few MB
 where the compiled kernels stream them, else the whole task vector and its statistics, capped), and for
 methods that read their inputs more than once the inputs they keep mapped between passes (capped). A
@@ -20,20 +22,15 @@ from llm_merge.config.options import PER_MODEL_OPTIONS, MergeConfig
 from llm_merge.plan.layout import MergePlan
 from llm_merge.run.chunks import reads_inputs_again
 from llm_merge.run.engine import TensorMerger
-from llm_merge.run.kernel_choice import worth_compiling
+from llm_merge.run.kernel_choice import KERNEL_LOAD_SECONDS, numpy_extra_seconds, worth_compiling
 
-#: Input bytes merged per second by one worker, by sparsify type (linear / slerp-like merges for "none").
-INPUT_BYTES_PER_SECOND = {"none": 2.0e9, "dare": 1.7e9, "trim": 1.0e9, "magprune": 0.55e9, "breadcrumbs": 0.5e9,
-                          "magnitude": 0.8e9, "random": 1.5e9, "della_magprune": 0.5e9}
-#: Input bytes per second by one worker of the merges slower than their sparsifier's rate (benchmarks/README
-#: "mergekit's other methods": sce 2.93 s and arcee_fusion 2.15 s at n_process 2 on the 0.1B family).
-MERGE_INPUT_BYTES_PER_SECOND = {"sce": 0.2e9, "arcee_fusion": 0.15e9}
-#: Input rate of sparsifiers missing from the table.
+#: Input rate of a sparsifier that declares none (``Method.input_bytes_per_second``).
 DEFAULT_INPUT_BYTES_PER_SECOND = 0.5e9
 #: Speed-up of n workers: n ** WORKER_SCALING (1.6-1.8x for 2 workers on 2 cores in the benchmarks).
 WORKER_SCALING = 0.75
-#: Interpreter, imports and planning, seconds.
-START_SECONDS = 0.5
+#: Interpreter, imports and planning, seconds (the benchmarks' ``startup`` row: 0.15 s); loading the compiled
+#: kernels adds ``run.kernel_choice.KERNEL_LOAD_SECONDS``, a merge in plain NumPy its methods' NumPy cost.
+START_SECONDS = 0.2
 #: Peak resident memory per worker of a merge without whole-tensor statistics, chunk buffers included (the
 #: benchmarks' linear merge: 174 MB at n_process 1, 351 MB for all processes at n_process 2).
 PROCESS_BYTES = 175_000_000
@@ -49,10 +46,12 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     merged = [t for t in tasks if t.mergeable]
     input_bytes = sum(t.in_bytes for t in tasks)
     workers = max(1, min(cfg.n_process, len(tasks), os.cpu_count() or 1))
-    rate = min(INPUT_BYTES_PER_SECOND.get(cfg.sparsify_type, DEFAULT_INPUT_BYTES_PER_SECOND),
-               MERGE_INPUT_BYTES_PER_SECOND.get(cfg.merge_type, math.inf))
+    sparsifier, merge = methods.get("sparsify", cfg.sparsify_type), methods.get("merge", cfg.merge_type)
+    rate = min(sparsifier.input_bytes_per_second or DEFAULT_INPUT_BYTES_PER_SECOND,
+               merge.input_bytes_per_second or math.inf)
     seconds = START_SECONDS + input_bytes / (rate * workers ** WORKER_SCALING)
-    sparsifier = methods.get("sparsify", cfg.sparsify_type)
+    if cfg.tensor_type == "np":  # the kernels' load, or what NumPy costs more where they are not worth it
+        seconds += KERNEL_LOAD_SECONDS if worth_compiling(cfg, input_bytes) else numpy_extra_seconds(cfg, input_bytes)
     largest = max((t.numel for t in merged), default=0)
     statistics = 0
     if sparsifier.prepare and not _streamed(cfg, sparsifier, merged, input_bytes):
@@ -60,7 +59,7 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     elif sparsifier.prepare:
         statistics = STREAMED_STATISTICS_BYTES
     per_worker = PROCESS_BYTES + statistics
-    if reads_inputs_again(sparsifier, methods.get("merge", cfg.merge_type)):  # inputs mapped from pass to pass
+    if reads_inputs_again(sparsifier, merge):  # inputs mapped from pass to pass
         per_worker += min(TensorMerger.KEEP_MAPPED_BYTES, max((t.in_bytes for t in merged), default=0))
     return {
         "merge_method": cfg.merge_method or f"{cfg.sparsify_type} + {cfg.merge_type}",
