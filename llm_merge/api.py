@@ -84,7 +84,7 @@ def merge(cfg: MergeConfig) -> Path:
                 fill=lambda staging: run_tasks(plan.tasks, factory.bind(staging, make_writer), cfg.n_process, cfg.quiet, "merging", cfg.start_method),
                 records={name: value for name, value in output_records(cfg, plan).items() if name != "config.json"},
             )
-            return _merged(plan, output, started)
+            return _merged(plan, output, started, factory)
         writer.write_model_atomically(
             output,
             plan,
@@ -96,7 +96,7 @@ def merge(cfg: MergeConfig) -> Path:
             finalize=finalize,
             tokenizer_files_from=plan.tokenizer_from,
         )
-    return _merged(plan, output, started)
+    return _merged(plan, output, started, factory)
 
 
 def plan_merge(cfg: MergeConfig) -> dict:
@@ -115,10 +115,12 @@ def _refuse_conversion(directory: Path, prefix: str) -> None:
                           "planning; convert them to safetensors first, or merge without --dry_run")
 
 
-def _merged(plan: MergePlan, output: Path, started: float) -> Path:
+def _merged(plan: MergePlan, output: Path, started: float, factory: MergerFactory) -> Path:
+    """Say what was merged, where, in how long and by which code (``run.kernel_choice`` picks it)."""
+    code = "Paddle" if factory.cfg.tensor_type == "pd" else "compiled kernels" if factory.compiled else "plain NumPy"
     log.info(
-        "merged %d tensors (%.2f GB) from %d model(s) into %s in %.1f s",
-        len(plan.tasks), plan.total_size / 1e9, len(plan.models), output, time.perf_counter() - started,
+        "merged %d tensors (%.2f GB) from %d model(s) into %s in %.1f s (%s)",
+        len(plan.tasks), plan.total_size / 1e9, len(plan.models), output, time.perf_counter() - started, code,
     )
     return output
 

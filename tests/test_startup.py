@@ -2,6 +2,7 @@
 "Start-up"). Each check runs the command's ``main`` in a fresh interpreter and lists ``sys.modules``."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -92,6 +93,19 @@ def test_the_kernels_load_where_they_save_more_than_loading_costs(monkeypatch, m
     assert worth_compiling(cfg, input_mb * 10**6) is compiled
     monkeypatch.setenv("LLM_MERGE_NUMBA", "0" if compiled else "1")  # forced either way
     assert worth_compiling(cfg, input_mb * 10**6) is not compiled
+
+
+@pytest.mark.parametrize("numba, code", [(None, "plain NumPy"), ("1", "compiled kernels")])
+def test_the_merge_says_which_code_merged(family, tmp_path, monkeypatch, caplog, numba, code):
+    from llm_merge.cli.merge import main
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.delenv("LLM_MERGE_NUMBA", raising=False)
+    if numba is not None:
+        monkeypatch.setenv("LLM_MERGE_NUMBA", numba)
+    argv = [a for a in merge_argv(family, "linear", tmp_path / "out") if a != "--quiet"]
+    assert main([str(a) for a in argv] + ["--n_process", "1"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("merged ")][-1].endswith(f" s ({code})")
 
 
 def test_a_forced_compiled_merge_loads_the_kernels(family, tmp_path):
