@@ -1,14 +1,14 @@
 """``--dry_run``: what a merge would do, from its plan alone (headers; no tensor data is read).
 
 The expected time and peak memory are estimates from this project's benchmarks (benchmarks/README.md,
-a 2-core VM, compiled kernels, warm page cache): input bytes over the methods' measured input rate
+a 2-core VM, warm page cache): input bytes over the methods' measured input rate
 (``Method.input_bytes_per_second``), scaled by ``n_process`` ** ``WORKER_SCALING``, plus a fixed start-up
-and either the kernels' load or, where ``run.kernel_choice`` finds them not worth loading, what plain NumPy
-costs more; per worker ``PROCESS_BYTES`` (chunk buffers
-included) plus, for sparsifiers with whole-tensor statistics, the largest tensor's statistics (a few MB
-where the compiled kernels stream them, else the whole task vector and its statistics, capped), and for
-methods that read their inputs more than once the inputs they keep mapped between passes (capped). A
-cold page cache or a slow disk can make a merge several times slower.
+and either the kernels' load or, where ``run.kernel_choice`` finds them not worth loading, what plain
+NumPy costs more; per worker ``PROCESS_BYTES`` (chunk buffers included) plus, for sparsifiers with
+whole-tensor statistics, the largest tensor's statistics (a few MB where the compiled kernels stream
+them, else the whole task vector and its statistics, capped), and for methods that read their inputs
+more than once the inputs they keep mapped between passes (capped). A cold page cache or a slow disk can
+make a merge several times slower.
 """
 
 from __future__ import annotations
