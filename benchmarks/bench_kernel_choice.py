@@ -52,8 +52,7 @@ def input_bytes(paths: list[Path]) -> int:
 
 
 def merge_seconds(method: str, base: Path, models: list[Path], out: Path, n_process: int, numba: str) -> float:
-    env = {**os.environ, "LLM_MERGE_NUMBA": numba} if numba else {k: v for k, v in os.environ.items()
-                                                                    if k != "LLM_MERGE_NUMBA"}
+    env = {**os.environ, "LLM_MERGE_NUMBA": numba}
     cmd = [sys.executable, str(REPO / "tools" / "mergekit.py"), "--merge_method", method, "--base_model_path", str(base),
            "--model_path_list", *map(str, models), "--output_path", str(out), "--n_process", str(n_process),
            "--overwrite", "--quiet"]
@@ -71,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.05, help="seconds a pick may lose before it is marked")
     p.add_argument("--cache_dir", type=Path, default=Path(tempfile.gettempdir()) / "llm_merge_bench")
     args = p.parse_args(argv)
+    os.environ.pop("LLM_MERGE_NUMBA", None)  # "picks" is the choice with no override
     print(f"n_process {args.n_process}; seconds, best of {args.repeat}; kernel load {KERNEL_LOAD_SECONDS} s")
     print(f"{'family':7s} {'method':13s} {'input MB':>8s} {'numpy':>6s} {'kernels':>7s} {'picks':>8s} {'s/GB':>6s}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                         best[numba] = min(best[numba], merge_seconds(method, base, models, out, args.n_process, numba))
                 sparsify_type, merge_type = METHOD_TABLE[method]
                 cfg = MergeConfig(sparsify_type=sparsify_type, merge_type=merge_type, n_process=args.n_process)
-                os.environ.pop("LLM_MERGE_NUMBA", None)
                 picked = "1" if worth_compiling(cfg, size) else "0"
                 implied = (best["0"] - best["1"] + KERNEL_LOAD_SECONDS) * args.n_process / (size / 1e9)
                 mark = "  slower" if best[picked] > min(best.values()) + args.tolerance else ""

@@ -50,11 +50,12 @@ def plan_summary(cfg: MergeConfig, plan: MergePlan) -> dict[str, Any]:
     rate = min(sparsifier.input_bytes_per_second or DEFAULT_INPUT_BYTES_PER_SECOND,
                merge.input_bytes_per_second or math.inf)
     seconds = START_SECONDS + input_bytes / (rate * workers ** WORKER_SCALING)
+    compiled = cfg.tensor_type == "np" and worth_compiling(cfg, input_bytes)
     if cfg.tensor_type == "np":  # the kernels' load, or what NumPy costs more where they are not worth it
-        seconds += KERNEL_LOAD_SECONDS if worth_compiling(cfg, input_bytes) else numpy_extra_seconds(cfg, input_bytes)
+        seconds += KERNEL_LOAD_SECONDS if compiled else numpy_extra_seconds(cfg, input_bytes)
     largest = max((t.numel for t in merged), default=0)
     statistics = 0
-    if sparsifier.prepare and not _streamed(cfg, sparsifier, merged, input_bytes):
+    if sparsifier.prepare and not _streamed(cfg, sparsifier, merge, merged, compiled):
         statistics = min((4 + sparsifier.statistic_bytes) * largest, STATISTICS_CAP_BYTES)
     elif sparsifier.prepare:
         statistics = STREAMED_STATISTICS_BYTES
@@ -86,12 +87,11 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:.2f} GB"
 
 
-def _streamed(cfg: MergeConfig, sparsifier, merged: list, input_bytes: int) -> bool:
+def _streamed(cfg: MergeConfig, sparsifier, merge, merged: list, compiled: bool) -> bool:
     """Whether the compiled kernels stream the sparsifier's statistics (no whole task vector; run/engine.py decides
-    per task: the NumPy backend, kernels worth compiling, fused methods, one value per option, streamed dtypes)."""
+    per task: the compiled NumPy backend, fused methods, one value per option, streamed dtypes)."""
     in_dtypes = {i.dtype for t in merged for i in (*t.inputs, *([t.base] if t.base is not None else []))}
-    return (cfg.tensor_type == "np" and worth_compiling(cfg, input_bytes) and sparsifier.fused
-            and methods.get("merge", cfg.merge_type).fused and cfg.scale == 1.0 and not cfg.tensor_parameters
+    return (compiled and sparsifier.fused and merge.fused and cfg.scale == 1.0 and not cfg.tensor_parameters
             and all(getattr(cfg, f"{name}_list") is None for name in PER_MODEL_OPTIONS) and sparsifier.streams(in_dtypes))
 
 
